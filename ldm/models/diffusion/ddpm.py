@@ -1,0 +1,140 @@
+"""Latent diffusion (Rombach et al. 2022): UNet + autoencoder + text encoder, inference core.
+
+Plain ``nn.Module`` with the CompVis method names; training lives in ``ldm.lightning``.
+Attribute names (``model.diffusion_model``, ``first_stage_model``, ``cond_stage_model``) are
+the checkpoint's key prefixes.
+"""
+import logging
+
+import torch
+from torch import nn
+
+from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+# Buffers CompVis stores in checkpoints. Ours are derived from the config (non-persistent);
+# the loader drops these names from a checkpoint after checking they agree.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` (key prefix ``model.diffusion_model.``)."""
+
+    def __init__(self, diff_model_config, conditioning_key):
+        super().__init__()
+        if conditioning_key not in ("crossattn", "hybrid"):
+            raise ValueError(f"conditioning_key {conditioning_key!r} is not supported "
+                             "(supported: 'crossattn', 'hybrid')")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+        self.conditioning_key = conditioning_key
+
+    def forward(self, x, t, c_crossattn, c_concat=None):
+        if self.conditioning_key == "hybrid":
+            x = torch.cat([x, c_concat], dim=1)
+        return self.diffusion_model(x, t, context=c_crossattn)
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000,
+                 beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
+                 given_betas=None, parameterization="eps", scale_factor=1.0,
+                 conditioning_key="crossattn", cond_stage_trainable=False, image_size=256,
+                 channels=3, first_stage_key="image", cond_stage_key="image",
+                 **training_kwargs):
+        """Parameters are CompVis'; ``training_kwargs`` (``monitor``, ``use_ema``,
+        ``scheduler_config``, ``log_every_t``, ...) are accepted for config compatibility and
+        kept in ``self.training_config`` for the trainer."""
+        super().__init__()
+        if parameterization not in ("eps", "v"):
+            raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+        self.parameterization = parameterization
+        self.image_size = image_size  # latent size the model was trained at
+        self.channels = channels      # latent channels
+        self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
+        self.cond_stage_trainable = cond_stage_trainable
+        self.scale_factor = scale_factor
+        self.training_config = training_kwargs
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.first_stage_model = instantiate_from_config(first_stage_config)
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self.first_stage_model.eval()
+        for p in self.first_stage_model.parameters():
+            p.requires_grad = False
+        if not cond_stage_trainable and hasattr(self.cond_stage_model, "freeze"):
+            self.cond_stage_model.freeze()
+        betas = given_betas if given_betas is not None else make_beta_schedule(
+            beta_schedule, timesteps, linear_start, linear_end)
+        self.register_schedule(torch.as_tensor(betas, dtype=torch.float64, device="cpu"))
+
+    def register_schedule(self, betas):
+        """The DDPM forward-process quantities (Ho et al. 2020, eqs. 4, 6, 7), in float32."""
+        self.num_timesteps = len(betas)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)
+        values = {
+            "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "log_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).log(),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+            "posterior_mean_coef1": betas * prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+        }
+        for name in SCHEDULE_BUFFERS:
+            self.register_buffer(name, values[name].float(), persistent=False)
+
+    @property
+    def device(self):
+        return self.betas.device
+
+    @property
+    def latent_downsampling_factor(self):
+        return self.first_stage_model.downsampling_factor
+
+    # -- the three stages ---------------------------------------------------------------
+    def get_learned_conditioning(self, prompts):
+        return self.cond_stage_model.encode(prompts)
+
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior, generator=None):
+        return self.scale_factor * posterior.sample(generator)
+
+    def decode_first_stage(self, z):
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def apply_model(self, x_noisy, t, cond, c_concat=None):
+        """The UNet's raw prediction (eps or v, per ``parameterization``)."""
+        return self.model(x_noisy, t, c_crossattn=cond, c_concat=c_concat)
+
+    # -- forward process and prediction conversions --------------------------------------
+    def _at(self, buffer, t, x):
+        return buffer[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x_start, t, noise):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4)."""
+        return (self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+    def get_v(self, x, noise, t):
+        """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, sec. 4)."""
+        return (self._at(self.sqrt_alphas_cumprod, t, x) * noise
+                - self._at(self.sqrt_one_minus_alphas_cumprod, t, x) * x)
+
+    def eps_from_output(self, x_t, t, output):
+        """The model output as a noise prediction, whatever the parameterisation."""
+        if self.parameterization == "eps":
+            return output
+        return (self._at(self.sqrt_alphas_cumprod, t, x_t) * output
+                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t)

@@ -1,0 +1,116 @@
+"""Cross-attention transformer of the SD UNet (``SpatialTransformer``), CompVis key names."""
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.diffusionmodules.util import zero_module
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection gives value and gate."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4, glu=True, dropout=0.0):
+        super().__init__()
+        inner = int(dim * mult)
+        project_in = GEGLU(dim, inner) if glu else nn.Sequential(nn.Linear(dim, inner), nn.GELU())
+        # net.1 is a Dropout slot, kept so the output layer stays at net.2 as in checkpoints.
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over context (itself when context is None), via SDPA."""
+
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        # to_out.1 is a Dropout slot, kept for checkpoint compatibility.
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, GEGLU feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim, n_heads, d_head, dropout=0.0, context_dim=None, gated_ff=True,
+                 checkpoint=False, disable_self_attn=False):
+        super().__init__()
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None,
+                                    n_heads, d_head, dropout)
+        self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
+        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x, context=None):
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, attending to ``context`` (the text).
+
+    v1 projects in and out with 1x1 convolutions; SD 2.x configs set
+    ``use_linear=True`` (Linear layers), which is what its checkpoints hold.
+    """
+
+    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None,
+                 disable_self_attn=False, use_linear=False, use_checkpoint=False):
+        super().__init__()
+        inner = n_heads * d_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner)
+            self.proj_out = zero_module(nn.Linear(inner, in_channels))
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner, 1)
+            self.proj_out = zero_module(nn.Conv2d(inner, in_channels, 1))
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, n_heads, d_head, dropout, context_dim,
+                                  disable_self_attn=disable_self_attn)
+            for _ in range(depth))
+
+    def forward(self, x, context=None):
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in

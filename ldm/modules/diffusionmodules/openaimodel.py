@@ -1,0 +1,166 @@
+"""The SD denoising UNet (OpenAI's ADM UNet with cross-attention), CompVis key names.
+
+Attribute paths equal the ``model.diffusion_model.*`` keys of official checkpoints, including
+the positional slots of ``nn.Sequential`` (activations and Dropout) that those keys count.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands the timestep embedding to ResBlocks and the context to
+    SpatialTransformers."""
+
+    def forward(self, x, emb, context=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels, use_conv=True, out_channels=None):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels, use_conv=True, out_channels=None):
+        super().__init__()
+        self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """Residual block with an additive timestep embedding (Ho et al. 2020, ADM)."""
+
+    def __init__(self, channels, emb_channels, dropout=0.0, out_channels=None):
+        super().__init__()
+        out_channels = out_channels or channels
+        # Index slots (norm 0, SiLU 1, conv 2 / SiLU 0, Linear 1 / norm 0, SiLU 1, Dropout 2,
+        # conv 3) are kept for checkpoint compatibility.
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[..., None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class UNetModel(nn.Module):
+    """eps/v-predicting UNet: ``forward(x, timesteps, context) -> prediction`` (same shape as x).
+
+    Accepts the CompVis config parameters; ``num_heads`` fixes the head count unless
+    ``num_head_channels`` (SD 2.x) fixes the width per head instead.
+    """
+
+    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
+                 attention_resolutions, dropout=0.0, channel_mult=(1, 2, 4, 8),
+                 conv_resample=True, dims=2, num_classes=None, use_checkpoint=False,
+                 use_fp16=False, num_heads=-1, num_head_channels=-1, num_heads_upsample=-1,
+                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False,
+                 use_spatial_transformer=False, transformer_depth=1, context_dim=None,
+                 n_embed=None, legacy=True, use_linear_in_transformer=False,
+                 disable_self_attentions=None, num_attention_blocks=None):
+        super().__init__()
+        unsupported = {"dims != 2": dims != 2, "num_classes": num_classes is not None,
+                       "use_scale_shift_norm": use_scale_shift_norm,
+                       "resblock_updown": resblock_updown, "n_embed": n_embed is not None,
+                       "use_spatial_transformer=False": not use_spatial_transformer,
+                       "num_attention_blocks": num_attention_blocks is not None,
+                       "disable_self_attentions": disable_self_attentions is not None}
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"UNetModel options not supported by this implementation: {bad}")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("set either num_heads or num_head_channels")
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.channel_mult = tuple(channel_mult)
+
+        def transformer(ch):
+            if num_head_channels == -1:
+                heads, dim_head = num_heads, ch // num_heads
+            else:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth,
+                                      dropout=dropout, context_dim=context_dim,
+                                      use_linear=use_linear_in_transformer)
+
+        emb_dim = model_channels * 4
+        # time_embed.1 is the SiLU slot between the two Linear layers.
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
+            nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_channels = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, dropout, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, dropout), transformer(ch), ResBlock(ch, emb_dim, dropout))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, dropout,
+                                   model_channels * mult)]
+                ch = model_channels * mult
+                if ds in attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        # out.1 is the SiLU slot.
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
+                                 zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+
+    @property
+    def downsampling_factor(self):
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def forward(self, x, timesteps, context=None):
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

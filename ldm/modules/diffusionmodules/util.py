@@ -1,0 +1,69 @@
+"""Small building blocks shared by the UNet and the diffusion schedule."""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2):
+    """Betas of the forward process (a float64 CPU tensor). SD v1 uses "linear" (CompVis' name for *scaled* linear:
+    linear in sqrt(beta), from 0.00085 to 0.012 over 1000 steps)."""
+    if schedule == "linear":
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep,
+                               dtype=torch.float64, device="cpu") ** 2
+    elif schedule == "cosine":  # Nichol & Dhariwal 2021, eq. 17
+        s = 8e-3
+        t = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + s
+        alphas = torch.cos(t / (1 + s) * math.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        betas = (1 - alphas[1:] / alphas[:-1]).clamp(max=0.999)
+    elif schedule == "sqrt_linear":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64,
+                               device="cpu")
+    elif schedule == "sqrt":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64,
+                               device="cpu") ** 0.5
+    else:
+        raise ValueError(f"unknown beta schedule {schedule!r}")
+    return betas
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps [N] -> [N, dim], cos first
+    (the order of the CompVis/OpenAI UNet, so trained weights line up)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) *
+                      torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def zero_module(module):
+    """Zero a module's parameters (output layers of residual branches start as identity)."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, as CompVis does."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels):
+    return GroupNorm32(32, channels)
+
+
+def uniform_timesteps(num_steps, num_train_timesteps=1000):
+    """CompVis' "uniform" DDIM discretisation: 1, 1 + c, 1 + 2c, ... with c = T // S."""
+    if not 0 < num_steps <= num_train_timesteps:
+        raise ValueError(f"sampling steps must be in 1..{num_train_timesteps}, got {num_steps}")
+    c = num_train_timesteps // num_steps
+    steps = np.arange(0, num_train_timesteps, c) + 1
+    return steps[steps < num_train_timesteps]  # CompVis would index past the end when c == 1

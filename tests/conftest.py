@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny SD-v1-architecture model with seeded random weights."""
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-inference.yaml"
+V1_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+
+
+def randomize(model, seed=0):
+    """Give every parameter seeded non-trivial values (zero-initialised output layers would
+    make cross-checks vacuous): norms near 1, everything else ~ N(0, 1/fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+    return model
+
+
+def build_tiny(seed=0):
+    config = OmegaConf.load(TINY_CONFIG)
+    return randomize(instantiate_from_config(config.model), seed).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return OmegaConf.load(TINY_CONFIG)
