@@ -78,3 +78,37 @@ def test_clip_hidden_states_match_transformers(tiny_model, converted):
     ours = tiny_model.cond_stage_model.encode_ids(ids)
     theirs = clip(input_ids=ids).last_hidden_state
     assert rel_err(ours, theirs) < 1e-4
+
+
+def _diffusers_run(unet, scheduler, x, ctx, uncond, scale, steps):
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, ctx])).sample
+        e_u, e_c = out.chunk(2)
+        x = scheduler.step(e_u + scale * (e_c - e_u), t, x).prev_sample
+    return x
+
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
+                timestep_spacing="leading")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+@torch.no_grad()
+def test_whole_sampler_runs_match_diffusers(tiny_model, converted, sampler):
+    """A 10-step guided run from the same start: DDIM vs diffusers' DDIMScheduler, PLMS vs
+    PNDMScheduler(skip_prk_steps=True), which diffusers documents as CompVis' PLMS."""
+    from ldm.models.diffusion.sampling import sample
+    unet = converted[0]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx, uncond = torch.randn(2, 1, 77, 32, generator=g)
+    ours = sample(tiny_model, sampler, x, 10, ctx, uncond, scale=5.0, disable=True)
+    if sampler == "ddim":
+        scheduler = diffusers.DDIMScheduler(clip_sample=False, **SCHEDULE)
+    else:
+        scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, **SCHEDULE)
+    theirs = _diffusers_run(unet, scheduler, x, ctx, uncond, 5.0, 10)
+    assert rel_err(ours, theirs) < 1e-4

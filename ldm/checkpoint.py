@@ -1,0 +1,266 @@
+"""Reading checkpoints safely and loading them strictly into our models.
+
+Checkpoints are untrusted input. ``.safetensors`` holds only tensors. A ``.ckpt``/``.bin``
+is a pickle; we unpickle it with an allow-list: tensor and storage rebuilders, plain
+containers and numpy scalars are allowed; classes of training-time libraries that Lightning
+checkpoints reference (callbacks, OmegaConf configs, ...) become inert placeholders that are
+never imported; anything else (``os.system``, ``builtins.eval``, ...) is refused.
+"""
+import hashlib
+import logging
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    pass
+
+
+# (module, name) pairs a tensor checkpoint legitimately needs; all are data constructors.
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"), ("collections", "defaultdict"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("builtins", "complex"), ("builtins", "bytearray"), ("builtins", "object"),
+    ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
+    ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bool"),
+    ("_codecs", "encode"),  # protocol-2 pickles encode bytes with it
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+    ("torch", "dtype"), ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch.nn.parameter", "Parameter"),
+    ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+}
+_SAFE_PREFIXES = ("torch.", "numpy.dtypes.")
+_SAFE_NAMES = re.compile(r"^(\w+Storage|float\d*|bfloat16|half|u?int\d+|bool|complex\d+)$")
+# Training-time libraries whose objects Lightning and CompVis pickled beside the weights.
+_INERT_MODULES = ("pytorch_lightning", "lightning", "lightning_fabric", "omegaconf",
+                  "torchmetrics", "ldm", "main", "__main__", "sgm", "typing", "pathlib",
+                  "argparse", "enum", "fractions", "decimal", "datetime", "numpy.random")
+
+
+class _Inert:
+    """Placeholder for a training-time object: swallows construction and state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self._args = args
+
+    def __setstate__(self, state):
+        self._state = state
+
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+def _inert_class(module, name):
+    return type(name, (_Inert,), {"__module__": f"inert.{module}"})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and _SAFE_NAMES.match(name):
+            return super().find_class(module, name)
+        if module.split(".")[0] in _INERT_MODULES:
+            return _inert_class(module, name)
+        if module.startswith(_SAFE_PREFIXES) and name[:1].isupper() and "Storage" in name:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"refusing to load: the checkpoint's pickle calls {module}.{name}, which could run "
+            "code. Use a .safetensors file, or convert this one in a sandbox you trust.")
+
+
+class _RestrictedPickleModule:
+    """What ``torch.load(pickle_module=...)`` needs: an Unpickler and load()."""
+
+    __name__ = "restricted_pickle"
+    Unpickler = _RestrictedUnpickler
+
+    @staticmethod
+    def load(file, **kwargs):
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def _load_pickle(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=_RestrictedPickleModule, mmap=zipfile.is_zipfile(path))
+    except UnsafeCheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, OSError,
+            AttributeError, ValueError, IndexError, KeyError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a "
+                              f"PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]}). "
+                              "Download it again.") from None
+
+
+def _load_safetensors(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read {path}: truncated or not a safetensors file "
+                              f"({str(e)[:120]}). Download it again.") from None
+
+
+def load_state_dict_file(path):
+    """A checkpoint file (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``) -> {key: tensor}.
+
+    Lightning checkpoints keep the weights under ``state_dict``; other entries (optimizer
+    states, callbacks, hyper-parameters) are ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors" or (len(head) == 8 and head[:2] != b"PK"
+                                         and head[:1] != b"\x80"):
+        sd = _load_safetensors(path)
+    else:
+        sd = _load_pickle(path)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds no state_dict (found {type(sd).__name__})")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def file_hash(path, chars=10):
+    """Short SHA-256 of a checkpoint, as recorded in image metadata (cached beside nothing:
+    hashing reads the file once; a 4 GB file takes a few seconds)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:chars]
+
+
+# ---------------------------------------------------------------------------------------
+# Strict loading into LatentDiffusion
+
+# What real checkpoints carry besides our model's weights; dropped before the strict load.
+IGNORED_KEYS = re.compile(
+    r"^(model_ema\.|cond_ema\.|first_stage_model\.loss\.|logvar$|lvlb_weights$|"
+    r"model_ema_decay|scale_factor$|scale_set$|"
+    r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids$)")
+
+
+def normalize_keys(sd):
+    """Accept the CLIP text encoder saved by any transformers version: 4.x nests it under
+    ``text_model.``, 5.x and some old exports do not."""
+    prefix, nested = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(prefix) and not k.startswith(nested):
+            k = nested + k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def guess_architecture(sd):
+    """A hint naming the likely right config for a checkpoint that does not fit."""
+    keys = set(sd)
+    w = sd.get("model.diffusion_model.input_blocks.0.0.weight")
+    attn = sd.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    if any(k.startswith("conditioner.embedders") for k in keys):
+        return "an SDXL checkpoint, which this project does not support"
+    if any(k.startswith("cond_stage_model.model.") for k in keys) or (
+            attn is not None and attn.shape[1] == 1024):
+        return "an SD 2.x checkpoint (OpenCLIP text encoder), which the v1 config cannot load"
+    if w is not None and w.shape[1] == 9:
+        return "an inpainting checkpoint (9 input channels), for an inpainting config"
+    if w is not None and w.shape[1] == 8:
+        return "an instruct-pix2pix/depth checkpoint (8 input channels)"
+    if any(k.startswith(("down_blocks.", "unet.", "mid_block.")) for k in keys):
+        return ("weights in the diffusers folder layout; use the single-file original "
+                "checkpoint (.ckpt/.safetensors) instead")
+    if w is not None and w.shape[0] != 320:
+        return (f"a model with {w.shape[0]} base channels (not SD v1's 320): "
+                "pass the config it was trained with (--config)")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        return "not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)"
+    return None
+
+
+def _preview(keys, n=3):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def mismatch_report(model, sd):
+    """None when ``sd`` fits ``model`` exactly, else a short report."""
+    own = model.state_dict()
+    missing = own.keys() - sd.keys()
+    unexpected = sd.keys() - own.keys()
+    shapes = [k for k in own.keys() & sd.keys() if own[k].shape != sd[k].shape]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_preview(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_preview(unexpected)})")
+    if shapes:
+        k = sorted(shapes)[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {k}: checkpoint "
+                     f"{tuple(sd[k].shape)}, config {tuple(own[k].shape)})")
+    hint = guess_architecture(sd)
+    return "; ".join(parts) + (f". This looks like {hint}." if hint else "")
+
+
+def check_schedule(model, sd):
+    """Warn when a checkpoint's stored noise schedule differs from the config's."""
+    stored = sd.get("alphas_cumprod")
+    if stored is not None and stored.shape == model.alphas_cumprod.shape:
+        if not torch.allclose(stored.float(), model.alphas_cumprod.cpu(), rtol=1e-3, atol=1e-5):
+            log.warning("the checkpoint's noise schedule differs from the config's; "
+                        "using the config's (check --config)")
+
+
+def load_model_weights(model, sd, source="checkpoint", dtype=torch.float32):
+    """Load an official-layout state_dict into ``model`` strictly (after IGNORED_KEYS and
+    the schedule buffers are set aside); raise CheckpointError with a report otherwise.
+
+    A model built on the ``meta`` device takes the checkpoint's tensors (cast to ``dtype``)
+    without first allocating random weights."""
+    from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+    sd = normalize_keys(sd)
+    check_schedule(model, sd)
+    sd = {k: v for k, v in sd.items() if k not in SCHEDULE_BUFFERS and not IGNORED_KEYS.match(k)}
+    report = mismatch_report(model, sd)
+    if report:
+        raise CheckpointError(f"{source} does not match the config: {report}")
+    if _is_meta(model):
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+    else:
+        model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _is_meta(model):
+    return any(p.is_meta for p in model.parameters())

@@ -1,0 +1,205 @@
+"""Training with PyTorch Lightning, kept apart from the inference core.
+
+``main.py`` builds ``config.model`` (a plain ``AutoencoderKL`` or ``LatentDiffusion``) and wraps
+it here: ``AutoencoderTrainer`` for stage 1, ``DiffusionTrainer`` for stage 2. The wrapped
+model is the attribute ``model``; the Lightning checkpoint's ``state_dict`` therefore holds
+``model.<official keys>`` plus EMA shadows, and ``scripts/export_model.py`` turns it into an
+inference checkpoint in the official layout.
+"""
+import logging
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ldm.modules.ema import LitEma
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+
+def images_from_batch(batch, key="image"):
+    """CompVis data convention: ``batch[key]`` is B x H x W x C in [-1, 1]."""
+    x = batch[key]
+    if x.dim() == 3:
+        x = x[..., None]
+    return x.permute(0, 3, 1, 2).contiguous().float()
+
+
+def warmup_lambda(warmup_steps):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """CompVis' data section: ``train`` / ``validation`` dataset configs and a batch size."""
+
+    def __init__(self, batch_size, train, validation=None, num_workers=0):
+        super().__init__()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_config, self.validation_config = train, validation
+
+    def _loader(self, config, shuffle):
+        dataset = instantiate_from_config(config)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, drop_last=shuffle,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_config, shuffle=True)
+
+    def val_dataloader(self):
+        if self.validation_config is None:
+            return []
+        return self._loader(self.validation_config, shuffle=False)
+
+
+class AutoencoderTrainer(pl.LightningModule):
+    """Stage 1: reconstruction (L1 + MSE) plus a small KL term towards N(0, I).
+
+    CompVis adds LPIPS and a patch discriminator; LPIPS needs pretrained VGG weights that an
+    offline machine cannot fetch, and on flat-coloured procedural images the pixel losses
+    suffice, so they are left out.
+    """
+
+    def __init__(self, model, learning_rate=4.5e-4, kl_weight=1e-6, mse_weight=1.0,
+                 warmup_steps=200):
+        super().__init__()
+        self.model = model
+        self.learning_rate, self.kl_weight, self.mse_weight = learning_rate, kl_weight, mse_weight
+        self.warmup_steps = warmup_steps
+
+    def _losses(self, batch):
+        x = images_from_batch(batch, self.model.image_key)
+        reconstruction, posterior = self.model(x)
+        l1 = (reconstruction - x).abs().mean()
+        mse = F.mse_loss(reconstruction, x)
+        kl = posterior.kl().mean()
+        return {"l1": l1, "mse": mse, "kl": kl,
+                "loss": l1 + self.mse_weight * mse + self.kl_weight * kl}
+
+    def training_step(self, batch, batch_idx):
+        losses = self._losses(batch)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
+        return losses["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        losses = self._losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()})
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(self.warmup_steps))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class DiffusionTrainer(pl.LightningModule):
+    """Stage 2: the denoising loss (Ho et al. 2020, eq. 14) in the autoencoder's latent space.
+
+    The autoencoder is frozen and loaded from ``first_stage_ckpt``; the UNet and, when
+    ``cond_stage_trainable``, the text encoder are trained, with EMA copies of both. Captions
+    are replaced by "" with probability ``p_uncond`` so that classifier-free guidance works
+    (Ho & Salimans 2022). ``scale_by_std`` sets ``scale_factor`` to 1/std of the first
+    batch's latents (CompVis' rule), saved in the checkpoint.
+    """
+
+    def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
+                 ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0):
+        super().__init__()
+        self.model = model
+        self.learning_rate, self.warmup_steps = learning_rate, warmup_steps
+        self.p_uncond, self.weight_decay = p_uncond, weight_decay
+        self.scale_by_std = scale_by_std
+        if first_stage_ckpt:
+            self._load_first_stage(first_stage_ckpt)
+        self.register_buffer("scale_factor", torch.tensor(float(model.scale_factor)))
+        self.register_buffer("scale_set", torch.tensor(not scale_by_std))
+        self.model_ema = LitEma(model.model, decay=ema_decay)
+        self.cond_ema = (LitEma(model.cond_stage_model, decay=ema_decay)
+                         if model.cond_stage_trainable else None)
+
+    def _load_first_stage(self, path):
+        from ldm.checkpoint import load_state_dict_file
+        sd = load_state_dict_file(path)
+        prefix = "model." if any(k.startswith("model.encoder.") for k in sd) else ""
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
+              and k[len(prefix):].split(".")[0] in ("encoder", "decoder", "quant_conv",
+                                                     "post_quant_conv")}
+        self.model.first_stage_model.load_state_dict(sd, strict=True)
+        log.info("first stage loaded from %s", path)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.model.first_stage_model.eval()  # frozen: keep it in eval mode
+        return self
+
+    @torch.no_grad()
+    def encode(self, batch):
+        x = images_from_batch(batch, self.model.first_stage_key)
+        z = self.model.encode_first_stage(x).sample()
+        if not self.scale_set:
+            self.scale_factor.fill_(1.0 / z.flatten().std())
+            self.scale_set.fill_(True)
+            log.info("scale_factor set to %.5f from the first batch", self.scale_factor.item())
+        self.model.scale_factor = self.scale_factor.item()
+        return z * self.scale_factor
+
+    def _loss(self, batch, drop_captions):
+        z = self.encode(batch)
+        captions = list(batch[self.model.cond_stage_key])
+        if drop_captions:
+            keep = torch.rand(len(captions)) >= self.p_uncond
+            captions = [c if k else "" for c, k in zip(captions, keep)]
+        cond = self.model.get_learned_conditioning(captions)
+        t = torch.randint(0, self.model.num_timesteps, (z.shape[0],), device=z.device)
+        noise = torch.randn_like(z)
+        output = self.model.apply_model(self.model.q_sample(z, t, noise), t, cond)
+        target = noise if self.model.parameterization == "eps" else self.model.get_v(z, noise, t)
+        return F.mse_loss(output, target)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch, drop_captions=True)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    def on_train_batch_end(self, *args):
+        self.model_ema(self.model.model)
+        if self.cond_ema is not None:
+            self.cond_ema(self.model.cond_stage_model)
+
+    def on_load_checkpoint(self, checkpoint):
+        self.model.scale_factor = float(checkpoint["state_dict"]["scale_factor"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._loss(batch, drop_captions=False))
+
+    def configure_optimizers(self):
+        params = list(self.model.model.parameters())
+        if self.model.cond_stage_trainable:
+            params += list(self.model.cond_stage_model.parameters())
+        opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(self.warmup_steps))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+    def ema_state_dict(self):
+        """The model's state_dict with EMA weights in place of the trained ones."""
+        model = self.model
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        self.model_ema.copy_to(model.model)
+        if self.cond_ema is not None:
+            self.cond_ema.copy_to(model.cond_stage_model)
+        ema = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(saved)
+        return ema
+
+
+def trainer_for(model, **params):
+    """The Lightning wrapper for a plain model built from ``config.model``."""
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+    if isinstance(model, AutoencoderKL):
+        return AutoencoderTrainer(model, **params)
+    if isinstance(model, LatentDiffusion):
+        return DiffusionTrainer(model, **params)
+    raise ValueError(f"no trainer for {type(model).__name__}")

@@ -1,0 +1,111 @@
+"""Samplers as small pure functions over one denoiser contract.
+
+A sampler sees only ``eps(x, t) -> noise prediction`` (guidance already applied, see
+``guided_eps``), the starting latents, the discrete timesteps and ``alphas_cumprod``. Fresh
+noise, when a sampler needs it, comes from the caller's ``noise(shape)`` so that every image's
+randomness is its own (``ldm.pipeline`` draws it from per-image generators).
+"""
+import torch
+from tqdm.auto import tqdm
+
+from ldm.modules.diffusionmodules.util import uniform_timesteps
+
+
+def guided_eps(model, cond, uncond=None, scale=1.0):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6), written once:
+    eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond)), both halves in one
+    batched UNet call. ``scale == 1`` or no ``uncond`` -> the conditional prediction alone."""
+    guided = uncond is not None and scale != 1.0
+
+    def eps(x, t):
+        ts = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        if not guided:
+            return model.eps_from_output(x, ts, model.apply_model(x, ts, cond))
+        x_in, t_in = torch.cat([x, x]), torch.cat([ts, ts])
+        out = model.apply_model(x_in, t_in, torch.cat([uncond, cond]))
+        e_uncond, e_cond = model.eps_from_output(x_in, t_in, out).chunk(2)
+        return e_uncond + scale * (e_cond - e_uncond)
+
+    return eps
+
+
+def ddim_schedule(alphas_cumprod, timesteps, eta=0.0):
+    """(abar_t, abar_prev, sigma_t) per sampling step, as CompVis: the step after the last
+    uses abar at t=0 (not 1), and sigma follows Song et al. 2021, eq. 16."""
+    a = alphas_cumprod[timesteps].double()
+    a_prev = torch.cat([alphas_cumprod[:1].double(), a[:-1]])
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    return a, a_prev, sigma
+
+
+def ddim_step(x, e, a, a_prev, sigma=0.0, noise=None):
+    """One DDIM update (Song et al. 2021, eq. 12): predicted x0, direction to x_t, noise."""
+    a, a_prev, sigma = float(a), float(a_prev), float(sigma)
+    pred_x0 = (x - (1 - a) ** 0.5 * e) / a ** 0.5
+    x_prev = a_prev ** 0.5 * pred_x0 + (1 - a_prev - sigma ** 2) ** 0.5 * e
+    if sigma > 0:
+        x_prev = x_prev + sigma * noise
+    return x_prev, pred_x0
+
+
+def sample_ddim(eps, x, timesteps, alphas_cumprod, eta=0.0, noise=None, callback=None,
+                disable=False):
+    """DDIM (Song et al. 2021); ``eta=0`` is deterministic, ``eta=1`` DDPM-like."""
+    if eta > 0 and noise is None:
+        raise ValueError("DDIM with eta > 0 needs a noise source")
+    a, a_prev, sigma = ddim_schedule(alphas_cumprod.cpu(), torch.as_tensor(timesteps), eta)
+    for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), desc="DDIM",
+                  disable=disable, leave=False):
+        e = eps(x, timesteps[i])
+        x, pred_x0 = ddim_step(x, e, a[i], a_prev[i], sigma[i],
+                               noise(x.shape) if sigma[i] > 0 else None)
+        if callback:
+            callback(len(timesteps) - 1 - i, x, pred_x0)
+    return x
+
+
+def plms_combine(e, old):
+    """Linear multistep combination of eps (Liu et al. 2022, PNDM eq. 12; Adams-Bashforth)."""
+    if len(old) == 1:
+        return (3 * e - old[-1]) / 2
+    if len(old) == 2:
+        return (23 * e - 16 * old[-1] + 5 * old[-2]) / 12
+    return (55 * e - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+
+
+def sample_plms(eps, x, timesteps, alphas_cumprod, callback=None, disable=False):
+    """PLMS (Liu et al. 2022) as CompVis runs it: the first step is a pseudo improved-Euler
+    step (two eps evaluations), then 2nd-4th order multistep on the stored eps."""
+    a, a_prev, _ = ddim_schedule(alphas_cumprod.cpu(), torch.as_tensor(timesteps))
+    order = list(reversed(range(len(timesteps))))
+    old = []
+    for n, i in enumerate(tqdm(order, desc="PLMS", disable=disable, leave=False)):
+        e = eps(x, timesteps[i])
+        if not old:
+            x_next, _ = ddim_step(x, e, a[i], a_prev[i])
+            e_next = eps(x_next, timesteps[order[min(n + 1, len(order) - 1)]])
+            e_prime = (e + e_next) / 2
+        else:
+            e_prime = plms_combine(e, old)
+        x, pred_x0 = ddim_step(x, e_prime, a[i], a_prev[i])
+        old = (old + [e])[-3:]
+        if callback:
+            callback(n, x, pred_x0)
+    return x
+
+
+SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms}
+
+
+def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=0.0, noise=None,
+           callback=None, disable=False):
+    """Run ``sampler`` ("ddim" or "plms") from latents ``x`` with CompVis' uniform timesteps."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    if sampler == "plms" and eta != 0:
+        raise ValueError("PLMS is deterministic: eta must be 0")
+    timesteps = uniform_timesteps(steps, model.num_timesteps)
+    eps = guided_eps(model, cond, uncond, scale)
+    kwargs = {"eta": eta, "noise": noise} if sampler == "ddim" else {}
+    return SAMPLERS[sampler](eps, x, timesteps, model.alphas_cumprod, callback=callback,
+                             disable=disable, **kwargs)

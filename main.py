@@ -1,0 +1,116 @@
+"""Train a model from a CompVis-style config with PyTorch Lightning.
+
+    python main.py --base configs/shapes/autoencoder-kl-f4.yaml -t --name shapes-vae
+    python main.py --resume logs/shapes-vae -t          # continue after an interruption
+
+The config has ``model`` (what to build), ``training`` (parameters of the Lightning wrapper
+in ``ldm.lightning``), ``data`` and ``lightning.trainer`` (``pl.Trainer`` arguments, which
+the command line overrides). A run lives in ``<logdir>/<name>/``: ``configs/`` (the merged
+config), ``checkpoints/`` (``last.ckpt`` plus periodic ones), ``metrics.csv``.
+"""
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-b", "--base", nargs="*", default=[], metavar="config.yaml",
+                   help="configs, merged left to right")
+    p.add_argument("-t", "--train", action="store_true", help="train")
+    p.add_argument("-r", "--resume", default="", help="a run folder or a checkpoint in one")
+    p.add_argument("-n", "--name", default="", help="run name (default: time stamp + config)")
+    p.add_argument("-l", "--logdir", default="logs", help="folder holding runs")
+    p.add_argument("-s", "--seed", type=int, default=23, help="global seed")
+    p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--accelerator", default=None, help="cpu, gpu, mps or auto")
+    p.add_argument("--devices", default=None, help="devices per node, e.g. 1 or 0,1")
+    p.add_argument("--gpus", default=None, help="CompVis spelling: e.g. 0, or 0,1")
+    p.add_argument("--num_nodes", type=int, default=None)
+    p.add_argument("--precision", default=None, help="32, 16-mixed, bf16-mixed")
+    p.add_argument("--checkpoint_every", type=int, default=None,
+                   help="save a checkpoint every N steps (default: config or 200)")
+    p.add_argument("--num_workers", type=int, default=None, help="data loader workers")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. training.learning_rate=1e-4")
+    return p.parse_args(argv)
+
+
+def resolve_run(args):
+    """(run folder, checkpoint to resume from or None, config paths)."""
+    if args.resume:
+        resume = Path(args.resume)
+        if not resume.exists():
+            raise SystemExit(f"error: --resume {resume} does not exist")
+        run = resume.parent.parent if resume.is_file() else resume
+        ckpt = resume if resume.is_file() else run / "checkpoints" / "last.ckpt"
+        configs = sorted((run / "configs").glob("*.yaml")) + [Path(b) for b in args.base]
+        return run, (ckpt if ckpt.exists() else None), configs
+    if not args.base:
+        raise SystemExit("error: give --base config.yaml (or --resume a run folder)")
+    name = args.name or time.strftime("%Y-%m-%dT%H-%M-%S_") + Path(args.base[0]).stem
+    return Path(args.logdir) / name, None, [Path(b) for b in args.base]
+
+
+def trainer_kwargs(config, args):
+    kw = dict(config.get("lightning", {}).get("trainer", {}) or {})
+    if args.gpus is not None:  # CompVis: --gpus 0, means the GPU with index 0
+        kw.update(accelerator="gpu", devices=[int(g) for g in str(args.gpus).split(",") if g])
+    for key in ("max_steps", "accelerator", "num_nodes", "precision"):
+        if getattr(args, key) is not None:
+            kw[key] = getattr(args, key)
+    if args.devices is not None:
+        kw["devices"] = ([int(d) for d in args.devices.split(",") if d] if "," in args.devices
+                         else int(args.devices) if args.devices.isdigit() else args.devices)
+    return kw
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    from ldm.lightning import trainer_for
+    from ldm.util import instantiate_from_config
+
+    run, ckpt, config_paths = resolve_run(args)
+    config = OmegaConf.merge(*[OmegaConf.load(c) for c in config_paths],
+                             OmegaConf.from_dotlist(args.overrides))
+    if args.num_workers is not None:
+        config.data.params.num_workers = args.num_workers
+    if args.batch_size is not None:
+        config.data.params.batch_size = args.batch_size
+    (run / "configs").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, run / "configs" / "config.yaml")
+    pl.seed_everything(args.seed, workers=True)
+
+    model = trainer_for(instantiate_from_config(config.model),
+                        **OmegaConf.to_container(config.get("training", {}) or {}))
+    data = instantiate_from_config(config.data)
+    every = args.checkpoint_every or config.get("lightning", {}).get("checkpoint_every", 200)
+    checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", filename="step-{step:06d}",
+                                  every_n_train_steps=every, save_last=True, save_top_k=2,
+                                  monitor="step", mode="max", auto_insert_metric_name=False)
+    trainer = pl.Trainer(default_root_dir=run, callbacks=[checkpoints],
+                         logger=CSVLogger(run, name="", version=""),
+                         **trainer_kwargs(config, args))
+    if not args.train:
+        raise SystemExit("nothing to do: pass -t to train")
+    print(f"run folder: {run}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
+    trainer.fit(model, data, ckpt_path=ckpt)
+    if trainer.interrupted:
+        trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+        print(f"interrupted: saved {run / 'checkpoints' / 'last.ckpt'}; "
+              f"continue with: python main.py --resume {run} -t", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
