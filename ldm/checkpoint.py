@@ -34,6 +34,7 @@ _SAFE_GLOBALS = {
     ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"),
     ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bool"),
     ("_codecs", "encode"),  # protocol-2 pickles encode bytes with it
+    ("copyreg", "_reconstructor"),  # protocol-2 objects; its class arguments pass through here
     ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_tensor_v3"), ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
@@ -77,8 +78,12 @@ def _inert_class(module, name):
     return type(name, (_Inert,), {"__module__": f"inert.{module}"})
 
 
+_PY2_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        module = _PY2_NAMES.get(module, module)
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
         if module == "torch" and _SAFE_NAMES.match(name):

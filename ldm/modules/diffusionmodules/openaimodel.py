@@ -15,12 +15,14 @@ class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands the timestep embedding to ResBlocks and the context to
     SpatialTransformers."""
 
-    def forward(self, x, emb, context=None):
+    def forward(self, x, emb, context=None, output_size=None):
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, output_size)
             else:
                 x = layer(x)
         return x
@@ -31,8 +33,14 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def forward(self, x, output_size=None):
+        """Nearest 2x upsampling, or to ``output_size`` (the skip connection's size) so that
+        latents whose sides are not multiples of 8 work too (CompVis would fail on them)."""
+        if output_size is None:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        else:
+            x = F.interpolate(x, size=output_size, mode="nearest")
+        return self.conv(x)
 
 
 class Downsample(nn.Module):
@@ -162,5 +170,6 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
