@@ -1,0 +1,58 @@
+"""Turn a stage-2 training run into an inference model folder.
+
+    python scripts/export_model.py --run logs/shapes-ldm --out models/ldm/shapes
+
+Writes OUT/model.safetensors (EMA weights, official key layout, fp16 by default) and
+OUT/config.yaml (the run's model config with the learned scale_factor and the text encoder
+frozen), loadable by ``txt2img.py --ckpt OUT/model.safetensors``.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def export(run, out, dtype="float16", ckpt=None):
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from ldm.checkpoint import load_state_dict_file
+    from ldm.lightning import DiffusionTrainer
+    from ldm.util import instantiate_from_config
+
+    run, out = Path(run), Path(out)
+    config = OmegaConf.load(run / "configs" / "config.yaml")
+    ckpt = Path(ckpt) if ckpt else run / "checkpoints" / "last.ckpt"
+    model = instantiate_from_config(config.model)
+    trainer = DiffusionTrainer(model, ema_decay=0.999, scale_by_std=True)
+    sd = load_state_dict_file(ckpt)
+    trainer.load_state_dict(sd, strict=True)
+    weights = trainer.ema_state_dict()
+    scale = float(sd["scale_factor"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = getattr(torch, dtype)
+    save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()},
+              out / "model.safetensors", metadata={"scale_factor": str(scale)})
+    inference = OmegaConf.create({"model": OmegaConf.to_container(config.model)})
+    inference.model.params.scale_factor = scale
+    inference.model.params.cond_stage_trainable = False
+    OmegaConf.save(inference, out / "config.yaml")
+    return out / "model.safetensors", scale
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="the training run folder (main.py --name)")
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--ckpt", default=None, help="a checkpoint of the run (default: last.ckpt)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    args = p.parse_args()
+    path, scale = export(args.run, args.out, args.dtype, args.ckpt)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), scale_factor {scale:.5f}")
+
+
+if __name__ == "__main__":
+    main()

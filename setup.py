@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+# Kept as plain literals: tests/test_packaging.py checks environment.yaml agrees with them.
+INSTALL_REQUIRES = [
+    "torch>=2.1",
+    "numpy",
+    "omegaconf>=2.1",
+    "safetensors>=0.4",
+    "tqdm",
+    "pillow",
+    "ftfy>=6.1",
+    "regex",
+    "scipy",
+    "invisible-watermark>=0.2.0",
+]
+TRAIN_REQUIRES = ["pytorch-lightning>=2.0"]
+TEST_REQUIRES = ["pytest", "diffusers>=0.30", "transformers>=4.40"] + TRAIN_REQUIRES
+
+setup(
+    name="latent-diffusion-txt2img",
+    version="0.1.0",
+    description="Stable Diffusion v1 text-to-image, CompVis-compatible, tested on CPU",
+    packages=find_packages(include=["ldm", "ldm.*"]),
+    package_data={"ldm.modules.encoders": ["*.gz", "*.txt"]},
+    python_requires=">=3.9",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"train": TRAIN_REQUIRES, "test": TEST_REQUIRES},
+)
