@@ -1,0 +1,141 @@
+"""SD v1's text tokenizer: CLIP's byte-level BPE, as transformers 4.x's slow CLIPTokenizer
+for ``openai/clip-vit-large-patch14`` ran it with ftfy installed. Offline: the merges ship
+beside this file (``bpe_simple_vocab_16e6.txt.gz``, MIT, see CLIP_LICENSE.txt).
+
+Per text: split out the literal special tokens ``<|startoftext|>`` / ``<|endoftext|>``; each
+other piece gets ``ftfy.fix_text``, whitespace runs collapsed, lower case, CLIP's regex
+pre-split, each piece's UTF-8 bytes mapped to printable characters and BPE-merged with
+``</w>`` marking the word end. Ids are then ``[BOS] + ids[:77 - 2] + [EOS]``, padded with EOS.
+``tests/data/clip_tokenizer_ids.json`` (recorded by ``scripts/record_tokenizer_ids.py``)
+pins the behaviour.
+"""
+import functools
+import gzip
+from pathlib import Path
+
+import regex
+
+BPE_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+VOCAB_SIZE = 49408
+N_MERGES = VOCAB_SIZE - 2 * 256 - 2
+_SPECIAL = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE)
+
+
+@functools.lru_cache(1)
+def bytes_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    # order matters: it is the order of the first 512 vocabulary entries
+    chars = {b: chr(b) for b in printable}
+    rest = [b for b in range(256) if b not in chars]
+    chars.update({b: chr(256 + n) for n, b in enumerate(rest)})
+    return chars
+
+
+def _clean(text):
+    import ftfy
+    return regex.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
+
+
+class CLIPTokenizer:
+    def __init__(self, bpe_path=BPE_PATH):
+        with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1:N_MERGES + 1]
+        merges = [tuple(line.split()) for line in lines]
+        units = list(bytes_to_unicode().values())
+        vocab = units + [u + "</w>" for u in units] + ["".join(m) for m in merges] + [BOS, EOS]
+        if len(vocab) != VOCAB_SIZE:
+            raise ValueError(f"{bpe_path}: expected {VOCAB_SIZE} tokens, built {len(vocab)}")
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.decoder = vocab
+        self.ranks = {m: i for i, m in enumerate(merges)}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self.bos_id, self.eos_id = self.encoder[BOS], self.encoder[EOS]
+        self._cache = {}
+
+    def bpe(self, token):
+        if token in self._cache:
+            return self._cache[token]
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = {(a, b) for a, b in zip(word, word[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        if len(self._cache) < 100_000:
+            self._cache[token] = word
+        return word
+
+    def tokens(self, text):
+        """BPE tokens of ``text`` (no BOS/EOS added)."""
+        out = []
+        for piece in _SPECIAL.split(text):
+            if piece in (BOS, EOS):
+                out.append(piece)
+                continue
+            for word in _PATTERN.findall(_clean(piece)):
+                out.extend(self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
+        return out
+
+    def encode(self, text):
+        """Token ids of ``text``, without BOS/EOS."""
+        return [self.encoder[t] for t in self.tokens(text)]
+
+    def decode(self, ids):
+        text = "".join(self.decoder[i] for i in ids if i not in (self.bos_id, self.eos_id))
+        raw = bytearray(self.byte_decoder[c] for c in text.replace("</w>", self.byte_encoder[32]))
+        return raw.decode("utf-8", errors="replace").replace("\x00", "").strip()
+
+    def __call__(self, texts, context_length=77):
+        """``[B, context_length]`` ids: BOS, at most context_length - 2 tokens, EOS, EOS padding."""
+        rows = []
+        for text in texts:
+            ids = self.encode(text)[:context_length - 2]
+            rows.append([self.bos_id] + ids + [self.eos_id] * (context_length - 1 - len(ids)))
+        return rows
+
+
+@functools.lru_cache(1)
+def get_tokenizer():
+    return CLIPTokenizer()
+
+
+def tokenize(texts, context_length=77):
+    """SD v1 token ids for a list of texts, as a ``LongTensor[B, context_length]``."""
+    import torch
+    if isinstance(texts, str):
+        texts = [texts]
+    return torch.tensor(get_tokenizer()(list(texts), context_length), dtype=torch.long)
+
+
+def truncation(text, context_length=77):
+    """The words of ``text`` (as the user wrote them) that do not fit in ``context_length``
+    tokens, or None when it all fits. A word cut in the middle counts as dropped."""
+    tok = get_tokenizer()
+    keep = context_length - 2
+    if len(tok.tokens(text)) <= keep:
+        return None
+    words = text.split()
+    lo, hi = 0, len(words)  # the largest k whose first k words fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.tokens(" ".join(words[:mid]))) <= keep:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(words[lo:]) or text
