@@ -197,7 +197,7 @@ class Txt2Img:
 
     def finish(self, images):
         """Safety check (flagged images are replaced), then the invisible watermark."""
-        from ldm.watermark import WATERMARK, can_watermark, put_watermark
+        from ldm.watermark import put_watermark
         flags = [False] * len(images)
         if self.safety_checker is not None:
             images, flags = self.safety_checker.check_images(images)
@@ -206,13 +206,10 @@ class Txt2Img:
             note = {"safety": ("replaced (flagged as NSFW)" if flags[i] else
                                "passed" if self.safety_checker is not None else
                                "not checked (no safety checker weights)")}
-            if not self.watermark:
-                note["watermark"] = "none (disabled)"
-            elif not can_watermark(*image.size):
-                note["watermark"] = "none (image too small)"
+            if self.watermark:
+                images[i], note["watermark"] = put_watermark(image)
             else:
-                images[i], marked = put_watermark(image)
-                note["watermark"] = WATERMARK if marked else "none (encoder refused)"
+                note["watermark"] = "none (disabled)"
             notes.append(note)
         return images, notes
 
