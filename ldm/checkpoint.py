@@ -112,8 +112,8 @@ def _load_pickle(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=False,
                           pickle_module=_RestrictedPickleModule, mmap=zipfile.is_zipfile(path))
-    except UnsafeCheckpointError:
-        raise
+    except UnsafeCheckpointError as e:
+        raise UnsafeCheckpointError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, OSError,
             AttributeError, ValueError, IndexError, KeyError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a "

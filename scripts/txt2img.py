@@ -94,7 +94,8 @@ def check_geometry(args, pipe):
         raise UsageError(f"--C {args.C} does not match the model's {pipe.model.channels} latent channels")
     if args.f is not None and args.f != pipe.factor:
         raise UsageError(f"--f {args.f} does not match the model's downsampling factor {pipe.factor}")
-    height, width = args.H or pipe.native_size, args.W or pipe.native_size
+    height = pipe.native_size if args.H is None else args.H
+    width = pipe.native_size if args.W is None else args.W
     pipe.check_size(height, width)
     return height, width
 

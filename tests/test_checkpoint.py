@@ -11,19 +11,7 @@ from safetensors.torch import save_file
 from ldm.checkpoint import (CheckpointError, UnsafeCheckpointError, load_model_weights,
                             load_state_dict_file)
 from ldm.pipeline import build_model
-from conftest import ROOT, TINY_CONFIG
-
-
-def official_layout(model, dtype=torch.float32):
-    """What a CompVis training run saves: weights, schedule buffers, EMA, position_ids."""
-    sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
-    sd["alphas_cumprod"] = model.alphas_cumprod.clone()
-    sd["betas"] = model.betas.clone()
-    sd["model_ema.decay"] = torch.tensor(0.9999)
-    sd["model_ema.num_updates"] = torch.tensor(100)
-    sd["model_ema.diffusion_modelout0weight"] = torch.ones(3)
-    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    return sd
+from conftest import ROOT, TINY_CONFIG, official_layout
 
 
 def assert_same_weights(a, b):
