@@ -19,27 +19,8 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def converted(tiny_model, tiny_config):
-    sd = tiny_model.state_dict()
-    original = OmegaConf.to_container(tiny_config)
-    ucfg = su.create_unet_diffusers_config_from_ldm(original, sd)
-    unet = diffusers.UNet2DConditionModel(**ucfg)
-    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
-    vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
-    vae = diffusers.AutoencoderKL(**vcfg)
-    vae.load_state_dict(su.convert_ldm_vae_checkpoint(sd, vcfg), strict=True)
-    text = tiny_model.cond_stage_model.transformer.config
-    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
-        max_position_embeddings=text.max_position_embeddings, hidden_act="quick_gelu",
-        attn_implementation="eager"))
-    clip_sd = su.convert_ldm_clip_checkpoint(sd)
-    if not any(k.startswith("text_model.") for k in clip.state_dict()):  # transformers >= 5
-        clip_sd = {k.removeprefix("text_model."): v for k, v in clip_sd.items()}
-    missing, unexpected = clip.load_state_dict(clip_sd, strict=False)
-    assert not unexpected and all("position_ids" in k for k in missing)
-    return unet.eval(), vae.eval(), clip.eval()
+    from ldm.compare import to_diffusers
+    return to_diffusers(tiny_model, tiny_config)
 
 
 @torch.no_grad()
@@ -112,3 +93,21 @@ def test_whole_sampler_runs_match_diffusers(tiny_model, converted, sampler):
         scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, **SCHEDULE)
     theirs = _diffusers_run(unet, scheduler, x, ctx, uncond, 5.0, 10)
     assert rel_err(ours, theirs) < 1e-4
+
+
+def test_whole_txt2img_matches_diffusers_pipeline(tmp_path, tiny_model, tiny_config):
+    """Prompt to latents through our Txt2Img and through diffusers' StableDiffusionPipeline
+    built from the same weights (tokenizer, text encoder, CFG, DDIM 10 steps): same result."""
+    from ldm.compare import save_diffusers_pipeline
+    from ldm.pipeline import Txt2Img
+    theirs = save_diffusers_pipeline(tiny_model, tiny_config, tmp_path / "pipe")
+    theirs.set_progress_bar_config(disable=True)
+    ours = Txt2Img(tiny_model, torch.device("cpu"), "full")
+    prompts, seeds = ["a red circle", "two blue squares"], [7, 8]
+    x, _ = ours.initial_noise(seeds, 32, 32)
+    z_ours = ours.latents(prompts, seeds, ["", "green"], "ddim", 10, 7.5, height=32, width=32,
+                          progress=False)
+    z_theirs = theirs(prompts, negative_prompt=["", "green"], num_inference_steps=10,
+                      guidance_scale=7.5, height=32, width=32, latents=x.clone(),
+                      output_type="latent").images
+    assert rel_err(z_ours, z_theirs) < 1e-4

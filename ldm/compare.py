@@ -1,0 +1,72 @@
+"""Our model as diffusers/transformers objects with identical weights, for cross-checks and
+benchmarks (never for inference). The conversion is diffusers' own converter of the original
+CompVis layout, so it also referees our key names. Needs diffusers and transformers."""
+import gzip
+import json
+
+import torch
+from omegaconf import OmegaConf
+
+
+def to_diffusers(model, config):
+    """(UNet2DConditionModel, AutoencoderKL, transformers CLIPTextModel) holding ``model``'s
+    weights; ``config`` is the model's OmegaConf config (with its ``model`` section)."""
+    import diffusers
+    import transformers
+    from diffusers.loaders import single_file_utils as su
+
+    sd = model.state_dict()
+    original = OmegaConf.to_container(config)
+    ucfg = su.create_unet_diffusers_config_from_ldm(original, sd)
+    unet = diffusers.UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
+    vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
+    vcfg["scaling_factor"] = float(model.scale_factor)
+    vae = diffusers.AutoencoderKL(**vcfg)
+    vae.load_state_dict(su.convert_ldm_vae_checkpoint(sd, vcfg), strict=True)
+    text = model.cond_stage_model.transformer.config
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        max_position_embeddings=text.max_position_embeddings, hidden_act=text.hidden_act,
+        attn_implementation="eager"))
+    clip_sd = su.convert_ldm_clip_checkpoint(sd)
+    if not any(k.startswith("text_model.") for k in clip.state_dict()):  # transformers >= 5
+        clip_sd = {k.removeprefix("text_model."): v for k, v in clip_sd.items()}
+    missing, unexpected = clip.load_state_dict(clip_sd, strict=False)
+    if unexpected or any("position_ids" not in k for k in missing):
+        raise RuntimeError(f"CLIP conversion: missing {missing}, unexpected {unexpected}")
+    return unet.eval(), vae.eval(), clip.eval()
+
+
+def write_clip_tokenizer_files(folder):
+    """vocab.json and merges.txt for a transformers CLIPTokenizer, from the BPE we ship."""
+    from ldm.modules.encoders.tokenizer import BPE_PATH, N_MERGES, get_tokenizer
+    with gzip.open(BPE_PATH, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:N_MERGES + 1]
+    (folder / "vocab.json").write_text(json.dumps(get_tokenizer().encoder), "utf-8")
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + merges) + "\n", "utf-8")
+
+
+def save_diffusers_pipeline(model, config, folder):
+    """A StableDiffusionPipeline folder (no safety checker) with ``model``'s weights and
+    DDIM/PNDM-compatible scheduler settings, loadable by ``from_pretrained``."""
+    import diffusers
+    import transformers
+    unet, vae, clip = to_diffusers(model, config)
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer_files(tok_dir)
+    tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
+                                           pad_token="<|endoftext|>", model_max_length=77)
+    params = config.model.params
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=params.linear_start, beta_end=params.linear_end, beta_schedule="scaled_linear",
+        num_train_timesteps=model.num_timesteps, clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                                             unet=unet, scheduler=scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return pipe

@@ -1,0 +1,59 @@
+"""Prompt adherence of a text-to-image model on the shapes data set, judged by the
+model-free analyser (ldm/data/analyser.py): the heart of scripts/evaluate.py."""
+from PIL import Image, ImageDraw
+
+from ldm.data import analyser
+from ldm.data.shapes import heldout_prompts
+
+
+def generate_and_judge(pipe, cases, seed=0, batch_size=32, progress=True, **sampling):
+    """Images for ``cases`` ([(prompt, scene)]), seeds seed, seed+1, ...; returns
+    (images, judgements) with one ``analyser.judge`` result per image."""
+    from tqdm import tqdm
+    images, judgements = [], []
+    starts = range(0, len(cases), batch_size)
+    for start in tqdm(starts, desc="evaluating", disable=not progress or len(starts) < 2):
+        chunk = cases[start:start + batch_size]
+        samples = pipe.generate([p for p, _ in chunk],
+                                [seed + start + i for i in range(len(chunk))],
+                                progress=False, **sampling)
+        for s, (_, scene) in zip(samples, chunk):
+            images.append(s.image)
+            judgements.append(analyser.judge(scene, analyser.analyse(s.image)))
+    return images, judgements
+
+
+def evaluate(pipe, n_single=100, n_double=50, seed=0, batch_size=32, progress=True, **sampling):
+    """{"single": accuracy, "double": accuracy} on held-out prompts, plus what made them:
+    {"cases": ..., "images": ..., "judgements": ...} per kind."""
+    out = {}
+    for kind, n, n_shapes in (("single", n_single, 1), ("double", n_double, 2)):
+        if n <= 0:
+            continue
+        cases = heldout_prompts(n, seed=seed + n_shapes, n_shapes=n_shapes)
+        images, judgements = generate_and_judge(pipe, cases, seed, batch_size, progress, **sampling)
+        out[kind] = {"accuracy": analyser.accuracy(judgements), "cases": cases,
+                     "images": images, "judgements": judgements}
+    return out
+
+
+def labelled_grid(images, cases, judgements, per_row=8, scale=2):
+    """Each image enlarged, with its prompt and the analyser's verdict written below."""
+    w, h = images[0].size
+    tw, th = w * scale, h * scale
+    label_h = 40
+    rows = -(-len(images) // per_row)
+    grid = Image.new("RGB", (per_row * (tw + 4) + 4, rows * (th + label_h + 4) + 4), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, (prompt, _), verdict) in enumerate(zip(images, cases, judgements)):
+        x = 4 + (i % per_row) * (tw + 4)
+        y = 4 + (i // per_row) * (th + label_h + 4)
+        grid.paste(image.resize((tw, th), Image.NEAREST), (x, y))
+        words = prompt.split()
+        lines = [" ".join(words[j:j + 4]) for j in range(0, len(words), 4)][:2]
+        wrong = sorted({a for shape in verdict for a, ok in shape.items() if not ok})
+        lines.append("OK" if not wrong else "wrong: " + ",".join(wrong))
+        for k, line in enumerate(lines):
+            draw.text((x, y + th + 1 + 12 * k), line[:24], fill="black" if k < 2 else
+                      ("green" if not wrong else "red"))
+    return grid
