@@ -7,6 +7,7 @@ OUT/config.yaml (the run's model config with the learned scale_factor and the te
 frozen), loadable by ``txt2img.py --ckpt OUT/model.safetensors``.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -40,16 +41,23 @@ def export(run, out, dtype="float16", ckpt=None):
     inference.model.params.scale_factor = scale
     inference.model.params.cond_stage_trainable = False
     OmegaConf.save(inference, out / "config.yaml")
+    record = {"run": str(run), "checkpoint": ckpt.name,
+              "global_step": int(torch.load(ckpt, map_location="cpu", weights_only=False,
+                                            mmap=True).get("global_step", -1))
+              if ckpt.suffix == ".ckpt" else None,
+              "data": OmegaConf.to_container(config.data), "training": OmegaConf.to_container(
+                  config.get("training", {})), "scale_factor": scale, "dtype": dtype}
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out / "model.safetensors", scale
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="the training run folder (main.py --name)")
     p.add_argument("--out", required=True, help="the model folder to write")
     p.add_argument("--ckpt", default=None, help="a checkpoint of the run (default: last.ckpt)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
-    args = p.parse_args()
+    args = p.parse_args(argv)
     path, scale = export(args.run, args.out, args.dtype, args.ckpt)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), scale_factor {scale:.5f}")
 
