@@ -121,14 +121,55 @@ def _load_pickle(path):
                               "Download it again.") from None
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def _load_safetensors(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read {path}: truncated or not a safetensors file "
-                              f"({str(e)[:120]}). Download it again.") from None
+    """Read a .safetensors file tensor by tensor with plain reads (format: 8-byte header
+    length, JSON header, raw data). Unlike a memory map, the file's pages then never count
+    as our memory, so casting while loading keeps the peak near the model's own size."""
+    import json
+    size = path.stat().st_size
+
+    def bad(why):
+        return CheckpointError(f"cannot read {path}: truncated or not a safetensors file "
+                               f"({why}). Download it again.")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("no header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, 100 << 20):
+            raise bad("header length beyond the file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError):
+            raise bad("header is not JSON") from None
+        header.pop("__metadata__", None)
+        base, out = 8 + n, {}
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            begin, end = info["data_offsets"]
+            if dtype is None:
+                raise bad(f"unsupported dtype {info.get('dtype')} for {key}")
+            if base + end > size:
+                raise bad(f"{key} ends past the end of the file")
+            shape = info["shape"]
+            count = 1
+            for d in shape:
+                count *= d
+            if (end - begin) != count * torch.empty((), dtype=dtype).element_size():
+                raise bad(f"{key} has the wrong byte length")
+            buf = bytearray(end - begin)
+            f.seek(base + begin)
+            if f.readinto(buf) != len(buf):
+                raise bad(f"{key} is cut short")
+            out[key] = (torch.frombuffer(buf, dtype=dtype) if buf else
+                        torch.empty(0, dtype=dtype)).reshape(shape)
+    return out
 
 
 def load_state_dict_file(path):
@@ -251,17 +292,24 @@ def load_model_weights(model, sd, source="checkpoint", dtype=torch.float32):
     the schedule buffers are set aside); raise CheckpointError with a report otherwise.
 
     A model built on the ``meta`` device takes the checkpoint's tensors (cast to ``dtype``)
-    without first allocating random weights."""
+    without first allocating random weights. ``sd`` is consumed (emptied)."""
     from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
-    sd = normalize_keys(sd)
+    source_dict, sd = sd, dict(normalize_keys(sd))
+    source_dict.clear()  # consume the caller's dict, so tensors can be freed one by one below
     check_schedule(model, sd)
     sd = {k: v for k, v in sd.items() if k not in SCHEDULE_BUFFERS and not IGNORED_KEYS.match(k)}
     report = mismatch_report(model, sd)
     if report:
         raise CheckpointError(f"{source} does not match the config: {report}")
     if _is_meta(model):
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        model.load_state_dict(sd, strict=True, assign=True)
+        # cast one tensor at a time, dropping the source as we go: peak memory stays near
+        # the model's size instead of source + model (6.3 -> ~4.3 GiB for SD v1 from fp16)
+        cast = {}
+        for k in list(sd):
+            v = sd.pop(k)
+            cast[k] = v.to(dtype) if v.is_floating_point() else v
+            del v
+        model.load_state_dict(cast, strict=True, assign=True)
     else:
         model.load_state_dict(sd, strict=True)
     return model
