@@ -63,11 +63,23 @@ class AutoencoderTrainer(pl.LightningModule):
     """
 
     def __init__(self, model, learning_rate=4.5e-4, kl_weight=1e-6, mse_weight=1.0,
-                 warmup_steps=200):
+                 warmup_steps=200, init_ckpt=None, decoder_only=False):
         super().__init__()
         self.model = model
         self.learning_rate, self.kl_weight, self.mse_weight = learning_rate, kl_weight, mse_weight
         self.warmup_steps = warmup_steps
+        if init_ckpt:
+            from ldm.checkpoint import load_state_dict_file
+            sd = load_state_dict_file(init_ckpt)
+            model.load_state_dict({k[len("model."):]: v for k, v in sd.items()
+                                   if k.startswith("model.")}, strict=True)
+            log.info("autoencoder initialised from %s", init_ckpt)
+        # Fine-tune the decoder alone (as SD's ft-MSE VAE was): the latent space, and so any
+        # diffusion model trained on it, stays valid.
+        self.decoder_only = decoder_only
+        if decoder_only:
+            for module in (model.encoder, model.quant_conv):
+                module.requires_grad_(False)
 
     def _losses(self, batch):
         x = images_from_batch(batch, self.model.image_key)
@@ -87,8 +99,15 @@ class AutoencoderTrainer(pl.LightningModule):
         losses = self._losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()})
 
+    def train(self, mode=True):
+        super().train(mode)
+        if self.decoder_only:
+            self.model.encoder.eval()
+        return self
+
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.model.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.learning_rate, betas=(0.5, 0.9))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(self.warmup_steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 

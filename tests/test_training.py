@@ -64,3 +64,20 @@ def test_stage2_loss_falls_resume_continues_and_export_loads(tmp_path):
     assert abs(pipe.model.scale_factor - float(ckpt["state_dict"]["scale_factor"])) < 1e-6
     samples = pipe.generate(["a red circle"], [0], steps=2, progress=False)
     assert samples[0].image.size == (32, 32)
+
+
+def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
+    """training.decoder_only: the encoder (so every latent) is unchanged, the decoder learns."""
+    assert main.main(["--base", str(TRAIN_VAE), "-t", "--logdir", str(tmp_path), "--name", "a",
+                      "--max_steps", "5"]) == 0
+    first = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert main.main(["--base", str(TRAIN_VAE), "-t", "--logdir", str(tmp_path), "--name", "b",
+                      "--max_steps", "5", f"training.init_ckpt={first}",
+                      "training.decoder_only=true"]) == 0
+    a = torch.load(first, weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for k in a:
+        same = torch.equal(a[k], b[k])
+        if k.startswith(("model.encoder.", "model.quant_conv.")):
+            assert same, k
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("model.decoder."))
