@@ -191,9 +191,12 @@ class Txt2Img:
     @torch.no_grad()
     def decode(self, z):
         from ldm.image_io import tensor_to_pil
-        with self.autocast:
-            x = self.model.decode_first_stage(z)
-        return tensor_to_pil(x.float().cpu())
+        images = []
+        for i in range(z.shape[0]):  # one at a time: the decoder's peak memory is per image
+            with self.autocast:
+                x = self.model.decode_first_stage(z[i:i + 1])
+            images += tensor_to_pil(x.float().cpu())
+        return images
 
     def finish(self, images):
         """Safety check (flagged images are replaced), then the invisible watermark."""
