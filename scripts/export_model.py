@@ -14,12 +14,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def export(run, out, dtype="float16", ckpt=None):
+def export(run, out, dtype="float16", ckpt=None, decoder=None):
     import torch
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from ldm.checkpoint import load_state_dict_file
+    from ldm.checkpoint import _load_pickle, load_state_dict_file
     from ldm.lightning import DiffusionTrainer
     from ldm.util import instantiate_from_config
 
@@ -32,6 +32,16 @@ def export(run, out, dtype="float16", ckpt=None):
     trainer.load_state_dict(sd, strict=True)
     weights = trainer.ema_state_dict()
     scale = float(sd["scale_factor"])
+    if decoder:  # a decoder-only fine-tune of the same autoencoder (encoder unchanged)
+        tuned = load_state_dict_file(decoder)
+        for key in list(weights):
+            if key.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv.")):
+                weights[key] = tuned["model." + key[len("first_stage_model."):]]
+        for key in weights:
+            if key.startswith(("first_stage_model.encoder.", "first_stage_model.quant_conv.")):
+                if not torch.equal(weights[key], tuned["model." + key[len("first_stage_model."):]]):
+                    raise SystemExit(f"error: {decoder} has another encoder ({key} differs): "
+                                     "the diffusion model's latent space would not match")
 
     out.mkdir(parents=True, exist_ok=True)
     torch_dtype = getattr(torch, dtype)
@@ -42,11 +52,11 @@ def export(run, out, dtype="float16", ckpt=None):
     inference.model.params.cond_stage_trainable = False
     OmegaConf.save(inference, out / "config.yaml")
     record = {"run": str(run), "checkpoint": ckpt.name,
-              "global_step": int(torch.load(ckpt, map_location="cpu", weights_only=False,
-                                            mmap=True).get("global_step", -1))
+              "global_step": int(_load_pickle(ckpt).get("global_step", -1))
               if ckpt.suffix == ".ckpt" else None,
               "data": OmegaConf.to_container(config.data), "training": OmegaConf.to_container(
-                  config.get("training", {})), "scale_factor": scale, "dtype": dtype}
+                  config.get("training", {})), "scale_factor": scale, "dtype": dtype,
+              "decoder": str(decoder) if decoder else None}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out / "model.safetensors", scale
 
@@ -56,9 +66,11 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="the training run folder (main.py --name)")
     p.add_argument("--out", required=True, help="the model folder to write")
     p.add_argument("--ckpt", default=None, help="a checkpoint of the run (default: last.ckpt)")
+    p.add_argument("--decoder", default=None,
+                   help="checkpoint of a decoder-only fine-tune of the run's autoencoder")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     args = p.parse_args(argv)
-    path, scale = export(args.run, args.out, args.dtype, args.ckpt)
+    path, scale = export(args.run, args.out, args.dtype, args.ckpt, args.decoder)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB), scale_factor {scale:.5f}")
 
 

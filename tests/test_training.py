@@ -81,3 +81,22 @@ def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
         if k.startswith(("model.encoder.", "model.quant_conv.")):
             assert same, k
     assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith("model.decoder."))
+
+    # export_model --decoder: the stage-2 model gets the fine-tuned decoder, keeps its encoder
+    assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                      "--name", "ldm", "--max_steps", "2",
+                      f"training.first_stage_ckpt={first}"]) == 0
+    import export_model
+    tuned = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    weights, _ = export_model.export(tmp_path / "ldm", tmp_path / "out", "float32", None, tuned)
+    from ldm.checkpoint import load_state_dict_file
+    out = load_state_dict_file(weights)
+    for k in a:
+        if k.startswith(("model.decoder.", "model.post_quant_conv.", "model.encoder.")):
+            assert torch.equal(out["first_stage_model." + k[6:]], b[k]), k
+    # a decoder from another autoencoder (different encoder) is refused
+    b["model.encoder.conv_in.weight"] += 1
+    torch.save({"state_dict": b}, tmp_path / "other.ckpt")
+    with pytest.raises(SystemExit, match="another encoder"):
+        export_model.export(tmp_path / "ldm", tmp_path / "out2", "float32", None,
+                            tmp_path / "other.ckpt")
