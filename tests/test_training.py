@@ -67,13 +67,14 @@ def test_stage2_loss_falls_resume_continues_and_export_loads(tmp_path):
 
 
 def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
-    """training.decoder_only: the encoder (so every latent) is unchanged, the decoder learns."""
+    """training.decoder_only: the encoder (so every latent) is unchanged, the decoder learns
+    (here with the edge-weighted loss)."""
     assert main.main(["--base", str(TRAIN_VAE), "-t", "--logdir", str(tmp_path), "--name", "a",
                       "--max_steps", "5"]) == 0
     first = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert main.main(["--base", str(TRAIN_VAE), "-t", "--logdir", str(tmp_path), "--name", "b",
                       "--max_steps", "5", f"training.init_ckpt={first}",
-                      "training.decoder_only=true"]) == 0
+                      "training.decoder_only=true", "training.edge_weight=5"]) == 0
     a = torch.load(first, weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for k in a:
@@ -100,3 +101,14 @@ def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
     with pytest.raises(SystemExit, match="another encoder"):
         export_model.export(tmp_path / "ldm", tmp_path / "out2", "float32", None,
                             tmp_path / "other.ckpt")
+
+
+def test_edge_mask_marks_shape_borders_not_gradients():
+    from ldm.lightning import edge_mask
+    ramp = torch.linspace(-1, 1, 32)                      # a gradient background, 0.065/px
+    x = ramp.expand(1, 3, 32, 32).clone()
+    x[:, :, 10:20, 12:22] = 0.9                            # a 10x10 square on it
+    m = edge_mask(x)[0, 0]
+    assert m[:8].sum() == 0 and m[23:].sum() == 0          # away from the square: nothing
+    assert m[14, 9:13].sum() >= 2 and m[14, 21:25].sum() >= 2   # both vertical borders
+    assert m[15, 15] == 0                                  # inside the square: flat

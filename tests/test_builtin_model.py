@@ -1,0 +1,48 @@
+"""The shipped built-in model (models/ldm/shapes): loads, is the default without SD weights,
+and draws what it is asked for, as judged by the model-free analyser."""
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT
+from ldm.data import analyser
+from ldm.pipeline import BUILTIN_DIR, Txt2Img, resolve_model
+
+CKPT = BUILTIN_DIR / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Txt2Img.load(CKPT, device="cpu", safety=False)
+
+
+def test_shipped_files():
+    assert CKPT.is_file() and (BUILTIN_DIR / "config.yaml").is_file()
+    assert CKPT.stat().st_size < 50 * 2**20
+    record = json.loads((BUILTIN_DIR / "training.json").read_text())
+    assert record["global_step"] > 0 and record["dtype"] == "float16"
+    from ldm.checkpoint import load_state_dict_file
+    assert all(v.dtype == torch.float16 for v in load_state_dict_file(CKPT).values()
+               if v.is_floating_point())
+
+
+def test_default_without_sd_weights(monkeypatch, tmp_path):
+    import ldm.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "SD_CKPT", tmp_path / "none.ckpt")
+    ckpt, config, name = pipeline.resolve_model()
+    assert ckpt == CKPT and config == BUILTIN_DIR / "config.yaml" and "built-in" in name
+
+
+def test_native_size_is_64(pipe):
+    assert pipe.native_size == 64
+
+
+@pytest.mark.parametrize("prompt,colour,shape", [("a red circle", "red", "circle")])
+def test_twenty_step_sample_is_judged_right(pipe, prompt, colour, shape):
+    samples = pipe.generate([prompt] * 4, seeds=[42, 43, 44, 45], sampler="ddim", steps=20,
+                            progress=False)
+    found = [analyser.analyse(s.image) for s in samples]
+    right = [bool(f) and f[0]["colour"] == colour and f[0]["shape"] == shape for f in found]
+    assert right[0], found[0]           # the first image, seed 42
+    assert sum(right) >= 3, found
