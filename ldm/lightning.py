@@ -141,7 +141,8 @@ class DiffusionTrainer(pl.LightningModule):
     """
 
     def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
-                 ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0):
+                 ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0,
+                 init_ckpt=None):
         super().__init__()
         self.model = model
         self.learning_rate, self.warmup_steps = learning_rate, warmup_steps
@@ -154,6 +155,20 @@ class DiffusionTrainer(pl.LightningModule):
         self.model_ema = LitEma(model.model, decay=ema_decay)
         self.cond_ema = (LitEma(model.cond_stage_model, decay=ema_decay)
                          if model.cond_stage_trainable else None)
+        if init_ckpt:
+            self._init_from(init_ckpt)
+
+    def _init_from(self, path):
+        """Start from an earlier stage-2 checkpoint (weights, EMA, scale_factor; a fresh
+        optimiser). Parameters the checkpoint lacks must start as no-ops (zero-initialised
+        modules added to the config, e.g. the UNet's ``spatial_pos_emb``); they are listed."""
+        from ldm.checkpoint import load_state_dict_file
+        result = self.load_state_dict(load_state_dict_file(path), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{path} does not fit this config: unexpected keys "
+                             f"{result.unexpected_keys[:5]}")
+        self.model.scale_factor = float(self.scale_factor)
+        log.info("initialised from %s; new: %s", path, result.missing_keys or "none")
 
     def _load_first_stage(self, path):
         from ldm.checkpoint import load_state_dict_file

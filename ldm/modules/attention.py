@@ -1,4 +1,6 @@
 """Cross-attention transformer of the SD UNet (``SpatialTransformer``), CompVis key names."""
+import math
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -73,18 +75,35 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def coordinate_features(h, w, device=None, dtype=None, n_freqs=4):
+    """Fourier features of each pixel's centre in [-1, 1]^2, for an h x w map, row-major:
+    [h*w, 4 * n_freqs] (sin and cos of 2^k * pi * x and * y). They depend on the relative
+    position only, so a model using them runs at any size."""
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 - 1
+    yx = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+    angles = yx[:, :, None] * (math.pi * 2.0 ** torch.arange(n_freqs, device=device))
+    return torch.cat([angles.sin(), angles.cos()], -1).reshape(h * w, -1).to(dtype)
+
+
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map, attending to ``context`` (the text).
 
     v1 projects in and out with 1x1 convolutions; SD 2.x configs set
     ``use_linear=True`` (Linear layers), which is what its checkpoints hold.
+
+    ``pos_emb`` (not in any SD checkpoint; off by default) adds a projection of each pixel's
+    coordinates (``coordinate_features``) to the tokens, so that cross-attention can tie
+    words like "left" or "top" to places: a convolutional UNet otherwise learns where it is
+    only slowly, from the zero padding. Zero-initialised, it starts as a no-op.
     """
 
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None,
-                 disable_self_attn=False, use_linear=False, use_checkpoint=False):
+                 disable_self_attn=False, use_linear=False, use_checkpoint=False, pos_emb=False):
         super().__init__()
         inner = n_heads * d_head
         self.use_linear = use_linear
+        self.pos_emb = zero_module(nn.Linear(16, inner)) if pos_emb else None
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner)
@@ -106,6 +125,8 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         if self.use_linear:
             x = self.proj_in(x)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(coordinate_features(h, w, x.device, x.dtype))
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:

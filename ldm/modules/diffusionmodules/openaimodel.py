@@ -79,7 +79,8 @@ class UNetModel(nn.Module):
     """eps/v-predicting UNet: ``forward(x, timesteps, context) -> prediction`` (same shape as x).
 
     Accepts the CompVis config parameters; ``num_heads`` fixes the head count unless
-    ``num_head_channels`` (SD 2.x) fixes the width per head instead.
+    ``num_head_channels`` (SD 2.x) fixes the width per head instead. ``spatial_pos_emb``
+    (ours, for small models trained from scratch) gives the transformers pixel coordinates.
     """
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
@@ -89,7 +90,7 @@ class UNetModel(nn.Module):
                  use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False,
                  use_spatial_transformer=False, transformer_depth=1, context_dim=None,
                  n_embed=None, legacy=True, use_linear_in_transformer=False,
-                 disable_self_attentions=None, num_attention_blocks=None):
+                 disable_self_attentions=None, num_attention_blocks=None, spatial_pos_emb=False):
         super().__init__()
         unsupported = {"dims != 2": dims != 2, "num_classes": num_classes is not None,
                        "use_scale_shift_norm": use_scale_shift_norm,
@@ -114,7 +115,8 @@ class UNetModel(nn.Module):
                 heads, dim_head = ch // num_head_channels, num_head_channels
             return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth,
                                       dropout=dropout, context_dim=context_dim,
-                                      use_linear=use_linear_in_transformer)
+                                      use_linear=use_linear_in_transformer,
+                                      pos_emb=spatial_pos_emb)
 
         emb_dim = model_channels * 4
         # time_embed.1 is the SiLU slot between the two Linear layers.
