@@ -142,8 +142,9 @@ class DiffusionTrainer(pl.LightningModule):
 
     def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
                  ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0,
-                 init_ckpt=None):
+                 init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600):
         super().__init__()
+        self.high_noise_fraction, self.high_noise_start = high_noise_fraction, high_noise_start
         self.model = model
         self.learning_rate, self.warmup_steps = learning_rate, warmup_steps
         self.p_uncond, self.weight_decay = p_uncond, weight_decay
@@ -203,11 +204,23 @@ class DiffusionTrainer(pl.LightningModule):
             keep = torch.rand(len(captions)) >= self.p_uncond
             captions = [c if k else "" for c, k in zip(captions, keep)]
         cond = self.model.get_learned_conditioning(captions)
-        t = torch.randint(0, self.model.num_timesteps, (z.shape[0],), device=z.device)
+        t = self.sample_timesteps(z.shape[0], z.device)
         noise = torch.randn_like(z)
         output = self.model.apply_model(self.model.q_sample(z, t, noise), t, cond)
         target = noise if self.model.parameterization == "eps" else self.model.get_v(z, noise, t)
         return F.mse_loss(output, target)
+
+    def sample_timesteps(self, n, device):
+        """Uniform over [0, T), except that a ``high_noise_fraction`` of the batch is drawn
+        from [high_noise_start, T). Where things go in the image is settled at high noise,
+        where the noise-prediction loss carries little signal; more of those steps teach a
+        prompt's spatial words ("on the left") sooner."""
+        T = self.model.num_timesteps
+        t = torch.randint(0, T, (n,), device=device)
+        k = int(round(self.high_noise_fraction * n))
+        if k:
+            t[:k] = torch.randint(self.high_noise_start, T, (k,), device=device)
+        return t
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch, drop_captions=True)

@@ -112,3 +112,16 @@ def test_edge_mask_marks_shape_borders_not_gradients():
     assert m[:8].sum() == 0 and m[23:].sum() == 0          # away from the square: nothing
     assert m[14, 9:13].sum() >= 2 and m[14, 21:25].sum() >= 2   # both vertical borders
     assert m[15, 15] == 0                                  # inside the square: flat
+
+
+def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_top():
+    from conftest import build_tiny
+    from ldm.lightning import DiffusionTrainer
+    trainer = DiffusionTrainer(build_tiny(), high_noise_fraction=0.5, high_noise_start=600)
+    t = torch.cat([trainer.sample_timesteps(64, "cpu") for _ in range(50)])
+    assert t.min() >= 0 and t.max() < 1000
+    share = (t >= 600).float().mean().item()
+    assert abs(share - (0.5 + 0.5 * 0.4)) < 0.03, share          # 0.5 forced + 0.4 of the rest
+    plain = torch.cat([DiffusionTrainer(build_tiny()).sample_timesteps(64, "cpu")
+                       for _ in range(50)])
+    assert abs((plain >= 600).float().mean().item() - 0.4) < 0.03
