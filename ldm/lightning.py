@@ -142,8 +142,10 @@ class DiffusionTrainer(pl.LightningModule):
 
     def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
                  ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0,
-                 init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600):
+                 init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600,
+                 max_loss_weight=1.0):
         super().__init__()
+        self.max_loss_weight = max_loss_weight
         self.high_noise_fraction, self.high_noise_start = high_noise_fraction, high_noise_start
         self.model = model
         self.learning_rate, self.warmup_steps = learning_rate, warmup_steps
@@ -208,7 +210,18 @@ class DiffusionTrainer(pl.LightningModule):
         noise = torch.randn_like(z)
         output = self.model.apply_model(self.model.q_sample(z, t, noise), t, cond)
         target = noise if self.model.parameterization == "eps" else self.model.get_v(z, noise, t)
-        return F.mse_loss(output, target)
+        error = (output - target).square().mean((1, 2, 3))
+        return (error * self.loss_weight(t)).mean()
+
+    def loss_weight(self, t):
+        """Per-sample weight of the noise-prediction loss: 1 (Ho et al.), or, with
+        ``max_loss_weight`` > 1, the weight that makes it the v-prediction loss,
+        (1 + SNR) / SNR, capped there: high-noise steps, where the layout is decided, count
+        up to that many times more (cf. Min-SNR weighting, Hang et al. 2023)."""
+        if self.max_loss_weight <= 1 or self.model.parameterization != "eps":
+            return torch.ones_like(t, dtype=torch.float32)
+        alpha = self.model.alphas_cumprod.to(t.device)[t].float()
+        return (1 / alpha).clamp(max=self.max_loss_weight)
 
     def sample_timesteps(self, n, device):
         """Uniform over [0, T), except that a ``high_noise_fraction`` of the batch is drawn

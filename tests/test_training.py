@@ -125,3 +125,16 @@ def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_top():
     plain = torch.cat([DiffusionTrainer(build_tiny()).sample_timesteps(64, "cpu")
                        for _ in range(50)])
     assert abs((plain >= 600).float().mean().item() - 0.4) < 0.03
+
+
+def test_max_loss_weight_is_the_v_loss_weight_capped():
+    from conftest import build_tiny
+    from ldm.lightning import DiffusionTrainer
+    t = torch.tensor([0, 300, 700, 999])
+    assert torch.equal(DiffusionTrainer(build_tiny()).loss_weight(t), torch.ones(4))
+    trainer = DiffusionTrainer(build_tiny(), max_loss_weight=10)
+    w = trainer.loss_weight(t)
+    alpha = trainer.model.alphas_cumprod[t]
+    snr = alpha / (1 - alpha)
+    assert torch.allclose(w[:2], ((1 + snr) / snr)[:2].float()) and w[0] < 1.01
+    assert w[2] == 10 and w[3] == 10
