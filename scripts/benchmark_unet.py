@@ -23,6 +23,8 @@ def main():
     p.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--channels_last", action="store_true",
+                   help="also time ours with channels-last tensors")
     args = p.parse_args()
 
     import torch
@@ -49,16 +51,17 @@ def main():
     theirs.load_state_dict(convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
     del sd
 
-    import copy
-    ours_cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
     h = args.size // 8
     x = torch.randn(args.batch, 4, h, h)
     t = torch.full((args.batch,), 501)
-    x_cl = x.to(memory_format=torch.channels_last)
     ctx = torch.randn(args.batch, 77, 768)
     runs = {"ours": lambda: ours(x, t, context=ctx),
-            "ours-cl": lambda: ours_cl(x_cl, t, context=ctx),
             "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx).sample}
+    if args.channels_last:
+        import copy
+        ours_cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+        x_cl = x.to(memory_format=torch.channels_last)
+        runs["ours-cl"] = lambda: ours_cl(x_cl, t, context=ctx)
     times = {name: [] for name in runs}
     with torch.inference_mode():
         outs = {name: fn() for name, fn in runs.items()}  # warm-up
