@@ -10,6 +10,7 @@ config), ``checkpoints/`` (``last.ckpt`` plus periodic ones), ``metrics.csv``.
 """
 import argparse
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,9 @@ def main(argv=None):
         config.data.params.batch_size = args.batch_size
     (run / "configs").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, run / "configs" / "config.yaml")
+    with open(run / "configs" / "commands.txt", "a") as f:  # every start and resume, in order
+        command = shlex.join(["main.py", *(sys.argv[1:] if argv is None else argv)])
+        f.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + command + "\n")
     pl.seed_everything(args.seed, workers=True)
 
     model = trainer_for(instantiate_from_config(config.model),

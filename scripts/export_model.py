@@ -14,6 +14,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def lineage(ckpt):
+    """The runs a checkpoint descends from, oldest first: each run's checkpoint, step, training
+    parameters and recorded commands, following ``training.init_ckpt`` (then
+    ``training.first_stage_ckpt``) back to a checkpoint outside any run folder."""
+    from omegaconf import OmegaConf
+    from ldm.checkpoint import _load_pickle
+    chain, seen = [], set()
+    while ckpt and Path(ckpt).is_file() and Path(ckpt).resolve() not in seen:
+        ckpt = Path(ckpt)
+        seen.add(ckpt.resolve())
+        entry = {"checkpoint": str(ckpt)}
+        if ckpt.suffix == ".ckpt":
+            entry["global_step"] = int(_load_pickle(ckpt).get("global_step", -1))
+        config_path = ckpt.parent.parent / "configs" / "config.yaml"
+        if ckpt.parent.name != "checkpoints" or not config_path.is_file():
+            chain.append(entry)
+            break
+        training = OmegaConf.to_container(OmegaConf.load(config_path).get("training", {}) or {})
+        entry["training"] = training
+        commands = config_path.parent / "commands.txt"
+        if commands.is_file():
+            entry["commands"] = commands.read_text().splitlines()
+        chain.append(entry)
+        ckpt = training.get("init_ckpt") or training.get("first_stage_ckpt")
+    return chain[::-1]
+
+
 def export(run, out, dtype="float16", ckpt=None, decoder=None):
     import torch
     from omegaconf import OmegaConf
@@ -56,7 +83,8 @@ def export(run, out, dtype="float16", ckpt=None, decoder=None):
               if ckpt.suffix == ".ckpt" else None,
               "data": OmegaConf.to_container(config.data), "training": OmegaConf.to_container(
                   config.get("training", {})), "scale_factor": scale, "dtype": dtype,
-              "decoder": str(decoder) if decoder else None}
+              "decoder": str(decoder) if decoder else None,
+              "lineage": lineage(ckpt), "decoder_lineage": lineage(decoder) if decoder else None}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out / "model.safetensors", scale
 

@@ -1,7 +1,10 @@
 """Training with main.py (PyTorch Lightning), CompVis style, on tiny configs: losses fall,
 checkpoints are written, --resume continues, and the export gives a loadable model."""
 import csv
+import json
+import shlex
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +67,14 @@ def test_stage2_loss_falls_resume_continues_and_export_loads(tmp_path):
     assert abs(pipe.model.scale_factor - float(ckpt["state_dict"]["scale_factor"])) < 1e-6
     samples = pipe.generate(["a red circle"], [0], steps=2, progress=False)
     assert samples[0].image.size == (32, 32)
+    # the record names the run, its steps and the commands that made it (start, then resume)
+    record = json.loads((out / "training.json").read_text())
+    assert record["global_step"] == 50 and record["dtype"] == "float16"
+    [entry] = record["lineage"]
+    assert entry["global_step"] == 50 and entry["checkpoint"].endswith("last.ckpt")
+    assert [c.split(" ", 1)[1] for c in entry["commands"]] == [
+        shlex.join(["main.py", *args, "--max_steps", "40"]),
+        shlex.join(["main.py", "--resume", str(run), "-t", "--max_steps", "50"])]
 
 
 def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
@@ -95,6 +106,12 @@ def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
     for k in a:
         if k.startswith(("model.decoder.", "model.post_quant_conv.", "model.encoder.")):
             assert torch.equal(out["first_stage_model." + k[6:]], b[k]), k
+    # the record traces both parts back: ldm <- its first stage a; decoder b <- a
+    record = json.loads((tmp_path / "out" / "training.json").read_text())
+    runs = lambda chain: [Path(e["checkpoint"]).parent.parent.name for e in chain]  # noqa: E731
+    assert runs(record["lineage"]) == ["a", "ldm"]
+    assert runs(record["decoder_lineage"]) == ["a", "b"]
+    assert record["decoder_lineage"][1]["training"]["edge_weight"] == 5
     # a decoder from another autoencoder (different encoder) is refused
     b["model.encoder.conv_in.weight"] += 1
     torch.save({"state_dict": b}, tmp_path / "other.ckpt")

@@ -14,7 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 
 def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+    """max |a - b| / max |b|; printed, so `pytest -s` reports the figures."""
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    print(f"\n  max rel err {err:.1e}", end=" ")
+    return err
 
 
 @pytest.fixture(scope="module")
