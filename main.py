@@ -46,6 +46,9 @@ def resolve_run(args):
         resume = Path(args.resume)
         if not resume.exists():
             raise SystemExit(f"error: --resume {resume} does not exist")
+        if resume.is_file() and resume.suffix != ".ckpt":
+            raise SystemExit(f"error: --resume {resume} is not a checkpoint: give the run folder "
+                             "or a .ckpt in its checkpoints/ folder")
         run = resume.parent.parent if resume.is_file() else resume
         ckpt = resume if resume.is_file() else run / "checkpoints" / "last.ckpt"
         configs = sorted((run / "configs").glob("*.yaml")) + [Path(b) for b in args.base]
@@ -81,6 +84,12 @@ def main(argv=None):
     from ldm.util import instantiate_from_config
 
     run, ckpt, config_paths = resolve_run(args)
+    if ckpt:  # a truncated or foreign file: one line, before anything is written
+        from ldm.checkpoint import CheckpointError, _load_pickle
+        try:
+            _load_pickle(ckpt)
+        except CheckpointError as e:
+            raise SystemExit(f"error: cannot resume: {e}") from None
     config = OmegaConf.merge(*[OmegaConf.load(c) for c in config_paths],
                              OmegaConf.from_dotlist(args.overrides))
     if args.num_workers is not None:

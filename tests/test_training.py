@@ -55,6 +55,14 @@ def test_stage2_loss_falls_resume_continues_and_export_loads(tmp_path):
     assert main.main(["--resume", str(run), "-t", "--max_steps", "50"]) == 0
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 50
+    # --resume with a config file or a truncated checkpoint: one line, nothing started
+    with pytest.raises(SystemExit, match="not a checkpoint"):
+        main.main(["--resume", str(run / "configs" / "config.yaml"), "-t"])
+    cut = run / "checkpoints" / "cut.ckpt"
+    cut.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    with pytest.raises(SystemExit, match="cannot resume: .*truncated"):
+        main.main(["--resume", str(cut), "-t"])
+    cut.unlink()
     steps = [s for s, _ in losses(run)]
     assert max(steps) >= 48 and steps.count(0) <= 1
 
