@@ -99,6 +99,18 @@ def build_model(config_path, meta=False):
         return instantiate_from_config(config.model)
 
 
+def sampling_defaults(config_path):
+    """A config's own sampling defaults (its optional top-level ``sampling:`` section, e.g.
+    ``scale: 5.0`` for a model that follows prompts best at that guidance), else {}."""
+    from omegaconf import OmegaConf
+    section = OmegaConf.load(config_path).get("sampling")
+    defaults = OmegaConf.to_container(section) if section else {}
+    unknown = set(defaults) - {"scale"}
+    if unknown:
+        raise ValueError(f"{config_path}: unknown sampling defaults {sorted(unknown)}")
+    return defaults
+
+
 def load_model(ckpt, config, device="cpu"):
     """A ``LatentDiffusion`` with the checkpoint's weights, in eval mode, on ``device``."""
     from ldm.checkpoint import load_model_weights, load_state_dict_file
@@ -117,8 +129,10 @@ class Txt2Img:
     """A loaded model plus the finishing steps (safety check, watermark, metadata)."""
 
     def __init__(self, model, device=None, precision="autocast", safety_checker=None,
-                 watermark=True, model_name="model", checkpoint_hash=None):
+                 watermark=True, model_name="model", checkpoint_hash=None, defaults=None):
         self.model = model
+        # sampling defaults: CompVis' unless the model's config has a `sampling:` section
+        self.defaults = {"scale": 7.5, **(defaults or {})}
         self.device = device or model.device
         self.precision = precision
         self.autocast = autocast_for(self.device, precision)
@@ -144,7 +158,8 @@ class Txt2Img:
                 log.warning("no safety checker weights found, images are not filtered "
                             "(put CompVis/stable-diffusion-safety-checker weights in "
                             "models/safety_checker/)")
-        pipe = cls(model, device, precision, checker, watermark, name, file_hash(ckpt))
+        pipe = cls(model, device, precision, checker, watermark, name, file_hash(ckpt),
+                   sampling_defaults(config))
         pipe.checkpoint = ckpt
         return pipe
 
@@ -164,8 +179,10 @@ class Txt2Img:
 
     @torch.no_grad()
     def latents(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                scale=7.5, eta=0.0, height=None, width=None, progress=True):
-        """Denoised latents [B, C, h, w] for prompts and their seeds."""
+                scale=None, eta=0.0, height=None, width=None, progress=True):
+        """Denoised latents [B, C, h, w] for prompts and their seeds (``scale``: the
+        guidance scale; None for the model's default)."""
+        scale = self.defaults["scale"] if scale is None else scale
         if len(prompts) != len(seeds):
             raise ValueError("give one seed per prompt")
         if sampler not in SAMPLERS:
@@ -217,8 +234,9 @@ class Txt2Img:
         return images, notes
 
     def generate(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                 scale=7.5, eta=0.0, height=None, width=None, progress=True):
+                 scale=None, eta=0.0, height=None, width=None, progress=True):
         """Finished images with their reproduction parameters, one per prompt and seed."""
+        scale = self.defaults["scale"] if scale is None else scale
         height, width = height or self.native_size, width or self.native_size
         negative_prompts = list(negative_prompts or [""] * len(prompts))
         z = self.latents(prompts, seeds, negative_prompts, sampler, steps, scale, eta,

@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ddim_steps", type=int, default=50)
     p.add_argument("--plms", action="store_true")
-    p.add_argument("--scale", type=float, default=7.5)
+    p.add_argument("--scale", type=float, default=None,
+                   help="guidance scale (default: the model's, as txt2img.py)")
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--outdir", default="outputs/evaluate")
@@ -47,7 +48,8 @@ def main(argv=None):
     results = evaluate(pipe, args.n_single, args.n_double, args.seed, args.batch_size,
                        sampler=sampler, steps=args.ddim_steps, scale=args.scale)
     summary = {"checkpoint": str(ckpt), "sampler": sampler, "steps": args.ddim_steps,
-               "scale": args.scale, "seed": args.seed}
+               "scale": pipe.defaults["scale"] if args.scale is None else args.scale,
+               "seed": args.seed}
     for kind, r in results.items():
         acc = r["accuracy"]
         summary[kind] = {"n": len(r["cases"]), **acc}

@@ -75,6 +75,8 @@ def export(run, out, dtype="float16", ckpt=None, decoder=None):
     save_file({k: v.to(torch_dtype).contiguous() for k, v in weights.items()},
               out / "model.safetensors", metadata={"scale_factor": str(scale)})
     inference = OmegaConf.create({"model": OmegaConf.to_container(config.model)})
+    if config.get("sampling"):  # the model's own sampling defaults, e.g. its guidance scale
+        inference.sampling = config.sampling
     inference.model.params.scale_factor = scale
     inference.model.params.cond_stage_trainable = False
     OmegaConf.save(inference, out / "config.yaml")

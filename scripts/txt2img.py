@@ -36,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--f", type=int, default=None, help="downsampling factor (default: the model's, 8 for SD v1)")
     p.add_argument("--n_samples", type=int, default=3, help="batch size: images per prompt per iteration")
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: 7.5, or the model config's "
+                        "own `sampling: scale:`, as the built-in model has)")
     p.add_argument("--from-file", "--from_file", dest="from_file", type=str,
                    help="a text file with one prompt per line")
     p.add_argument("--config", type=str, default=None,

@@ -220,3 +220,25 @@ def test_512_sample_carries_the_watermark(ckpts):
     images, notes = pipe.finish(pipe.decode(z))
     assert images[0].size == (512, 512)
     assert notes[0]["watermark"] == WATERMARK and read_watermark(images[0]) == WATERMARK
+
+
+def test_model_config_sampling_defaults(tmp_path, capsys, ckpts):
+    """A config's `sampling: scale:` is the default guidance; --scale still wins; the images
+    differ, and each PNG records the scale that made it."""
+    config = tmp_path / "with-defaults.yaml"
+    config.write_text(TINY_CONFIG.read_text() + "\nsampling:\n  scale: 3.0\n")
+    runs = {}
+    for name, extra in [("default", []), ("flag", ["--scale", "7.5"])]:
+        out = tmp_path / name
+        args = base_args(ckpts["ckpt"], out, "--n_samples", 1, "--n_iter", 1, "--skip_grid", *extra)
+        args[args.index("--config") + 1] = config
+        rc, _, err = run(capsys, *args)
+        assert rc == 0, err
+        runs[name] = out / "samples" / "00000.png"
+    assert read_parameters(runs["default"])["scale"] == 3.0
+    assert read_parameters(runs["flag"])["scale"] == 7.5
+    assert np.abs(pixels(runs["default"]) - pixels(runs["flag"])).max() > 0
+    config.write_text(TINY_CONFIG.read_text() + "\nsampling:\n  steps: 3\n")
+    with pytest.raises(ValueError, match="unknown sampling defaults"):
+        from ldm.pipeline import sampling_defaults
+        sampling_defaults(config)
