@@ -8,16 +8,29 @@ import torch
 from omegaconf import OmegaConf
 
 
-def to_diffusers(model, config):
+def to_diffusers(model, config, drop_pos_emb=False):
     """(UNet2DConditionModel, AutoencoderKL, transformers CLIPTextModel) holding ``model``'s
-    weights; ``config`` is the model's OmegaConf config (with its ``model`` section)."""
+    weights; ``config`` is the model's OmegaConf config (with its ``model`` section).
+
+    diffusers has nothing like our ``spatial_pos_emb``: such a model is refused, unless
+    ``drop_pos_emb`` (timing twins only: the same network without those small Linear layers)."""
     import diffusers
     import transformers
     from diffusers.loaders import single_file_utils as su
 
     sd = model.state_dict()
+    pos_emb = [k for k in sd if ".pos_emb." in k]
+    if pos_emb and not drop_pos_emb:
+        raise ValueError("diffusers has no spatial_pos_emb: no exact diffusers twin of this model")
+    sd = {k: v for k, v in sd.items() if k not in pos_emb}
     original = OmegaConf.to_container(config)
     ucfg = su.create_unet_diffusers_config_from_ldm(original, sd)
+    unet_params = original["model"]["params"]["unet_config"]["params"]
+    if ucfg.get("attention_head_dim") is None and unet_params.get("num_head_channels", -1) > 0:
+        # heads from a fixed head width (as SD 2.x): diffusers wants the head count per level
+        ucfg["attention_head_dim"] = [unet_params["model_channels"] * m
+                                      // unet_params["num_head_channels"]
+                                      for m in unet_params["channel_mult"]]
     unet = diffusers.UNet2DConditionModel(**ucfg)
     unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
     vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
@@ -49,12 +62,12 @@ def write_clip_tokenizer_files(folder):
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + merges) + "\n", "utf-8")
 
 
-def save_diffusers_pipeline(model, config, folder):
+def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
     """A StableDiffusionPipeline folder (no safety checker) with ``model``'s weights and
     DDIM/PNDM-compatible scheduler settings, loadable by ``from_pretrained``."""
     import diffusers
     import transformers
-    unet, vae, clip = to_diffusers(model, config)
+    unet, vae, clip = to_diffusers(model, config, drop_pos_emb)
     tok_dir = folder / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     write_clip_tokenizer_files(tok_dir)

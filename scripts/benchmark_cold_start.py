@@ -52,7 +52,7 @@ def main():
         tmp = Path(tmp)
         ours_cmd = lambda i: [sys.executable, str(ROOT / "scripts" / "txt2img.py"),
                               "--prompt", "a red circle", "--n_samples", str(args.n),
-                              "--n_iter", "1", "--ddim_steps", str(args.steps),
+                              "--n_iter", "1", "--ddim_steps", str(args.steps), "--scale", "7.5",
                               "--outdir", str(tmp / f"ours{i}")]
         runs = {"ours": ours_cmd}
         if not args.skip_diffusers:
@@ -60,7 +60,10 @@ def main():
             from ldm.compare import save_diffusers_pipeline
             from ldm.pipeline import load_model
             model = load_model(ckpt, config)
-            save_diffusers_pipeline(model, OmegaConf.load(config), tmp / "diffusers")
+            # the built-in model's spatial_pos_emb has no diffusers counterpart: its twin
+            # lacks those Linear(16, C) layers (a few thousand multiply-adds per token)
+            save_diffusers_pipeline(model, OmegaConf.load(config), tmp / "diffusers",
+                                    drop_pos_emb=True)
             size = model.image_size * model.latent_downsampling_factor
             del model
 

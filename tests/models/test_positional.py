@@ -71,3 +71,19 @@ def test_stage2_can_start_from_a_checkpoint_without_it(tmp_path):
     torch.save({"state_dict": after.state_dict()}, tmp_path / "b.ckpt")
     with pytest.raises(ValueError, match="unexpected keys"):
         trainer_for(instantiate_from_config(config.model), init_ckpt=tmp_path / "b.ckpt")
+
+
+def test_no_diffusers_twin_except_for_timing():
+    """diffusers has no counterpart: an exact twin is refused; the timing twin (used by the
+    cold-start benchmark) is the same network without the pos_emb layers."""
+    pytest.importorskip("diffusers")
+    from ldm.compare import to_diffusers
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.unet_config.params.spatial_pos_emb = True
+    model = instantiate_from_config(config.model)
+    with pytest.raises(ValueError, match="no spatial_pos_emb"):
+        to_diffusers(model, config)
+    unet = to_diffusers(model, config, drop_pos_emb=True)[0]
+    ours = sum(p.numel() for p in model.model.parameters())
+    pos = sum(p.numel() for n, p in model.model.named_parameters() if ".pos_emb." in n)
+    assert pos > 0 and sum(p.numel() for p in unet.parameters()) == ours - pos
