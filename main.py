@@ -117,8 +117,9 @@ def main(argv=None):
         raise SystemExit("nothing to do: pass -t to train")
     print(f"run folder: {run}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
     trainer.fit(model, data, ckpt_path=ckpt)
+    # the steps after the last every-N checkpoint (to max_steps, or to a Ctrl-C) are kept too
+    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
     if trainer.interrupted:
-        trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
         print(f"interrupted: saved {run / 'checkpoints' / 'last.ckpt'}; "
               f"continue with: python main.py --resume {run} -t", file=sys.stderr)
         return 130

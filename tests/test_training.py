@@ -51,10 +51,11 @@ def test_stage2_loss_falls_resume_continues_and_export_loads(tmp_path):
     assert ckpt["global_step"] == 40
     assert any(k.startswith("model_ema.") for k in ckpt["state_dict"])
 
-    # --resume picks up where the run stopped
-    assert main.main(["--resume", str(run), "-t", "--max_steps", "50"]) == 0
+    # --resume picks up where the run stopped; the steps after the last every-10 checkpoint
+    # are in last.ckpt too
+    assert main.main(["--resume", str(run), "-t", "--max_steps", "53"]) == 0
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 50
+    assert ckpt["global_step"] == 53
     # --resume with a config file or a truncated checkpoint: one line, nothing started
     with pytest.raises(SystemExit, match="not a checkpoint"):
         main.main(["--resume", str(run / "configs" / "config.yaml"), "-t"])
@@ -77,12 +78,12 @@ def test_stage2_loss_falls_resume_continues_and_export_loads(tmp_path):
     assert samples[0].image.size == (32, 32)
     # the record names the run, its steps and the commands that made it (start, then resume)
     record = json.loads((out / "training.json").read_text())
-    assert record["global_step"] == 50 and record["dtype"] == "float16"
+    assert record["global_step"] == 53 and record["dtype"] == "float16"
     [entry] = record["lineage"]
-    assert entry["global_step"] == 50 and entry["checkpoint"].endswith("last.ckpt")
+    assert entry["global_step"] == 53 and entry["checkpoint"].endswith("last.ckpt")
     assert [c.split(" ", 1)[1] for c in entry["commands"]] == [
         shlex.join(["main.py", *args, "--max_steps", "40"]),
-        shlex.join(["main.py", "--resume", str(run), "-t", "--max_steps", "50"])]
+        shlex.join(["main.py", "--resume", str(run), "-t", "--max_steps", "53"])]
 
 
 def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
