@@ -38,22 +38,22 @@ def evaluate(pipe, n_single=100, n_double=50, seed=0, batch_size=32, progress=Tr
 
 
 def labelled_grid(images, cases, judgements, per_row=8, scale=2):
-    """Each image enlarged, with its prompt and the analyser's verdict written below."""
+    """Each image enlarged, with its whole prompt and the analyser's verdict written below."""
+    import textwrap
     w, h = images[0].size
     tw, th = w * scale, h * scale
-    label_h = 40
+    labels = [textwrap.wrap(prompt, 22) for prompt, _ in cases[:len(images)]]
+    label_h = 12 * (max(map(len, labels)) + 1) + 4
     rows = -(-len(images) // per_row)
     grid = Image.new("RGB", (per_row * (tw + 4) + 4, rows * (th + label_h + 4) + 4), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (image, (prompt, _), verdict) in enumerate(zip(images, cases, judgements)):
+    for i, (image, lines, verdict) in enumerate(zip(images, labels, judgements)):
         x = 4 + (i % per_row) * (tw + 4)
         y = 4 + (i // per_row) * (th + label_h + 4)
         grid.paste(image.resize((tw, th), Image.NEAREST), (x, y))
-        words = prompt.split()
-        lines = [" ".join(words[j:j + 4]) for j in range(0, len(words), 4)][:2]
         wrong = sorted({a for shape in verdict for a, ok in shape.items() if not ok})
-        lines.append("OK" if not wrong else "wrong: " + ",".join(wrong))
-        for k, line in enumerate(lines):
-            draw.text((x, y + th + 1 + 12 * k), line[:24], fill="black" if k < 2 else
-                      ("green" if not wrong else "red"))
+        verdict_line = "OK" if not wrong else "wrong: " + ",".join(wrong)
+        for k, line in enumerate(lines + [verdict_line]):
+            colour = "black" if k < len(lines) else "green" if not wrong else "red"
+            draw.text((x, y + th + 1 + 12 * k), line, fill=colour)
     return grid
