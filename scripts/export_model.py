@@ -46,7 +46,7 @@ def export(run, out, dtype="float16", ckpt=None, decoder=None):
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from ldm.checkpoint import _load_pickle, load_state_dict_file
+    from ldm.checkpoint import load_state_dict_file
     from ldm.lightning import DiffusionTrainer
     from ldm.util import instantiate_from_config
 
@@ -80,13 +80,13 @@ def export(run, out, dtype="float16", ckpt=None, decoder=None):
     inference.model.params.scale_factor = scale
     inference.model.params.cond_stage_trainable = False
     OmegaConf.save(inference, out / "config.yaml")
+    chain = lineage(ckpt)  # the last entry is ckpt itself, with its step
     record = {"run": str(run), "checkpoint": ckpt.name,
-              "global_step": int(_load_pickle(ckpt).get("global_step", -1))
-              if ckpt.suffix == ".ckpt" else None,
+              "global_step": chain[-1].get("global_step"),
               "data": OmegaConf.to_container(config.data), "training": OmegaConf.to_container(
                   config.get("training", {})), "scale_factor": scale, "dtype": dtype,
               "decoder": str(decoder) if decoder else None,
-              "lineage": lineage(ckpt), "decoder_lineage": lineage(decoder) if decoder else None}
+              "lineage": chain, "decoder_lineage": lineage(decoder) if decoder else None}
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out / "model.safetensors", scale
 
