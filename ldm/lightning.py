@@ -7,6 +7,7 @@ model is the attribute ``model``; the Lightning checkpoint's ``state_dict`` ther
 inference checkpoint in the official layout.
 """
 import logging
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -27,8 +28,24 @@ def images_from_batch(batch, key="image"):
     return x.permute(0, 3, 1, 2).contiguous().float()
 
 
-def warmup_lambda(warmup_steps):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+def warmup_lambda(warmup_steps, total_steps=None, final_ratio=1.0):
+    """Learning-rate factor: linear warm-up to 1, then constant, or, given ``total_steps``,
+    a cosine from 1 down to ``final_ratio`` at ``total_steps``."""
+    def factor(step):
+        if step < warmup_steps or total_steps is None:
+            return min(1.0, (step + 1) / max(1, warmup_steps))
+        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+    return factor
+
+
+def ramp(value, progress):
+    """A training option that is a number, or a ``[start, end]`` pair followed linearly over
+    the run (``progress`` from 0 to 1)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    start, end = value
+    return start + (end - start) * min(1.0, max(0.0, progress))
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -138,13 +155,30 @@ class DiffusionTrainer(pl.LightningModule):
     are replaced by "" with probability ``p_uncond`` so that classifier-free guidance works
     (Ho & Salimans 2022). ``scale_by_std`` sets ``scale_factor`` to 1/std of the first
     batch's latents (CompVis' rule), saved in the checkpoint.
+
+    On a CPU, rendering and encoding the images costs about a third of a step. With
+    ``replay`` r > 1 each step encodes the loader's batch of n fresh images, keeps their
+    latents and captions in a pool of the last ``replay_pool`` ones, and trains on r * n
+    samples: the fresh n plus (r - 1) * n drawn from the pool (each latent is used about r
+    times, while the pool turns over every ``replay_pool / n`` steps). The pool is not
+    checkpointed: after ``--resume`` it refills from fresh batches.
+
+    ``high_noise_fraction`` and ``max_loss_weight`` may be ``[start, end]`` pairs, followed
+    linearly over ``max_steps``; ``lr_schedule: cosine`` decays the learning rate after the
+    warm-up to ``final_lr_ratio`` of it at ``max_steps``.
     """
 
     def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
                  ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0,
                  init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600,
-                 max_loss_weight=1.0):
+                 max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
+                 replay_pool=16384):
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, not {lr_schedule!r}")
+        self.lr_schedule, self.final_lr_ratio = lr_schedule, final_lr_ratio
+        self.replay, self.replay_pool = int(replay), int(replay_pool)
+        self._pool = None
         self.max_loss_weight = max_loss_weight
         self.high_noise_fraction, self.high_noise_start = high_noise_fraction, high_noise_start
         self.model = model
@@ -199,9 +233,34 @@ class DiffusionTrainer(pl.LightningModule):
         self.model.scale_factor = self.scale_factor.item()
         return z * self.scale_factor
 
+    def progress(self):
+        """Fraction of ``max_steps`` done (0 outside a fit with a step limit)."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.max_steps or trainer.max_steps < 0:
+            return 0.0
+        return self.global_step / trainer.max_steps
+
+    def replayed(self, z, captions):
+        """The fresh latents and captions plus (replay - 1) times as many from the pool."""
+        n = z.shape[0]
+        if self._pool is None:
+            self._pool = {"z": z.new_empty((self.replay_pool, *z.shape[1:])),
+                          "captions": [""] * self.replay_pool, "size": 0, "next": 0}
+        pool = self._pool
+        for i in range(n):  # a ring buffer
+            pool["z"][pool["next"]] = z[i]
+            pool["captions"][pool["next"]] = captions[i]
+            pool["next"] = (pool["next"] + 1) % self.replay_pool
+            pool["size"] = min(pool["size"] + 1, self.replay_pool)
+        idx = torch.randint(0, pool["size"], ((self.replay - 1) * n,))
+        return (torch.cat([z, pool["z"][idx]]),
+                captions + [pool["captions"][i] for i in idx.tolist()])
+
     def _loss(self, batch, drop_captions):
         z = self.encode(batch)
         captions = list(batch[self.model.cond_stage_key])
+        if drop_captions and self.replay > 1:  # training steps only
+            z, captions = self.replayed(z, captions)
         if drop_captions:
             keep = torch.rand(len(captions)) >= self.p_uncond
             captions = [c if k else "" for c, k in zip(captions, keep)]
@@ -218,10 +277,11 @@ class DiffusionTrainer(pl.LightningModule):
         ``max_loss_weight`` > 1, the weight that makes it the v-prediction loss,
         (1 + SNR) / SNR, capped there: high-noise steps, where the layout is decided, count
         up to that many times more (cf. Min-SNR weighting, Hang et al. 2023)."""
-        if self.max_loss_weight <= 1 or self.model.parameterization != "eps":
+        cap = ramp(self.max_loss_weight, self.progress())
+        if cap <= 1 or self.model.parameterization != "eps":
             return torch.ones_like(t, dtype=torch.float32)
         alpha = self.model.alphas_cumprod.to(t.device)[t].float()
-        return (1 / alpha).clamp(max=self.max_loss_weight)
+        return (1 / alpha).clamp(max=cap)
 
     def sample_timesteps(self, n, device):
         """Uniform over [0, T), except that a ``high_noise_fraction`` of the batch is drawn
@@ -230,7 +290,7 @@ class DiffusionTrainer(pl.LightningModule):
         prompt's spatial words ("on the left") sooner."""
         T = self.model.num_timesteps
         t = torch.randint(0, T, (n,), device=device)
-        k = int(round(self.high_noise_fraction * n))
+        k = int(round(ramp(self.high_noise_fraction, self.progress()) * n))
         if k:
             t[:k] = torch.randint(self.high_noise_start, T, (k,), device=device)
         return t
@@ -257,7 +317,11 @@ class DiffusionTrainer(pl.LightningModule):
         if self.model.cond_stage_trainable:
             params += list(self.model.cond_stage_model.parameters())
         opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(self.warmup_steps))
+        total = self.trainer.max_steps if self.lr_schedule == "cosine" else None
+        if total is not None and total <= 0:
+            raise ValueError("lr_schedule: cosine needs max_steps")
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_lambda(self.warmup_steps, total, self.final_lr_ratio))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def ema_state_dict(self):

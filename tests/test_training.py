@@ -164,3 +164,79 @@ def test_max_loss_weight_is_the_v_loss_weight_capped():
     snr = alpha / (1 - alpha)
     assert torch.allclose(w[:2], ((1 + snr) / snr)[:2].float()) and w[0] < 1.01
     assert w[2] == 10 and w[3] == 10
+
+
+def test_cosine_learning_rate_and_ramped_options(tmp_path):
+    """lr_schedule: cosine (after warm-up, down to final_lr_ratio at max_steps), and
+    high_noise_fraction / max_loss_weight given as [start, end], in a real main.py run."""
+    from ldm.lightning import ramp, warmup_lambda
+    f = warmup_lambda(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == f(10) == 1.0
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) == f(500)
+    assert warmup_lambda(10)(500) == 1.0                       # constant by default
+    assert ramp(0.3, 0.7) == 0.3 and ramp([0.5, 0.1], 0) == 0.5
+    assert ramp([0.5, 0.1], 0.5) == pytest.approx(0.3) and ramp([10, 1], 2) == 1
+
+    assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                      "--name", "cos", "--max_steps", "12", "training.lr_schedule=cosine",
+                      "training.final_lr_ratio=0.2", "training.warmup_steps=2",
+                      "training.high_noise_fraction=[1.0,0.0]",
+                      "training.max_loss_weight=[10,1]"]) == 0
+    lr = dict(losses(tmp_path / "cos", "lr"))
+    assert lr[0] == pytest.approx(1e-3) and lr[2] == pytest.approx(2e-3)   # warm-up, peak
+    assert lr[11] == pytest.approx(2e-3 * warmup_lambda(2, 12, 0.2)(11))
+    assert all(lr[s + 1] < lr[s] for s in range(2, 11))
+    with pytest.raises(ValueError, match="constant or cosine"):
+        from conftest import build_tiny
+        from ldm.lightning import DiffusionTrainer
+        DiffusionTrainer(build_tiny(), lr_schedule="linear")
+
+
+def test_replay_trains_on_fresh_latents_plus_a_pool_of_recent_ones():
+    from conftest import build_tiny
+    from ldm.lightning import DiffusionTrainer
+    trainer = DiffusionTrainer(build_tiny(), replay=4, replay_pool=10)
+    seen = {}
+    for step in range(6):
+        z = torch.full((3, 4, 2, 2), float(step)) + torch.arange(3.0)[:, None, None, None] / 10
+        captions = [f"{step}-{i}" for i in range(3)]
+        for i, c in enumerate(captions):
+            seen[c] = z[i]
+        zz, cc = trainer.replayed(z, captions)
+        assert zz.shape == (12, 4, 2, 2) and len(cc) == 12
+        assert torch.equal(zz[:3], z) and cc[:3] == captions          # the fresh ones first
+        for latent, caption in zip(zz[3:], cc[3:]):                    # then pooled pairs
+            assert torch.equal(latent, seen[caption])                  # that still match
+            assert int(caption.split("-")[0]) >= step - 3              # from the last 10
+    assert trainer._pool["size"] == 10
+
+    # in the loss: the UNet sees replay x the loader's batch
+    tiny = build_tiny()
+    tiny.cond_stage_key = "caption"                                  # as in train-tiny.yaml
+    trainer = DiffusionTrainer(tiny, replay=4)
+    sizes = []
+    model = trainer.model
+    original = model.apply_model
+    model.apply_model = lambda x, t, c: sizes.append(x.shape[0]) or original(x, t, c)
+    batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1, "caption": ["a red circle"] * 2}
+    trainer._loss(batch, drop_captions=True)
+    trainer._loss(batch, drop_captions=False)                       # validation: no replay
+    assert sizes == [8, 2]
+
+
+def test_the_shapes_recipe_configs_run(tmp_path):
+    """The built-in model's two configs, as the README recipe runs them, for a few steps."""
+    shapes = ROOT / "configs" / "shapes"
+    assert main.main(["--base", str(shapes / "autoencoder-kl-f4.yaml"), "-t", "--logdir",
+                      str(tmp_path), "--name", "vae", "--max_steps", "3", "--batch_size", "4"]) == 0
+    vae = tmp_path / "vae" / "checkpoints" / "last.ckpt"
+    assert main.main(["--base", str(shapes / "txt2img-shapes.yaml"), "-t", "--logdir",
+                      str(tmp_path), "--name", "ldm", "--max_steps", "3", "--batch_size", "4",
+                      f"training.first_stage_ckpt={vae}",
+                      "lightning.trainer.log_every_n_steps=1"]) == 0
+    ckpt = torch.load(tmp_path / "ldm" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3
+    norm = "model.first_stage_model.decoder.up.0.block.0.norm1.weight"
+    assert norm in ckpt["state_dict"]
+    lr = dict(losses(tmp_path / "ldm", "lr"))
+    assert lr[0] == pytest.approx(4e-4 / 300)                     # the recipe's warm-up

@@ -56,6 +56,28 @@ def test_vae_decode_and_encode_match_diffusers(tiny_model, converted):
 
 
 @torch.no_grad()
+def test_vae_with_fewer_norm_groups_matches_diffusers(tiny_config):
+    """``ddconfig.norm_groups`` (diffusers' ``norm_num_groups``): the built-in model's
+    autoencoder uses 8, since 32 groups of its 32 channels are instance norms."""
+    from conftest import randomize
+    from ldm.compare import to_diffusers
+    from ldm.util import instantiate_from_config
+    config = tiny_config.copy()
+    config.model.params.first_stage_config.params.ddconfig.norm_groups = 8
+    model = randomize(instantiate_from_config(config.model), seed=4).eval()
+    norm = model.first_stage_model.decoder.up[0].block[0].norm1
+    assert norm.num_groups == 8
+    vae = to_diffusers(model, config)[1]
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    ours = model.first_stage_model.decode(z)
+    assert rel_err(ours, vae.decode(z).sample) < 1e-4
+    x = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    assert rel_err(model.first_stage_model.encode(x).mean,
+                   vae.encode(x).latent_dist.mean) < 1e-4
+
+
+@torch.no_grad()
 def test_clip_hidden_states_match_transformers(tiny_model, converted):
     clip = converted[2]
     ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(3))

@@ -4,19 +4,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def Normalize(channels):
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels, groups=32):
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels, out_channels=None, dropout=0.0, temb_channels=0):
+    def __init__(self, in_channels, out_channels=None, dropout=0.0, temb_channels=0,
+                 norm_groups=32):
         super().__init__()
         if temb_channels:
             raise ValueError("the autoencoder's ResnetBlock takes no timestep embedding")
         out_channels = out_channels or in_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -39,9 +40,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over pixels, with 1x1-conv projections."""
 
-    def __init__(self, in_channels):
+    def __init__(self, in_channels, norm_groups=32):
         super().__init__()
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_groups)
         self.q = nn.Conv2d(in_channels, in_channels, 1)
         self.k = nn.Conv2d(in_channels, in_channels, 1)
         self.v = nn.Conv2d(in_channels, in_channels, 1)
@@ -82,7 +83,7 @@ class Encoder(nn.Module):
     def __init__(self, *, ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions,
                  dropout=0.0, resamp_with_conv=True, in_channels, resolution, z_channels,
                  double_z=True, use_linear_attn=False, attn_type="vanilla", out_ch=None,
-                 **ignore_kwargs):
+                 norm_groups=32, **ignore_kwargs):
         super().__init__()
         _check_vanilla(attn_type, use_linear_attn, resamp_with_conv)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -95,19 +96,19 @@ class Encoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, block_out, dropout))
+                stage.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, norm_groups))
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(stage)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_groups=norm_groups)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3,
                                   padding=1)
 
@@ -128,7 +129,7 @@ class Decoder(nn.Module):
     def __init__(self, *, ch, out_ch, ch_mult=(1, 2, 4, 8), num_res_blocks, attn_resolutions,
                  dropout=0.0, resamp_with_conv=True, in_channels, resolution, z_channels,
                  give_pre_end=False, tanh_out=False, use_linear_attn=False,
-                 attn_type="vanilla", **ignore_kwargs):
+                 attn_type="vanilla", norm_groups=32, **ignore_kwargs):
         super().__init__()
         _check_vanilla(attn_type, use_linear_attn, resamp_with_conv)
         self.give_pre_end, self.tanh_out = give_pre_end, tanh_out
@@ -136,9 +137,9 @@ class Decoder(nn.Module):
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_groups=norm_groups)
+        self.mid.attn_1 = AttnBlock(block_in, norm_groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_groups=norm_groups)
         # ``up[i]`` is resolution level i (0 = full size), though it runs last: checkpoint order.
         self.up = nn.ModuleList()
         for level in reversed(range(len(ch_mult))):
@@ -147,15 +148,15 @@ class Decoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, block_out, dropout))
+                stage.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if res in attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in))
+                    stage.attn.append(AttnBlock(block_in, norm_groups))
             if level != 0:
                 stage.upsample = Upsample(block_in)
                 res *= 2
             self.up.insert(0, stage)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z):
