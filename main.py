@@ -116,7 +116,9 @@ def main(argv=None):
     if not args.train:
         raise SystemExit("nothing to do: pass -t to train")
     print(f"run folder: {run}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
-    trainer.fit(model, data, ckpt_path=ckpt)
+    # weights_only: Lightning's checkpoint is loaded by torch's safe unpickler, never running
+    # code from it (our own restricted unpickler has vetted the file above)
+    trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
     # the steps after the last every-N checkpoint (to max_steps, or to a Ctrl-C) are kept too
     trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
     if trainer.interrupted:
