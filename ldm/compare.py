@@ -79,7 +79,8 @@ def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
     scheduler = diffusers.DDIMScheduler(
         beta_start=params.linear_start, beta_end=params.linear_end, beta_schedule="scaled_linear",
         num_train_timesteps=model.num_timesteps, clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1)
+        steps_offset=1,
+        prediction_type="v_prediction" if model.parameterization == "v" else "epsilon")
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer,
                                              unet=unet, scheduler=scheduler, safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)

@@ -101,30 +101,62 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 timestep_spacing="leading")
 
 
+def _v_as_eps(unet, alphas_cumprod):
+    from types import SimpleNamespace
+
+    def call(x, t, encoder_hidden_states):
+        a = alphas_cumprod[int(t)]
+        v = unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
+        return SimpleNamespace(sample=a.sqrt() * v + (1 - a).sqrt() * x)
+    return call
+
+
+@pytest.fixture
+def as_v_model(tiny_model):
+    """The tiny model read as a v-prediction model (SD 2.x's, and the built-in model's)."""
+    tiny_model.parameterization = "v"
+    yield tiny_model
+    tiny_model.parameterization = "eps"
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("sampler", ["ddim", "plms"])
 @torch.no_grad()
-def test_whole_sampler_runs_match_diffusers(tiny_model, converted, sampler):
+def test_whole_sampler_runs_match_diffusers(request, tiny_model, converted, sampler, prediction):
     """A 10-step guided run from the same start: DDIM vs diffusers' DDIMScheduler, PLMS vs
-    PNDMScheduler(skip_prk_steps=True), which diffusers documents as CompVis' PLMS."""
+    PNDMScheduler(skip_prk_steps=True), which diffusers documents as CompVis' PLMS; for
+    noise-predicting and v-predicting models."""
     from ldm.models.diffusion.sampling import sample
+    model = request.getfixturevalue("as_v_model") if prediction == "v_prediction" else tiny_model
     unet = converted[0]
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 4, 8, 8, generator=g)
     ctx, uncond = torch.randn(2, 1, 77, 32, generator=g)
-    ours = sample(tiny_model, sampler, x, 10, ctx, uncond, scale=5.0, disable=True)
+    ours = sample(model, sampler, x, 10, ctx, uncond, scale=5.0, disable=True)
     if sampler == "ddim":
-        scheduler = diffusers.DDIMScheduler(clip_sample=False, **SCHEDULE)
+        scheduler = diffusers.DDIMScheduler(clip_sample=False, prediction_type=prediction,
+                                            **SCHEDULE)
     else:
         scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, **SCHEDULE)
+        if prediction == "v_prediction":
+            # CompVis' PLMS for v models (Stability's SD 2 plms.py) turns each step's v into
+            # eps at that step's own timestep before combining the steps; PNDMScheduler
+            # combines raw v outputs and converts once. So the referee is PNDM on a UNet
+            # whose v is converted per step.
+            unet = _v_as_eps(unet, scheduler.alphas_cumprod)
     theirs = _diffusers_run(unet, scheduler, x, ctx, uncond, 5.0, 10)
     assert rel_err(ours, theirs) < 1e-4
 
 
-def test_whole_txt2img_matches_diffusers_pipeline(tmp_path, tiny_model, tiny_config):
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_whole_txt2img_matches_diffusers_pipeline(request, tmp_path, tiny_model, tiny_config,
+                                                  prediction):
     """Prompt to latents through our Txt2Img and through diffusers' StableDiffusionPipeline
     built from the same weights (tokenizer, text encoder, CFG, DDIM 10 steps): same result."""
     from ldm.compare import save_diffusers_pipeline
     from ldm.pipeline import Txt2Img
+    if prediction == "v_prediction":
+        request.getfixturevalue("as_v_model")
     theirs = save_diffusers_pipeline(tiny_model, tiny_config, tmp_path / "pipe")
     theirs.set_progress_bar_config(disable=True)
     ours = Txt2Img(tiny_model, torch.device("cpu"), "full")
@@ -135,4 +167,5 @@ def test_whole_txt2img_matches_diffusers_pipeline(tmp_path, tiny_model, tiny_con
     z_theirs = theirs(prompts, negative_prompt=["", "green"], num_inference_steps=10,
                       guidance_scale=7.5, height=32, width=32, latents=x.clone(),
                       output_type="latent").images
+    assert theirs.scheduler.config.prediction_type == prediction
     assert rel_err(z_ours, z_theirs) < 1e-4
