@@ -118,7 +118,11 @@ def main(argv=None):
     print(f"run folder: {run}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
     # weights_only: Lightning's checkpoint is loaded by torch's safe unpickler, never running
     # code from it (our own restricted unpickler has vetted the file above)
-    trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
+    try:
+        trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
+    except SystemExit:  # Lightning's answer to Ctrl-C: sys.exit(1) after its own clean-up
+        if not trainer.interrupted:
+            raise
     # the steps after the last every-N checkpoint (to max_steps, or to a Ctrl-C) are kept too
     trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
     if trainer.interrupted:

@@ -240,3 +240,20 @@ def test_the_shapes_recipe_configs_run(tmp_path):
     assert norm in ckpt["state_dict"]
     lr = dict(losses(tmp_path / "ldm", "lr"))
     assert lr[0] == pytest.approx(4e-4 / 300)                     # the recipe's warm-up
+
+
+def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    from ldm.lightning import DiffusionTrainer
+    step = DiffusionTrainer.training_step
+
+    def interrupted_at_7(self, batch, batch_idx):
+        if self.global_step == 7:
+            raise KeyboardInterrupt
+        return step(self, batch, batch_idx)
+    monkeypatch.setattr(DiffusionTrainer, "training_step", interrupted_at_7)
+    assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                      "--name", "cut", "--max_steps", "40"]) == 130
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 7                  # not the every-10 checkpoint's 0
+    err = capsys.readouterr().err
+    assert f"python main.py --resume {tmp_path / 'cut'} -t" in err
