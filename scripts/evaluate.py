@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--outdir", default="outputs/evaluate")
+    p.add_argument("--reconstruct", type=int, default=0, metavar="N",
+                   help="also judge N held-out renders passed through the model's autoencoder "
+                        "alone (encode, decode): the ceiling for its generated images")
     return p.parse_args(argv)
 
 
@@ -58,6 +61,13 @@ def main(argv=None):
         grid = labelled_grid(r["images"][:64], r["cases"][:64], r["judgements"][:64])
         path = save_numbered(grid, outdir, f"{kind}-{{:04}}.png", summary)
         print(f"  grid: {path}")
+    if args.reconstruct > 0:
+        from ldm.evaluation import reconstruction_accuracy
+        acc, mse, _ = reconstruction_accuracy(pipe.model.first_stage_model, args.reconstruct,
+                                              size=pipe.native_size)
+        summary["reconstruction"] = {"n": args.reconstruct, **acc, "mse": mse}
+        print(f"autoencoder alone n={args.reconstruct:4d}  " +
+              "  ".join(f"{k} {v:6.1%}" for k, v in acc.items()) + f"  mse {mse:.4f}")
     (outdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

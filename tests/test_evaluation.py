@@ -59,3 +59,29 @@ def test_labelled_grid_writes_whole_prompts_and_verdicts():
     assert red.any() and not green.any()            # "wrong: shape" in red
     px = np.asarray(g_short)
     assert ((px[..., 1] > 100) & (px[..., 0] < 80) & (px[..., 2] < 80)).any()   # "OK" in green
+
+
+class _Autoencoder:
+    """encode/decode stand-ins: the identity, or one that loses everything (a gray image)."""
+
+    def __init__(self, lossy=False):
+        import torch
+        self.lossy, self.param = lossy, torch.zeros(1)
+
+    def parameters(self):
+        return iter([self.param])
+
+    def encode(self, x):
+        from types import SimpleNamespace
+        return SimpleNamespace(mode=lambda: x)
+
+    def decode(self, z):
+        return z * 0 if self.lossy else z
+
+
+def test_reconstruction_accuracy_of_the_autoencoder_alone():
+    from ldm.evaluation import reconstruction_accuracy
+    acc, mse, images = reconstruction_accuracy(_Autoencoder(), n=40, batch_size=16)
+    assert acc["all"] >= 0.95 and mse < 1e-4 and len(images) == 40
+    acc, mse, _ = reconstruction_accuracy(_Autoencoder(lossy=True), n=20)
+    assert acc["all"] == 0 and mse > 0.01
