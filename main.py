@@ -109,7 +109,8 @@ def main(argv=None):
     every = args.checkpoint_every or config.get("lightning", {}).get("checkpoint_every", 200)
     checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", filename="step-{step:06d}",
                                   every_n_train_steps=every, save_last=True, save_top_k=2,
-                                  monitor="step", mode="max", auto_insert_metric_name=False)
+                                  monitor="step", mode="max", auto_insert_metric_name=False,
+                                  enable_version_counter=False)  # a resumed run keeps last.ckpt
     trainer = pl.Trainer(default_root_dir=run, callbacks=[checkpoints],
                          logger=CSVLogger(run, name="", version=""),
                          **trainer_kwargs(config, args))

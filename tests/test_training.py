@@ -257,3 +257,15 @@ def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatc
     assert ckpt["global_step"] == 7                  # not the every-10 checkpoint's 0
     err = capsys.readouterr().err
     assert f"python main.py --resume {tmp_path / 'cut'} -t" in err
+
+
+def test_a_moved_run_folder_resumes_into_its_own_last_ckpt(tmp_path):
+    """Lightning remembers the old path of last.ckpt and, finding a last.ckpt it did not write,
+    saves last-v1.ckpt beside it: a later --resume would go back to the stale one."""
+    assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                      "--name", "a", "--max_steps", "10"]) == 0
+    (tmp_path / "a").rename(tmp_path / "b")
+    assert main.main(["--resume", str(tmp_path / "b"), "-t", "--max_steps", "20"]) == 0
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert not list(checkpoints.glob("last-v*.ckpt"))
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 20
