@@ -45,6 +45,7 @@ def reconstruction_accuracy(autoencoder, n=128, seed=9, batch_size=32, size=64):
     import torch
 
     from ldm.data.shapes import ShapesDataset
+    from ldm.image_io import tensor_to_pil
     data = ShapesDataset("heldout", size=size, seed=seed)
     judgements, images, errors = [], [], []
     param = next(autoencoder.parameters())
@@ -53,12 +54,11 @@ def reconstruction_accuracy(autoencoder, n=128, seed=9, batch_size=32, size=64):
             idx = range(start, min(n, start + batch_size))
             x = torch.from_numpy(np.stack([data[i]["image"] for i in idx])).permute(0, 3, 1, 2)
             x = x.to(param.device, param.dtype)
-            y = autoencoder.decode(autoencoder.encode(x).mode()).clamp(-1, 1)
-            errors.append(float((y - x).float().square().mean()) * len(idx))
-            pixels = ((y.float() + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-            for i, px in zip(idx, pixels):
-                images.append(Image.fromarray(px))
-                judgements.append(analyser.judge(data.scene(i), analyser.analyse(px)))
+            y = autoencoder.decode(autoencoder.encode(x).mode()).float().clamp(-1, 1)
+            errors.append(float((y - x.float()).square().mean()) * len(idx))
+            for i, image in zip(idx, tensor_to_pil(y)):
+                images.append(image)
+                judgements.append(analyser.judge(data.scene(i), analyser.analyse(image)))
     return analyser.accuracy(judgements), sum(errors) / n, images
 
 

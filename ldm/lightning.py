@@ -242,16 +242,17 @@ class DiffusionTrainer(pl.LightningModule):
 
     def replayed(self, z, captions):
         """The fresh latents and captions plus (replay - 1) times as many from the pool."""
-        n = z.shape[0]
-        if self._pool is None:
-            self._pool = {"z": z.new_empty((self.replay_pool, *z.shape[1:])),
-                          "captions": [""] * self.replay_pool, "size": 0, "next": 0}
+        n, capacity = z.shape[0], self.replay_pool
+        if self._pool is None:  # a ring buffer
+            self._pool = {"z": z.new_empty((capacity, *z.shape[1:])),
+                          "captions": [""] * capacity, "pushed": 0, "size": 0}
         pool = self._pool
-        for i in range(n):  # a ring buffer
-            pool["z"][pool["next"]] = z[i]
-            pool["captions"][pool["next"]] = captions[i]
-            pool["next"] = (pool["next"] + 1) % self.replay_pool
-            pool["size"] = min(pool["size"] + 1, self.replay_pool)
+        slots = [(pool["pushed"] + i) % capacity for i in range(n)]
+        pool["z"][slots] = z
+        for slot, caption in zip(slots, captions):
+            pool["captions"][slot] = caption
+        pool["pushed"] += n
+        pool["size"] = min(pool["pushed"], capacity)
         idx = torch.randint(0, pool["size"], ((self.replay - 1) * n,))
         return (torch.cat([z, pool["z"][idx]]),
                 captions + [pool["captions"][i] for i in idx.tolist()])

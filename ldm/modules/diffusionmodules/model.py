@@ -1,4 +1,6 @@
 """Encoder and decoder of the KL autoencoder (``first_stage_model.encoder/decoder.*`` keys)."""
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,6 +88,7 @@ class Encoder(nn.Module):
                  norm_groups=32, **ignore_kwargs):
         super().__init__()
         _check_vanilla(attn_type, use_linear_attn, resamp_with_conv)
+        resnet = partial(ResnetBlock, dropout=dropout, norm_groups=norm_groups)
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1,) + tuple(ch_mult)
         res = resolution
@@ -96,7 +99,7 @@ class Encoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups=norm_groups))
+                stage.block.append(resnet(block_in, block_out))
                 block_in = block_out
                 if res in attn_resolutions:
                     stage.attn.append(AttnBlock(block_in, norm_groups))
@@ -105,9 +108,9 @@ class Encoder(nn.Module):
                 res //= 2
             self.down.append(stage)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_groups=norm_groups)
+        self.mid.block_1 = resnet(block_in, block_in)
         self.mid.attn_1 = AttnBlock(block_in, norm_groups)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_groups=norm_groups)
+        self.mid.block_2 = resnet(block_in, block_in)
         self.norm_out = Normalize(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3,
                                   padding=1)
@@ -132,14 +135,15 @@ class Decoder(nn.Module):
                  attn_type="vanilla", norm_groups=32, **ignore_kwargs):
         super().__init__()
         _check_vanilla(attn_type, use_linear_attn, resamp_with_conv)
+        resnet = partial(ResnetBlock, dropout=dropout, norm_groups=norm_groups)
         self.give_pre_end, self.tanh_out = give_pre_end, tanh_out
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_groups=norm_groups)
+        self.mid.block_1 = resnet(block_in, block_in)
         self.mid.attn_1 = AttnBlock(block_in, norm_groups)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_groups=norm_groups)
+        self.mid.block_2 = resnet(block_in, block_in)
         # ``up[i]`` is resolution level i (0 = full size), though it runs last: checkpoint order.
         self.up = nn.ModuleList()
         for level in reversed(range(len(ch_mult))):
@@ -148,7 +152,7 @@ class Decoder(nn.Module):
             stage.block = nn.ModuleList()
             stage.attn = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups=norm_groups))
+                stage.block.append(resnet(block_in, block_out))
                 block_in = block_out
                 if res in attn_resolutions:
                     stage.attn.append(AttnBlock(block_in, norm_groups))
