@@ -76,10 +76,12 @@ def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
     tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
                                            pad_token="<|endoftext|>", model_max_length=77)
     params = config.model.params
+    trailing = (config.get("sampling") or {}).get("timestep_spacing") == "trailing"
     scheduler = diffusers.DDIMScheduler(
         beta_start=params.linear_start, beta_end=params.linear_end, beta_schedule="scaled_linear",
         num_train_timesteps=model.num_timesteps, clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
+        rescale_betas_zero_snr=bool(params.get("zero_terminal_snr", False)),
+        timestep_spacing="trailing" if trailing else "leading", steps_offset=0 if trailing else 1,
         prediction_type="v_prediction" if model.parameterization == "v" else "epsilon")
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer,
                                              unet=unet, scheduler=scheduler, safety_checker=None,

@@ -101,11 +101,12 @@ def build_model(config_path, meta=False):
 
 def sampling_defaults(config_path):
     """A config's own sampling defaults (its optional top-level ``sampling:`` section, e.g.
-    ``scale: 5.0`` for a model that follows prompts best at that guidance), else {}."""
+    ``scale: 5.0`` for a model that follows prompts best at that guidance, or
+    ``timestep_spacing: trailing`` for a zero-terminal-SNR model), else {}."""
     from omegaconf import OmegaConf
     section = OmegaConf.load(config_path).get("sampling")
     defaults = OmegaConf.to_container(section) if section else {}
-    unknown = set(defaults) - {"scale"}
+    unknown = set(defaults) - {"scale", "timestep_spacing"}
     if unknown:
         raise ValueError(f"{config_path}: unknown sampling defaults {sorted(unknown)}")
     return defaults
@@ -202,7 +203,8 @@ class Txt2Img:
             uncond = (self.model.get_learned_conditioning(list(negative_prompts))
                       if scale != 1.0 else None)
             z = sample(self.model, sampler, x, steps, cond, uncond, scale, eta=eta,
-                       noise=noise, disable=not progress)
+                       noise=noise, disable=not progress,
+                       spacing=self.defaults.get("timestep_spacing", "uniform"))
         return z
 
     @torch.no_grad()

@@ -241,6 +241,27 @@ def test_the_shapes_recipe_configs_run(tmp_path):
     lr = dict(losses(tmp_path / "ldm", "lr"))
     assert lr[0] == pytest.approx(4e-4 / 300)                     # the recipe's warm-up
 
+    # the zero-terminal-SNR overlay trains, and its export samples with trailing timesteps
+    assert main.main(["--base", str(shapes / "txt2img-shapes.yaml"),
+                      str(shapes / "zero-snr-v.yaml"), "-t", "--logdir", str(tmp_path),
+                      "--name", "zsnr", "--max_steps", "3", "--batch_size", "4",
+                      f"training.first_stage_ckpt={vae}"]) == 0
+    import export_model
+    from ldm.pipeline import Txt2Img
+    export_model.main(["--run", str(tmp_path / "zsnr"), "--out", str(tmp_path / "out")])
+    pipe = Txt2Img.load(tmp_path / "out" / "model.safetensors", device="cpu", safety=False)
+    assert pipe.defaults["timestep_spacing"] == "trailing"
+    assert pipe.model.parameterization == "v" and pipe.model.sqrt_alphas_cumprod[-1] < 3e-4
+    assert pipe.generate(["a red circle"], [0], steps=2, progress=False)[0].image.size == (64, 64)
+
+
+def test_zero_terminal_snr_needs_v_prediction(tiny_config):
+    from ldm.util import instantiate_from_config
+    config = tiny_config.copy()
+    config.model.params.zero_terminal_snr = True
+    with pytest.raises(ValueError, match="parameterization: v"):
+        instantiate_from_config(config.model)
+
 
 def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
     from ldm.lightning import DiffusionTrainer

@@ -169,3 +169,90 @@ def test_whole_txt2img_matches_diffusers_pipeline(request, tmp_path, tiny_model,
                       output_type="latent").images
     assert theirs.scheduler.config.prediction_type == prediction
     assert rel_err(z_ours, z_theirs) < 1e-4
+
+
+ZERO_SNR_SCHEDULE = dict(SCHEDULE, steps_offset=0, timestep_spacing="trailing",
+                         rescale_betas_zero_snr=True)
+
+
+@pytest.fixture(scope="module")
+def zero_snr(tiny_config):
+    """The tiny model's weights as a zero-terminal-SNR v model, sampled with trailing
+    timesteps (configs/shapes/zero-snr-v.yaml's settings), and its config."""
+    from conftest import build_tiny
+    from ldm.util import instantiate_from_config
+    config = tiny_config.copy()
+    config.model.params.parameterization = "v"
+    config.model.params.zero_terminal_snr = True
+    config.sampling = {"timestep_spacing": "trailing"}
+    model = instantiate_from_config(config.model).eval()
+    model.load_state_dict(build_tiny().state_dict())
+    return model, config
+
+
+def test_zero_terminal_snr_schedule_matches_diffusers(zero_snr):
+    from ldm.modules.diffusionmodules.util import ZERO_SNR_ALPHA_BAR, trailing_timesteps
+    model = zero_snr[0]
+    theirs = diffusers.DDIMScheduler(**ZERO_SNR_SCHEDULE)
+    ours = model.alphas_cumprod
+    assert theirs.alphas_cumprod[-1] == 0 and ours[-1] == ZERO_SNR_ALPHA_BAR
+    assert (ours[:-1] - theirs.alphas_cumprod[:-1]).abs().max() < 1e-6
+    assert model.sqrt_alphas_cumprod[-1] < 3e-4   # SD's own schedule leaves 0.068
+    for steps in (1, 7, 20, 50, 1000):
+        theirs.set_timesteps(steps)
+        assert list(trailing_timesteps(steps)[::-1]) == theirs.timesteps.tolist()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+@torch.no_grad()
+def test_zero_terminal_snr_sampler_runs_match_diffusers(zero_snr, sampler):
+    """10 trailing steps from t = 999 against diffusers' DDIMScheduler with
+    ``rescale_betas_zero_snr`` (which takes x0 from v directly at SNR 0). PLMS against
+    PNDMScheduler, which cannot take a step from SNR 0 at all: its last alpha_bar is set to
+    ours, 2^-24, as diffusers' Euler scheduler does, and v is turned into eps per step."""
+    from ldm.compare import to_diffusers
+    from ldm.models.diffusion.sampling import sample
+    model, config = zero_snr
+    unet = to_diffusers(model, config)[0]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx, uncond = torch.randn(2, 1, 77, 32, generator=g)
+    ours = sample(model, sampler, x, 10, ctx, uncond, scale=5.0, disable=True, spacing="trailing")
+    if sampler == "ddim":
+        scheduler = diffusers.DDIMScheduler(clip_sample=False, prediction_type="v_prediction",
+                                            **ZERO_SNR_SCHEDULE)
+    else:
+        from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+        betas = rescale_zero_terminal_snr(torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
+        schedule = {k: v for k, v in ZERO_SNR_SCHEDULE.items()
+                    if k not in ("rescale_betas_zero_snr", "beta_schedule")}
+        scheduler = diffusers.PNDMScheduler(skip_prk_steps=True, trained_betas=betas.numpy(),
+                                            **schedule)
+        assert scheduler.alphas_cumprod[-1] < 1e-12
+        scheduler.alphas_cumprod[-1] = 2.0 ** -24
+        unet = _v_as_eps(unet, scheduler.alphas_cumprod)
+    theirs = _diffusers_run(unet, scheduler, x, ctx, uncond, 5.0, 10)
+    err = rel_err(ours, theirs)
+    assert err < 1e-3
+    # and the check can tell: the same weights sampled on SD's own timesteps land elsewhere
+    other = sample(model, sampler, x, 10, ctx, uncond, scale=5.0, disable=True)
+    assert rel_err(other, theirs) > 20 * err
+
+
+def test_zero_terminal_snr_txt2img_matches_diffusers_pipeline(tmp_path, zero_snr):
+    """The config's ``sampling: timestep_spacing: trailing`` reaches the sampler through
+    Txt2Img, and the diffusers twin gets the same schedule."""
+    from ldm.compare import save_diffusers_pipeline
+    from ldm.pipeline import Txt2Img
+    model, config = zero_snr
+    theirs = save_diffusers_pipeline(model, config, tmp_path / "pipe")
+    theirs.set_progress_bar_config(disable=True)
+    assert theirs.scheduler.config.rescale_betas_zero_snr
+    ours = Txt2Img(model, torch.device("cpu"), "full", defaults=dict(config.sampling))
+    prompts, seeds = ["a red circle", "two blue squares"], [7, 8]
+    x, _ = ours.initial_noise(seeds, 32, 32)
+    z_ours = ours.latents(prompts, seeds, None, "ddim", 10, 7.5, height=32, width=32,
+                          progress=False)
+    z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
+                      latents=x.clone(), output_type="latent").images
+    assert rel_err(z_ours, z_theirs) < 1e-3

@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.modules.diffusionmodules.util import make_beta_schedule, rescale_zero_terminal_snr
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,21 @@ class DiffusionWrapper(nn.Module):
 class LatentDiffusion(nn.Module):
     def __init__(self, unet_config, first_stage_config, cond_stage_config, timesteps=1000,
                  beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
-                 given_betas=None, parameterization="eps", scale_factor=1.0,
+                 given_betas=None, parameterization="eps", zero_terminal_snr=False,
+                 scale_factor=1.0,
                  conditioning_key="crossattn", cond_stage_trainable=False, image_size=256,
                  channels=3, first_stage_key="image", cond_stage_key="image",
                  **training_kwargs):
         """Parameters are CompVis'; ``training_kwargs`` (``monitor``, ``use_ema``,
         ``scheduler_config``, ``log_every_t``, ...) are accepted for config compatibility and
-        kept in ``self.training_config`` for the trainer."""
+        kept in ``self.training_config`` for the trainer. ``zero_terminal_snr`` (ours) rescales
+        the betas so that t = T is pure noise (``rescale_zero_terminal_snr``); v models only."""
         super().__init__()
         if parameterization not in ("eps", "v"):
             raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+        if zero_terminal_snr and parameterization != "v":
+            raise ValueError("zero_terminal_snr needs parameterization: v (a noise prediction "
+                             "says nothing about the image when there is no signal)")
         self.parameterization = parameterization
         self.image_size = image_size  # latent size the model was trained at
         self.channels = channels      # latent channels
@@ -70,6 +75,9 @@ class LatentDiffusion(nn.Module):
             self.cond_stage_model.freeze()
         betas = given_betas if given_betas is not None else make_beta_schedule(
             beta_schedule, timesteps, linear_start, linear_end)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(torch.as_tensor(betas, dtype=torch.float64,
+                                                              device="cpu"))
         self.register_schedule(torch.as_tensor(betas, dtype=torch.float64, device="cpu"))
 
     def register_schedule(self, betas):

@@ -8,7 +8,7 @@ randomness is its own (``ldm.pipeline`` draws it from per-image generators).
 import torch
 from tqdm.auto import tqdm
 
-from ldm.modules.diffusionmodules.util import uniform_timesteps
+from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
 
 
 def guided_eps(model, cond, uncond=None, scale=1.0):
@@ -98,13 +98,18 @@ SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms}
 
 
 def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=0.0, noise=None,
-           callback=None, disable=False):
-    """Run ``sampler`` ("ddim" or "plms") from latents ``x`` with CompVis' uniform timesteps."""
+           callback=None, disable=False, spacing="uniform"):
+    """Run ``sampler`` ("ddim" or "plms") from latents ``x`` over ``steps`` timesteps spaced
+    as CompVis does ("uniform": 1, 1 + c, ...) or counted down from T - 1 ("trailing", for
+    zero-terminal-SNR models)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; "
+                         f"choose from {sorted(TIMESTEP_SPACINGS)}")
     if sampler == "plms" and eta != 0:
         raise ValueError("PLMS is deterministic: eta must be 0")
-    timesteps = uniform_timesteps(steps, model.num_timesteps)
+    timesteps = TIMESTEP_SPACINGS[spacing](steps, model.num_timesteps)
     eps = guided_eps(model, cond, uncond, scale)
     kwargs = {"eta": eta, "noise": noise} if sampler == "ddim" else {}
     return SAMPLERS[sampler](eps, x, timesteps, model.alphas_cumprod, callback=callback,

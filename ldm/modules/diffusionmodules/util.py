@@ -29,6 +29,27 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2)
     return betas
 
 
+# The last alpha_bar of a zero-terminal-SNR schedule. Exactly 0 would make the noise
+# prediction of a v-model at t = T carry no information about x0 (eps = x_T there), so every
+# eps-based sampler would lose the model's first step; 2^-24 (diffusers' Euler scheduler
+# makes the same choice) leaves a signal of 2.4e-4 in x_T, against 0.068 in SD's schedule.
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
+
+
+def rescale_zero_terminal_snr(betas):
+    """Betas whose last step leaves (almost) no signal: sqrt(alpha_bar) shifted so that its
+    last value is 0 and scaled so that its first is unchanged (Lin et al. 2023, "Common
+    diffusion noise schedules and sample steps are flawed", Algorithm 1), then the last
+    alpha_bar set to ``ZERO_SNR_ALPHA_BAR``. SD's schedule leaves 0.068 of the image in the
+    noise at t = 999: a layout the model learns to read in training and never gets when
+    sampling starts from pure noise. Needs v-prediction (eps says nothing about x0 at SNR 0)."""
+    s = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+    alphas_cumprod = (s ** 2).clamp(min=ZERO_SNR_ALPHA_BAR)
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
 def timestep_embedding(timesteps, dim, max_period=10000):
     """Sinusoidal embedding of (possibly fractional) timesteps [N] -> [N, dim], cos first
     (the order of the CompVis/OpenAI UNet, so trained weights line up)."""
@@ -67,3 +88,16 @@ def uniform_timesteps(num_steps, num_train_timesteps=1000):
     c = num_train_timesteps // num_steps
     steps = np.arange(0, num_train_timesteps, c) + 1
     return steps[steps < num_train_timesteps]  # CompVis would index past the end when c == 1
+
+
+def trailing_timesteps(num_steps, num_train_timesteps=1000):
+    """The "trailing" discretisation (Lin et al. 2023, Table 2; diffusers'
+    ``timestep_spacing="trailing"``): counted down from T - 1, so that sampling starts at the
+    last training timestep, where a zero-terminal-SNR model sees pure noise as in training."""
+    if not 0 < num_steps <= num_train_timesteps:
+        raise ValueError(f"sampling steps must be in 1..{num_train_timesteps}, got {num_steps}")
+    steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+    return steps.astype(np.int64)[::-1].copy()
+
+
+TIMESTEP_SPACINGS = {"uniform": uniform_timesteps, "trailing": trailing_timesteps}
