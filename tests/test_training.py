@@ -280,6 +280,33 @@ def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatc
     assert f"python main.py --resume {tmp_path / 'cut'} -t" in err
 
 
+def test_sigterm_keeps_the_steps_done(tmp_path, capsys):
+    """What a cut-off session or a cluster's pre-emption sends: treated as Ctrl-C (and a
+    background job started by a non-interactive shell ignores SIGINT, so this is how one is
+    stopped)."""
+    import os
+    import signal
+    from ldm.lightning import DiffusionTrainer
+    step = DiffusionTrainer.training_step
+
+    def terminated_at_7(self, batch, batch_idx):
+        if self.global_step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx)
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(DiffusionTrainer, "training_step", terminated_at_7)
+            code = main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir",
+                              str(tmp_path), "--name", "cut", "--max_steps", "40"])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert code == 130
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert 7 <= ckpt["global_step"] <= 8
+    assert f"python main.py --resume {tmp_path / 'cut'} -t" in capsys.readouterr().err
+
+
 def test_a_moved_run_folder_resumes_into_its_own_last_ckpt(tmp_path):
     """Lightning remembers the old path of last.ckpt and, finding a last.ckpt it did not write,
     saves last-v1.ckpt beside it: a later --resume would go back to the stale one."""
