@@ -40,12 +40,23 @@ def warmup_lambda(warmup_steps, total_steps=None, final_ratio=1.0):
 
 
 def ramp(value, progress):
-    """A training option that is a number, or a ``[start, end]`` pair followed linearly over
-    the run (``progress`` from 0 to 1)."""
+    """A training option that is a number; a ``[start, end]`` pair followed linearly over the
+    run (``progress`` from 0 to 1); or a list of ``[progress, value]`` points, followed
+    piecewise linearly and held before the first and after the last (phases: e.g.
+    ``[[0, 0], [0.4, 0], [0.45, 0.5], [1, 0.1]]``)."""
     if isinstance(value, (int, float)):
         return float(value)
-    start, end = value
-    return start + (end - start) * min(1.0, max(0.0, progress))
+    value = [list(v) if hasattr(v, "__len__") else v for v in value]  # lists, ListConfigs
+    if all(isinstance(v, (int, float)) for v in value):
+        start, end = value
+        return start + (end - start) * min(1.0, max(0.0, progress))
+    points = sorted((float(p), float(v)) for p, v in value)
+    if progress <= points[0][0]:
+        return points[0][1]
+    for (p0, v0), (p1, v1) in zip(points, points[1:]):
+        if progress <= p1:
+            return v0 + (v1 - v0) * (progress - p0) / (p1 - p0) if p1 > p0 else v1
+    return points[-1][1]
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -164,7 +175,7 @@ class DiffusionTrainer(pl.LightningModule):
     checkpointed: after ``--resume`` it refills from fresh batches.
 
     ``high_noise_fraction`` and ``max_loss_weight`` may be ``[start, end]`` pairs, followed
-    linearly over ``max_steps``; ``lr_schedule: cosine`` decays the learning rate after the
+    linearly over ``max_steps``, or lists of ``[progress, value]`` points (see ``ramp``); ``lr_schedule: cosine`` decays the learning rate after the
     warm-up to ``final_lr_ratio`` of it at ``max_steps``.
     """
 

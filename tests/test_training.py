@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY_CONFIG
 
@@ -176,6 +177,10 @@ def test_cosine_learning_rate_and_ramped_options(tmp_path):
     assert warmup_lambda(10)(500) == 1.0                       # constant by default
     assert ramp(0.3, 0.7) == 0.3 and ramp([0.5, 0.1], 0) == 0.5
     assert ramp([0.5, 0.1], 0.5) == pytest.approx(0.3) and ramp([10, 1], 2) == 1
+    phases = OmegaConf.create([[0, 0], [0.4, 0], [0.5, 0.5], [1, 0.1]])   # as a config gives it
+    assert [ramp(phases, p) for p in (0, 0.3, 0.4, 0.5, 1, 1.5)] == pytest.approx(
+        [0, 0, 0, 0.5, 0.1, 0.1])
+    assert ramp(phases, 0.45) == pytest.approx(0.25) and ramp(phases, 0.75) == pytest.approx(0.3)
 
     assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
                       "--name", "cos", "--max_steps", "12", "training.lr_schedule=cosine",
