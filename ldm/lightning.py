@@ -175,16 +175,19 @@ class DiffusionTrainer(pl.LightningModule):
     checkpointed: after ``--resume`` it refills from fresh batches.
 
     ``high_noise_fraction`` and ``max_loss_weight`` may be ``[start, end]`` pairs, followed
-    linearly over ``max_steps``, or lists of ``[progress, value]`` points (see ``ramp``); ``lr_schedule: cosine`` decays the learning rate after the
-    warm-up to ``final_lr_ratio`` of it at ``max_steps``.
+    linearly over the run, or lists of ``[progress, value]`` points (see ``ramp``);
+    ``lr_schedule: cosine`` decays the learning rate after the warm-up to ``final_lr_ratio``
+    of it at the run's end. The run's length for these schedules is ``schedule_steps``, by
+    default ``max_steps``; a run may be laid out over more steps than it takes.
     """
 
     def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
                  ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0,
                  init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600,
                  max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
-                 replay_pool=16384):
+                 replay_pool=16384, schedule_steps=None):
         super().__init__()
+        self.schedule_steps = schedule_steps
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, not {lr_schedule!r}")
         self.lr_schedule, self.final_lr_ratio = lr_schedule, final_lr_ratio
@@ -245,11 +248,18 @@ class DiffusionTrainer(pl.LightningModule):
         return z * self.scale_factor
 
     def progress(self):
-        """Fraction of ``max_steps`` done (0 outside a fit with a step limit)."""
+        """Fraction of the schedule done (0 outside a fit with a step limit)."""
+        total = self.schedule_length()
+        return self.global_step / total if total else 0.0
+
+    def schedule_length(self):
+        """``schedule_steps``, else the trainer's ``max_steps``; None if neither is set."""
+        if self.schedule_steps:
+            return int(self.schedule_steps)
         trainer = getattr(self, "_trainer", None)
         if trainer is None or not trainer.max_steps or trainer.max_steps < 0:
-            return 0.0
-        return self.global_step / trainer.max_steps
+            return None
+        return trainer.max_steps
 
     def replayed(self, z, captions):
         """The fresh latents and captions plus (replay - 1) times as many from the pool."""
@@ -329,9 +339,9 @@ class DiffusionTrainer(pl.LightningModule):
         if self.model.cond_stage_trainable:
             params += list(self.model.cond_stage_model.parameters())
         opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-        total = self.trainer.max_steps if self.lr_schedule == "cosine" else None
-        if total is not None and total <= 0:
-            raise ValueError("lr_schedule: cosine needs max_steps")
+        total = self.schedule_length() if self.lr_schedule == "cosine" else None
+        if self.lr_schedule == "cosine" and not total:
+            raise ValueError("lr_schedule: cosine needs max_steps (or training.schedule_steps)")
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, warmup_lambda(self.warmup_steps, total, self.final_lr_ratio))
         return [opt], [{"scheduler": sched, "interval": "step"}]

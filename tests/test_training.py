@@ -191,6 +191,14 @@ def test_cosine_learning_rate_and_ramped_options(tmp_path):
     assert lr[0] == pytest.approx(1e-3) and lr[2] == pytest.approx(2e-3)   # warm-up, peak
     assert lr[11] == pytest.approx(2e-3 * warmup_lambda(2, 12, 0.2)(11))
     assert all(lr[s + 1] < lr[s] for s in range(2, 11))
+    # schedule_steps: a run laid out over 12 steps that stops at 6 follows the same schedule
+    assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                      "--name", "half", "--max_steps", "6", "training.lr_schedule=cosine",
+                      "training.final_lr_ratio=0.2", "training.warmup_steps=2",
+                      "training.schedule_steps=12"]) == 0
+    half = dict(losses(tmp_path / "half", "lr"))
+    assert sorted(half) == list(range(6)) and all(
+        half[s] == pytest.approx(lr[s]) for s in range(6))
     with pytest.raises(ValueError, match="constant or cosine"):
         from conftest import build_tiny
         from ldm.lightning import DiffusionTrainer
