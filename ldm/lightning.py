@@ -9,6 +9,7 @@ inference checkpoint in the official layout.
 import logging
 import math
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -46,17 +47,10 @@ def ramp(value, progress):
     ``[[0, 0], [0.4, 0], [0.45, 0.5], [1, 0.1]]``)."""
     if isinstance(value, (int, float)):
         return float(value)
-    value = [list(v) if hasattr(v, "__len__") else v for v in value]  # lists, ListConfigs
     if all(isinstance(v, (int, float)) for v in value):
-        start, end = value
-        return start + (end - start) * min(1.0, max(0.0, progress))
-    points = sorted((float(p), float(v)) for p, v in value)
-    if progress <= points[0][0]:
-        return points[0][1]
-    for (p0, v0), (p1, v1) in zip(points, points[1:]):
-        if progress <= p1:
-            return v0 + (v1 - v0) * (progress - p0) / (p1 - p0) if p1 > p0 else v1
-    return points[-1][1]
+        value = [[0, value[0]], [1, value[1]]]
+    points, values = zip(*sorted((float(p), float(v)) for p, v in value))
+    return float(np.interp(progress, points, values))
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -187,10 +181,10 @@ class DiffusionTrainer(pl.LightningModule):
                  max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
                  replay_pool=16384, schedule_steps=None):
         super().__init__()
-        self.schedule_steps = schedule_steps
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, not {lr_schedule!r}")
         self.lr_schedule, self.final_lr_ratio = lr_schedule, final_lr_ratio
+        self.schedule_steps = schedule_steps
         self.replay, self.replay_pool = int(replay), int(replay_pool)
         self._pool = None
         self.max_loss_weight = max_loss_weight

@@ -75,10 +75,8 @@ class LatentDiffusion(nn.Module):
             self.cond_stage_model.freeze()
         betas = given_betas if given_betas is not None else make_beta_schedule(
             beta_schedule, timesteps, linear_start, linear_end)
-        if zero_terminal_snr:
-            betas = rescale_zero_terminal_snr(torch.as_tensor(betas, dtype=torch.float64,
-                                                              device="cpu"))
-        self.register_schedule(torch.as_tensor(betas, dtype=torch.float64, device="cpu"))
+        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
+        self.register_schedule(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
 
     def register_schedule(self, betas):
         """The DDPM forward-process quantities (Ho et al. 2020, eqs. 4, 6, 7), in float32."""
