@@ -109,6 +109,10 @@ def sampling_defaults(config_path):
     unknown = set(defaults) - {"scale", "timestep_spacing"}
     if unknown:
         raise ValueError(f"{config_path}: unknown sampling defaults {sorted(unknown)}")
+    from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
+    if defaults.get("timestep_spacing", "uniform") not in TIMESTEP_SPACINGS:
+        raise ValueError(f"{config_path}: sampling timestep_spacing must be one of "
+                         f"{sorted(TIMESTEP_SPACINGS)}, not {defaults['timestep_spacing']!r}")
     return defaults
 
 

@@ -242,3 +242,6 @@ def test_model_config_sampling_defaults(tmp_path, capsys, ckpts):
     with pytest.raises(ValueError, match="unknown sampling defaults"):
         from ldm.pipeline import sampling_defaults
         sampling_defaults(config)
+    config.write_text(TINY_CONFIG.read_text() + "\nsampling:\n  timestep_spacing: leading\n")
+    with pytest.raises(ValueError, match="timestep_spacing must be one of"):
+        sampling_defaults(config)
