@@ -29,12 +29,16 @@ def images_from_batch(batch, key="image"):
     return x.permute(0, 3, 1, 2).contiguous().float()
 
 
-def warmup_lambda(warmup_steps, total_steps=None, final_ratio=1.0):
+def warmup_lambda(warmup_steps, total_steps=None, final_ratio=1.0, phases=None):
     """Learning-rate factor: linear warm-up to 1, then constant, or, given ``total_steps``,
-    a cosine from 1 down to ``final_ratio`` at ``total_steps``."""
+    a cosine from 1 down to ``final_ratio`` at ``total_steps``, or, given ``phases`` (and
+    ``total_steps``), the factor ``ramp(phases, step / total_steps)`` after the warm-up."""
     def factor(step):
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
+        if phases is not None:
+            return warm * ramp(phases, step / max(1, total_steps))
         if step < warmup_steps or total_steps is None:
-            return min(1.0, (step + 1) / max(1, warmup_steps))
+            return warm
         done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * done))
     return factor
@@ -171,7 +175,8 @@ class DiffusionTrainer(pl.LightningModule):
     ``high_noise_fraction`` and ``max_loss_weight`` may be ``[start, end]`` pairs, followed
     linearly over the run, or lists of ``[progress, value]`` points (see ``ramp``);
     ``lr_schedule: cosine`` decays the learning rate after the warm-up to ``final_lr_ratio``
-    of it at the run's end. The run's length for these schedules is ``schedule_steps``, by
+    of it at the run's end; a list of ``[progress, factor]`` points multiplies it by
+    ``ramp(points, progress)`` instead (phases of the run at different rates). The run's length for these schedules is ``schedule_steps``, by
     default ``max_steps``; a run may be laid out over more steps than it takes.
     """
 
@@ -179,10 +184,14 @@ class DiffusionTrainer(pl.LightningModule):
                  ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0,
                  init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600,
                  max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
-                 replay_pool=16384, schedule_steps=None):
+                 replay_pool=16384, schedule_steps=None, decoy_fraction=0.0, decoy_start=900):
         super().__init__()
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, not {lr_schedule!r}")
+        self.decoy_fraction, self.decoy_start = decoy_fraction, int(decoy_start)
+        if isinstance(lr_schedule, str) and lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant, cosine or a list of "
+                             f"[progress, factor] points, not {lr_schedule!r}")
+        if not isinstance(lr_schedule, str):
+            ramp(lr_schedule, 0.0)   # a malformed list fails here, not mid-run
         self.lr_schedule, self.final_lr_ratio = lr_schedule, final_lr_ratio
         self.schedule_steps = schedule_steps
         self.replay, self.replay_pool = int(replay), int(replay_pool)
@@ -283,10 +292,37 @@ class DiffusionTrainer(pl.LightningModule):
         cond = self.model.get_learned_conditioning(captions)
         t = self.sample_timesteps(z.shape[0], z.device)
         noise = torch.randn_like(z)
-        output = self.model.apply_model(self.model.q_sample(z, t, noise), t, cond)
-        target = noise if self.model.parameterization == "eps" else self.model.get_v(z, noise, t)
+        source = self.decoys(z, t) if drop_captions else z
+        x_t = self.model.q_sample(source, t, noise)
+        eps = noise   # what takes z to x_t: with a decoy, noise plus the decoy's difference
+        if source is not z:
+            m = self.model
+            eps = noise + (m._at(m.sqrt_alphas_cumprod, t, z)
+                           / m._at(m.sqrt_one_minus_alphas_cumprod, t, z)) * (source - z)
+        output = self.model.apply_model(x_t, t, cond)
+        target = eps if self.model.parameterization == "eps" else self.model.get_v(z, eps, t)
         error = (output - target).square().mean((1, 2, 3))
         return (error * self.loss_weight(t)).mean()
+
+    def decoys(self, z, t):
+        """``z`` with, for a ``decoy_fraction`` (a number or a ramp) of the samples at
+        t >= ``decoy_start``, another sample's latent in its place: the noised input then
+        shows the wrong layout while the target stays this sample's.
+
+        SD's schedule leaves sqrt(alpha_bar) = 0.068 of the image in x_t at t = 999, enough
+        for a model to read where things are from its input rather than from the prompt
+        (a probe on the shapes model: at t = 999 its x0 error is half with the image in the
+        noise than with pure noise). Sampling starts from pure noise, where that layout is
+        random, so such a model puts things wherever the noise suggests. Decoys teach it that
+        at the top of the schedule the input's layout is unreliable and the words are not."""
+        p = ramp(self.decoy_fraction, self.progress())
+        if p <= 0:
+            return z
+        chosen = (t >= self.decoy_start) & (torch.rand(t.shape, device=t.device) < p)
+        if not chosen.any():
+            return z
+        other = torch.roll(z, 1, 0)   # the previous sample of the batch
+        return torch.where(chosen.view(-1, 1, 1, 1), other, z)
 
     def loss_weight(self, t):
         """Per-sample weight of the noise-prediction loss: 1 (Ho et al.), or, with
@@ -333,11 +369,13 @@ class DiffusionTrainer(pl.LightningModule):
         if self.model.cond_stage_trainable:
             params += list(self.model.cond_stage_model.parameters())
         opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-        total = self.schedule_length() if self.lr_schedule == "cosine" else None
-        if self.lr_schedule == "cosine" and not total:
-            raise ValueError("lr_schedule: cosine needs max_steps (or training.schedule_steps)")
+        phases = None if isinstance(self.lr_schedule, str) else self.lr_schedule
+        total = self.schedule_length() if self.lr_schedule != "constant" else None
+        if self.lr_schedule != "constant" and not total:
+            raise ValueError("a cosine or phased lr_schedule needs max_steps "
+                             "(or training.schedule_steps)")
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_lambda(self.warmup_steps, total, self.final_lr_ratio))
+            opt, warmup_lambda(self.warmup_steps, total, self.final_lr_ratio, phases))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def ema_state_dict(self):

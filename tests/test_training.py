@@ -154,6 +154,50 @@ def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_top():
     assert abs((plain >= 600).float().mean().item() - 0.4) < 0.03
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_decoys_show_another_latent_at_the_top_and_keep_the_target(parameterization):
+    """decoy_fraction: at t >= decoy_start that share of the inputs is noised from another
+    sample's latent, and the target is what takes the sample's own latent to that input."""
+    from conftest import build_tiny
+    from ldm.lightning import DiffusionTrainer
+    model = build_tiny()
+    model.parameterization = parameterization
+    trainer = DiffusionTrainer(model, decoy_fraction=1.0, decoy_start=900)
+    z = torch.randn(6, 4, 8, 8)
+    t = torch.tensor([10, 500, 899, 900, 950, 999])
+    d = trainer.decoys(z, t)
+    assert torch.equal(d[:3], z[:3])                            # below decoy_start: untouched
+    assert torch.equal(d[3:], z[2:5])                           # the previous sample's latent
+    assert DiffusionTrainer(build_tiny()).decoys(z, t) is z     # off by default
+    half = DiffusionTrainer(build_tiny(), decoy_fraction=0.5, decoy_start=0)
+    tt = torch.full((4000,), 999)
+    swapped = (half.decoys(torch.arange(4000.).view(-1, 1, 1, 1), tt).flatten()
+               != torch.arange(4000.)).float().mean()
+    assert abs(swapped - 0.5) < 0.05
+
+    # the target is consistent with the input: a model that predicts exactly the target for
+    # the sample's own latent (eps or v) scores zero; one that takes the decoy for the truth
+    # (the plain noise as target) does not
+    model.cond_stage_key = "caption"
+    batch = {"image": torch.rand(6, 16, 16, 3) * 2 - 1, "caption": ["a red circle"] * 6}
+    zz = trainer.encode(batch)
+    trainer.encode = lambda batch: zz   # (encoding samples the posterior)
+    trainer.sample_timesteps = lambda n, device: t
+    trainer.p_uncond = 0.0
+
+    def oracle(truth):
+        def predict(x_t, tt, cond):
+            a = model.alphas_cumprod[tt].view(-1, 1, 1, 1).float()
+            eps = (x_t - a.sqrt() * truth) / (1 - a).sqrt()
+            return eps if parameterization == "eps" else a.sqrt() * eps - (1 - a).sqrt() * truth
+        return predict
+    model.apply_model = oracle(zz)
+    assert trainer._loss(batch, drop_captions=True).item() < 1e-8
+    fooled = torch.where((t >= 900).view(-1, 1, 1, 1), torch.roll(zz, 1, 0), zz)
+    model.apply_model = oracle(fooled)
+    assert trainer._loss(batch, drop_captions=True).item() > 1e-3
+
+
 def test_max_loss_weight_is_the_v_loss_weight_capped():
     from conftest import build_tiny
     from ldm.lightning import DiffusionTrainer
@@ -168,7 +212,7 @@ def test_max_loss_weight_is_the_v_loss_weight_capped():
 
 
 def test_cosine_learning_rate_and_ramped_options(tmp_path):
-    """lr_schedule: cosine (after warm-up, down to final_lr_ratio at max_steps), and
+    """lr_schedule: cosine (after warm-up, down to final_lr_ratio at max_steps) or phases, and
     high_noise_fraction / max_loss_weight given as [start, end], in a real main.py run."""
     from ldm.lightning import ramp, warmup_lambda
     f = warmup_lambda(10, 110, 0.1)
@@ -199,7 +243,15 @@ def test_cosine_learning_rate_and_ramped_options(tmp_path):
     half = dict(losses(tmp_path / "half", "lr"))
     assert sorted(half) == list(range(6)) and all(
         half[s] == pytest.approx(lr[s]) for s in range(6))
-    with pytest.raises(ValueError, match="constant or cosine"):
+    # phases: full rate for the first half, then a quarter of it
+    assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                      "--name", "phased", "--max_steps", "8", "training.warmup_steps=2",
+                      "training.lr_schedule=[[0,1],[0.5,1],[0.5001,0.25],[1,0.25]]"]) == 0
+    phased = dict(losses(tmp_path / "phased", "lr"))
+    assert phased[0] == pytest.approx(1e-3) and phased[3] == pytest.approx(2e-3)
+    assert [phased[s] for s in range(5, 8)] == pytest.approx([5e-4] * 3)
+    assert phased[4] == pytest.approx(2e-3 * ramp([[0, 1], [0.5, 1], [0.5001, 0.25]], 0.5))
+    with pytest.raises(ValueError, match="constant, cosine or a list"):
         from conftest import build_tiny
         from ldm.lightning import DiffusionTrainer
         DiffusionTrainer(build_tiny(), lr_schedule="linear")
