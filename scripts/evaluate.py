@@ -2,6 +2,7 @@
 
     python scripts/evaluate.py                       # the built-in model, default settings
     python scripts/evaluate.py --n_single 200 --plms --ddim_steps 20
+    python scripts/evaluate.py --n_single 0 --n_double 0 --probe   # placement probes only
 
 Held-out prompts name colour/shape pairs the model never saw in training (e.g. every purple
 triangle). The analyser (ldm/data/analyser.py) segments each image, names the colour, the
@@ -33,6 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--reconstruct", type=int, default=0, metavar="N",
                    help="also judge N held-out renders passed through the model's autoencoder "
                         "alone (encode, decode): the ceiling for its generated images")
+    p.add_argument("--probe", action="store_true",
+                   help="also probe how the model places things from the words: the place "
+                        "its first sampling step picks from pure noise (row, column), and the "
+                        "x0 error a wrong row / column word adds at t=950")
     return p.parse_args(argv)
 
 
@@ -68,6 +73,17 @@ def main(argv=None):
         summary["reconstruction"] = {"n": args.reconstruct, **acc, "mse": mse}
         print(f"autoencoder alone n={args.reconstruct:4d}  " +
               "  ".join(f"{k} {v:6.1%}" for k, v in acc.items()) + f"  mse {mse:.4f}")
+    if args.probe:
+        from ldm.evaluation import first_step_placement, word_gaps
+        scale = pipe.defaults["scale"] if args.scale is None else args.scale
+        spacing = pipe.defaults.get("timestep_spacing", "uniform")
+        first = first_step_placement(pipe.model, scale, args.ddim_steps, spacing)
+        gaps = word_gaps(pipe.model)
+        summary["probe"] = {"first_step": first, "word_gaps": gaps}
+        print("first step from noise  " + "  ".join(f"{k} {v:6.1%}" for k, v in first.items()))
+        print(f"x0 error at t=950 {gaps['error']:.4f}; added by a wrong row "
+              f"{gaps['row gap']:+.4f}, column {gaps['column gap']:+.4f}, "
+              f"empty caption {gaps['empty gap']:+.4f}")
     (outdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

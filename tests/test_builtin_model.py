@@ -48,3 +48,18 @@ def test_twenty_step_samples_are_judged_right(pipe, prompt, colour, shape):
     found = [analyser.analyse(s.image) for s in samples]
     assert all(f and f[0]["colour"] == colour for f in found), found
     assert sum(f[0]["shape"] == shape for f in found) > len(found) / 2, found
+
+
+def test_evaluate_probe_on_the_shipped_model(tmp_path):
+    """scripts/evaluate.py --probe: the shipped model places shapes from the words at its first
+    sampling step, on both axes, and relies on both kinds of place words."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--n_single", "0",
+                          "--n_double", "0", "--probe", "--outdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    probe = json.loads((tmp_path / "results.json").read_text())["probe"]
+    assert probe["first_step"]["row"] > 0.9 and probe["first_step"]["column"] > 0.9
+    gaps = probe["word_gaps"]
+    assert gaps["row gap"] > 0.2 and gaps["column gap"] > 0.2

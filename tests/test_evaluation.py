@@ -85,3 +85,61 @@ def test_reconstruction_accuracy_of_the_autoencoder_alone():
     assert acc["all"] >= 0.95 and mse < 1e-4 and len(images) == 40
     acc, mse, _ = reconstruction_accuracy(_Autoencoder(lossy=True), n=20)
     assert acc["all"] == 0 and mse > 0.01
+
+
+def place_stub(rows_heard=True, cols_heard=True):
+    """The tiny model with its text encoder and UNet replaced by stand-ins: the caption's
+    place is read from the data set's own words, and the "UNet" draws a bump there (in the
+    eps, signed so the x0 gets it) at high noise, for the axes it is told to hear."""
+    import torch
+
+    from conftest import build_tiny
+    from ldm.data.shapes import _POSITION_WORDS, POSITIONS
+    model = build_tiny()
+    phrases = sorted(((w, POSITIONS[p]) for p, ws in _POSITION_WORDS.items() for w in ws),
+                     key=lambda x: -len(x[0]))
+
+    def conditioning(captions):
+        out = torch.full((len(captions), 1, 2), -1.0)
+        for i, c in enumerate(captions):
+            place = next((rc for w, rc in phrases if w in c), None)
+            if place is not None:
+                out[i, 0] = torch.tensor(place, dtype=torch.float32)
+        return out
+
+    def unet(x, t, cond):
+        h, w = x.shape[-2:]
+        ys = (torch.arange(h) + 0.5) / h * 3 - 0.5   # the grid's row/column at each pixel
+        xs = (torch.arange(w) + 0.5) / w * 3 - 0.5
+        out = 0.5 * x
+        for i, (r, c) in enumerate(cond[:, 0].tolist()):
+            if r < 0:
+                continue
+            r = r if rows_heard else 1.0
+            c = c if cols_heard else 1.0
+            bump = torch.exp(-((ys[:, None] - r) ** 2 + (xs[None, :] - c) ** 2) / 0.1)
+            out[i] = out[i] - bump
+        return out
+    model.get_learned_conditioning = conditioning
+    model.apply_model = unet
+    return model
+
+
+def test_first_step_placement_reads_the_place_a_model_draws_from_the_words():
+    from ldm.evaluation import first_step_placement
+    assert first_step_placement(place_stub(), n_noises=1) == {
+        "place": 1.0, "row": 1.0, "column": 1.0}
+    deaf = first_step_placement(place_stub(rows_heard=False), n_noises=1)
+    assert deaf["column"] == 1.0 and abs(deaf["row"] - 1 / 3) < 1e-9    # all in the middle row
+    assert abs(deaf["place"] - 1 / 3) < 1e-9
+
+
+def test_word_gaps_show_which_place_words_a_model_uses():
+    from ldm.evaluation import word_gaps
+    # (the stand-in draws the same bump wherever it is told, so a wrong place costs it more or
+    # less than the right one at random: only whether a gap is there is checked)
+    both = word_gaps(place_stub(), n=24)
+    assert abs(both["row gap"]) > 0.01 and abs(both["column gap"]) > 0.01
+    assert abs(both["empty gap"]) > 0.01
+    no_rows = word_gaps(place_stub(rows_heard=False), n=24)
+    assert no_rows["row gap"] == 0 and abs(no_rows["column gap"]) > 0.01
