@@ -96,15 +96,17 @@ def main(argv=None):
         config.data.params.num_workers = args.num_workers
     if args.batch_size is not None:
         config.data.params.batch_size = args.batch_size
+    pl.seed_everything(args.seed, workers=True)
+    try:  # a bad option in the config: one line, before anything is written
+        model = trainer_for(instantiate_from_config(config.model),
+                            **OmegaConf.to_container(config.get("training", {}) or {}))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     (run / "configs").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, run / "configs" / "config.yaml")
     with open(run / "configs" / "commands.txt", "a") as f:  # every start and resume, in order
         command = shlex.join(["main.py", *(sys.argv[1:] if argv is None else argv)])
         f.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + command + "\n")
-    pl.seed_everything(args.seed, workers=True)
-
-    model = trainer_for(instantiate_from_config(config.model),
-                        **OmegaConf.to_container(config.get("training", {}) or {}))
     data = instantiate_from_config(config.data)
     every = args.checkpoint_every or config.get("lightning", {}).get("checkpoint_every", 200)
     checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", filename="step-{step:06d}",

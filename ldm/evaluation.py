@@ -84,13 +84,6 @@ def labelled_grid(images, cases, judgements, per_row=8, scale=2):
     return grid
 
 
-PROBE_PLACES = {"top left": "in the top left corner", "top": "at the top",
-                "top right": "in the top right corner", "left": "on the left",
-                "centre": "in the centre", "right": "on the right",
-                "bottom left": "in the bottom left corner", "bottom": "at the bottom",
-                "bottom right": "in the bottom right corner"}
-
-
 def first_step_placement(model, scale=7.5, steps=50, spacing="uniform", n_noises=4):
     """Where a model puts a shape from the words alone: for "a big <colour> <shape> <place>"
     prompts (3 colours x 3 shapes x 9 places, n_noises noises each), the guided x0 that the
@@ -100,12 +93,12 @@ def first_step_placement(model, scale=7.5, steps=50, spacing="uniform", n_noises
     (chance: 1/9, 1/3, 1/3). Model-free of the analyser, so it works on blurry predictions."""
     import torch
 
-    from ldm.data.shapes import POSITIONS
+    from ldm.data.shapes import _POSITION_WORDS, POSITIONS
     from ldm.models.diffusion.sampling import guided_eps
     from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
-    cases = [(f"a big {c} {s} {words}", POSITIONS[place])
+    cases = [(f"a big {c} {s} {words[0]}", POSITIONS[place])   # "in the top left corner", ...
              for c in ("red", "blue", "yellow") for s in ("circle", "square", "star")
-             for place, words in PROBE_PLACES.items()]
+             for place, words in _POSITION_WORDS.items()]
     t0 = int(TIMESTEP_SPACINGS[spacing](steps, model.num_timesteps)[-1])
     param = next(model.parameters())
     right = {"place": 0, "row": 0, "column": 0}
@@ -115,14 +108,14 @@ def first_step_placement(model, scale=7.5, steps=50, spacing="uniform", n_noises
         guided, plain = guided_eps(model, cond, uncond, scale), guided_eps(model, uncond)
         a = model.alphas_cumprod[t0].to(param.device).float()
         h = w = model.image_size
+        ys = (torch.arange(h, device=param.device) + 0.5) / h
+        xs = (torch.arange(w, device=param.device) + 0.5) / w
         for k in range(n_noises):
             g = torch.Generator().manual_seed(k)
             x = torch.randn((len(cases), model.channels, h, w), generator=g).to(param)
             # x0 = (x - sqrt(1 - a) eps) / sqrt(a): the difference is in the eps only
             d = (guided(x, t0) - plain(x, t0)).float().square().sum(1) * (1 - a) / a
             d = d / d.sum((1, 2), keepdim=True)
-            ys = (torch.arange(h, device=d.device) + 0.5) / h
-            xs = (torch.arange(w, device=d.device) + 0.5) / w
             # the places' centres are at 1/4, 1/2, 3/4 of the side: split halfway between
             rows = torch.bucketize((d.sum(2) * ys).sum(1).cpu(), torch.tensor([0.375, 0.625]))
             cols = torch.bucketize((d.sum(1) * xs).sum(1).cpu(), torch.tensor([0.375, 0.625]))
@@ -165,11 +158,11 @@ def word_gaps(model, n=192, t=950, seed=5):
         noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
         tt = torch.full((n,), t, device=z.device, dtype=torch.long)
         x_t = model.q_sample(z, tt, noise)
+        a = model.alphas_cumprod[t].float()
         errors = {}
         for key, caps in captions.items():
             eps = model.eps_from_output(x_t, tt, model.apply_model(
                 x_t, tt, model.get_learned_conditioning(caps)))
-            a = model.alphas_cumprod[t].float()
             x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
             errors[key] = float((x0 - z).float().square().mean())
     return {"error": errors["right"],

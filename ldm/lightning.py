@@ -176,8 +176,9 @@ class DiffusionTrainer(pl.LightningModule):
     linearly over the run, or lists of ``[progress, value]`` points (see ``ramp``);
     ``lr_schedule: cosine`` decays the learning rate after the warm-up to ``final_lr_ratio``
     of it at the run's end; a list of ``[progress, factor]`` points multiplies it by
-    ``ramp(points, progress)`` instead (phases of the run at different rates). The run's length for these schedules is ``schedule_steps``, by
-    default ``max_steps``; a run may be laid out over more steps than it takes.
+    ``ramp(points, progress)`` instead (phases of the run at different rates). The run's
+    length for these schedules is ``schedule_steps``, by default ``max_steps``; a run may be
+    laid out over more steps than it takes. ``decoy_fraction`` (see ``decoys``) may ramp too.
     """
 
     def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
@@ -186,12 +187,20 @@ class DiffusionTrainer(pl.LightningModule):
                  max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
                  replay_pool=16384, schedule_steps=None, decoy_fraction=0.0, decoy_start=900):
         super().__init__()
-        self.decoy_fraction, self.decoy_start = decoy_fraction, int(decoy_start)
         if isinstance(lr_schedule, str) and lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant, cosine or a list of "
+            raise ValueError(f"training.lr_schedule must be constant, cosine or a list of "
                              f"[progress, factor] points, not {lr_schedule!r}")
+        ramped = {"high_noise_fraction": high_noise_fraction, "max_loss_weight": max_loss_weight,
+                  "decoy_fraction": decoy_fraction}
         if not isinstance(lr_schedule, str):
-            ramp(lr_schedule, 0.0)   # a malformed list fails here, not mid-run
+            ramped["lr_schedule"] = lr_schedule
+        for name, value in ramped.items():   # a malformed one fails here, not mid-run
+            try:
+                ramp(value, 0.0)
+            except (TypeError, ValueError):
+                raise ValueError(f"training.{name} must be a number, a [start, end] pair or a "
+                                 f"list of [progress, value] points, not {value!r}") from None
+        self.decoy_fraction, self.decoy_start = decoy_fraction, int(decoy_start)
         self.lr_schedule, self.final_lr_ratio = lr_schedule, final_lr_ratio
         self.schedule_steps = schedule_steps
         self.replay, self.replay_pool = int(replay), int(replay_pool)

@@ -198,6 +198,17 @@ def test_decoys_show_another_latent_at_the_top_and_keep_the_target(parameterizat
     assert trainer._loss(batch, drop_captions=True).item() > 1e-3
 
 
+def test_a_malformed_training_option_is_one_line_and_writes_nothing(tmp_path, capsys):
+    for option in ("training.decoy_fraction=[[0,oops]]", "training.high_noise_fraction=[[0]]",
+                   "training.lr_schedule=linear"):
+        with pytest.raises(SystemExit) as e:
+            main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                       "--name", "bad", "--max_steps", "2", option])
+        message = str(e.value.code)
+        assert message.startswith("error: training.") and "\n" not in message, message
+        assert not (tmp_path / "bad").exists()
+
+
 def test_max_loss_weight_is_the_v_loss_weight_capped():
     from conftest import build_tiny
     from ldm.lightning import DiffusionTrainer
