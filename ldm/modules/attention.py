@@ -95,7 +95,11 @@ class SpatialTransformer(nn.Module):
     ``pos_emb`` (not in any SD checkpoint; off by default) adds a projection of each pixel's
     coordinates (``coordinate_features``) to the tokens, so that cross-attention can tie
     words like "left" or "top" to places: a convolutional UNet otherwise learns where it is
-    only slowly, from the zero padding. Zero-initialised, it starts as a no-op.
+    only slowly, from the zero padding. ``True`` or ``"zero"`` zero-initialises it, a no-op
+    to start with (for adding it to a trained model); ``"random"`` gives it Linear's usual
+    random start, so that from the first step every pixel's queries differ by place (for
+    training from scratch: a zero start has to be pulled out of a saddle, see
+    models/ldm/shapes/README.md).
     """
 
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None,
@@ -103,7 +107,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = n_heads * d_head
         self.use_linear = use_linear
-        self.pos_emb = zero_module(nn.Linear(16, inner)) if pos_emb else None
+        if pos_emb not in (False, None, True, "zero", "random"):
+            raise ValueError(f"pos_emb must be false, true/'zero' or 'random', not {pos_emb!r}")
+        self.pos_emb = nn.Linear(16, inner) if pos_emb else None
+        if pos_emb in (True, "zero"):
+            zero_module(self.pos_emb)
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner)

@@ -37,6 +37,24 @@ def test_zero_initialised_so_a_checkpoint_without_it_behaves_the_same():
                           atol=1e-5)
 
 
+def test_random_start_makes_queries_differ_by_place_from_the_first_step():
+    torch.manual_seed(0)
+    zero = SpatialTransformer(32, 2, 16, context_dim=8, pos_emb="zero")
+    rand = SpatialTransformer(32, 2, 16, context_dim=8, pos_emb="random")
+    assert not zero.pos_emb.weight.any() and rand.pos_emb.weight.abs().min() > 0
+    rand.load_state_dict({k: v for k, v in zero.state_dict().items() if "pos_emb" not in k},
+                         strict=False)                     # same network but the start
+    with torch.no_grad():                                  # proj_out starts at zero: open it
+        for m in (zero, rand):
+            m.proj_out.weight.copy_(torch.randn_like(m.proj_out.weight))
+    flat, ctx = torch.randn(1, 32, 1, 1).expand(1, 32, 4, 4), torch.randn(1, 3, 8)
+    y_zero, y_rand = zero(flat, ctx), rand(flat, ctx)
+    assert torch.allclose(y_zero[..., 0, 0], y_zero[..., 3, 3], atol=1e-5)
+    assert not torch.allclose(y_rand[..., 0, 0], y_rand[..., 3, 3], atol=1e-3)
+    with pytest.raises(ValueError, match="pos_emb must be"):
+        SpatialTransformer(32, 2, 16, context_dim=8, pos_emb="learned")
+
+
 def test_unet_option_adds_keys_only_when_on():
     config = OmegaConf.load(TINY_CONFIG).model.params.unet_config
     keys = instantiate_from_config(config).state_dict().keys()

@@ -80,7 +80,8 @@ class UNetModel(nn.Module):
 
     Accepts the CompVis config parameters; ``num_heads`` fixes the head count unless
     ``num_head_channels`` (SD 2.x) fixes the width per head instead. ``spatial_pos_emb``
-    (ours, for small models trained from scratch) gives the transformers pixel coordinates.
+    (ours, for small models trained from scratch) gives the transformers pixel coordinates:
+    ``true``/``"zero"`` zero-initialised, ``"random"`` randomly (``SpatialTransformer``).
     """
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
