@@ -9,7 +9,9 @@ the command line overrides). A run lives in ``<logdir>/<name>/``: ``configs/`` (
 config), ``checkpoints/`` (``last.ckpt`` plus periodic ones), ``metrics.csv``.
 """
 import argparse
+import csv
 import logging
+import os
 import shlex
 import sys
 import time
@@ -59,6 +61,54 @@ def resolve_run(args):
     return Path(args.logdir) / name, None, [Path(b) for b in args.base]
 
 
+def is_rank_zero():
+    """False in the extra processes Lightning starts for DDP (they re-run this script)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK"))
+
+
+def merge_metrics(first, second, out):
+    """``first``'s rows before ``second`` starts (a resumed run repeats the steps after its
+    checkpoint), then ``second``'s, under the union of their columns."""
+    tables = []
+    for path in (first, second):
+        if path.exists():
+            with open(path, newline="") as f:
+                tables.append(list(csv.DictReader(f)))
+        else:
+            tables.append([])
+    old, new = tables
+    steps = [int(r["step"]) for r in new if r.get("step", "").isdigit()]
+    if steps:
+        old = [r for r in old if not r.get("step", "").isdigit() or int(r["step"]) < min(steps)]
+    rows = old + new
+    header = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out)
+
+
+def set_metrics_aside(run):
+    """Lightning's CSV logger deletes ``metrics.csv`` when it starts: a resumed run keeps its
+    history in ``metrics.before-resume.csv`` until ``restore_metrics`` merges it back."""
+    metrics, aside = run / "metrics.csv", run / "metrics.before-resume.csv"
+    if metrics.exists():
+        if aside.exists():  # an earlier resume ended before merging: merge that first
+            merge_metrics(aside, metrics, aside)
+            metrics.unlink()
+        else:
+            metrics.replace(aside)
+
+
+def restore_metrics(run):
+    aside = run / "metrics.before-resume.csv"
+    if aside.exists():
+        merge_metrics(aside, run / "metrics.csv", run / "metrics.csv")
+        aside.unlink()
+
+
 def trainer_kwargs(config, args):
     kw = dict(config.get("lightning", {}).get("trainer", {}) or {})
     if args.gpus is not None:  # CompVis: --gpus 0, means the GPU with index 0
@@ -84,6 +134,8 @@ def main(argv=None):
     from ldm.util import instantiate_from_config
 
     run, ckpt, config_paths = resolve_run(args)
+    if not args.train:
+        raise SystemExit("nothing to do: pass -t to train")
     if ckpt:  # a truncated or foreign file: one line, before anything is written
         from ldm.checkpoint import CheckpointError, _load_pickle
         try:
@@ -102,11 +154,14 @@ def main(argv=None):
                             **OmegaConf.to_container(config.get("training", {}) or {}))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    (run / "configs").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, run / "configs" / "config.yaml")
-    with open(run / "configs" / "commands.txt", "a") as f:  # every start and resume, in order
-        command = shlex.join(["main.py", *(sys.argv[1:] if argv is None else argv)])
-        f.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + command + "\n")
+    rank_zero = is_rank_zero()
+    if rank_zero:
+        (run / "configs").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, run / "configs" / "config.yaml")
+        with open(run / "configs" / "commands.txt", "a") as f:  # every start and resume
+            command = shlex.join(["main.py", *(sys.argv[1:] if argv is None else argv)])
+            f.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + command + "\n")
+        set_metrics_aside(run)
     data = instantiate_from_config(config.data)
     every = args.checkpoint_every or config.get("lightning", {}).get("checkpoint_every", 200)
     checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", filename="step-{step:06d}",
@@ -116,8 +171,6 @@ def main(argv=None):
     trainer = pl.Trainer(default_root_dir=run, callbacks=[checkpoints],
                          logger=CSVLogger(run, name="", version=""),
                          **trainer_kwargs(config, args))
-    if not args.train:
-        raise SystemExit("nothing to do: pass -t to train")
     print(f"run folder: {run}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
     # weights_only: Lightning's checkpoint is loaded by torch's safe unpickler, never running
     # code from it (our own restricted unpickler has vetted the file above)
@@ -128,6 +181,8 @@ def main(argv=None):
             raise
     # the steps after the last every-N checkpoint (to max_steps, or to a Ctrl-C) are kept too
     trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+    if rank_zero:
+        restore_metrics(run)
     if trainer.interrupted:
         print(f"interrupted: saved {run / 'checkpoints' / 'last.ckpt'}; "
               f"continue with: python main.py --resume {run} -t", file=sys.stderr)

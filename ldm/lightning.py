@@ -253,7 +253,11 @@ class DiffusionTrainer(pl.LightningModule):
         x = images_from_batch(batch, self.model.first_stage_key)
         z = self.model.encode_first_stage(x).sample()
         if not self.scale_set:
-            self.scale_factor.fill_(1.0 / z.flatten().std())
+            var = z.flatten().var()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(var)   # DDP: one scale for all processes
+                var = var / torch.distributed.get_world_size()
+            self.scale_factor.fill_(1.0 / var.sqrt())
             self.scale_set.fill_(True)
             log.info("scale_factor set to %.5f from the first batch", self.scale_factor.item())
         self.model.scale_factor = self.scale_factor.item()
@@ -361,6 +365,15 @@ class DiffusionTrainer(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
+
+    def on_fit_start(self):
+        self.reseed_for_rank(self.trainer.world_size, self.global_rank)
+
+    @staticmethod
+    def reseed_for_rank(world_size, rank):
+        """DDP: every process was seeded alike; their noise and timesteps must differ."""
+        if world_size > 1:
+            torch.manual_seed(torch.initial_seed() + 1000003 * rank)
 
     def on_train_batch_end(self, *args):
         self.model_ema(self.model.model)
