@@ -318,7 +318,7 @@ def test_the_shapes_recipe_configs_run(tmp_path):
     norm = "model.first_stage_model.decoder.up.0.block.0.norm1.weight"
     assert norm in ckpt["state_dict"]
     lr = dict(losses(tmp_path / "ldm", "lr"))
-    assert lr[0] == pytest.approx(4e-4 / 300)                     # the recipe's warm-up
+    assert lr[0] == pytest.approx(1e-3 / 300)                     # the recipe's warm-up
 
     # the zero-terminal-SNR overlay trains, and its export samples with trailing timesteps
     assert main.main(["--base", str(shapes / "txt2img-shapes.yaml"),
