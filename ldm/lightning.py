@@ -185,13 +185,16 @@ class DiffusionTrainer(pl.LightningModule):
                  ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0,
                  init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600,
                  max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
-                 replay_pool=16384, schedule_steps=None, decoy_fraction=0.0, decoy_start=900):
+                 replay_pool=16384, schedule_steps=None, decoy_fraction=0.0, decoy_start=900,
+                 top_loss_weight=None):
         super().__init__()
         if isinstance(lr_schedule, str) and lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"training.lr_schedule must be constant, cosine or a list of "
                              f"[progress, factor] points, not {lr_schedule!r}")
         ramped = {"high_noise_fraction": high_noise_fraction, "max_loss_weight": max_loss_weight,
                   "decoy_fraction": decoy_fraction}
+        if top_loss_weight is not None:
+            ramped["top_loss_weight"] = top_loss_weight
         if not isinstance(lr_schedule, str):
             ramped["lr_schedule"] = lr_schedule
         for name, value in ramped.items():   # a malformed one fails here, not mid-run
@@ -205,7 +208,7 @@ class DiffusionTrainer(pl.LightningModule):
         self.schedule_steps = schedule_steps
         self.replay, self.replay_pool = int(replay), int(replay_pool)
         self._pool = None
-        self.max_loss_weight = max_loss_weight
+        self.max_loss_weight, self.top_loss_weight = max_loss_weight, top_loss_weight
         self.high_noise_fraction, self.high_noise_start = high_noise_fraction, high_noise_start
         self.model = model
         self.learning_rate, self.warmup_steps = learning_rate, warmup_steps
@@ -341,12 +344,19 @@ class DiffusionTrainer(pl.LightningModule):
         """Per-sample weight of the noise-prediction loss: 1 (Ho et al.), or, with
         ``max_loss_weight`` > 1, the weight that makes it the v-prediction loss,
         (1 + SNR) / SNR, capped there: high-noise steps, where the layout is decided, count
-        up to that many times more (cf. Min-SNR weighting, Hang et al. 2023)."""
+        up to that many times more (cf. Min-SNR weighting, Hang et al. 2023).
+
+        ``top_loss_weight``, if given, is the cap for t >= ``high_noise_start`` instead, so
+        that the top can count fully while the rest keeps a low cap (the details)."""
         cap = ramp(self.max_loss_weight, self.progress())
-        if cap <= 1 or self.model.parameterization != "eps":
+        top = cap if self.top_loss_weight is None else ramp(self.top_loss_weight,
+                                                            self.progress())
+        if max(cap, top) <= 1 or self.model.parameterization != "eps":
             return torch.ones_like(t, dtype=torch.float32)
         alpha = self.model.alphas_cumprod.to(t.device)[t].float()
-        return (1 / alpha).clamp(max=cap)
+        caps = torch.where(t >= self.high_noise_start, torch.tensor(float(top), device=t.device),
+                           torch.tensor(float(cap), device=t.device))
+        return torch.minimum(1 / alpha, caps).clamp(min=1)
 
     def sample_timesteps(self, n, device):
         """Uniform over [0, T), except that a ``high_noise_fraction`` of the batch is drawn

@@ -223,6 +223,13 @@ def test_max_loss_weight_is_the_v_loss_weight_capped():
     snr = alpha / (1 - alpha)
     assert torch.allclose(w[:2], ((1 + snr) / snr)[:2].float()) and w[0] < 1.01
     assert w[2] == 10 and w[3] == 10
+    # the top (t >= high_noise_start) capped apart from the rest
+    split = DiffusionTrainer(build_tiny(), max_loss_weight=3, top_loss_weight=30,
+                             high_noise_start=900)
+    w = split.loss_weight(torch.tensor([0, 700, 899, 900, 999]))
+    assert w[0] < 1.01 and w[1] == 3 and w[2] == 3 and w[3] == 30 and w[4] == 30
+    with pytest.raises(ValueError, match="top_loss_weight"):
+        DiffusionTrainer(build_tiny(), top_loss_weight="high")
 
 
 def test_cosine_learning_rate_and_ramped_options(tmp_path):
