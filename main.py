@@ -66,17 +66,17 @@ def is_rank_zero():
     return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK"))
 
 
+def _read_rows(path):
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def merge_metrics(first, second, out):
     """``first``'s rows before ``second`` starts (a resumed run repeats the steps after its
     checkpoint), then ``second``'s, under the union of their columns."""
-    tables = []
-    for path in (first, second):
-        if path.exists():
-            with open(path, newline="") as f:
-                tables.append(list(csv.DictReader(f)))
-        else:
-            tables.append([])
-    old, new = tables
+    old, new = _read_rows(first), _read_rows(second)
     steps = [int(r["step"]) for r in new if r.get("step", "").isdigit()]
     if steps:
         old = [r for r in old if not r.get("step", "").isdigit() or int(r["step"]) < min(steps)]
@@ -90,20 +90,21 @@ def merge_metrics(first, second, out):
     tmp.replace(out)
 
 
+METRICS_ASIDE = "metrics.before-resume.csv"
+
+
 def set_metrics_aside(run):
     """Lightning's CSV logger deletes ``metrics.csv`` when it starts: a resumed run keeps its
-    history in ``metrics.before-resume.csv`` until ``restore_metrics`` merges it back."""
-    metrics, aside = run / "metrics.csv", run / "metrics.before-resume.csv"
+    history in ``METRICS_ASIDE`` (merged with any left by an earlier resume that ended before
+    merging) until ``restore_metrics`` merges it back."""
+    metrics, aside = run / "metrics.csv", run / METRICS_ASIDE
     if metrics.exists():
-        if aside.exists():  # an earlier resume ended before merging: merge that first
-            merge_metrics(aside, metrics, aside)
-            metrics.unlink()
-        else:
-            metrics.replace(aside)
+        merge_metrics(aside, metrics, aside)
+        metrics.unlink()
 
 
 def restore_metrics(run):
-    aside = run / "metrics.before-resume.csv"
+    aside = run / METRICS_ASIDE
     if aside.exists():
         merge_metrics(aside, run / "metrics.csv", run / "metrics.csv")
         aside.unlink()

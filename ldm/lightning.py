@@ -354,8 +354,7 @@ class DiffusionTrainer(pl.LightningModule):
         if max(cap, top) <= 1 or self.model.parameterization != "eps":
             return torch.ones_like(t, dtype=torch.float32)
         alpha = self.model.alphas_cumprod.to(t.device)[t].float()
-        caps = torch.where(t >= self.high_noise_start, torch.tensor(float(top), device=t.device),
-                           torch.tensor(float(cap), device=t.device))
+        caps = torch.where(t >= self.high_noise_start, top, cap).to(alpha.dtype)
         return torch.minimum(1 / alpha, caps).clamp(min=1)
 
     def sample_timesteps(self, n, device):
