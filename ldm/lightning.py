@@ -6,6 +6,7 @@ model is the attribute ``model``; the Lightning checkpoint's ``state_dict`` ther
 ``model.<official keys>`` plus EMA shadows, and ``scripts/export_model.py`` turns it into an
 inference checkpoint in the official layout.
 """
+import copy
 import logging
 import math
 
@@ -179,6 +180,11 @@ class DiffusionTrainer(pl.LightningModule):
     ``ramp(points, progress)`` instead (phases of the run at different rates). The run's
     length for these schedules is ``schedule_steps``, by default ``max_steps``; a run may be
     laid out over more steps than it takes. ``decoy_fraction`` (see ``decoys``) may ramp too.
+
+    ``anchor_start`` (a progress from 0 to 1; off by default) freezes a copy of the EMA UNet
+    and text encoder at that point of the run; from then on the samples with t in
+    ``anchor_timesteps`` ([low, high), by default [high_noise_start, T)) are trained towards
+    that copy's prediction instead of the noise (see ``anchored_targets``).
     """
 
     def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
@@ -186,7 +192,7 @@ class DiffusionTrainer(pl.LightningModule):
                  init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600,
                  max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
                  replay_pool=16384, schedule_steps=None, decoy_fraction=0.0, decoy_start=900,
-                 top_loss_weight=None):
+                 top_loss_weight=None, anchor_start=None, anchor_timesteps=None):
         super().__init__()
         if isinstance(lr_schedule, str) and lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"training.lr_schedule must be constant, cosine or a list of "
@@ -221,6 +227,19 @@ class DiffusionTrainer(pl.LightningModule):
         self.model_ema = LitEma(model.model, decay=ema_decay)
         self.cond_ema = (LitEma(model.cond_stage_model, decay=ema_decay)
                          if model.cond_stage_trainable else None)
+        self.anchor_start = anchor_start
+        self.anchor_timesteps = ([int(high_noise_start), model.num_timesteps]
+                                 if anchor_timesteps is None else [int(v) for v in anchor_timesteps])
+        if len(self.anchor_timesteps) != 2:
+            raise ValueError(f"training.anchor_timesteps is [low, high), not {anchor_timesteps!r}")
+        if anchor_start is not None:
+            if not 0 <= float(anchor_start) <= 1:
+                raise ValueError(f"training.anchor_start is a progress from 0 to 1, "
+                                 f"not {anchor_start!r}")
+            self.anchor = torch.nn.ModuleDict({"unet": copy.deepcopy(model.model),
+                                               "text": copy.deepcopy(model.cond_stage_model)})
+            self.anchor.requires_grad_(False).eval()
+            self.register_buffer("anchor_set", torch.tensor(False))
         if init_ckpt:
             self._init_from(init_ckpt)
 
@@ -249,6 +268,8 @@ class DiffusionTrainer(pl.LightningModule):
     def train(self, mode=True):
         super().train(mode)
         self.model.first_stage_model.eval()  # frozen: keep it in eval mode
+        if self.anchor_start is not None:
+            self.anchor.eval()
         return self
 
     @torch.no_grad()
@@ -317,6 +338,8 @@ class DiffusionTrainer(pl.LightningModule):
                            / m._at(m.sqrt_one_minus_alphas_cumprod, t, z)) * (source - z)
         output = self.model.apply_model(x_t, t, cond)
         target = eps if self.model.parameterization == "eps" else self.model.get_v(z, eps, t)
+        if drop_captions:
+            target = self.anchored_targets(target, x_t, t, captions)
         error = (output - target).square().mean((1, 2, 3))
         return (error * self.loss_weight(t)).mean()
 
@@ -339,6 +362,49 @@ class DiffusionTrainer(pl.LightningModule):
             return z
         other = torch.roll(z, 1, 0)   # the previous sample of the batch
         return torch.where(chosen.view(-1, 1, 1, 1), other, z)
+
+    @torch.no_grad()
+    def anchored_targets(self, target, x_t, t, captions):
+        """``target`` with, once the anchor is set (``anchor_start``), the prediction of the
+        frozen anchor in place of the samples with t in ``anchor_timesteps``.
+
+        Two skills live at different ends of the schedule: where the prompt puts things is
+        decided at the top, what they look like below it. Training one at a learning rate that
+        teaches it quickly undoes the other, unless that other's loss is weighted so heavily
+        that it crowds the first out: its data loss is mostly the unpredictable detail of
+        an image seen through noise. The anchor's prediction is that loss's target with the
+        noise averaged out: matching it costs little gradient once matched, and holds what
+        the anchor knew on its part of the schedule while the rest learns."""
+        if self.anchor_start is None:
+            return target
+        if not self.anchor_set:
+            if self.progress() < float(self.anchor_start):
+                return target
+            self.model_ema.copy_to(self.anchor["unet"])
+            if self.cond_ema is not None:
+                self.cond_ema.copy_to(self.anchor["text"])
+            else:
+                self.anchor["text"].load_state_dict(self.model.cond_stage_model.state_dict())
+            self.anchor_set.fill_(True)
+            log.info("anchor set from the EMA weights at step %d", self.global_step)
+        low, high = self.anchor_timesteps
+        chosen = ((t >= low) & (t < high)).nonzero().flatten()
+        if len(chosen) == 0:
+            return target
+        cond = self.anchor["text"].encode([captions[i] for i in chosen.tolist()])
+        target = target.clone()
+        target[chosen] = self.anchor["unet"](x_t[chosen], t[chosen], c_crossattn=cond)
+        return target
+
+    def on_load_checkpoint_anchor(self, state_dict):
+        """A checkpoint from before the anchor existed (or a run without one) resumes with
+        the anchor unset: its keys are filled from this module so loading stays strict."""
+        if self.anchor_start is None:
+            return
+        own = self.state_dict()
+        for key in own:
+            if (key.startswith("anchor.") or key == "anchor_set") and key not in state_dict:
+                state_dict[key] = own[key] if key != "anchor_set" else torch.tensor(False)
 
     def loss_weight(self, t):
         """Per-sample weight of the noise-prediction loss: 1 (Ho et al.), or, with
@@ -391,6 +457,7 @@ class DiffusionTrainer(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.model.scale_factor = float(checkpoint["state_dict"]["scale_factor"])
+        self.on_load_checkpoint_anchor(checkpoint["state_dict"])
 
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._loss(batch, drop_captions=False))
@@ -399,7 +466,9 @@ class DiffusionTrainer(pl.LightningModule):
         params = list(self.model.model.parameters())
         if self.model.cond_stage_trainable:
             params += list(self.model.cond_stage_model.parameters())
-        opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        # the fused kernel: a third of the optimiser's time on a CPU, the same update
+        opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay,
+                                fused=self.device.type in ("cpu", "cuda"))
         phases = None if isinstance(self.lr_schedule, str) else self.lr_schedule
         total = self.schedule_length() if self.lr_schedule != "constant" else None
         if self.lr_schedule != "constant" and not total:

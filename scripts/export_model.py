@@ -56,6 +56,8 @@ def export(run, out, dtype="float16", ckpt=None, decoder=None):
     model = instantiate_from_config(config.model)
     trainer = DiffusionTrainer(model, ema_decay=0.999, scale_by_std=True)
     sd = load_state_dict_file(ckpt)
+    # the frozen anchor (training.anchor_start) is training state, not the model
+    sd = {k: v for k, v in sd.items() if not k.startswith("anchor.") and k != "anchor_set"}
     trainer.load_state_dict(sd, strict=True)
     weights = trainer.ema_state_dict()
     scale = float(sd["scale_factor"])

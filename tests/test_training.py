@@ -429,3 +429,76 @@ def test_each_ddp_process_draws_its_own_noise():
         DiffusionTrainer.reseed_for_rank(world, rank)
         draws.append(torch.randn(4))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def test_the_anchor_freezes_the_ema_and_becomes_the_target_at_the_top():
+    """anchor_start: at that progress the EMA UNet and text encoder are copied into a frozen
+    anchor; from then on the samples at t >= high_noise_start take its prediction as target,
+    the others keep the noise."""
+    from conftest import build_tiny
+    from ldm.lightning import DiffusionTrainer
+    model = build_tiny()
+    trainer = DiffusionTrainer(model, anchor_start=0.0, high_noise_start=900)
+    assert not trainer.anchor_set
+    with torch.no_grad():
+        for p in model.model.parameters():     # the live weights move away from the EMA
+            p.add_(0.1 * torch.randn_like(p))
+    x_t, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([10, 899, 900, 999])
+    captions = ["a red circle", "", "a blue star on the left", "a green square"]
+    target = trainer.anchored_targets(noise, x_t, t, captions)
+    assert trainer.anchor_set
+    assert torch.equal(target[:2], noise[:2])                   # below the top: the noise
+    ema = copy_of_ema(trainer)
+    with torch.no_grad():
+        expected = ema.apply_model(x_t[2:], t[2:], ema.get_learned_conditioning(captions[2:]))
+    assert torch.allclose(target[2:], expected, atol=1e-5)      # the top: the EMA's prediction
+    assert not torch.allclose(target[2:], model.apply_model(
+        x_t[2:], t[2:], model.get_learned_conditioning(captions[2:])), atol=1e-3)
+    # frozen: later EMA updates do not reach it
+    trainer.on_train_batch_end()
+    again = trainer.anchored_targets(noise, x_t, t, captions)
+    assert torch.equal(again, target)
+    assert not any(p.requires_grad for p in trainer.anchor.parameters())
+    # off by default, and before anchor_start
+    assert DiffusionTrainer(build_tiny()).anchored_targets(noise, x_t, t, captions) is noise
+    later = DiffusionTrainer(build_tiny(), anchor_start=0.5)
+    assert later.anchored_targets(noise, x_t, t, captions) is noise and not later.anchor_set
+    with pytest.raises(ValueError, match="anchor_start"):
+        DiffusionTrainer(build_tiny(), anchor_start=2)
+    # anchor_timesteps: the other end of the schedule held instead
+    low = DiffusionTrainer(build_tiny(), anchor_start=0.0, anchor_timesteps=[0, 900])
+    mixed = low.anchored_targets(noise, x_t, t, captions)
+    assert torch.equal(mixed[2:], noise[2:]) and not torch.allclose(mixed[:2], noise[:2])
+    with pytest.raises(ValueError, match="anchor_timesteps"):
+        DiffusionTrainer(build_tiny(), anchor_start=0.5, anchor_timesteps=[900])
+
+
+def copy_of_ema(trainer):
+    import copy
+    model = copy.deepcopy(trainer.model)
+    trainer.model_ema.copy_to(model.model)
+    if trainer.cond_ema is not None:
+        trainer.cond_ema.copy_to(model.cond_stage_model)
+    return model
+
+
+def test_an_anchor_added_on_resume_is_set_saved_and_left_out_of_the_export(tmp_path):
+    from export_model import export
+    assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                      "--name", "a", "--max_steps", "6"]) == 0
+    run = tmp_path / "a"
+    assert main.main(["--resume", str(run), "-t", "--max_steps", "12",
+                      "training.anchor_start=0.6"]) == 0
+    sd = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert sd["anchor_set"]
+    name = next(k for k in sd if k.startswith("anchor.unet."))
+    live = "model.model." + name[len("anchor.unet."):]
+    assert not torch.equal(sd[name], sd[live])                  # frozen at step 8, not the last
+    # resumed again after the anchor was set: it comes back as saved
+    assert main.main(["--resume", str(run), "-t", "--max_steps", "14"]) == 0
+    sd2 = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(sd2[name], sd[name])
+    export(run, tmp_path / "out")
+    from safetensors.torch import load_file
+    assert not any(k.startswith("anchor") for k in load_file(tmp_path / "out" / "model.safetensors"))
