@@ -258,7 +258,14 @@ class DiffusionTrainer(pl.LightningModule):
     def _load_first_stage(self, path):
         from ldm.checkpoint import load_state_dict_file
         sd = load_state_dict_file(path)
-        prefix = "model." if any(k.startswith("model.encoder.") for k in sd) else ""
+        # a stage-1 checkpoint ("model.encoder..." or bare), or a whole model: an exported one
+        # ("first_stage_model.encoder...", e.g. the shipped model) or a stage-2 run's
+        prefixes = [p for p in ("", "model.", "first_stage_model.", "model.first_stage_model.")
+                    if p + "encoder.conv_in.weight" in sd]
+        if not prefixes:
+            raise ValueError(f"{path} holds no autoencoder (no encoder.conv_in.weight under "
+                             f"any known prefix): give a stage-1 checkpoint or a whole model")
+        prefix = prefixes[0]
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
               and k[len(prefix):].split(".")[0] in ("encoder", "decoder", "quant_conv",
                                                      "post_quant_conv")}

@@ -119,6 +119,16 @@ def test_decoder_only_finetune_keeps_the_latent_space(tmp_path):
     for k in a:
         if k.startswith(("model.decoder.", "model.post_quant_conv.", "model.encoder.")):
             assert torch.equal(out["first_stage_model." + k[6:]], b[k]), k
+    # a whole exported model serves as a first stage too (its first_stage_model.* part)
+    assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                      "--name", "ldm2", "--max_steps", "1",
+                      f"training.first_stage_ckpt={weights}"]) == 0
+    again = torch.load(tmp_path / "ldm2" / "checkpoints" / "last.ckpt",
+                       weights_only=False)["state_dict"]
+    for k in a:
+        if k.startswith(("model.decoder.", "model.encoder.")):
+            assert torch.equal(again["model.first_stage_model." + k[6:]], b[k] if
+                               k.startswith("model.decoder.") else a[k]), k
     # the record traces both parts back: ldm <- its first stage a; decoder b <- a
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     runs = lambda chain: [Path(e["checkpoint"]).parent.parent.name for e in chain]  # noqa: E731
@@ -210,6 +220,15 @@ def test_a_malformed_training_option_is_one_line_and_writes_nothing(tmp_path, ca
         message = str(e.value.code)
         assert message.startswith("error: training.") and "\n" not in message, message
         assert not (tmp_path / "bad").exists()
+    # a first_stage_ckpt with no autoencoder in it
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "novae.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
+                   "--name", "bad", "--max_steps", "2",
+                   f"training.first_stage_ckpt={tmp_path / 'novae.safetensors'}"])
+    message = str(e.value.code)
+    assert "holds no autoencoder" in message and "\n" not in message, message
 
 
 def test_max_loss_weight_is_the_v_loss_weight_capped():
