@@ -260,12 +260,11 @@ class DiffusionTrainer(pl.LightningModule):
         sd = load_state_dict_file(path)
         # a stage-1 checkpoint ("model.encoder..." or bare), or a whole model: an exported one
         # ("first_stage_model.encoder...", e.g. the shipped model) or a stage-2 run's
-        prefixes = [p for p in ("", "model.", "first_stage_model.", "model.first_stage_model.")
-                    if p + "encoder.conv_in.weight" in sd]
-        if not prefixes:
+        prefix = next((p for p in ("", "model.", "first_stage_model.", "model.first_stage_model.")
+                       if p + "encoder.conv_in.weight" in sd), None)
+        if prefix is None:
             raise ValueError(f"{path} holds no autoencoder (no encoder.conv_in.weight under "
                              f"any known prefix): give a stage-1 checkpoint or a whole model")
-        prefix = prefixes[0]
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
               and k[len(prefix):].split(".")[0] in ("encoder", "decoder", "quant_conv",
                                                      "post_quant_conv")}

@@ -229,6 +229,7 @@ def test_a_malformed_training_option_is_one_line_and_writes_nothing(tmp_path, ca
                    f"training.first_stage_ckpt={tmp_path / 'novae.safetensors'}"])
     message = str(e.value.code)
     assert "holds no autoencoder" in message and "\n" not in message, message
+    assert not (tmp_path / "bad").exists()
 
 
 def test_max_loss_weight_is_the_v_loss_weight_capped():
