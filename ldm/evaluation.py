@@ -8,9 +8,10 @@ from ldm.data.shapes import heldout_prompts
 
 def generate_and_judge(pipe, cases, seed=0, batch_size=32, progress=True, **sampling):
     """Images for ``cases`` ([(prompt, scene)]), seeds seed, seed+1, ...; returns
-    (images, judgements) with one ``analyser.judge`` result per image."""
+    (images, judgements, found): per image one ``analyser.judge`` result and the number of
+    objects the analyser found."""
     from tqdm import tqdm
-    images, judgements = [], []
+    images, judgements, found = [], [], []
     starts = range(0, len(cases), batch_size)
     for start in tqdm(starts, desc="evaluating", disable=not progress or len(starts) < 2):
         chunk = cases[start:start + batch_size]
@@ -18,22 +19,25 @@ def generate_and_judge(pipe, cases, seed=0, batch_size=32, progress=True, **samp
                                 [seed + start + i for i in range(len(chunk))],
                                 progress=False, **sampling)
         for s, (_, scene) in zip(samples, chunk):
+            objects = analyser.analyse(s.image)
             images.append(s.image)
-            judgements.append(analyser.judge(scene, analyser.analyse(s.image)))
-    return images, judgements
+            judgements.append(analyser.judge(scene, objects))
+            found.append(len(objects))
+    return images, judgements, found
 
 
 def evaluate(pipe, n_single=100, n_double=50, seed=0, batch_size=32, progress=True, **sampling):
     """{"single": accuracy, "double": accuracy} on held-out prompts, plus what made them:
-    {"cases": ..., "images": ..., "judgements": ...} per kind."""
+    {"cases": ..., "images": ..., "judgements": ..., "found": ...} per kind."""
     out = {}
     for kind, n, n_shapes in (("single", n_single, 1), ("double", n_double, 2)):
         if n <= 0:
             continue
         cases = heldout_prompts(n, seed=seed + n_shapes, n_shapes=n_shapes)
-        images, judgements = generate_and_judge(pipe, cases, seed, batch_size, progress, **sampling)
-        out[kind] = {"accuracy": analyser.accuracy(judgements), "cases": cases,
-                     "images": images, "judgements": judgements}
+        images, judgements, found = generate_and_judge(pipe, cases, seed, batch_size, progress,
+                                                       **sampling)
+        out[kind] = {"accuracy": analyser.accuracy(judgements, found), "cases": cases,
+                     "images": images, "judgements": judgements, "found": found}
     return out
 
 
@@ -47,7 +51,7 @@ def reconstruction_accuracy(autoencoder, n=128, seed=9, batch_size=32, size=64):
     from ldm.data.shapes import ShapesDataset
     from ldm.image_io import tensor_to_pil
     data = ShapesDataset("heldout", size=size, seed=seed)
-    judgements, images, errors = [], [], []
+    judgements, found, images, errors = [], [], [], []
     param = next(autoencoder.parameters())
     with torch.no_grad():
         for start in range(0, n, batch_size):
@@ -57,13 +61,17 @@ def reconstruction_accuracy(autoencoder, n=128, seed=9, batch_size=32, size=64):
             y = autoencoder.decode(autoencoder.encode(x).mode()).float().clamp(-1, 1)
             errors.append(float((y - x.float()).square().mean()) * len(idx))
             for i, image in zip(idx, tensor_to_pil(y)):
+                objects = analyser.analyse(image)
                 images.append(image)
-                judgements.append(analyser.judge(data.scene(i), analyser.analyse(image)))
-    return analyser.accuracy(judgements), sum(errors) / n, images
+                judgements.append(analyser.judge(data.scene(i), objects))
+                found.append(len(objects))
+    return analyser.accuracy(judgements, found), sum(errors) / n, images
 
 
-def labelled_grid(images, cases, judgements, per_row=8, scale=2):
-    """Each image enlarged, with its whole prompt and the analyser's verdict written below."""
+def labelled_grid(images, cases, judgements, found=None, per_row=8, scale=2):
+    """Each image enlarged, with its whole prompt and the analyser's verdict written below
+    ("count" among the wrong when ``found``, the objects found per image, is not one per
+    wanted shape)."""
     import textwrap
     w, h = images[0].size
     tw, th = w * scale, h * scale
@@ -72,11 +80,13 @@ def labelled_grid(images, cases, judgements, per_row=8, scale=2):
     rows = -(-len(images) // per_row)
     grid = Image.new("RGB", (per_row * (tw + 4) + 4, rows * (th + label_h + 4) + 4), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (image, lines, verdict) in enumerate(zip(images, labels, judgements)):
+    found = found if found is not None else [len(v) for v in judgements]
+    for i, (image, lines, verdict, n) in enumerate(zip(images, labels, judgements, found)):
         x = 4 + (i % per_row) * (tw + 4)
         y = 4 + (i // per_row) * (th + label_h + 4)
         grid.paste(image.resize((tw, th), Image.NEAREST), (x, y))
         wrong = sorted({a for shape in verdict for a, ok in shape.items() if not ok})
+        wrong += ["count"] if n != len(verdict) else []
         verdict_line = "OK" if not wrong else "wrong: " + ",".join(wrong)
         for k, line in enumerate(lines + [verdict_line]):
             colour = "black" if k < len(lines) else "green" if not wrong else "red"

@@ -63,7 +63,8 @@ def main(argv=None):
         summary[kind] = {"n": len(r["cases"]), **acc}
         print(f"{kind:6s} n={len(r['cases']):4d}  " +
               "  ".join(f"{k} {v:6.1%}" for k, v in acc.items()))
-        grid = labelled_grid(r["images"][:64], r["cases"][:64], r["judgements"][:64])
+        grid = labelled_grid(r["images"][:64], r["cases"][:64], r["judgements"][:64],
+                             r["found"][:64])
         path = save_numbered(grid, outdir, f"{kind}-{{:04}}.png", summary)
         print(f"  grid: {path}")
     if args.reconstruct > 0:

@@ -59,15 +59,16 @@ def test_heldout_prompts_name_every_attribute():
 def test_analyser_reads_ground_truth(n_shapes):
     """At least 99% of ground-truth renders fully right (every attribute of every shape)."""
     rng = np.random.default_rng(123 + n_shapes)
-    judgements = []
+    judgements, counts = [], []
     for i in range(400):
         scene = sample_scene(rng, "train" if i % 2 else "heldout", n_shapes)
         found = analyser.analyse(render(scene))
         judgements.append(analyser.judge(scene, found))
+        counts.append(len(found))
         if n_shapes == 1:
             assert len(found) == 1
-    acc = analyser.accuracy(judgements)
-    assert acc["all"] >= 0.99, acc
+    acc = analyser.accuracy(judgements, counts)
+    assert acc["all"] >= 0.99 and acc["count"] >= 0.99, acc
 
 
 def test_analyser_fails_on_wrong_images():

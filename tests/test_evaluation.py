@@ -1,5 +1,7 @@
 """ldm.evaluation (scripts/evaluate.py's core) on stand-in models: one that draws exactly the
 held-out scene it is asked for scores (nearly) 100%, one that draws nothing scores 0."""
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
@@ -11,19 +13,30 @@ from ldm.pipeline import Sample
 class Oracle:
     """generate() returns the ground-truth render of each prompt's scene."""
 
-    def __init__(self, scenes_by_prompt, blank=False):
-        self.scenes, self.blank = scenes_by_prompt, blank
+    def __init__(self, scenes_by_prompt, blank=False, twice=False):
+        self.scenes, self.blank, self.twice = scenes_by_prompt, blank, twice
         self.calls = []
 
     def generate(self, prompts, seeds, progress=True, **sampling):
         self.calls.append((list(seeds), sampling))
         out = []
         for p in prompts:
-            pixels = render(self.scenes[p], 64)
+            scene = self.scenes[p]
+            if self.twice:   # every shape drawn again in the opposite corner, made small
+                copies = [dataclasses.replace(s, size="small", position=_opposite(s.position))
+                          for s in scene.shapes]
+                scene = dataclasses.replace(scene, shapes=scene.shapes + copies)
+            pixels = render(scene, 64)
             if self.blank:
                 pixels = np.full_like(pixels, 128)
             out.append(Sample(Image.fromarray(pixels)))
         return out
+
+
+def _opposite(position):
+    from ldm.data.shapes import POSITIONS
+    (r, c), names = POSITIONS[position], {v: k for k, v in POSITIONS.items()}
+    return names[(2 - r if r != 1 else 0, 2 - c if c != 1 else 0)]
 
 
 def _cases():
@@ -37,11 +50,23 @@ def test_a_perfect_model_scores_full_marks_and_a_blank_one_zero():
     assert all(sampling == {"steps": 3} for _, sampling in oracle.calls)
     assert perfect["single"]["accuracy"]["all"] >= 0.95
     assert perfect["double"]["accuracy"]["colour"] >= 0.95
+    assert perfect["single"]["accuracy"]["count"] >= 0.95
+    assert perfect["double"]["accuracy"]["count"] >= 0.9
     blank = Oracle(_cases(), blank=True)
     nothing = evaluate(blank, 20, 0, seed=0, batch_size=8, progress=False)
     assert nothing["single"]["accuracy"]["all"] == 0 and "double" not in nothing
+    assert nothing["single"]["accuracy"]["count"] == 0
     # seeds run on across batches
     assert [s for seeds, _ in blank.calls for s in seeds] == list(range(20))
+
+
+def test_a_model_that_draws_each_shape_twice_is_caught_by_the_count():
+    """The attributes alone would pass it: each wanted shape is matched to its best object."""
+    twice = evaluate(Oracle(_cases(), twice=True), 20, 0, seed=0, progress=False)
+    acc = twice["single"]["accuracy"]
+    assert acc["colour"] >= 0.95 and acc["shape"] >= 0.95 and acc["position"] >= 0.95
+    assert acc["count"] == 0
+    assert set(twice["single"]["found"]) == {2}
 
 
 def test_labelled_grid_writes_whole_prompts_and_verdicts():
@@ -59,6 +84,8 @@ def test_labelled_grid_writes_whole_prompts_and_verdicts():
     assert red.any() and not green.any()            # "wrong: shape" in red
     px = np.asarray(g_short)
     assert ((px[..., 1] > 100) & (px[..., 0] < 80) & (px[..., 2] < 80)).any()   # "OK" in green
+    px = np.asarray(labelled_grid([image], [short], [ok], found=[2]))   # "wrong: count"
+    assert ((px[..., 0] > 150) & (px[..., 1] < 80) & (px[..., 2] < 80)).any()
 
 
 class _Autoencoder:
@@ -82,9 +109,9 @@ class _Autoencoder:
 def test_reconstruction_accuracy_of_the_autoencoder_alone():
     from ldm.evaluation import reconstruction_accuracy
     acc, mse, images = reconstruction_accuracy(_Autoencoder(), n=40, batch_size=16)
-    assert acc["all"] >= 0.95 and mse < 1e-4 and len(images) == 40
+    assert acc["all"] >= 0.95 and acc["count"] >= 0.95 and mse < 1e-4 and len(images) == 40
     acc, mse, _ = reconstruction_accuracy(_Autoencoder(lossy=True), n=20)
-    assert acc["all"] == 0 and mse > 0.01
+    assert acc["all"] == 0 and acc["count"] == 0 and mse > 0.01
 
 
 def place_stub(rows_heard=True, cols_heard=True):

@@ -121,10 +121,14 @@ def judge(scene, objects):
     return results
 
 
-def accuracy(judgements):
+def accuracy(judgements, found=None):
     """Fraction correct per attribute, plus "all" (every attribute of every shape right),
-    over a list of ``judge`` results (one per image)."""
+    over a list of ``judge`` results (one per image). With ``found`` (the number of objects
+    ``analyse`` found in each image), also "count": the share of images with exactly one
+    object per wanted shape, so a model that draws a shape twice cannot pass unseen."""
     flat = [r for image in judgements for r in image]
     out = {a: float(np.mean([r[a] for r in flat])) for a in ATTRIBUTES}
     out["all"] = float(np.mean([all(all(r.values()) for r in image) for image in judgements]))
+    if found is not None:
+        out["count"] = float(np.mean([n == len(image) for n, image in zip(found, judgements)]))
     return out
