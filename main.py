@@ -6,7 +6,10 @@
 The config has ``model`` (what to build), ``training`` (parameters of the Lightning wrapper
 in ``ldm.lightning``), ``data`` and ``lightning.trainer`` (``pl.Trainer`` arguments, which
 the command line overrides). A run lives in ``<logdir>/<name>/``: ``configs/`` (the merged
-config), ``checkpoints/`` (``last.ckpt`` plus periodic ones), ``metrics.csv``.
+config, with the run's own flags in it: ``--max_steps``, ``--seed``, ``--precision``,
+``--checkpoint_every``, ``--batch_size``, ``--num_workers``, so that ``--resume`` carries on
+with them; the machine's flags, ``--gpus``/``--devices``/``--accelerator``/``--num_nodes``,
+are given again), ``checkpoints/`` (``last.ckpt`` plus periodic ones), ``metrics.csv``.
 """
 import argparse
 import csv
@@ -27,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("-r", "--resume", default="", help="a run folder or a checkpoint in one")
     p.add_argument("-n", "--name", default="", help="run name (default: time stamp + config)")
     p.add_argument("-l", "--logdir", default="logs", help="folder holding runs")
-    p.add_argument("-s", "--seed", type=int, default=23, help="global seed")
+    p.add_argument("-s", "--seed", type=int, default=None, help="global seed (default 23)")
     p.add_argument("--max_steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--accelerator", default=None, help="cpu, gpu, mps or auto")
     p.add_argument("--devices", default=None, help="devices per node, e.g. 1 or 0,1")
@@ -114,7 +117,7 @@ def trainer_kwargs(config, args):
     kw = dict(config.get("lightning", {}).get("trainer", {}) or {})
     if args.gpus is not None:  # CompVis: --gpus 0, means the GPU with index 0
         kw.update(accelerator="gpu", devices=[int(g) for g in str(args.gpus).split(",") if g])
-    for key in ("max_steps", "accelerator", "num_nodes", "precision"):
+    for key in ("accelerator", "num_nodes"):   # the machine's: given again on each resume
         if getattr(args, key) is not None:
             kw[key] = getattr(args, key)
     if args.devices is not None:
@@ -145,11 +148,17 @@ def main(argv=None):
             raise SystemExit(f"error: cannot resume: {e}") from None
     config = OmegaConf.merge(*[OmegaConf.load(c) for c in config_paths],
                              OmegaConf.from_dotlist(args.overrides))
-    if args.num_workers is not None:
-        config.data.params.num_workers = args.num_workers
-    if args.batch_size is not None:
-        config.data.params.batch_size = args.batch_size
-    pl.seed_everything(args.seed, workers=True)
+    # the run's own settings go into its saved config, so that `--resume RUN -t` carries on
+    # with them: the same length (and the schedules laid out over it), checkpoints, batches
+    for flag, key in (("seed", "lightning.seed"),
+                      ("max_steps", "lightning.trainer.max_steps"),
+                      ("precision", "lightning.trainer.precision"),
+                      ("checkpoint_every", "lightning.checkpoint_every"),
+                      ("num_workers", "data.params.num_workers"),
+                      ("batch_size", "data.params.batch_size")):
+        if getattr(args, flag) is not None:
+            OmegaConf.update(config, key, getattr(args, flag), force_add=True)
+    pl.seed_everything(config.get("lightning", {}).get("seed", 23), workers=True)
     try:  # a bad option in the config: one line, before anything is written
         model = trainer_for(instantiate_from_config(config.model),
                             **OmegaConf.to_container(config.get("training", {}) or {}))
@@ -164,7 +173,7 @@ def main(argv=None):
             f.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + command + "\n")
         set_metrics_aside(run)
     data = instantiate_from_config(config.data)
-    every = args.checkpoint_every or config.get("lightning", {}).get("checkpoint_every", 200)
+    every = config.get("lightning", {}).get("checkpoint_every", 200)
     checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", filename="step-{step:06d}",
                                   every_n_train_steps=every, save_last=True, save_top_k=2,
                                   monitor="step", mode="max", auto_insert_metric_name=False,

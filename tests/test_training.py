@@ -379,11 +379,22 @@ def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatc
         return step(self, batch, batch_idx)
     monkeypatch.setattr(DiffusionTrainer, "training_step", interrupted_at_7)
     assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
-                      "--name", "cut", "--max_steps", "40"]) == 130
-    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 7                  # not the every-10 checkpoint's 0
+                      "--name", "cut", "--max_steps", "17", "--checkpoint_every", "5",
+                      "--seed", "5"]) == 130
+    run = tmp_path / "cut"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 7                  # not the every-5 checkpoint's 5
     err = capsys.readouterr().err
-    assert f"python main.py --resume {tmp_path / 'cut'} -t" in err
+    assert f"python main.py --resume {run} -t" in err
+    # that command, as printed, finishes the run as it was started: 17 steps (the config
+    # says 40), so schedules laid out over 17, and a checkpoint every 5 (the config: 10)
+    monkeypatch.undo()
+    assert main.main(["--resume", str(run), "-t"]) == 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 17
+    assert (run / "checkpoints" / "step-000015.ckpt").exists()
+    saved = OmegaConf.load(run / "configs" / "config.yaml")
+    assert saved.lightning.trainer.max_steps == 17 and saved.lightning.checkpoint_every == 5
+    assert saved.lightning.seed == 5
 
 
 def test_sigterm_keeps_the_steps_done(tmp_path, capsys):
