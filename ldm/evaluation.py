@@ -75,22 +75,25 @@ def labelled_grid(images, cases, judgements, found=None, per_row=8, scale=2):
     import textwrap
     w, h = images[0].size
     tw, th = w * scale, h * scale
-    labels = [textwrap.wrap(prompt, 22) for prompt, _ in cases[:len(images)]]
-    label_h = 12 * (max(map(len, labels)) + 1) + 4
+    found = found if found is not None else [len(v) for v in judgements]
+    labels, verdicts = [], []
+    for (prompt, _), verdict, n in zip(cases[:len(images)], judgements, found):
+        wrong = sorted({a for shape in verdict for a, ok in shape.items() if not ok})
+        wrong += ["count"] if n != len(verdict) else []
+        labels.append(textwrap.wrap(prompt, 22))
+        verdicts.append(textwrap.wrap("wrong: " + ", ".join(wrong), 24) if wrong else ["OK"])
+    label_h = 12 * max(len(a) + len(b) for a, b in zip(labels, verdicts)) + 4
     rows = -(-len(images) // per_row)
     grid = Image.new("RGB", (per_row * (tw + 4) + 4, rows * (th + label_h + 4) + 4), "white")
     draw = ImageDraw.Draw(grid)
-    found = found if found is not None else [len(v) for v in judgements]
-    for i, (image, lines, verdict, n) in enumerate(zip(images, labels, judgements, found)):
+    for i, (image, lines, verdict) in enumerate(zip(images, labels, verdicts)):
         x = 4 + (i % per_row) * (tw + 4)
         y = 4 + (i // per_row) * (th + label_h + 4)
         grid.paste(image.resize((tw, th), Image.NEAREST), (x, y))
-        wrong = sorted({a for shape in verdict for a, ok in shape.items() if not ok})
-        wrong += ["count"] if n != len(verdict) else []
-        verdict_line = "OK" if not wrong else "wrong: " + ",".join(wrong)
-        for k, line in enumerate(lines + [verdict_line]):
-            colour = "black" if k < len(lines) else "green" if not wrong else "red"
-            draw.text((x, y + th + 1 + 12 * k), line, fill=colour)
+        colour = "green" if verdict == ["OK"] else "red"
+        for k, (line, fill) in enumerate([(t, "black") for t in lines] +
+                                         [(t, colour) for t in verdict]):
+            draw.text((x, y + th + 1 + 12 * k), line, fill=fill)
     return grid
 
 

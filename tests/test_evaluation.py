@@ -86,6 +86,10 @@ def test_labelled_grid_writes_whole_prompts_and_verdicts():
     assert ((px[..., 1] > 100) & (px[..., 0] < 80) & (px[..., 2] < 80)).any()   # "OK" in green
     px = np.asarray(labelled_grid([image], [short], [ok], found=[2]))   # "wrong: count"
     assert ((px[..., 0] > 150) & (px[..., 1] < 80) & (px[..., 2] < 80)).any()
+    # a long verdict is wrapped to the cell, not written over the next one
+    everything = [{"colour": False, "shape": False, "size": False, "position": False}]
+    g_many = labelled_grid([image], [short], [everything], found=[2])
+    assert g_many.height > labelled_grid([image], [short], [wrong]).height
 
 
 class _Autoencoder:

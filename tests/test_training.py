@@ -357,6 +357,7 @@ def test_the_shapes_recipe_configs_run(tmp_path):
     export_model.main(["--run", str(tmp_path / "zsnr"), "--out", str(tmp_path / "out")])
     pipe = Txt2Img.load(tmp_path / "out" / "model.safetensors", device="cpu", safety=False)
     assert pipe.defaults["timestep_spacing"] == "trailing"
+    assert pipe.defaults["scale"] == 4.0                           # the recipe's guidance
     assert pipe.model.parameterization == "v" and pipe.model.sqrt_alphas_cumprod[-1] < 3e-4
     assert pipe.generate(["a red circle"], [0], steps=2, progress=False)[0].image.size == (64, 64)
 
