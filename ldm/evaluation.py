@@ -19,10 +19,10 @@ def generate_and_judge(pipe, cases, seed=0, batch_size=32, progress=True, **samp
                                 [seed + start + i for i in range(len(chunk))],
                                 progress=False, **sampling)
         for s, (_, scene) in zip(samples, chunk):
-            objects = analyser.analyse(s.image)
+            judgement, count = analyser.judge_image(scene, s.image)
             images.append(s.image)
-            judgements.append(analyser.judge(scene, objects))
-            found.append(len(objects))
+            judgements.append(judgement)
+            found.append(count)
     return images, judgements, found
 
 
@@ -61,10 +61,10 @@ def reconstruction_accuracy(autoencoder, n=128, seed=9, batch_size=32, size=64):
             y = autoencoder.decode(autoencoder.encode(x).mode()).float().clamp(-1, 1)
             errors.append(float((y - x.float()).square().mean()) * len(idx))
             for i, image in zip(idx, tensor_to_pil(y)):
-                objects = analyser.analyse(image)
+                judgement, count = analyser.judge_image(data.scene(i), image)
                 images.append(image)
-                judgements.append(analyser.judge(data.scene(i), objects))
-                found.append(len(objects))
+                judgements.append(judgement)
+                found.append(count)
     return analyser.accuracy(judgements, found), sum(errors) / n, images
 
 

@@ -121,6 +121,12 @@ def judge(scene, objects):
     return results
 
 
+def judge_image(scene, image):
+    """``judge(scene, analyse(image))`` and the number of objects found (for "count")."""
+    objects = analyse(image)
+    return judge(scene, objects), len(objects)
+
+
 def accuracy(judgements, found=None):
     """Fraction correct per attribute, plus "all" (every attribute of every shape right),
     over a list of ``judge`` results (one per image). With ``found`` (the number of objects
