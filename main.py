@@ -134,7 +134,7 @@ def main(argv=None):
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
-    from ldm.lightning import trainer_for
+    from ldm.lightning import progress_bar, trainer_for
     from ldm.util import instantiate_from_config
 
     run, ckpt, config_paths = resolve_run(args)
@@ -178,9 +178,10 @@ def main(argv=None):
                                   every_n_train_steps=every, save_last=True, save_top_k=2,
                                   monitor="step", mode="max", auto_insert_metric_name=False,
                                   enable_version_counter=False)  # a resumed run keeps last.ckpt
-    trainer = pl.Trainer(default_root_dir=run, callbacks=[checkpoints],
-                         logger=CSVLogger(run, name="", version=""),
-                         **trainer_kwargs(config, args))
+    kwargs = trainer_kwargs(config, args)
+    bars = [progress_bar()] if kwargs.get("enable_progress_bar", True) else []
+    trainer = pl.Trainer(default_root_dir=run, callbacks=[checkpoints, *bars],
+                         logger=CSVLogger(run, name="", version=""), **kwargs)
     print(f"run folder: {run}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)
     # weights_only: Lightning's checkpoint is loaded by torch's safe unpickler, never running
     # code from it (our own restricted unpickler has vetted the file above)
@@ -190,7 +191,7 @@ def main(argv=None):
         if not trainer.interrupted:
             raise
     # the steps after the last every-N checkpoint (to max_steps, or to a Ctrl-C) are kept too
-    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False)  # all of it
     if rank_zero:
         restore_metrics(run)
     if trainer.interrupted:

@@ -505,3 +505,39 @@ def trainer_for(model, **params):
     if isinstance(model, LatentDiffusion):
         return DiffusionTrainer(model, **params)
     raise ValueError(f"no trainer for {type(model).__name__}")
+
+
+class _ResumedTotal:
+    """A progress bar's total for a run resumed mid-epoch. Lightning counts the bar from the
+    restored step of the epoch but sets its total to the steps left, so a run resumed at
+    step 2,250 of 4,000 ran to "4000/1749". Here the total counts the steps already done in
+    the epoch too, and that run ends at 4000/4000."""
+
+    @property
+    def total_train_batches(self):
+        trainer = self.trainer
+        total = trainer.num_training_batches
+        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # this epoch's
+            total = min(total, trainer.max_steps - trainer.global_step + done)
+        return total
+
+
+class RichStepBar(_ResumedTotal, pl.callbacks.RichProgressBar):
+    def _get_train_description(self, current_epoch):   # not "Epoch 0/-2" in a run of steps
+        if self.trainer.max_epochs == -1:
+            return f"Epoch {current_epoch}"
+        return super()._get_train_description(current_epoch)
+
+
+class TQDMStepBar(_ResumedTotal, pl.callbacks.TQDMProgressBar):
+    def on_train_start(self, *args):
+        super().on_train_start(*args)   # a mid-epoch resume skips on_train_epoch_start
+        bar, done = self.train_progress_bar, self.trainer.fit_loop.epoch_loop.batch_progress
+        bar.total, bar.n = self.total_train_batches, done.current.processed
+
+
+def progress_bar():
+    """Lightning's default bar (Rich if installed, else tqdm), counting a resumed run right."""
+    from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
+    return RichStepBar() if _RICH_AVAILABLE else TQDMStepBar()

@@ -370,7 +370,10 @@ def test_zero_terminal_snr_needs_v_prediction(tiny_config):
         instantiate_from_config(config.model)
 
 
-def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bar", ["RichStepBar", "TQDMStepBar"])
+def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatch, capsys, bar):
+    import ldm.lightning
+    bar_class = getattr(ldm.lightning, bar)
     from ldm.lightning import DiffusionTrainer
     step = DiffusionTrainer.training_step
 
@@ -390,8 +393,14 @@ def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatc
     # that command, as printed, finishes the run as it was started: 17 steps (the config
     # says 40), so schedules laid out over 17, and a checkpoint every 5 (the config: 10)
     monkeypatch.undo()
+    shown = bar_class()
+    seen = set()   # the bar's totals through the resumed run (its count is the step)
+    end = shown.on_train_batch_end
+    shown.on_train_batch_end = lambda *a: (seen.add(shown.total_train_batches), end(*a))
+    monkeypatch.setattr(ldm.lightning, "progress_bar", lambda: shown)
     assert main.main(["--resume", str(run), "-t"]) == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 17
+    assert seen == {17}   # counted from step 7 to 17 of 17 (Lightning's own: to 17 of 9)
     assert (run / "checkpoints" / "step-000015.ckpt").exists()
     saved = OmegaConf.load(run / "configs" / "config.yaml")
     assert saved.lightning.trainer.max_steps == 17 and saved.lightning.checkpoint_every == 5
