@@ -74,7 +74,8 @@ def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
     tok_dir.mkdir(parents=True, exist_ok=True)
     write_clip_tokenizer_files(tok_dir)
     tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
-                                           pad_token="<|endoftext|>", model_max_length=77)
+                                           pad_token="<|endoftext|>",
+                                           model_max_length=model.cond_stage_model.max_length)
     params = config.model.params
     trailing = (config.get("sampling") or {}).get("timestep_spacing") == "trailing"
     scheduler = diffusers.DDIMScheduler(

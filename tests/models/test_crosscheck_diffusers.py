@@ -256,3 +256,28 @@ def test_zero_terminal_snr_txt2img_matches_diffusers_pipeline(tmp_path, zero_snr
     z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
                       latents=x.clone(), output_type="latent").images
     assert rel_err(z_ours, z_theirs) < 1e-3
+
+
+def test_a_short_text_context_matches_diffusers_pipeline(tmp_path, tiny_config):
+    """A text encoder of 16 positions (``max_length``: the shapes recipe uses 32, its captions
+    being at most 25 tokens): the diffusers twin tokenizes, truncates and conditions alike."""
+    from conftest import randomize
+    from ldm.compare import save_diffusers_pipeline
+    from ldm.pipeline import Txt2Img
+    from ldm.util import instantiate_from_config
+    config = tiny_config.copy()
+    config.model.params.cond_stage_config.params.max_length = 16
+    model = randomize(instantiate_from_config(config.model), 3).eval()
+    assert model.cond_stage_model.transformer.config.max_position_embeddings == 16
+    theirs = save_diffusers_pipeline(model, config, tmp_path / "pipe")
+    theirs.set_progress_bar_config(disable=True)
+    ours = Txt2Img(model, torch.device("cpu"), "full")
+    long = "a small red circle in the top left corner and a big blue square on a green field"
+    prompts, seeds = ["a red circle", long], [7, 8]
+    assert ours.model.get_learned_conditioning(prompts).shape[1] == 16
+    x, _ = ours.initial_noise(seeds, 32, 32)
+    z_ours = ours.latents(prompts, seeds, None, "ddim", 10, 7.5, height=32, width=32,
+                          progress=False)
+    z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
+                      latents=x.clone(), output_type="latent").images
+    assert rel_err(z_ours, z_theirs) < 1e-4
