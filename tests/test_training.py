@@ -358,6 +358,8 @@ def test_the_shapes_recipe_configs_run(tmp_path):
     pipe = Txt2Img.load(tmp_path / "out" / "model.safetensors", device="cpu", safety=False)
     assert pipe.defaults["timestep_spacing"] == "trailing"
     assert pipe.defaults["scale"] == 4.0                           # the recipe's guidance
+    assert pipe.model.cond_stage_model.transformer.config.max_position_embeddings == 32
+    assert ckpt["state_dict"]["anchor_set"]                        # the anchor from 2/3 on
     assert pipe.model.parameterization == "v" and pipe.model.sqrt_alphas_cumprod[-1] < 3e-4
     assert pipe.generate(["a red circle"], [0], steps=2, progress=False)[0].image.size == (64, 64)
 
