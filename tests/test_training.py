@@ -337,11 +337,12 @@ def test_the_shapes_recipe_configs_run(tmp_path):
                       str(tmp_path), "--name", "vae", "--max_steps", "3", "--batch_size", "4"]) == 0
     vae = tmp_path / "vae" / "checkpoints" / "last.ckpt"
     assert main.main(["--base", str(shapes / "txt2img-shapes.yaml"), "-t", "--logdir",
-                      str(tmp_path), "--name", "ldm", "--max_steps", "3", "--batch_size", "4",
+                      str(tmp_path), "--name", "ldm", "--max_steps", "6", "--batch_size", "4",
                       f"training.first_stage_ckpt={vae}",
                       "lightning.trainer.log_every_n_steps=1"]) == 0
     ckpt = torch.load(tmp_path / "ldm" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ckpt["global_step"] == 3
+    assert ckpt["global_step"] == 6
+    assert ckpt["state_dict"]["anchor_set"]                        # set at step 4 of 6
     norm = "model.first_stage_model.decoder.up.0.block.0.norm1.weight"
     assert norm in ckpt["state_dict"]
     lr = dict(losses(tmp_path / "ldm", "lr"))
@@ -359,7 +360,6 @@ def test_the_shapes_recipe_configs_run(tmp_path):
     assert pipe.defaults["timestep_spacing"] == "trailing"
     assert pipe.defaults["scale"] == 4.0                           # the recipe's guidance
     assert pipe.model.cond_stage_model.transformer.config.max_position_embeddings == 32
-    assert ckpt["state_dict"]["anchor_set"]                        # the anchor from 2/3 on
     assert pipe.model.parameterization == "v" and pipe.model.sqrt_alphas_cumprod[-1] < 3e-4
     assert pipe.generate(["a red circle"], [0], steps=2, progress=False)[0].image.size == (64, 64)
 
