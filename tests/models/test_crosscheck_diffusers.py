@@ -20,6 +20,17 @@ def rel_err(a, b):
     return err
 
 
+
+def ddim_latents_both(ours, theirs, prompts, seeds=(7, 8)):
+    """32x32 latents of ``prompts`` from our Txt2Img and a diffusers pipeline, from the same
+    noise: DDIM 10 steps, scale 7.5."""
+    x, _ = ours.initial_noise(list(seeds), 32, 32)
+    z_ours = ours.latents(prompts, list(seeds), None, "ddim", 10, 7.5, height=32, width=32,
+                          progress=False)
+    z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
+                      latents=x.clone(), output_type="latent").images
+    return z_ours, z_theirs
+
 @pytest.fixture(scope="module")
 def converted(tiny_model, tiny_config):
     from ldm.compare import to_diffusers
@@ -249,12 +260,7 @@ def test_zero_terminal_snr_txt2img_matches_diffusers_pipeline(tmp_path, zero_snr
     theirs.set_progress_bar_config(disable=True)
     assert theirs.scheduler.config.rescale_betas_zero_snr
     ours = Txt2Img(model, torch.device("cpu"), "full", defaults=dict(config.sampling))
-    prompts, seeds = ["a red circle", "two blue squares"], [7, 8]
-    x, _ = ours.initial_noise(seeds, 32, 32)
-    z_ours = ours.latents(prompts, seeds, None, "ddim", 10, 7.5, height=32, width=32,
-                          progress=False)
-    z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
-                      latents=x.clone(), output_type="latent").images
+    z_ours, z_theirs = ddim_latents_both(ours, theirs, ["a red circle", "two blue squares"])
     assert rel_err(z_ours, z_theirs) < 1e-3
 
 
@@ -273,11 +279,6 @@ def test_a_short_text_context_matches_diffusers_pipeline(tmp_path, tiny_config):
     theirs.set_progress_bar_config(disable=True)
     ours = Txt2Img(model, torch.device("cpu"), "full")
     long = "a small red circle in the top left corner and a big blue square on a green field"
-    prompts, seeds = ["a red circle", long], [7, 8]
-    assert ours.model.get_learned_conditioning(prompts).shape[1] == 16
-    x, _ = ours.initial_noise(seeds, 32, 32)
-    z_ours = ours.latents(prompts, seeds, None, "ddim", 10, 7.5, height=32, width=32,
-                          progress=False)
-    z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
-                      latents=x.clone(), output_type="latent").images
+    assert ours.model.get_learned_conditioning(["a red circle", long]).shape[1] == 16
+    z_ours, z_theirs = ddim_latents_both(ours, theirs, ["a red circle", long])
     assert rel_err(z_ours, z_theirs) < 1e-4
