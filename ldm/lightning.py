@@ -513,13 +513,17 @@ class _ResumedTotal:
     step 2,250 of 4,000 ran to "4000/1749". Here the total counts the steps already done in
     the epoch too, and that run ends at 4000/4000."""
 
+    def steps_done_in_epoch(self):
+        """Steps of the current epoch done, counting those before a resume."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     @property
     def total_train_batches(self):
         trainer = self.trainer
         total = trainer.num_training_batches
         if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # this epoch's
-            total = min(total, trainer.max_steps - trainer.global_step + done)
+            left = trainer.max_steps - trainer.global_step
+            total = min(total, left + self.steps_done_in_epoch())
         return total
 
 
@@ -533,8 +537,8 @@ class RichStepBar(_ResumedTotal, pl.callbacks.RichProgressBar):
 class TQDMStepBar(_ResumedTotal, pl.callbacks.TQDMProgressBar):
     def on_train_start(self, *args):
         super().on_train_start(*args)   # a mid-epoch resume skips on_train_epoch_start
-        bar, done = self.train_progress_bar, self.trainer.fit_loop.epoch_loop.batch_progress
-        bar.total, bar.n = self.total_train_batches, done.current.processed
+        bar = self.train_progress_bar
+        bar.total, bar.n = self.total_train_batches, self.steps_done_in_epoch()
 
 
 def progress_bar():

@@ -375,7 +375,6 @@ def test_zero_terminal_snr_needs_v_prediction(tiny_config):
 @pytest.mark.parametrize("bar", ["RichStepBar", "TQDMStepBar"])
 def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatch, capsys, bar):
     import ldm.lightning
-    bar_class = getattr(ldm.lightning, bar)
     from ldm.lightning import DiffusionTrainer
     step = DiffusionTrainer.training_step
 
@@ -395,7 +394,7 @@ def test_ctrl_c_keeps_the_steps_done_and_says_how_to_resume(tmp_path, monkeypatc
     # that command, as printed, finishes the run as it was started: 17 steps (the config
     # says 40), so schedules laid out over 17, and a checkpoint every 5 (the config: 10)
     monkeypatch.undo()
-    shown = bar_class()
+    shown = getattr(ldm.lightning, bar)()
     seen = set()   # the bar's totals through the resumed run (its count is the step)
     end = shown.on_train_batch_end
     shown.on_train_batch_end = lambda *a: (seen.add(shown.total_train_batches), end(*a))

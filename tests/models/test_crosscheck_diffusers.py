@@ -20,7 +20,6 @@ def rel_err(a, b):
     return err
 
 
-
 def ddim_latents_both(ours, theirs, prompts, seeds=(7, 8)):
     """32x32 latents of ``prompts`` from our Txt2Img and a diffusers pipeline, from the same
     noise: DDIM 10 steps, scale 7.5."""
@@ -30,6 +29,7 @@ def ddim_latents_both(ours, theirs, prompts, seeds=(7, 8)):
     z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
                       latents=x.clone(), output_type="latent").images
     return z_ours, z_theirs
+
 
 @pytest.fixture(scope="module")
 def converted(tiny_model, tiny_config):
