@@ -129,7 +129,11 @@ def trainer_kwargs(config, args):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import pytorch_lightning as pl
+    try:
+        import pytorch_lightning as pl
+    except ImportError:
+        raise SystemExit('error: training needs PyTorch Lightning, which is not installed: '
+                         'pip install -e ".[train]"') from None
     from omegaconf import OmegaConf
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from ldm.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message says what to do."""
 
 
@@ -178,9 +180,12 @@ def load_state_dict_file(path):
     Lightning checkpoints keep the weights under ``state_dict``; other entries (optimizer
     states, callbacks, hyper-parameters) are ignored.
     """
+    from ldm.config import sniff_checkpoint
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        sniff_checkpoint(path)  # missing, a folder, empty, a text file: said plainly
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors" or (len(head) == 8 and head[:2] != b"PK"

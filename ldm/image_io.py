@@ -9,16 +9,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from ldm.errors import InputError, OutputError
+from ldm.util import interrupts_deferred
+
 PARAMETERS_KEY = "ldm_parameters"   # JSON, read back by read_parameters
 TEXT_KEY = "parameters"             # the same, in the "prompt / Negative prompt / Steps: ..."
                                     # text form other Stable Diffusion tools read and write
 
 
-class OutputError(OSError):
-    """An output folder or file that cannot be written."""
-
-
-class ImageInputError(ValueError):
+class ImageInputError(InputError):
     """An input image that cannot be read."""
 
 
@@ -66,57 +65,81 @@ def read_parameters(path):
     return json.loads(raw) if raw else {}
 
 
-def check_writable(folder):
-    """Create ``folder`` if needed and make sure files can be written in it."""
+def check_output_folder(folder):
+    """Make sure files can be written in ``folder`` without creating it: the nearest part of
+    the path that exists must be a folder that takes a (temporary, removed) file."""
     folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except FileExistsError:
-        raise OutputError(f"cannot use {folder} as output folder: a file of that name exists; "
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot use {folder} as output folder: {existing} is a file; "
                           f"choose another --outdir")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
     except OSError as e:
-        raise OutputError(f"cannot write to {folder} ({e.strerror or e}); choose another --outdir")
+        raise OutputError(f"cannot write to {existing} ({e.strerror or e}); choose another "
+                          f"--outdir") from None
     return folder
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_png(image, path, parameters=None):
     """Write ``image`` to ``path`` whole (temp file, then link into place); never replaces an
-    existing file (raises FileExistsError)."""
+    existing file (raises FileExistsError). The file gets the usual permissions (0666 less
+    the umask), not the temp file's 0600. Ctrl-C during the write waits until it is done."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=_pnginfo(parameters))
-            f.flush()
-            os.fsync(f.fileno())
+    with interrupts_deferred():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png.tmp")
         try:
-            os.link(tmp, path)   # atomic, and fails if path exists
-        except FileExistsError:
-            raise
-        except OSError:          # a file system without hard links
-            if path.exists():
-                raise FileExistsError(path)
-            os.rename(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            with os.fdopen(fd, "wb") as f:
+                image.save(f, format="PNG", pnginfo=_pnginfo(parameters))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            try:
+                os.link(tmp, path)   # atomic, and fails if path exists
+            except FileExistsError:
+                raise
+            except OSError:          # a file system without hard links
+                if path.exists():
+                    raise FileExistsError(path)
+                os.rename(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 
 def next_number(folder, pattern):
-    """1 + the highest number among files named like ``pattern`` (e.g. "{:05}.png")."""
-    prefix, _, suffix = pattern.partition("{")
-    suffix = suffix.partition("}")[2]
-    rx = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + "$")
-    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := rx.match(name))]
+    """1 + the highest number among files named exactly like ``pattern`` (e.g. "{:05}.png":
+    five digits, or more without a leading zero past 99999), else 0. A stray "123.png" or
+    "0001.png" does not move the numbering."""
+    prefix, _, rest = pattern.partition("{")
+    spec, _, suffix = rest.partition("}")
+    width = int(spec.lstrip(":0") or 1) if spec.startswith(":0") else 1
+    digits = rf"(\d{{{width}}}|[1-9]\d{{{width},}})"
+    rx = re.compile(re.escape(prefix) + digits + re.escape(suffix) + "$")
+    folder = Path(folder)
+    names = os.listdir(folder) if folder.is_dir() else []
+    numbers = [int(m.group(1)) for name in names if (m := rx.match(name))]
     return max(numbers) + 1 if numbers else 0
 
 
 def save_numbered(image, folder, pattern, parameters=None):
-    """Save as the next free number in ``folder``; returns the path."""
+    """Save as the next free number in ``folder`` (created if need be); returns the path."""
     folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {folder} ({e.strerror or e}); choose another "
+                          f"--outdir") from None
     n = next_number(folder, pattern)
     while True:
         try:
@@ -125,7 +148,27 @@ def save_numbered(image, folder, pattern, parameters=None):
             n += 1
         except OSError as e:
             raise OutputError(f"cannot write {folder / pattern.format(n)} "
-                              f"({e.strerror or e}); choose another --outdir")
+                              f"({e.strerror or e}); choose another --outdir") from None
+
+
+class Outputs:
+    """The files a run writes under ``root``: checked up front without creating anything,
+    folders made when their first file is written, numbered after what is there, the paths
+    written so far in ``written``."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.written = []
+
+    def check(self):
+        check_output_folder(self.root)
+        return self
+
+    def save_numbered(self, image, pattern, parameters=None, subdir=""):
+        with interrupts_deferred():  # a finished file is always counted
+            path = save_numbered(image, self.root / subdir, pattern, parameters)
+            self.written.append(path)
+        return path
 
 
 def make_grid(images, n_per_row, padding=2):

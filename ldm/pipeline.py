@@ -1,9 +1,11 @@
-"""Text to image as a library: load a model once, generate for many prompts.
+"""Stable Diffusion as a library: load a model once, generate for many prompts.
 
-    from ldm.pipeline import Txt2Img
-    pipe = Txt2Img.load()                      # SD v1 if installed, else the built-in model
-    samples = pipe.generate(["a red circle"], seeds=[42], sampler="plms", steps=50)
+    from ldm.pipeline import Pipeline
+    pipe = Pipeline.load()                     # SD v1 if installed, else the built-in model
+    samples = pipe.generate("a red circle", seeds=[42, 43], sampler="plms", steps=50)
     samples[0].image.save("out.png")
+
+Bad values raise the errors of ``ldm.errors`` (the scripts print them in one line).
 
 Reproducibility contract: the image made with seed ``s`` starts from
 ``torch.randn([C, H // f, W // f], generator=torch.Generator("cpu").manual_seed(s))``, moved
@@ -17,21 +19,16 @@ from pathlib import Path
 
 import torch
 
-from ldm.models.diffusion.sampling import SAMPLERS, sample
+from ldm.config import (BUILTIN_DIR, INSTALL_HINT, ROOT, SD_CKPT, SD_CONFIG,  # noqa: F401
+                        ModelChoice, build_error, choose_model, load_config, sampling_defaults)
+from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
+from ldm.models.diffusion.sampling import SAMPLERS, sample, sampling_timesteps
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
-SD_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
-SD_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
-BUILTIN_DIR = ROOT / "models" / "ldm" / "shapes"
-INSTALL_HINT = (f"for Stable Diffusion, put an SD v1.x .ckpt/.safetensors at "
-                f"{SD_CKPT.relative_to(ROOT)} or pass --ckpt")
 PRECISIONS = ("autocast", "full", "bf16")
-
-
-class ModelNotFound(FileNotFoundError):
-    pass
+SAFETY_HINT = ("put CompVis/stable-diffusion-safety-checker weights in models/safety_checker/, "
+               "or pass --safety_checker none to silence this")
 
 
 def pick_device(name="auto"):
@@ -40,11 +37,16 @@ def pick_device(name="auto"):
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:1 or mps)")
+            raise UsageError(f"unknown --device {name!r} (use auto, cpu, cuda, cuda:1 or mps)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+            raise ResourceError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ResourceError(f"--device {name}: this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s)")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError("--device mps: MPS is not available here (use --device cpu)")
+            raise ResourceError("--device mps: MPS is not available here (use --device cpu)")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UsageError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -57,7 +59,7 @@ def autocast_for(device, precision):
     """fp16 autocast on CUDA for "autocast" (CompVis' default), bf16 autocast for "bf16";
     float32 everywhere else (CPU "autocast" stays float32: fp16 on CPU is slow and lossy)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {PRECISIONS}")
+        raise UsageError(f"--precision must be one of {PRECISIONS}")
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "autocast" and device.type == "cuda":
@@ -65,59 +67,24 @@ def autocast_for(device, precision):
     return nullcontext()
 
 
-def resolve_model(ckpt=None, config=None):
-    """(checkpoint, config, description) for the model to use.
-
-    No ``ckpt``: SD v1 at the default path if present, else the built-in model. A config
-    defaults to ``config.yaml`` beside the checkpoint, else SD v1's."""
-    if ckpt is None:
-        if SD_CKPT.exists():
-            ckpt, name = SD_CKPT, "Stable Diffusion v1"
-        else:
-            builtin = sorted(BUILTIN_DIR.glob("*.safetensors"))
-            if not builtin:
-                raise ModelNotFound(f"no model found: {INSTALL_HINT}")
-            ckpt, name = builtin[0], "the built-in shapes model"
-    else:
-        ckpt, name = Path(ckpt), None
-        if not ckpt.is_file():
-            raise ModelNotFound(f"checkpoint not found: {ckpt}")
-    if config is None:
-        beside = Path(ckpt).parent / "config.yaml"
-        config = beside if beside.exists() else SD_CONFIG
-    config = Path(config)
-    if not config.is_file():
-        raise ModelNotFound(f"config not found: {config}")
-    return Path(ckpt), config, name or f"{ckpt}"
-
-
-def build_model(config_path, meta=False):
-    from omegaconf import OmegaConf
+def build_model(config, meta=False, path=None):
+    """The model a config (a path or a loaded config) describes, on the ``meta`` device if
+    asked (no memory for weights). A class that does not exist or does not take the
+    config's parameters is a one-line ConfigError naming the config."""
     from ldm.util import instantiate_from_config
-    config = OmegaConf.load(config_path)
-    with torch.device("meta") if meta else nullcontext():
-        return instantiate_from_config(config.model)
-
-
-def sampling_defaults(config_path):
-    """A config's own sampling defaults (its optional top-level ``sampling:`` section, e.g.
-    ``scale: 5.0`` for a model that follows prompts best at that guidance, or
-    ``timestep_spacing: trailing`` for a zero-terminal-SNR model), else {}."""
-    from omegaconf import OmegaConf
-    section = OmegaConf.load(config_path).get("sampling")
-    defaults = OmegaConf.to_container(section) if section else {}
-    unknown = set(defaults) - {"scale", "timestep_spacing"}
-    if unknown:
-        raise ValueError(f"{config_path}: unknown sampling defaults {sorted(unknown)}")
-    from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
-    if defaults.get("timestep_spacing", "uniform") not in TIMESTEP_SPACINGS:
-        raise ValueError(f"{config_path}: sampling timestep_spacing must be one of "
-                         f"{sorted(TIMESTEP_SPACINGS)}, not {defaults['timestep_spacing']!r}")
-    return defaults
+    if not hasattr(config, "model"):
+        config, path = load_config(config), config
+    try:
+        with torch.device("meta") if meta else nullcontext():
+            return instantiate_from_config(config.model)
+    except (ImportError, AttributeError, TypeError, KeyError, ValueError) as e:
+        raise build_error(path or "config", e) from None
 
 
 def load_model(ckpt, config, device="cpu"):
-    """A ``LatentDiffusion`` with the checkpoint's weights, in eval mode, on ``device``."""
+    """A ``LatentDiffusion`` with the checkpoint's weights, in eval mode, on ``device``.
+    The model is built (on ``meta``, instantly) before the weights are read, so a config
+    that does not build is reported before the slow part."""
     from ldm.checkpoint import load_model_weights, load_state_dict_file
     model = build_model(config, meta=True)
     load_model_weights(model, load_state_dict_file(ckpt), source=str(ckpt))
@@ -130,11 +97,12 @@ class Sample:
     parameters: dict = field(default_factory=dict)
 
 
-class Txt2Img:
+class Pipeline:
     """A loaded model plus the finishing steps (safety check, watermark, metadata)."""
 
     def __init__(self, model, device=None, precision="autocast", safety_checker=None,
-                 watermark=True, model_name="model", checkpoint_hash=None, defaults=None):
+                 watermark=True, model_name="model", checkpoint_hash=None, defaults=None,
+                 safety_note="not checked (no safety checker weights)"):
         self.model = model
         # sampling defaults: CompVis' unless the model's config has a `sampling:` section
         self.defaults = {"scale": 7.5, **(defaults or {})}
@@ -142,37 +110,48 @@ class Txt2Img:
         self.precision = precision
         self.autocast = autocast_for(self.device, precision)
         self.safety_checker = safety_checker
+        self.safety_note = safety_note  # what images say when no checker ran
         self.watermark = watermark
         self.model_name = model_name
         self.checkpoint_hash = checkpoint_hash
         self.factor = model.latent_downsampling_factor
         self.native_size = model.image_size * self.factor
+        self._warned = set()  # prompts whose truncation was already reported
 
     @classmethod
     def load(cls, ckpt=None, config=None, device="auto", precision="autocast", safety=True,
              safety_checker_path=None, watermark=True):
+        """Load a checkpoint (a path, or a ``ModelChoice`` from ``choose_model``; None: SD v1
+        if installed, else the built-in model). ``safety=False`` turns the safety checker off;
+        without its weights the run says so once (not for the built-in model, which draws
+        nothing the checker looks for)."""
         from ldm.checkpoint import file_hash
         device = pick_device(device) if isinstance(device, str) else device
-        ckpt, config, name = resolve_model(ckpt, config)
-        model = load_model(ckpt, config, device)
-        checker = None
+        choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config)
+        model = load_model(choice.ckpt, choice.config, device)
+        checker, note = None, "not checked (turned off)"
         if safety:
             from ldm.safety import load_safety_checker
             checker = load_safety_checker(safety_checker_path, device=device)
-            if checker is None:
-                log.warning("no safety checker weights found, images are not filtered "
-                            "(put CompVis/stable-diffusion-safety-checker weights in "
-                            "models/safety_checker/)")
-        pipe = cls(model, device, precision, checker, watermark, name, file_hash(ckpt),
-                   sampling_defaults(config))
-        pipe.checkpoint = ckpt
+            note = "not checked (no safety checker weights)"
+            if checker is None and not choice.builtin:
+                log.warning("no safety checker weights found, images are not filtered (%s)",
+                            SAFETY_HINT)
+        pipe = cls(model, device, precision, checker, watermark, choice.name,
+                   file_hash(choice.ckpt), choice.defaults, note)
+        pipe.checkpoint = choice.ckpt
         return pipe
 
     def check_size(self, height, width):
         f = self.factor
         if height % f or width % f or height < f or width < f:
-            raise ValueError(f"--H and --W must be positive multiples of {f} for this model "
+            raise UsageError(f"--H and --W must be positive multiples of {f} for this model "
                              f"(got {height}x{width}); e.g. {self.native_size}")
+
+    def num_steps(self, steps):
+        """How many denoising steps ``steps`` sampling steps run (see sampling_timesteps)."""
+        return len(sampling_timesteps(steps, self.model.num_timesteps,
+                                      self.defaults.get("timestep_spacing", "uniform")))
 
     def initial_noise(self, seeds, height, width):
         """The reproducibility contract: one CPU generator per image, seeded with its seed."""
@@ -182,32 +161,56 @@ class Txt2Img:
                                      generator=g) for g in gens])
         return x.to(self.device), gens
 
+    def _requests(self, prompts, seeds, negative_prompts, scale):
+        """Lists of prompts, seeds and negative prompts of one length (a single string or
+        seed is repeated to the length of the other); scale resolved to the default."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
+        if len(prompts) == 1 and len(seeds) > 1:
+            prompts = prompts * len(seeds)
+        if len(prompts) != len(seeds):
+            raise UsageError(f"give one seed per prompt ({len(prompts)} prompts, "
+                             f"{len(seeds)} seeds)")
+        if negative_prompts is None or isinstance(negative_prompts, str):
+            negative_prompts = [negative_prompts or ""] * len(prompts)
+        negative_prompts = list(negative_prompts)
+        if len(negative_prompts) != len(prompts):
+            raise UsageError("give one negative prompt per prompt (or one for all)")
+        scale = self.defaults["scale"] if scale is None else float(scale)
+        if scale == 1.0 and any(negative_prompts):
+            raise UsageError("a negative prompt has no effect at guidance scale 1 (no "
+                             "guidance): raise --scale or drop --negative-prompt")
+        return prompts, seeds, negative_prompts, scale
+
+    def _warn_truncated(self, texts):
+        new = [t for t in dict.fromkeys(texts) if t not in self._warned]
+        self._warned.update(new)
+        self.model.cond_stage_model.warn_truncated(new)
+
     @torch.no_grad()
     def latents(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                scale=None, eta=0.0, height=None, width=None, progress=True):
+                scale=None, eta=0.0, height=None, width=None, progress=True, callback=None):
         """Denoised latents [B, C, h, w] for prompts and their seeds (``scale``: the
-        guidance scale; None for the model's default)."""
-        scale = self.defaults["scale"] if scale is None else scale
-        if len(prompts) != len(seeds):
-            raise ValueError("give one seed per prompt")
+        guidance scale; None for the model's default). ``callback(i, x, pred_x0)`` is
+        called after every step."""
+        prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
+                                                                 negative_prompts, scale)
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+            raise UsageError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
         height, width = height or self.native_size, width or self.native_size
         self.check_size(height, width)
-        negative_prompts = negative_prompts or [""] * len(prompts)
         x, gens = self.initial_noise(seeds, height, width)
 
         def noise(shape):
             return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
 
         with self.autocast:
-            encoder = self.model.cond_stage_model
-            encoder.warn_truncated(list(prompts) + list(negative_prompts))
-            cond = self.model.get_learned_conditioning(list(prompts))
-            uncond = (self.model.get_learned_conditioning(list(negative_prompts))
+            self._warn_truncated(prompts + negative_prompts)
+            cond = self.model.get_learned_conditioning(prompts)
+            uncond = (self.model.get_learned_conditioning(negative_prompts)
                       if scale != 1.0 else None)
             z = sample(self.model, sampler, x, steps, cond, uncond, scale, eta=eta,
-                       noise=noise, disable=not progress,
+                       noise=noise, disable=not progress, callback=callback,
                        spacing=self.defaults.get("timestep_spacing", "uniform"))
         return z
 
@@ -231,7 +234,7 @@ class Txt2Img:
         for i, image in enumerate(images):
             note = {"safety": ("replaced (flagged as NSFW)" if flags[i] else
                                "passed" if self.safety_checker is not None else
-                               "not checked (no safety checker weights)")}
+                               self.safety_note)}
             if self.watermark:
                 images[i], note["watermark"] = put_watermark(image)
             else:
@@ -240,13 +243,14 @@ class Txt2Img:
         return images, notes
 
     def generate(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                 scale=None, eta=0.0, height=None, width=None, progress=True):
-        """Finished images with their reproduction parameters, one per prompt and seed."""
-        scale = self.defaults["scale"] if scale is None else scale
+                 scale=None, eta=0.0, height=None, width=None, progress=True, callback=None):
+        """Finished images with their reproduction parameters, one per prompt and seed.
+        ``prompts`` may be one string (repeated for every seed), ``seeds`` one int."""
+        prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
+                                                                 negative_prompts, scale)
         height, width = height or self.native_size, width or self.native_size
-        negative_prompts = list(negative_prompts or [""] * len(prompts))
         z = self.latents(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
-                         height, width, progress)
+                         height, width, progress, callback)
         images, notes = self.finish(self.decode(z))
         out = []
         for image, note, prompt, negative, seed in zip(images, notes, prompts,
@@ -260,3 +264,6 @@ class Txt2Img:
         return out
 
     __call__ = generate
+
+
+Txt2Img = Pipeline  # the name of the text-to-image API before img2img and inpainting

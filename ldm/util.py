@@ -1,5 +1,8 @@
 """Config plumbing shared by the library and scripts (CompVis' ``instantiate_from_config``)."""
 import importlib
+import signal
+import threading
+from contextlib import contextmanager
 
 
 def get_obj_from_str(string):
@@ -20,3 +23,20 @@ def instantiate_from_config(config, **extra):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT) during the block waits until the block is done, then acts as it
+    would have: a file being written is finished (or removed) before KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])

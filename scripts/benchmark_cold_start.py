@@ -45,8 +45,9 @@ def main():
     p.add_argument("--skip-diffusers", action="store_true")
     args = p.parse_args()
 
-    from ldm.pipeline import resolve_model
-    ckpt, config, name = resolve_model()
+    from ldm.config import choose_model
+    choice = choose_model()
+    ckpt, config, name = choice.ckpt, choice.config_path, choice.name
     print(f"model: {name} ({ckpt}, {ckpt.stat().st_size / 1e6:.1f} MB)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -9,49 +9,52 @@ triangle). The analyser (ldm/data/analyser.py) segments each image, names the co
 shape from its contour geometry and the position from its centroid; per-attribute accuracy
 is printed and a labelled grid saved.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm import cli  # noqa: E402
+from ldm.cli import number  # noqa: E402
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+
+def build_parser():
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", default=None, help="checkpoint (default: the built-in model)")
     p.add_argument("--config", default=None, help="config (default: config.yaml beside the checkpoint)")
-    p.add_argument("--n_single", type=int, default=100, help="one-shape prompts")
-    p.add_argument("--n_double", type=int, default=50, help="two-shape prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--n_single", type=number(int, 0), default=100, help="one-shape prompts")
+    p.add_argument("--n_double", type=number(int, 0), default=50, help="two-shape prompts")
+    p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--ddim_steps", type=number(int, 1, 1000), default=50)
     p.add_argument("--plms", action="store_true")
-    p.add_argument("--scale", type=float, default=None,
+    p.add_argument("--scale", type=number(float, 0, 100), default=None,
                    help="guidance scale (default: the model's, as txt2img.py)")
-    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--batch_size", type=number(int, 1), default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--outdir", default="outputs/evaluate")
-    p.add_argument("--reconstruct", type=int, default=0, metavar="N",
+    p.add_argument("--reconstruct", type=number(int, 0), default=0, metavar="N",
                    help="also judge N held-out renders passed through the model's autoencoder "
                         "alone (encode, decode): the ceiling for its generated images")
     p.add_argument("--probe", action="store_true",
                    help="also probe how the model places things from the words: the place "
                         "its first sampling step picks from pure noise (row, column), and the "
                         "x0 error a wrong row / column word adds at t=950")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args, job):
     from ldm.evaluation import evaluate, labelled_grid
-    from ldm.image_io import check_writable, save_numbered
-    from ldm.pipeline import BUILTIN_DIR, Txt2Img
+    from ldm.image_io import Outputs
+    from ldm.pipeline import BUILTIN_DIR, Pipeline, choose_model
 
-    outdir = check_writable(args.outdir)
+    cli.draw_seed(args)
+    out = job.track(Outputs(args.outdir).check())
     ckpt = args.ckpt or next(iter(sorted(BUILTIN_DIR.glob("*.safetensors"))), None)
     if ckpt is None:
-        sys.exit(f"error: no built-in model in {BUILTIN_DIR}; pass --ckpt")
-    pipe = Txt2Img.load(ckpt, args.config, args.device, safety=False, watermark=False)
+        raise cli.InputError(f"no built-in model in {BUILTIN_DIR}; pass --ckpt")
+    pipe = Pipeline.load(choose_model(ckpt, args.config), device=args.device, safety=False,
+                         watermark=False)
     sampler = "plms" if args.plms else "ddim"
     results = evaluate(pipe, args.n_single, args.n_double, args.seed, args.batch_size,
                        sampler=sampler, steps=args.ddim_steps, scale=args.scale)
@@ -65,7 +68,7 @@ def main(argv=None):
               "  ".join(f"{k} {v:6.1%}" for k, v in acc.items()))
         grid = labelled_grid(r["images"][:64], r["cases"][:64], r["judgements"][:64],
                              r["found"][:64])
-        path = save_numbered(grid, outdir, f"{kind}-{{:04}}.png", summary)
+        path = out.save_numbered(grid, f"{kind}-{{:04}}.png", summary)
         print(f"  grid: {path}")
     if args.reconstruct > 0:
         from ldm.evaluation import reconstruction_accuracy
@@ -85,9 +88,14 @@ def main(argv=None):
         print(f"x0 error at t=950 {gaps['error']:.4f}; added by a wrong row "
               f"{gaps['row gap']:+.4f}, column {gaps['column gap']:+.4f}, "
               f"empty caption {gaps['empty gap']:+.4f}")
-    (outdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    out.root.mkdir(parents=True, exist_ok=True)
+    (out.root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def main(argv=None):
+    return cli.main(build_parser, run, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,3 +53,18 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_config():
     return OmegaConf.load(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory, tiny_model):
+    """The tiny model saved as CompVis saves SD: a Lightning .ckpt (fp32) and a
+    .safetensors (fp16)."""
+    from safetensors.torch import save_file
+    folder = tmp_path_factory.mktemp("ckpt")
+    sd = official_layout(tiny_model)
+    ckpt = folder / "tiny.ckpt"
+    torch.save({"state_dict": sd, "global_step": 7, "epoch": 1}, ckpt)
+    st = folder / "tiny.safetensors"
+    save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in sd.items()}, st)
+    return {"ckpt": ckpt, "safetensors": st}

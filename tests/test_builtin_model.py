@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT
 from ldm.data import analyser
-from ldm.pipeline import BUILTIN_DIR, Txt2Img, resolve_model
+from ldm.pipeline import BUILTIN_DIR, Txt2Img
 
 CKPT = BUILTIN_DIR / "model.safetensors"
 
@@ -28,10 +28,15 @@ def test_shipped_files():
 
 
 def test_default_without_sd_weights(monkeypatch, tmp_path):
-    import ldm.pipeline as pipeline
-    monkeypatch.setattr(pipeline, "SD_CKPT", tmp_path / "none.ckpt")
-    ckpt, config, name = pipeline.resolve_model()
-    assert ckpt == CKPT and config == BUILTIN_DIR / "config.yaml" and "built-in" in name
+    import ldm.config
+    monkeypatch.setattr(ldm.config, "SD_CKPT", tmp_path / "none.ckpt")
+    choice = ldm.config.choose_model()
+    assert choice.ckpt == CKPT and choice.config_path == BUILTIN_DIR / "config.yaml"
+    assert choice.builtin and "built-in" in choice.name
+    # its own config given alone is fine; another config alone says it needs --ckpt
+    assert ldm.config.choose_model(config=BUILTIN_DIR / "config.yaml").builtin
+    with pytest.raises(ldm.config.ModelNotFound, match="needs the checkpoint it describes"):
+        ldm.config.choose_model(config=ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml")
 
 
 def test_native_size_is_64(pipe):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.image_io import (ImageInputError, OutputError, check_writable, load_image, make_grid,
-                          read_parameters, save_numbered, save_png)
+from ldm.image_io import (ImageInputError, OutputError, Outputs, check_output_folder, load_image,
+                          make_grid, read_parameters, save_numbered, save_png)
 from ldm.safety import SafetyChecker, load_safety_checker
 from ldm.watermark import WATERMARK, can_watermark, put_watermark, read_watermark
 
@@ -61,16 +61,63 @@ def test_numbering_continues_after_what_is_there(tmp_path):
     assert (tmp_path / "00007.png").read_bytes() == b"not ours"
 
 
+def test_stray_numbered_files_do_not_move_the_numbering(tmp_path):
+    for name in ("123.png", "0001.png", "000099.png", "00041.jpg", "x00050.png", "00007.png"):
+        (tmp_path / name).write_bytes(b"not ours")
+    assert save_numbered(smooth_image((8, 8)), tmp_path, "{:05}.png").name == "00008.png"
+    (tmp_path / "100000.png").write_bytes(b"ours, past 99999")
+    assert save_numbered(smooth_image((8, 8)), tmp_path, "{:05}.png").name == "100001.png"
+    assert save_numbered(smooth_image((8, 8)), tmp_path, "grid-{:04}.png").name == "grid-0000.png"
+
+
 def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OutputError, match="--outdir"):
-        check_writable(blocker / "sub")
+        check_output_folder(blocker / "sub")
     if os.geteuid() != 0:  # root ignores permissions
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
         with pytest.raises(OutputError, match="--outdir"):
-            check_writable(ro / "samples")
+            check_output_folder(ro / "samples")
+
+
+def test_output_folders_are_made_by_the_first_file_only(tmp_path):
+    out = Outputs(tmp_path / "a" / "b").check()
+    assert list(tmp_path.iterdir()) == [] and out.written == []
+    path = out.save_numbered(smooth_image((8, 8)), "{:05}.png", {"seed": 1}, "samples")
+    assert path == tmp_path / "a" / "b" / "samples" / "00000.png" and out.written == [path]
+    assert read_parameters(path) == {"seed": 1}
+
+
+def test_files_get_the_usual_permissions(tmp_path):
+    """Not the temp file's 0600: 0666 less the umask, as any other program's output."""
+    old = os.umask(0o022)
+    try:
+        path = save_png(smooth_image((8, 8)), tmp_path / "a.png")
+        os.umask(0o077)
+        private = save_png(smooth_image((8, 8)), tmp_path / "b.png")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777, private.stat().st_mode & 0o777) == (0o644, 0o600)
+
+
+def test_ctrl_c_while_a_file_is_written_finishes_it_first(tmp_path, monkeypatch):
+    """SIGINT during the write: the file is completed and linked, then KeyboardInterrupt."""
+    import signal
+    import ldm.image_io as image_io
+    real = image_io._pnginfo
+
+    def interrupted(parameters):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at once, handled after the write
+        return real(parameters)
+    monkeypatch.setattr(image_io, "_pnginfo", interrupted)
+    out = Outputs(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        out.save_numbered(smooth_image((8, 8)), "{:05}.png", {"seed": 3})
+    assert out.written == [tmp_path / "00000.png"]
+    assert read_parameters(tmp_path / "00000.png") == {"seed": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]  # no temp file
 
 
 def test_grid_layout():

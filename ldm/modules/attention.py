@@ -99,7 +99,7 @@ class SpatialTransformer(nn.Module):
     to start with (for adding it to a trained model); ``"random"`` gives it Linear's usual
     random start, so that from the first step every pixel's queries differ by place (for
     training from scratch: a zero start has to be pulled out of a saddle, see
-    models/ldm/shapes/README.md).
+    models/ldm/shapes/HISTORY.md).
     """
 
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None,

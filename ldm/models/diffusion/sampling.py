@@ -6,9 +6,9 @@ noise, when a sampler needs it, comes from the caller's ``noise(shape)`` so that
 randomness is its own (``ldm.pipeline`` draws it from per-image generators).
 """
 import torch
-from tqdm.auto import tqdm
 
 from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
+from ldm.progress import progress
 
 
 def guided_eps(model, cond, uncond=None, scale=1.0):
@@ -54,13 +54,14 @@ def sample_ddim(eps, x, timesteps, alphas_cumprod, eta=0.0, noise=None, callback
     if eta > 0 and noise is None:
         raise ValueError("DDIM with eta > 0 needs a noise source")
     a, a_prev, sigma = ddim_schedule(alphas_cumprod.cpu(), torch.as_tensor(timesteps), eta)
-    for i in tqdm(reversed(range(len(timesteps))), total=len(timesteps), desc="DDIM",
-                  disable=disable, leave=False):
-        e = eps(x, timesteps[i])
-        x, pred_x0 = ddim_step(x, e, a[i], a_prev[i], sigma[i],
-                               noise(x.shape) if sigma[i] > 0 else None)
-        if callback:
-            callback(len(timesteps) - 1 - i, x, pred_x0)
+    with progress(len(timesteps), "DDIM", disable=disable) as bar:
+        for i in reversed(range(len(timesteps))):
+            e = eps(x, timesteps[i])
+            x, pred_x0 = ddim_step(x, e, a[i], a_prev[i], sigma[i],
+                                   noise(x.shape) if sigma[i] > 0 else None)
+            bar.update()
+            if callback:
+                callback(len(timesteps) - 1 - i, x, pred_x0)
     return x
 
 
@@ -79,22 +80,34 @@ def sample_plms(eps, x, timesteps, alphas_cumprod, callback=None, disable=False)
     a, a_prev, _ = ddim_schedule(alphas_cumprod.cpu(), torch.as_tensor(timesteps))
     order = list(reversed(range(len(timesteps))))
     old = []
-    for n, i in enumerate(tqdm(order, desc="PLMS", disable=disable, leave=False)):
-        e = eps(x, timesteps[i])
-        if not old:
-            x_next, _ = ddim_step(x, e, a[i], a_prev[i])
-            e_next = eps(x_next, timesteps[order[min(n + 1, len(order) - 1)]])
-            e_prime = (e + e_next) / 2
-        else:
-            e_prime = plms_combine(e, old)
-        x, pred_x0 = ddim_step(x, e_prime, a[i], a_prev[i])
-        old = (old + [e])[-3:]
-        if callback:
-            callback(n, x, pred_x0)
+    with progress(len(order), "PLMS", disable=disable) as bar:
+        for n, i in enumerate(order):
+            e = eps(x, timesteps[i])
+            if not old:
+                x_next, _ = ddim_step(x, e, a[i], a_prev[i])
+                e_next = eps(x_next, timesteps[order[min(n + 1, len(order) - 1)]])
+                e_prime = (e + e_next) / 2
+            else:
+                e_prime = plms_combine(e, old)
+            x, pred_x0 = ddim_step(x, e_prime, a[i], a_prev[i])
+            old = (old + [e])[-3:]
+            bar.update()
+            if callback:
+                callback(n, x, pred_x0)
     return x
 
 
 SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms}
+
+
+def sampling_timesteps(steps, num_timesteps=1000, spacing="uniform"):
+    """The discrete timesteps ``steps`` sampling steps visit (ascending). "uniform" with
+    ``steps`` above half of ``num_timesteps`` visits every timestep but the first (CompVis'
+    spacing ``1 + k * (T // steps)``), so the count can differ from ``steps``."""
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; "
+                         f"choose from {sorted(TIMESTEP_SPACINGS)}")
+    return TIMESTEP_SPACINGS[spacing](steps, num_timesteps)
 
 
 def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=0.0, noise=None,
@@ -104,12 +117,9 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=0.0, nois
     zero-terminal-SNR models)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; "
-                         f"choose from {sorted(TIMESTEP_SPACINGS)}")
     if sampler == "plms" and eta != 0:
         raise ValueError("PLMS is deterministic: eta must be 0")
-    timesteps = TIMESTEP_SPACINGS[spacing](steps, model.num_timesteps)
+    timesteps = sampling_timesteps(steps, model.num_timesteps, spacing)
     eps = guided_eps(model, cond, uncond, scale)
     kwargs = {"eta": eta, "noise": noise} if sampler == "ddim" else {}
     return SAMPLERS[sampler](eps, x, timesteps, model.alphas_cumprod, callback=callback,

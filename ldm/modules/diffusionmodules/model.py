@@ -53,9 +53,13 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (p(y).view(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))
+        # [b, 1, h*w, c], contiguous: SDPA's fused kernels need the channel stride to be 1;
+        # a transposed view sends it to the path that holds the (h*w)^2 score matrix
+        # (256 GiB for a 2048x2048 decode at f=4)
+        q, k, v = (p(y).view(b, c, h * w).transpose(1, 2).contiguous().unsqueeze(1)
+                   for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
+        return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):

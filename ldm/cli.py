@@ -1,0 +1,370 @@
+"""The command-line layer every script shares (txt2img now; img2img, inpaint and later ones).
+
+- Parsing fails in one line: ``error: argument --scale: ... (see --help)``, exit status 2;
+  number types reject NaN, infinities and values out of range; ``--seed -1`` draws a seed.
+- Every check that needs no weights runs before the slow model load: flags against each
+  other, sizes and steps against the model's config, prompt files, the output folder,
+  the device, the memory a size needs.
+- One error type per kind of failure (``ldm.errors``), each mapped to one line and an exit
+  status; Ctrl-C is handled from the first line of ``main`` to the last (exit 130), and a
+  file being written when it comes is finished first, never left half-written.
+- Output folders are created when their first file is written (``ldm.image_io.Outputs``).
+- Messages go through one log handler that writes above the progress bar and says each
+  distinct message once per run; a non-terminal stderr gets plain lines (``ldm.progress``).
+
+A script is ``build_parser()`` plus ``run(args, job)``; ``main(build_parser, run, argv)``
+does the rest.
+"""
+import argparse
+import logging
+import math
+import signal
+import sys
+from pathlib import Path
+
+from ldm.errors import InputError, LdmError, ResourceError, UsageError
+
+SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed takes an unsigned 64-bit seed
+RANDOM_SEED_RANGE = 2 ** 32  # a drawn seed (--seed -1) is below this, as A1111 draws them
+INTERRUPTED = 130            # 128 + SIGINT, what a shell reports for Ctrl-C
+
+log = logging.getLogger("ldm.cli")
+
+
+# ------------------------------------------------------------------------------ parsing
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) raised as UsageError."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def number(kind=float, lo=None, hi=None):
+    """An argparse type: a finite ``kind`` (int or float) in [lo, hi] (either may be None)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bound = (f"must be in [{lo}, {hi}]" if lo is not None and hi is not None else
+                     f"must be at least {lo}" if lo is not None else f"must be at most {hi}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {bound}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def seed(text):
+    """An argparse type: a seed in [0, 2**64 - 1], or -1 for a random one (drawn later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value != -1 and not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: seeds are 0 to 2**64 - 1 "
+                                         "(or -1 for a random one)")
+    return value
+
+
+def nonempty(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def draw_seed(args):
+    """``--seed -1``: a random seed, said once and recorded in every image like any other."""
+    if args.seed == -1:
+        import secrets
+        args.seed = secrets.randbelow(RANDOM_SEED_RANGE)
+        log.info("seed: %d (drawn at random; --seed %d makes these images again)",
+                 args.seed, args.seed)
+    return args.seed
+
+
+def check_seed_span(first, count):
+    """Image k of a run has seed ``first + k``: all of them must be valid seeds."""
+    if first + count - 1 > SEED_MAX:
+        raise UsageError(f"--seed {first} is too large for {count} images: image k has seed "
+                         f"--seed + k, which must stay below 2**64")
+
+
+def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=None):
+    """The flags every generating script has, with CompVis' names (and per-script
+    defaults where CompVis' scripts differ)."""
+    p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
+                   help="what the image should not show (replaces the empty unconditional "
+                        "prompt; needs --scale other than 1)")
+    p.add_argument("--outdir", type=nonempty, default=outdir, help="dir to write results to")
+    p.add_argument("--skip_grid", action="store_true", help="do not save a grid")
+    p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
+    p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=number(int, 1, 1000),
+                   default=50, help="number of sampling steps")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling (default: DDIM)")
+    p.add_argument("--ddim_eta", type=number(float, 0, 1), default=0.0,
+                   help="DDIM eta in [0, 1] (0: deterministic)")
+    p.add_argument("--n_iter", type=number(int, 1), default=n_iter, help="sample this often")
+    p.add_argument("--n_samples", type=number(int, 1), default=n_samples,
+                   help="batch size: images per prompt per iteration")
+    p.add_argument("--n_rows", type=number(int, 0), default=0,
+                   help="images per grid row (default: n_samples)")
+    p.add_argument("--scale", type=number(float, 0, 100), default=scale,
+                   help="classifier-free guidance scale in [0, 100] (default: "
+                        + (f"{scale}" if scale is not None else "7.5, or the model config's "
+                           "own `sampling: scale:`, as the built-in model has") + ")")
+    p.add_argument("--from-file", "--from_file", dest="from_file", type=nonempty,
+                   help="a text file with one prompt per line")
+    p.add_argument("--seed", type=seed, default=42,
+                   help="seed of image 0; image k uses seed + k; -1 draws one")
+
+
+def add_model_arguments(p):
+    p.add_argument("--config", type=nonempty, default=None,
+                   help="model config (default: config.yaml beside the checkpoint, else SD v1's)")
+    p.add_argument("--ckpt", type=nonempty, default=None,
+                   help="checkpoint (default: models/ldm/stable-diffusion-v1/model.ckpt if "
+                        "present, else the built-in model)")
+    p.add_argument("--precision", choices=["full", "autocast", "bf16"], default="autocast",
+                   help="autocast: fp16 on CUDA, fp32 elsewhere; full: fp32; bf16: bfloat16 autocast")
+    p.add_argument("--device", type=nonempty, default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--safety_checker", type=nonempty, default=None, metavar="PATH|none",
+                   help="safety checker weights (default: models/safety_checker/ or the HF "
+                        "cache); 'none' turns it off")
+
+
+def read_prompts(path):
+    """Prompts from a file: UTF-8 (a BOM is fine), any line endings, blank lines skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(f"prompt file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"--from-file {path} is a folder: give a text file, one prompt "
+                         "a line") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read prompt file {path} as UTF-8 text "
+                         f"({e.__class__.__name__})") from None
+    if "\x00" in text:
+        raise InputError(f"prompt file {path} is not a text file (it holds NUL bytes)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {path} has no prompts (one per line)")
+    return prompts
+
+
+# ----------------------------------------------------------------------------- the model
+
+def choose_model(args):
+    """The model a run will load, resolved and checked without reading weights or importing
+    torch: a ``ldm.config.ModelChoice`` (checkpoint, config, name, geometry, defaults)."""
+    from ldm.config import choose_model as choose
+    return choose(args.ckpt, args.config)
+
+
+def check_safety_checker(args):
+    if args.safety_checker not in (None, "none") and not Path(args.safety_checker).exists():
+        raise InputError(f"--safety_checker {args.safety_checker} not found: give its "
+                         "weights file or folder, or 'none'")
+
+
+def load_pipeline(args, choice):
+    """Device, then the weights (the slow part), then one line saying what is used."""
+    from ldm.pipeline import INSTALL_HINT, Pipeline, pick_device
+    device = pick_device(args.device)
+    pipe = Pipeline.load(choice, device=device, precision=args.precision,
+                         safety=args.safety_checker != "none",
+                         safety_checker_path=args.safety_checker)
+    hint = "" if args.ckpt or not choice.builtin else f"; {INSTALL_HINT}"
+    log.info("using %s on %s%s", pipe.model_name, pipe.device, hint)
+    return pipe
+
+
+def check_sampling(args, choice):
+    """The sampling flags against each other and the model's config; the guidance scale."""
+    if args.skip_save and args.skip_grid:
+        raise UsageError("--skip_save with --skip_grid would write nothing: drop one")
+    if args.plms and args.ddim_eta != 0:
+        raise UsageError("PLMS is deterministic: drop --ddim_eta or --plms")
+    timesteps = choice.geometry.timesteps
+    if args.ddim_steps > timesteps:
+        raise UsageError(f"--ddim_steps {args.ddim_steps} is more than the model's "
+                         f"{timesteps} timesteps")
+    scale = choice.defaults.get("scale", 7.5) if args.scale is None else args.scale
+    if scale == 1.0 and args.negative_prompt:
+        raise UsageError("--negative-prompt has no effect at --scale 1 (no guidance): "
+                         "raise --scale or drop --negative-prompt")
+    return scale
+
+
+def check_size(geometry, height, width, batch, device_name="auto"):
+    """A size the model takes (multiples of its factor) and that fits in memory. (A config
+    that does not say its sizes is checked after the load, by the pipeline.)"""
+    if height is None or width is None:
+        return
+    f = geometry.factor
+    if f and (height % f or width % f):
+        raise UsageError(f"--H and --W must be positive multiples of {f} for this model "
+                         f"(got {height}x{width}); e.g. {geometry.native_size}")
+    check_memory(geometry, height, width, batch, device_name)
+
+
+def check_memory(geometry, height, width, batch, device_name="auto"):
+    """Refuse up front a size whose activations alone exceed the memory there is."""
+    need = geometry.activation_bytes(height, width, batch)
+    have = available_memory(device_name)
+    if have is not None and need > have:
+        raise ResourceError(
+            f"{width}x{height} with --n_samples {batch} needs at least {need / 2**30:.0f} GiB "
+            f"for activations and this machine has {have / 2**30:.0f} GiB free: lower --H/--W "
+            f"(the model's own size is {geometry.native_size}) or --n_samples")
+
+
+def available_memory(device_name="auto"):
+    """Bytes free for the run: system memory for the CPU (Linux), None when unknown (GPUs
+    are checked when they allocate: their out-of-memory error gets the same advice)."""
+    if device_name not in ("auto", "cpu"):
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class Job:
+    """What a run has written so far (for the last line, whatever ends the run)."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def track(self, outputs):
+        self.outputs.append(outputs)
+        return outputs
+
+    @property
+    def written(self):
+        return [p for o in self.outputs for p in o.written]
+
+    def summary(self):
+        files = self.written
+        if not files:
+            return "nothing was written"
+        folders = sorted({str(p.parent) for p in files})
+        return f"{len(files)} finished file{'s' * (len(files) != 1)} kept in {', '.join(folders)}"
+
+
+class _OncePerRun(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        key = (record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+class _ProgressHandler(logging.Handler):
+    """Writes through ``ldm.progress.write`` (above any bar) to the current sys.stderr."""
+
+    def emit(self, record):
+        try:
+            from ldm.progress import write
+            write(self.format(record))
+        except Exception:  # a logging failure must not end the run
+            self.handleError(record)
+
+
+class _Format(logging.Formatter):
+    def format(self, record):
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"error: {message}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {message}"
+        return message
+
+
+def _install_logging():
+    handler = _ProgressHandler(logging.INFO)
+    handler.setFormatter(_Format())
+    handler.addFilter(_OncePerRun())
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)  # the run's own lines ("using ...", a drawn seed)
+    logging.captureWarnings(True)  # a library's warnings.warn reads like our messages, once
+    return saved
+
+
+def _restore_logging(saved):
+    root = logging.getLogger()
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def _say(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(build_parser, run, argv=None):
+    """Parse, run, and turn whatever ends the run into one line and an exit status."""
+    job, saved = Job(), None
+    try:
+        saved = _install_logging()
+        args = build_parser().parse_args(argv)
+        run(args, job)
+        return 0
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: still one line
+        _say(f"interrupted: {job.summary()}")
+        return INTERRUPTED
+    except LdmError as e:
+        _say(f"error: {e}")
+        return e.exit_status
+    except MemoryError:
+        _say("error: out of memory: lower --H/--W or --n_samples")
+        return ResourceError.exit_status
+    except RuntimeError as e:
+        if not _is_out_of_memory(e):
+            raise
+        _say(f"error: out of memory ({_allocation(e)}): lower --H/--W or --n_samples")
+        return ResourceError.exit_status
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        _say(f"error: {e.strerror or e}{where}")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if saved is not None:
+            _restore_logging(saved)
+
+
+def _is_out_of_memory(e):
+    text = str(e)
+    return ("can't allocate memory" in text or "out of memory" in text.lower()
+            or type(e).__name__ == "OutOfMemoryError")
+
+
+def _allocation(e):
+    import re
+    m = re.search(r"allocate (\d+) bytes", str(e))
+    if m:
+        return f"an allocation of {int(m.group(1)) / 2**30:.1f} GiB failed"
+    return "the GPU's memory is full" if "CUDA" in str(e) else "an allocation failed"

@@ -1,0 +1,271 @@
+"""Model configs (CompVis schema) read and checked without torch or any weights.
+
+``load_config`` turns every way a config file can be wrong into one ``ConfigError`` line
+naming the file. ``Geometry`` reads what the command line checks before the slow model load
+(the autoencoder's factor, latent channels, native size, timesteps, UNet input channels) and
+estimates the memory a size needs.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.errors import ConfigError, InputError, ModelNotFound
+
+SAMPLING_KEYS = ("scale", "timestep_spacing")
+TIMESTEP_SPACING_NAMES = ("uniform", "trailing")  # ldm.modules.diffusionmodules.util
+
+
+def load_config(path):
+    """The OmegaConf config at ``path``, with a ``model:`` that has a ``target``."""
+    from omegaconf import DictConfig, OmegaConf
+    from yaml import YAMLError
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFound(f"config not found: {path}" if not path.is_dir() else
+                            f"--config {path} is a folder: give its .yaml file")
+    try:
+        config = OmegaConf.load(path)
+    except YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config {path} is not valid YAML{at}: fix it or pass another "
+                          f"--config") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"cannot read config {path} ({type(e).__name__}): give a YAML "
+                          f"text file") from None
+    except Exception as e:  # OmegaConf's own errors (bad interpolation, ...)
+        raise ConfigError(f"config {path} cannot be read: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, DictConfig) or not config:
+        kind = "empty" if not config else "a list, not a mapping"
+        raise ConfigError(f"config {path} is {kind}: a model config has a top-level "
+                          f"'model:' with 'target:' and 'params:'")
+    model = config.get("model")
+    if not isinstance(model, DictConfig) or "target" not in model:
+        raise ConfigError(f"config {path} has no 'model:' with a 'target:' (a class to "
+                          f"build): is it a model config?")
+    return config
+
+
+def check_targets(config, path):
+    """Every ``target:`` the model is built from (the model's own, and those of its UNet,
+    autoencoder and text encoder) names a module that exists, found without importing it
+    (no torch import yet). Training-only targets (``scheduler_config``, ``lossconfig``
+    of upstream configs) are not built for inference and not checked."""
+    import importlib.util
+    params = config.model.get("params") or {}
+    parts = [config.model.target] + [t for key in ("unet_config", "first_stage_config",
+                                                     "cond_stage_config")
+                                     for t in _targets(params.get(key), skip=("lossconfig",))]
+    for target in parts:
+        module, _, name = str(target).rpartition(".")
+        try:
+            found = bool(module) and importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(f"config {path} names {target}, but there is no module "
+                              f"{module or target!r}: fix the target or install its package")
+
+
+def _targets(node, skip=()):
+    from omegaconf import DictConfig, ListConfig
+    if isinstance(node, DictConfig):
+        for k, v in node.items_ex(resolve=False):
+            if k == "target":
+                yield v
+            elif k not in skip:
+                yield from _targets(v, skip)
+    elif isinstance(node, ListConfig):
+        for v in node:
+            yield from _targets(v, skip)
+
+
+def build_error(path, e):
+    """A ConfigError for an exception raised while building ``path``'s model."""
+    if isinstance(e, (ImportError, AttributeError)):
+        return ConfigError(f"config {path} names a class that does not exist ({e})")
+    return ConfigError(f"config {path} does not build: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}")
+
+
+def sampling_defaults(config, path="config"):
+    """A config's own sampling defaults (its optional top-level ``sampling:`` section, e.g.
+    ``scale: 5.0`` for a model that follows prompts best at that guidance, or
+    ``timestep_spacing: trailing`` for a zero-terminal-SNR model), else {}. ``config``: a
+    loaded config or its path."""
+    from omegaconf import OmegaConf
+    if isinstance(config, (str, Path)):
+        config, path = load_config(config), config
+    section = config.get("sampling")
+    defaults = OmegaConf.to_container(section) if section else {}
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: 'sampling:' must be a mapping")
+    unknown = set(defaults) - set(SAMPLING_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sampling defaults {sorted(unknown)}")
+    if defaults.get("timestep_spacing", "uniform") not in TIMESTEP_SPACING_NAMES:
+        raise ConfigError(f"{path}: sampling timestep_spacing must be one of "
+                          f"{sorted(TIMESTEP_SPACING_NAMES)}, not "
+                          f"{defaults['timestep_spacing']!r}")
+    scale = defaults.get("scale")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ConfigError(f"{path}: sampling scale must be a finite number, not {scale!r}")
+    return defaults
+
+
+@dataclass
+class Geometry:
+    """What a config says about the sizes its model takes (None where it does not say)."""
+    factor: int = None          # image pixels per latent pixel, per side
+    channels: int = None        # latent channels
+    latent_size: int = None     # the latent side the model was trained at
+    timesteps: int = 1000
+    unet_in_channels: int = None
+    model_channels: int = None  # the UNet's base width
+    decoder_channels: int = None  # the autoencoder decoder's width at full resolution
+
+    @property
+    def native_size(self):
+        return self.latent_size * self.factor if self.latent_size and self.factor else None
+
+    def activation_bytes(self, height, width, batch):
+        """A floor for the float32 activations a run at ``height`` x ``width`` needs: the
+        UNet over the batch (x2 for guidance), or the decoder for one image, whichever is
+        more. Measured on CPU (torch 2.13, fused attention): the UNet peaks at 22-37 x its
+        first level's size (base width x latent positions x batch x 4 bytes; the built-in
+        model and SD v1), the decoder at 7 x its last level's; the floor takes 16 and 6, so
+        a size it refuses cannot run (weights come on top)."""
+        pixels = height * width
+        unet = decoder = 0
+        if self.model_channels and self.factor:
+            unet = 16 * 2 * batch * self.model_channels * (pixels // self.factor ** 2) * 4
+        if self.decoder_channels:
+            decoder = 6 * self.decoder_channels * pixels * 4
+        return max(unet, decoder)
+
+
+def geometry(config):
+    """The ``Geometry`` of a loaded config (``load_config``)."""
+    params = config.model.get("params") or {}
+    g = Geometry(channels=params.get("channels", 3), latent_size=params.get("image_size", 256),
+                 timesteps=params.get("timesteps", 1000))
+    first = (params.get("first_stage_config") or {})
+    dd = ((first.get("params") or {}).get("ddconfig") or {}) if hasattr(first, "get") else {}
+    if dd.get("ch_mult") is not None:
+        g.factor = 2 ** (len(dd["ch_mult"]) - 1)
+        g.decoder_channels = dd.get("ch", 128) * dd["ch_mult"][0]
+    unet = ((params.get("unet_config") or {}).get("params") or {})
+    g.unet_in_channels = unet.get("in_channels")
+    g.model_channels = unet.get("model_channels")
+    return g
+
+
+# ------------------------------------------------------------------ which model to load
+
+ROOT = Path(__file__).resolve().parents[1]
+SD_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
+SD_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+BUILTIN_DIR = ROOT / "models" / "ldm" / "shapes"
+INSTALL_HINT = ("for Stable Diffusion, put an SD v1.x .ckpt/.safetensors at "
+                "models/ldm/stable-diffusion-v1/model.ckpt or pass --ckpt")
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class ModelChoice:
+    """A checkpoint and the config that describes it, checked without reading weights."""
+    ckpt: Path
+    config_path: Path
+    config: object
+    name: str
+    builtin: bool = False
+
+    @property
+    def geometry(self):
+        return geometry(self.config)
+
+    @property
+    def defaults(self):
+        return sampling_defaults(self.config, self.config_path)
+
+
+def choose_model(ckpt=None, config=None):
+    """The ``ModelChoice`` for ``ckpt`` and ``config`` (either may be None).
+
+    No ``ckpt``: SD v1 at ``SD_CKPT`` if present, else the built-in model; a ``config``
+    given alone must then be the built-in model's (or SD's, with SD installed): any other
+    says which checkpoint it needs. The config defaults to ``config.yaml`` beside the
+    checkpoint, else SD v1's."""
+    builtin = False
+    if ckpt is None:
+        if SD_CKPT.exists():
+            ckpt, name = SD_CKPT, "Stable Diffusion v1"
+        else:
+            found = sorted(BUILTIN_DIR.glob("*.safetensors"))
+            if not found:
+                raise ModelNotFound(f"no model found: {INSTALL_HINT}")
+            ckpt, name, builtin = found[0], "the built-in shapes model", True
+            if config is not None and not _same_file(config, BUILTIN_DIR / "config.yaml"):
+                raise ModelNotFound(
+                    f"--config {config} needs the checkpoint it describes: pass it with "
+                    f"--ckpt (none at models/ldm/stable-diffusion-v1/model.ckpt; the "
+                    f"built-in model has its own config)")
+    else:
+        ckpt, name = Path(ckpt), str(ckpt)
+        sniff_checkpoint(ckpt)
+    if config is None:
+        beside = Path(ckpt).parent / "config.yaml"
+        config = beside if beside.exists() else SD_CONFIG
+    config = Path(config)
+    loaded = load_config(config)
+    check_targets(loaded, config)
+    choice = ModelChoice(Path(ckpt), config, loaded, name, builtin)
+    choice.defaults  # noqa: B018 - a bad `sampling:` section is reported now
+    return choice
+
+
+def _same_file(a, b):
+    try:
+        return Path(a).resolve() == Path(b).resolve() or Path(a).read_bytes() == Path(b).read_bytes()
+    except OSError:
+        return False
+
+
+def sniff_checkpoint(path):
+    """Say in one line what ``path`` is when it is clearly not a checkpoint file: missing,
+    a folder (a diffusers folder is named as such), empty, a Git LFS pointer, a web page or
+    other text."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+            raise InputError(
+                f"{path} is a diffusers-format folder (model_index.json, unet/, vae/, "
+                f"text_encoder/): give a single-file checkpoint (.ckpt/.safetensors) instead, "
+                f"e.g. one converted with diffusers' "
+                f"scripts/convert_diffusers_to_original_stable_diffusion.py")
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        raise InputError(f"--ckpt {path} is a folder: give the checkpoint file itself"
+                         + (f" (it holds {', '.join(inside[:3])})" if inside else ""))
+    if not path.is_file():
+        raise ModelNotFound(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if not head:
+        raise InputError(f"checkpoint {path} is empty (0 bytes): download it again")
+    if head.startswith(b"version https://git-lfs"):
+        raise InputError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` "
+                         f"where it was cloned, or download the file itself")
+    if _looks_like_text(head):
+        what = ("a web page (HTML)" if head.lstrip()[:1] == b"<" else "a text file")
+        raise InputError(f"{path} is not a checkpoint: it is {what}; give a .ckpt or "
+                         f".safetensors file (a failed download saves an error page)")
+
+
+def _looks_like_text(head):
+    if b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return sum(c.isprintable() or c in "\r\n\t" for c in text) >= 0.95 * len(text)
