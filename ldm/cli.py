@@ -326,6 +326,7 @@ def _say(line):
 def main(build_parser, run, argv=None):
     """Parse, run, and turn whatever ends the run into one line and an exit status."""
     job, saved = Job(), None
+    previous_handler = signal.getsignal(signal.SIGINT)
     try:
         saved = _install_logging()
         args = build_parser().parse_args(argv)
@@ -351,7 +352,7 @@ def main(build_parser, run, argv=None):
         _say(f"error: {e.strerror or e}{where}")
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous_handler)
         if saved is not None:
             _restore_logging(saved)
 

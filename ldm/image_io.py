@@ -183,14 +183,111 @@ def make_grid(images, n_per_row, padding=2):
     return grid
 
 
-def load_image(path):
-    """An RGB PIL image from a file, or ImageInputError saying what is wrong."""
+def load_image(path, what="image"):
+    """An RGB PIL image from any file Pillow reads, as a person brings it: EXIF orientation
+    applied, transparency flattened on white, greyscale, palette and 16-bit images turned
+    into 8-bit RGB. ImageInputError says what is wrong otherwise."""
+    return to_rgb(_open(path, what), background=(255, 255, 255))
+
+
+def load_mask(path):
+    """A mask as an 8-bit greyscale PIL image (white = repaint) from any file Pillow reads.
+    A transparent mask is flattened on black (what is transparent is kept)."""
+    return to_rgb(_open(path, "mask"), background=(0, 0, 0)).convert("L")
+
+
+def _open(path, what):
+    from PIL import ImageOps
+    path = Path(path)
+    if path.is_dir():
+        raise ImageInputError(f"{what} {path} is a folder: give an image file")
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im)
     except FileNotFoundError:
-        raise ImageInputError(f"image not found: {path}")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ImageInputError(f"{what} not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageInputError(f"cannot read {path} as an image ({e.__class__.__name__}); "
-                              f"give a PNG or JPEG file")
+                              f"give a PNG, JPEG, WebP or other image file") from None
+
+
+def to_rgb(im, background=(255, 255, 255)):
+    """8-bit RGB: 16-bit and 32-bit greyscale scaled down, alpha composited on
+    ``background``."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(a * (255.0 if a.max() <= 1.0 else 1.0) + 0.5, 0, 255)
+                             .astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        flat = Image.new("RGBA", im.size, background + (255,))
+        return Image.alpha_composite(flat, im).convert("RGB")
+    return im.convert("RGB")
+
+
+RESIZE_MODES = ("resize", "crop", "fill")
+
+
+def fit_image(image, factor, width=None, height=None, mode="resize"):
+    """(image, note) with sides the model takes. Without ``width``/``height``: the sides are
+    resized (Lanczos) down to the nearest multiple of ``factor``, with a note saying so. With
+    them, as A1111: "resize" stretches to the size, "crop" scales to cover it and crops the
+    centre, "fill" scales to fit inside it and fills the rest with the stretched edges."""
+    w, h = image.size
+    if width is None and height is None:
+        tw, th = w // factor * factor, h // factor * factor
+        if tw < factor or th < factor:
+            raise ImageInputError(f"the image is {w}x{h}: too small for this model (a side "
+                                  f"under {factor} pixels)")
+        if (tw, th) == (w, h):
+            return image, None
+        return (image.resize((tw, th), Image.LANCZOS),
+                f"resized the {w}x{h} image to {tw}x{th} (sides must be multiples of {factor})")
+    tw, th = width or w, height or h
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, not {mode!r}")
+    if (tw, th) == (w, h):
+        return image, None
+    note = f"{mode} {w}x{h} to {tw}x{th}"
+    if mode == "resize":
+        return image.resize((tw, th), Image.LANCZOS), note
+    if mode == "crop":
+        k = max(tw / w, th / h)
+        sw, sh = max(tw, round(w * k)), max(th, round(h * k))
+        big = image.resize((sw, sh), Image.LANCZOS)
+        left, top = (sw - tw) // 2, (sh - th) // 2
+        return big.crop((left, top, left + tw, top + th)), note
+    k = min(tw / w, th / h)
+    sw, sh = max(1, round(w * k)), max(1, round(h * k))
+    out = image.resize((tw, th), Image.LANCZOS)  # the stretched image behind the fitted one
+    out.paste(image.resize((sw, sh), Image.LANCZOS), ((tw - sw) // 2, (th - sh) // 2))
+    return out, note
+
+
+def fit_mask(mask, size):
+    """(mask, note): the mask at the image's ``size`` (bilinear, then binarised later)."""
+    if mask.size == tuple(size):
+        return mask, None
+    note = f"resized the {mask.size[0]}x{mask.size[1]} mask to the image's {size[0]}x{size[1]}"
+    return mask.resize(tuple(size), Image.BILINEAR), note
+
+
+def image_sha256(image):
+    """SHA-256 of an image's size and RGB pixels (what was sampled from, whatever its file)."""
+    import hashlib
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.size[0]}x{rgb.size[1]}:".encode() + rgb.tobytes()).hexdigest()
+
+
+def paste_back(generated, original, mask, blur=4):
+    """``generated`` where the mask (binarised at 0.5, then feathered by a Gaussian of radius
+    ``blur`` pixels) is white, ``original`` exactly where it is black."""
+    from PIL import ImageFilter
+    hard = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    soft = hard.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else hard
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), soft)

@@ -17,12 +17,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ldm.config import (BUILTIN_DIR, INSTALL_HINT, ROOT, SD_CKPT, SD_CONFIG,  # noqa: F401
                         ModelChoice, build_error, choose_model, load_config, sampling_defaults)
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
-from ldm.models.diffusion.sampling import SAMPLERS, sample, sampling_timesteps
+from ldm.models.diffusion.sampling import (SAMPLERS, latent_blend, sample, sampling_timesteps,
+                                           strength_steps)
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +189,57 @@ class Pipeline:
         self._warned.update(new)
         self.model.cond_stage_model.warn_truncated(new)
 
+    @property
+    def is_inpainting_model(self):
+        """A dedicated inpainting model (9-channel UNet, ``conditioning_key: hybrid``)."""
+        return self.model.model.conditioning_key == "hybrid"
+
     @torch.no_grad()
     def latents(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                scale=None, eta=0.0, height=None, width=None, progress=True, callback=None):
-        """Denoised latents [B, C, h, w] for prompts and their seeds (``scale``: the
-        guidance scale; None for the model's default). ``callback(i, x, pred_x0)`` is
-        called after every step."""
+                scale=None, eta=0.0, height=None, width=None, progress=True, callback=None,
+                init=None, strength=1.0, mask=None, masked=None):
+        """Denoised latents [B, C, h, w] for prompts and their seeds, for all three tasks
+        (``scale``: the guidance scale; None for the model's default). ``callback(i, x,
+        pred_x0)`` is called after every step.
+
+        Image-to-image: ``init``, the init image's latents ([1 or B, C, h, w]), noised to the
+        first of the last ``strength_steps(n, strength)`` timesteps, which are then run.
+        Inpainting: also ``mask`` ([1 or B, 1, h, w], 1 = repaint): a text-to-image model
+        gets the known latents blended back after every step; an inpainting model gets the
+        mask and ``masked`` (the masked image's latents) as its extra input. Strength 1
+        starts inpainting from pure noise."""
         prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
                                                                  negative_prompts, scale)
         if sampler not in SAMPLERS:
             raise UsageError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+        if init is not None:
+            height, width = init.shape[-2] * self.factor, init.shape[-1] * self.factor
         height, width = height or self.native_size, width or self.native_size
         self.check_size(height, width)
-        x, gens = self.initial_noise(seeds, height, width)
+        if self.is_inpainting_model and (mask is None or masked is None):
+            raise UsageError("this is an inpainting model (9-channel UNet): it takes an image "
+                             "and a mask (scripts/inpaint.py)")
+        noise, gens = self.initial_noise(seeds, height, width)
+        b = len(seeds)
+        spacing = self.defaults.get("timestep_spacing", "uniform")
+        n = len(sampling_timesteps(steps, self.model.num_timesteps, spacing))
+        run = n if init is None else strength_steps(n, strength)
+        x, blend, concat = noise, None, None
+        if init is not None:
+            init = init.to(self.device).expand(b, -1, -1, -1)
+            if run == 0:
+                return init  # nothing to denoise: the autoencoder round trip
+            if not (mask is not None and strength >= 1.0):
+                t = sampling_timesteps(steps, self.model.num_timesteps, spacing)[run - 1]
+                x = self.model.q_sample(init, torch.full((b,), int(t), device=self.device), noise)
+        if mask is not None:
+            mask = mask.to(self.device).expand(b, -1, -1, -1)
+            if self.is_inpainting_model:
+                concat = self.model.inpainting_concat(mask, masked.to(self.device).expand(b, -1, -1, -1))
+            else:
+                blend = latent_blend(mask, init, noise, self.model.alphas_cumprod)
 
-        def noise(shape):
+        def fresh_noise(shape):
             return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
 
         with self.autocast:
@@ -210,9 +248,40 @@ class Pipeline:
             uncond = (self.model.get_learned_conditioning(negative_prompts)
                       if scale != 1.0 else None)
             z = sample(self.model, sampler, x, steps, cond, uncond, scale, eta=eta,
-                       noise=noise, disable=not progress, callback=callback,
-                       spacing=self.defaults.get("timestep_spacing", "uniform"))
+                       noise=fresh_noise, disable=not progress, callback=callback,
+                       spacing=spacing, run_steps=run, blend=blend, concat=concat)
         return z
+
+    @torch.no_grad()
+    def encode(self, images):
+        """PIL images (sides multiples of the factor) -> latents [B, C, h, w]: the posterior
+        mean times scale_factor, one image at a time."""
+        from ldm.image_io import pil_to_tensor
+        out = []
+        for image in images:
+            with self.autocast:
+                out.append(self.model.encode_image(pil_to_tensor([image]).to(self.device)).float())
+        return torch.cat(out)
+
+    def prepare(self, image, mask=None):
+        """The image (and mask) at sides this model takes: ``ldm.image_io.fit_image``, with
+        one line logged when something was resized."""
+        from ldm.image_io import fit_image, fit_mask, to_rgb
+        image, note = fit_image(to_rgb(image), self.factor)
+        if note:
+            log.warning(note)
+        if mask is not None:
+            mask, note = fit_mask(mask.convert("L"), image.size)
+            if note:
+                log.warning(note)
+        return image, mask
+
+    def latent_mask(self, mask):
+        """A PIL mask (white = repaint) -> [1, 1, h, w] in {0, 1}: binarised at 0.5, then
+        nearest-neighbour downsampled to the latent size (as diffusers)."""
+        m = torch.from_numpy((np.asarray(mask.convert("L")) >= 128).astype(np.float32))[None, None]
+        h, w = m.shape[-2] // self.factor, m.shape[-1] // self.factor
+        return torch.nn.functional.interpolate(m, size=(h, w), mode="nearest"), m
 
     @torch.no_grad()
     def decode(self, z):
@@ -244,13 +313,72 @@ class Pipeline:
 
     def generate(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
                  scale=None, eta=0.0, height=None, width=None, progress=True, callback=None):
-        """Finished images with their reproduction parameters, one per prompt and seed.
-        ``prompts`` may be one string (repeated for every seed), ``seeds`` one int."""
+        """Text to image: finished images with their reproduction parameters, one per prompt
+        and seed. ``prompts`` may be one string (repeated for every seed), ``seeds`` one int."""
+        return self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
+                             height, width, progress, callback, {})
+
+    def img2img(self, prompts, seeds, image, strength=0.75, negative_prompts=None,
+                sampler="plms", steps=50, scale=None, eta=0.0, progress=True, callback=None,
+                image_hash=None):
+        """Image to image: ``image`` (PIL; resized down to multiples of the factor if need
+        be) encoded, noised to the first of the last ``int(steps * strength)`` timesteps
+        and denoised over them. ``image_hash`` is recorded (default: the pixels' SHA-256)."""
+        from ldm.image_io import image_sha256
+        if not 0.0 <= strength <= 1.0:
+            raise UsageError(f"strength must be in [0, 1], got {strength}")
+        image, _ = self.prepare(image)
+        record = {"task": "img2img", "strength": strength,
+                  "init_image_sha256": image_hash or image_sha256(image)}
+        return self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
+                             None, None, progress, callback, record, init=self.encode([image]),
+                             strength=strength)
+
+    def inpaint(self, prompts, seeds, image, mask, strength=1.0, negative_prompts=None,
+                sampler="plms", steps=50, scale=None, eta=0.0, progress=True, callback=None,
+                mask_blur=4, paste_back=True, image_hash=None, mask_hash=None):
+        """Inpainting: repaint where ``mask`` is white (binarised at 0.5 for the model), with
+        a dedicated inpainting model or any text-to-image one (latent blending). With
+        ``paste_back`` the pixels outside the mask, feathered by ``mask_blur`` pixels, are
+        ``image``'s own exactly."""
+        from ldm.image_io import image_sha256, paste_back as paste
+        if not 0.0 <= strength <= 1.0:
+            raise UsageError(f"strength must be in [0, 1], got {strength}")
+        image, mask = self.prepare(image, mask)
+        small, full = self.latent_mask(mask)
+        if not full.any():
+            raise UsageError("the mask is empty (all black): nothing to repaint")
+        if full.all():
+            log.warning("the mask covers the whole image: everything is repainted")
+        init = masked = None
+        if not self.is_inpainting_model or strength < 1.0:
+            init = self.encode([image])  # blended back (4 channels), or noised (strength < 1)
+        if self.is_inpainting_model:
+            from ldm.image_io import pil_to_tensor
+            masked_pixels = pil_to_tensor([image]) * (1 - full)  # masked pixels are 0
+            with torch.no_grad(), self.autocast:
+                masked = self.model.encode_image(masked_pixels.to(self.device)).float()
+        record = {"task": "inpaint", "strength": strength,
+                  "inpainting_model": self.is_inpainting_model,
+                  "init_image_sha256": image_hash or image_sha256(image),
+                  "mask_sha256": mask_hash or image_sha256(mask),
+                  "mask_blur": mask_blur if paste_back else None, "paste_back": paste_back}
+        width, height = image.size
+        samples = self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
+                                height, width, progress, callback, record, init=init,
+                                strength=strength, mask=small, masked=masked)
+        if paste_back:
+            for s in samples:
+                s.image = paste(s.image, image, mask, mask_blur)
+        return samples
+
+    def _samples(self, prompts, seeds, negative_prompts, sampler, steps, scale, eta, height,
+                 width, progress, callback, record, **task):
         prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
                                                                  negative_prompts, scale)
-        height, width = height or self.native_size, width or self.native_size
         z = self.latents(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
-                         height, width, progress, callback)
+                         height, width, progress, callback, **task)
+        height, width = z.shape[-2] * self.factor, z.shape[-1] * self.factor
         images, notes = self.finish(self.decode(z))
         out = []
         for image, note, prompt, negative, seed in zip(images, notes, prompts,
@@ -259,7 +387,7 @@ class Pipeline:
                       "sampler": sampler, "steps": steps, "scale": scale, "eta": eta,
                       "width": width, "height": height, "model": self.model_name,
                       "checkpoint_hash": self.checkpoint_hash, "precision": self.precision,
-                      **note}
+                      **record, **note}
             out.append(Sample(image, params))
         return out
 

@@ -5,6 +5,7 @@ Attribute names (``model.diffusion_model``, ``first_stage_model``, ``cond_stage_
 the checkpoint's key prefixes.
 """
 import logging
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -117,6 +118,11 @@ class LatentDiffusion(nn.Module):
     def get_first_stage_encoding(self, posterior, generator=None):
         return self.scale_factor * posterior.sample(generator)
 
+    def encode_image(self, x):
+        """Image [B, 3, H, W] in [-1, 1] -> latents: the posterior's mean times
+        ``scale_factor`` (deterministic; CompVis and diffusers draw a sample instead)."""
+        return self.scale_factor * self.encode_first_stage(x).mode()
+
     def decode_first_stage(self, z):
         return self.first_stage_model.decode(z / self.scale_factor)
 
@@ -144,3 +150,33 @@ class LatentDiffusion(nn.Module):
             return output
         return (self._at(self.sqrt_alphas_cumprod, t, x_t) * output
                 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t)
+
+    @contextmanager
+    def ema_scope(self, context=None):
+        """CompVis' context for sampling with the EMA weights. An inference model's weights
+        already are the ones to sample with (checkpoints ship the EMA weights as the model's),
+        so this changes nothing; it lets CompVis' scripts run unchanged."""
+        yield
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """Stable Diffusion inpainting (RunwayML's ``sd-v1-5-inpainting``): ``conditioning_key:
+    hybrid``, the UNet's input being ``[x, mask, masked-image latents]`` (4 + 1 + 4
+    channels for SD), the mask 1 where to repaint. The other parameters are
+    ``LatentDiffusion``'s; RunwayML's training-only ones (``finetune_keys``, ...) are kept
+    in ``training_config``."""
+
+    def __init__(self, *args, concat_keys=("mask", "masked_image"),
+                 masked_image_key="masked_image", **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.model.conditioning_key != "hybrid":
+            raise ValueError("LatentInpaintDiffusion needs conditioning_key: hybrid")
+        unet_in = self.model.diffusion_model.in_channels
+        if unet_in != 2 * self.channels + 1:
+            raise ValueError(f"an inpainting UNet takes {2 * self.channels + 1} input channels "
+                             f"(latents, mask, masked-image latents), not {unet_in}")
+        self.concat_keys, self.masked_image_key = tuple(concat_keys), masked_image_key
+
+    def inpainting_concat(self, mask, masked_image_latents):
+        """The UNet's extra input: the latent-sized mask and the masked image's latents."""
+        return torch.cat([mask, masked_image_latents], dim=1)
