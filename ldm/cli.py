@@ -158,13 +158,89 @@ def read_prompts(path):
     return prompts
 
 
+def add_image_size_arguments(p):
+    """--H/--W/--resize-mode for scripts that start from an image."""
+    from ldm.image_io import RESIZE_MODES
+    p.add_argument("--H", type=number(int, 1), default=None,
+                   help="height to sample at (default: the image's, down to a multiple of the "
+                        "model's factor)")
+    p.add_argument("--W", type=number(int, 1), default=None, help="width to sample at")
+    p.add_argument("--resize-mode", "--resize_mode", dest="resize_mode", choices=RESIZE_MODES,
+                   default="resize", help="with --H/--W: resize (stretch), crop (scale to "
+                   "cover, crop the centre) or fill (scale to fit, fill with the edges)")
+
+
+def read_image(path, args, factor, what="image"):
+    """An input image at the size to sample: ``--H``/``--W`` and ``--resize-mode`` if given,
+    else its own size down to multiples of ``factor`` (said in one line)."""
+    from ldm.image_io import fit_image, load_image
+    image = load_image(path, what)
+    if args.H is not None or args.W is not None:
+        for flag, value in (("--H", args.H), ("--W", args.W)):
+            if value is not None and value % factor:
+                raise UsageError(f"{flag} {value} is not a multiple of {factor}, this model's "
+                                 "factor")
+    image, note = fit_image(image, factor, args.W, args.H, args.resize_mode)
+    if note:
+        log.warning(note)
+    return image
+
+
+def prompt_list(args):
+    """The prompts of a run: --from-file's, else --prompt."""
+    return read_prompts(args.from_file) if args.from_file else [args.prompt]
+
+
+def batches(args, prompts):
+    """[(prompts, seeds)] in CompVis order: for each iteration, for each batch of
+    --n_samples prompts (one prompt fills a batch). Image k of the run has seed --seed + k;
+    with --fixed_code (txt2img) every batch reuses one set of start codes, as CompVis'
+    start_code: image j of a batch has seed --seed + j."""
+    if len(prompts) == 1:
+        data = [prompts * args.n_samples]
+    else:
+        data = [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
+    out, k = [], 0
+    for _ in range(args.n_iter):
+        for group in data:
+            first = args.seed if getattr(args, "fixed_code", False) else args.seed + k
+            out.append((group, list(range(first, first + len(group)))))
+            k += len(group)
+    check_seed_span(args.seed, k)
+    return out
+
+
+def generate_batches(args, out, work, steps_per_batch, make):
+    """Run ``make(prompts, seeds, callback) -> samples`` for every batch under one progress
+    bar, saving each sample as OUTDIR/samples/NNNNN.png (unless --skip_save) and a grid
+    (unless --skip_grid). Returns the samples."""
+    from ldm.image_io import make_grid
+    from ldm.progress import progress
+    done = []
+    with progress(len(work) * steps_per_batch, "sampling") as bar:
+        for prompts, seeds in work:
+            samples = make(prompts, seeds, lambda *_: bar.update())
+            for s in samples:
+                if getattr(args, "fixed_code", False):
+                    s.parameters["fixed_code"] = True
+                if not args.skip_save:
+                    out.save_numbered(s.image, "{:05}.png", s.parameters, "samples")
+            done.extend(samples)
+            bar.set_postfix_str(f"{len(done)} images")
+    if not args.skip_grid and done:
+        grid = make_grid([s.image for s in done], args.n_rows or args.n_samples)
+        out.save_numbered(grid, "grid-{:04}.png", {"grid_of": [s.parameters for s in done]})
+    print(f"Your samples are ready and waiting for you here: \n{out.root} \n \nEnjoy.")
+    return done
+
+
 # ----------------------------------------------------------------------------- the model
 
-def choose_model(args):
-    """The model a run will load, resolved and checked without reading weights or importing
-    torch: a ``ldm.config.ModelChoice`` (checkpoint, config, name, geometry, defaults)."""
+def choose_model(args, task="txt2img"):
+    """The model a run will load, resolved and checked without reading weights (or
+    importing torch, given a config): a ``ldm.config.ModelChoice``."""
     from ldm.config import choose_model as choose
-    return choose(args.ckpt, args.config)
+    return choose(args.ckpt, args.config, task)
 
 
 def check_safety_checker(args):
@@ -185,16 +261,20 @@ def load_pipeline(args, choice):
     return pipe
 
 
-def check_sampling(args, choice):
-    """The sampling flags against each other and the model's config; the guidance scale."""
+def check_sampling(args, choice, inpainting=False):
+    """The sampling flags against each other and the model's config; the guidance scale.
+    A dedicated inpainting model (9-channel UNet) serves inpainting only."""
+    g = choice.geometry
+    if not inpainting and g.is_inpainting:
+        raise UsageError(f"{choice.ckpt} is an inpainting model ({g.unet_in_channels}-channel "
+                         "UNet): use scripts/inpaint.py")
     if args.skip_save and args.skip_grid:
         raise UsageError("--skip_save with --skip_grid would write nothing: drop one")
     if args.plms and args.ddim_eta != 0:
         raise UsageError("PLMS is deterministic: drop --ddim_eta or --plms")
-    timesteps = choice.geometry.timesteps
-    if args.ddim_steps > timesteps:
+    if args.ddim_steps > g.timesteps:
         raise UsageError(f"--ddim_steps {args.ddim_steps} is more than the model's "
-                         f"{timesteps} timesteps")
+                         f"{g.timesteps} timesteps")
     scale = choice.defaults.get("scale", 7.5) if args.scale is None else args.scale
     if scale == 1.0 and args.negative_prompt:
         raise UsageError("--negative-prompt has no effect at --scale 1 (no guidance): "

@@ -64,16 +64,16 @@ def write_clip_tokenizer_files(folder):
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + merges) + "\n", "utf-8")
 
 
-def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
-    """A StableDiffusionPipeline folder (no safety checker) with ``model``'s weights and
-    DDIM/PNDM-compatible scheduler settings, loadable by ``from_pretrained``."""
+def diffusers_components(model, config, folder, drop_pos_emb=False):
+    """The keyword arguments of any diffusers SD v1 pipeline (StableDiffusion, Img2Img,
+    Inpaint) with ``model``'s weights: tokenizer files written to ``folder``, a DDIM
+    scheduler with our schedule, no safety checker."""
     import diffusers
     import transformers
     unet, vae, clip = to_diffusers(model, config, drop_pos_emb)
-    tok_dir = folder / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    write_clip_tokenizer_files(tok_dir)
-    tokenizer = transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
+    folder.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer_files(folder)
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
                                            pad_token="<|endoftext|>",
                                            model_max_length=model.cond_stage_model.max_length)
     params = config.model.params
@@ -84,8 +84,15 @@ def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
         rescale_betas_zero_snr=bool(params.get("zero_terminal_snr", False)),
         timestep_spacing="trailing" if trailing else "leading", steps_offset=0 if trailing else 1,
         prediction_type="v_prediction" if model.parameterization == "v" else "epsilon")
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=tokenizer,
-                                             unet=unet, scheduler=scheduler, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    return dict(vae=vae, text_encoder=clip, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
+    """A StableDiffusionPipeline folder (no safety checker) with ``model``'s weights and
+    DDIM/PNDM-compatible scheduler settings, loadable by ``from_pretrained``."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline(
+        **diffusers_components(model, config, folder / "tokenizer", drop_pos_emb))
     pipe.save_pretrained(folder)
     return pipe

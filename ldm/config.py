@@ -125,6 +125,12 @@ class Geometry:
     decoder_channels: int = None  # the autoencoder decoder's width at full resolution
 
     @property
+    def is_inpainting(self):
+        """A dedicated inpainting UNet: latents, mask and masked-image latents in."""
+        return bool(self.unet_in_channels and self.channels
+                    and self.unet_in_channels == 2 * self.channels + 1)
+
+    @property
     def native_size(self):
         return self.latent_size * self.factor if self.latent_size and self.factor else None
 
@@ -165,6 +171,9 @@ def geometry(config):
 ROOT = Path(__file__).resolve().parents[1]
 SD_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "model.ckpt"
 SD_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+SD_INPAINTING_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "inpainting.ckpt"
+SD_INPAINTING_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inpainting-inference.yaml"
+UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 BUILTIN_DIR = ROOT / "models" / "ldm" / "shapes"
 INSTALL_HINT = ("for Stable Diffusion, put an SD v1.x .ckpt/.safetensors at "
                 "models/ldm/stable-diffusion-v1/model.ckpt or pass --ckpt")
@@ -189,16 +198,20 @@ class ModelChoice:
         return sampling_defaults(self.config, self.config_path)
 
 
-def choose_model(ckpt=None, config=None):
+def choose_model(ckpt=None, config=None, task="txt2img"):
     """The ``ModelChoice`` for ``ckpt`` and ``config`` (either may be None).
 
-    No ``ckpt``: SD v1 at ``SD_CKPT`` if present, else the built-in model; a ``config``
-    given alone must then be the built-in model's (or SD's, with SD installed): any other
-    says which checkpoint it needs. The config defaults to ``config.yaml`` beside the
-    checkpoint, else SD v1's."""
+    No ``ckpt``: SD v1 at ``SD_CKPT`` if present (for ``task="inpaint"``, SD's inpainting
+    model at ``SD_INPAINTING_CKPT`` first), else the built-in model; a ``config`` given
+    alone must then be the built-in model's (or SD's, with SD installed): any other says
+    which checkpoint it needs. The config defaults to ``config.yaml`` beside the
+    checkpoint, else SD v1's inpainting config for a checkpoint whose UNet takes 9
+    channels, else SD v1's."""
     builtin = False
     if ckpt is None:
-        if SD_CKPT.exists():
+        if task == "inpaint" and SD_INPAINTING_CKPT.exists():
+            ckpt, name = SD_INPAINTING_CKPT, "Stable Diffusion v1 inpainting"
+        elif SD_CKPT.exists():
             ckpt, name = SD_CKPT, "Stable Diffusion v1"
         else:
             found = sorted(BUILTIN_DIR.glob("*.safetensors"))
@@ -215,13 +228,38 @@ def choose_model(ckpt=None, config=None):
         sniff_checkpoint(ckpt)
     if config is None:
         beside = Path(ckpt).parent / "config.yaml"
-        config = beside if beside.exists() else SD_CONFIG
+        if beside.exists():
+            config = beside
+        else:
+            config = SD_INPAINTING_CONFIG if unet_in_channels(ckpt) == 9 else SD_CONFIG
     config = Path(config)
     loaded = load_config(config)
     check_targets(loaded, config)
     choice = ModelChoice(Path(ckpt), config, loaded, name, builtin)
     choice.defaults  # noqa: B018 - a bad `sampling:` section is reported now
     return choice
+
+
+def unet_in_channels(path):
+    """The input channels of a checkpoint's UNet (its first convolution), or None. Reads a
+    .safetensors header only; a pickle is opened memory-mapped by the safe loader."""
+    import json
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8 and head[:2] != b"PK" and head[:1] != b"\x80":
+            n = int.from_bytes(head, "little")
+            try:
+                header = json.loads(f.read(min(n, 100 << 20)))
+                return header.get(UNET_INPUT_KEY, {}).get("shape", [None, None])[1]
+            except (ValueError, AttributeError, IndexError, TypeError):
+                return None  # the loader says what is wrong with it
+    from ldm.checkpoint import CheckpointError, load_state_dict_file
+    try:
+        w = load_state_dict_file(path).get(UNET_INPUT_KEY)
+    except CheckpointError:
+        return None
+    return None if w is None or w.dim() != 4 else w.shape[1]
 
 
 def _same_file(a, b):

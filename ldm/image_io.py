@@ -40,7 +40,8 @@ def parameters_text(p):
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     names = {"steps": "Steps", "sampler": "Sampler", "scale": "CFG scale", "seed": "Seed",
-             "eta": "Eta", "checkpoint_hash": "Model hash", "model": "Model"}
+             "eta": "Eta", "checkpoint_hash": "Model hash", "model": "Model",
+             "strength": "Denoising strength", "mask_blur": "Mask blur"}
     pairs = [f"{label}: {p[key]}" for key, label in names.items() if p.get(key) is not None]
     if "width" in p and "height" in p:
         pairs.insert(4, f"Size: {p['width']}x{p['height']}")
@@ -163,6 +164,21 @@ class Outputs:
     def check(self):
         check_output_folder(self.root)
         return self
+
+    def save(self, image, name, parameters=None):
+        """Save as ``root/name``, which must not exist yet."""
+        path = self.root / name
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with interrupts_deferred():
+                save_png(image, path, parameters)
+                self.written.append(path)
+        except FileExistsError:
+            raise OutputError(f"{path} already exists: it is kept; choose another --outdir") from None
+        except OSError as e:
+            raise OutputError(f"cannot write {path} ({e.strerror or e}); choose another "
+                              f"--outdir") from None
+        return path
 
     def save_numbered(self, image, pattern, parameters=None, subdir=""):
         with interrupts_deferred():  # a finished file is always counted

@@ -34,24 +34,6 @@ def build_parser():
     return p
 
 
-def batches(args):
-    """[(prompts, seeds)] in CompVis order: for each iteration, for each prompt batch.
-    With --fixed_code every batch reuses one set of start codes, as CompVis' start_code:
-    image j of a batch has seed --seed + j."""
-    if args.from_file:
-        prompts = cli.read_prompts(args.from_file)
-        data = [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]
-    else:
-        data = [[args.prompt] * args.n_samples]
-    out, k = [], 0
-    for _ in range(args.n_iter):
-        for group in data:
-            first = args.seed if args.fixed_code else args.seed + k
-            out.append((group, list(range(first, first + len(group)))))
-            k += len(group)
-    return out
-
-
 def check(args, choice):
     """Everything that needs no weights, before the slow load: (height, width)."""
     cli.check_sampling(args, choice)
@@ -67,41 +49,24 @@ def check(args, choice):
 
 
 def run(args, job):
-    from ldm.image_io import Outputs, make_grid
-    from ldm.progress import progress
+    from ldm.image_io import Outputs
 
     choice = cli.choose_model(args)  # the config is read and checked; no weights yet
     height, width = check(args, choice)
     cli.check_safety_checker(args)
     cli.draw_seed(args)
-    work = batches(args)  # reads --from-file before the slow model load
-    cli.check_seed_span(args.seed, sum(len(p) for p, _ in work))
+    work = cli.batches(args, cli.prompt_list(args))  # reads --from-file before the load
     out = job.track(Outputs(args.outdir).check())
     pipe = cli.load_pipeline(args, choice)  # the slow part
     height, width = height or pipe.native_size, width or pipe.native_size
     pipe.check_size(height, width)
-
     sampler = "plms" if args.plms else "ddim"
-    steps = pipe.num_steps(args.ddim_steps)
-    done = []
-    with progress(len(work) * steps, "sampling") as bar:
-        for prompts, seeds in work:
-            samples = pipe.generate(prompts, seeds, [args.negative_prompt] * len(prompts),
-                                    sampler, args.ddim_steps, args.scale, args.ddim_eta,
-                                    height, width, progress=False,
-                                    callback=lambda *_: bar.update())
-            for s in samples:
-                if args.fixed_code:
-                    s.parameters["fixed_code"] = True
-                if not args.skip_save:
-                    out.save_numbered(s.image, "{:05}.png", s.parameters, "samples")
-            done.extend(samples)
-            bar.set_postfix_str(f"{len(done)} images")
-    if not args.skip_grid and done:
-        grid = make_grid([s.image for s in done], args.n_rows or args.n_samples)
-        out.save_numbered(grid, "grid-{:04}.png", {"grid_of": [s.parameters for s in done]})
-    print(f"Your samples are ready and waiting for you here: \n{out.root} \n \nEnjoy.")
-    return done
+
+    def make(prompts, seeds, callback):
+        return pipe.generate(prompts, seeds, args.negative_prompt, sampler, args.ddim_steps,
+                             args.scale, args.ddim_eta, height, width, progress=False,
+                             callback=callback)
+    return cli.generate_batches(args, out, work, pipe.num_steps(args.ddim_steps), make)
 
 
 def main(argv=None):

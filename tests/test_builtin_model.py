@@ -69,3 +69,50 @@ def test_evaluate_probe_on_the_shipped_model(tmp_path):
     assert probe["first_step"]["row"] > 0.9 and probe["first_step"]["column"] > 0.9
     gaps = probe["word_gaps"]
     assert gaps["row gap"] > 0.2 and gaps["column gap"] > 0.2
+
+
+def rendered(scene):
+    from PIL import Image
+    from ldm.data.shapes import render
+    return Image.fromarray(render(scene, size=64))
+
+
+def test_img2img_recolours_a_rendered_circle(pipe):
+    """A rendered red circle, "a big blue circle in the center" at strength 0.75: judged blue,
+    and still a circle in the same place."""
+    from ldm.data.shapes import Scene, Shape
+    scene = Scene([Shape("circle", "red", "big", "centre")])
+    samples = pipe.img2img("a big blue circle in the centre", list(range(42, 48)),
+                           rendered(scene), strength=0.75, sampler="ddim", steps=20,
+                           progress=False)
+    found = [analyser.analyse(s.image) for s in samples]
+    assert all(f and f[0]["colour"] == "blue" for f in found), found
+    assert sum(f[0]["position"] == "centre" and f[0]["shape"] == "circle"
+               for f in found) >= 5, found
+
+
+def test_four_channel_inpainting_adds_what_is_asked_and_keeps_the_rest(pipe):
+    """The built-in (text-to-image) model inpaints by latent blending: a masked empty corner
+    of a one-circle scene gets the prompted yellow star; every pixel outside the feathered
+    mask is the input's own."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+    from ldm.data.shapes import Scene, Shape
+    scene = Scene([Shape("circle", "red", "big", "left")])
+    image = rendered(scene)
+    m = np.zeros((64, 64), np.uint8)
+    m[36:64, 36:64] = 255
+    mask = Image.fromarray(m)
+    want = Scene([Shape("circle", "red", "big", "left"),
+                  Shape("star", "yellow", "small", "bottom right")])
+    samples = pipe.inpaint("a big red circle on the left and a small yellow star in the "
+                           "bottom right corner", list(range(42, 48)), image, mask,
+                           sampler="ddim", steps=20, progress=False)
+    keep = np.asarray(mask.filter(ImageFilter.GaussianBlur(4))) == 0
+    hits = 0
+    for s in samples:
+        out = np.asarray(s.image)
+        assert (out[keep] == np.asarray(image)[keep]).all()
+        judged, _ = analyser.judge_image(want, out)
+        hits += all(judged[1].values()) and judged[0]["colour"] and judged[0]["shape"]
+    assert hits >= 4, hits

@@ -282,3 +282,105 @@ def test_a_short_text_context_matches_diffusers_pipeline(tmp_path, tiny_config):
     assert ours.model.get_learned_conditioning(["a red circle", long]).shape[1] == 16
     z_ours, z_theirs = ddim_latents_both(ours, theirs, ["a red circle", long])
     assert rel_err(z_ours, z_theirs) < 1e-4
+
+
+# ------------------------------------------------------------- image-to-image, inpainting
+
+def _image_and_mask():
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    return image, Image.fromarray(mask)
+
+
+def _both(ours_pipe, theirs_cls, model, config, folder, task, strength, **theirs_kwargs):
+    """Final and per-step latents of ours and of a diffusers pipeline, same latents in."""
+    theirs = theirs_cls(**__import__("ldm.compare", fromlist=["x"]).diffusers_components(
+        model, config, folder))
+    theirs.set_progress_bar_config(disable=True)
+    prompts, seeds = ["a red circle", "a blue square"], [7, 8]
+    ours_steps, theirs_steps = [], []
+    z_ours = ours_pipe.latents(prompts, seeds, ["", "green"], "ddim", 10, 7.5, progress=False,
+                               strength=strength, height=32, width=32,
+                               callback=lambda i, x, x0: ours_steps.append(x.clone()), **task)
+
+    def collect(pipe, i, t, kwargs):
+        theirs_steps.append(kwargs["latents"].clone())
+        return kwargs
+    z_theirs = theirs(prompts, negative_prompt=["", "green"], strength=strength,
+                      num_inference_steps=10, guidance_scale=7.5, output_type="latent",
+                      generator=[torch.Generator().manual_seed(s) for s in seeds],
+                      callback_on_step_end=collect, **theirs_kwargs).images
+    assert len(ours_steps) == len(theirs_steps) == int(10 * strength)
+    return z_ours, z_theirs, ours_steps, theirs_steps
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img_matches_diffusers_step_by_step(tmp_path, tiny_model, tiny_config, strength):
+    """StableDiffusionImg2ImgPipeline fed our init latents (posterior mean x scale): the same
+    start timestep and noised latent (the first step's input), every step, the result."""
+    from ldm.pipeline import Pipeline
+    ours = Pipeline(tiny_model, torch.device("cpu"), "full")
+    image, _ = _image_and_mask()
+    init = ours.encode([image])
+    z_ours, z_theirs, a, b = _both(ours, diffusers.StableDiffusionImg2ImgPipeline, tiny_model,
+                                   tiny_config, tmp_path, {"init": init}, strength,
+                                   image=init.expand(2, -1, -1, -1).clone())
+    assert max(rel_err(x, y) for x, y in zip(a, b)) < 1e-5
+    assert rel_err(z_ours, z_theirs) < 1e-5
+
+
+@pytest.mark.parametrize("strength", [0.7, 1.0])
+def test_four_channel_inpainting_matches_diffusers_step_by_step(tmp_path, tiny_model,
+                                                                 tiny_config, strength):
+    """A text-to-image model inpainting by latent blending, as StableDiffusionInpaintPipeline
+    does with a 4-channel UNet (strength 1: from pure noise)."""
+    from ldm.pipeline import Pipeline
+    ours = Pipeline(tiny_model, torch.device("cpu"), "full")
+    image, mask = _image_and_mask()
+    init = ours.encode([image])
+    small, full = ours.latent_mask(mask)
+    z_ours, z_theirs, a, b = _both(
+        ours, diffusers.StableDiffusionInpaintPipeline, tiny_model, tiny_config, tmp_path,
+        {"init": init, "mask": small}, strength, image=init.expand(2, -1, -1, -1).clone(),
+        mask_image=full.expand(2, -1, -1, -1).clone(), height=32, width=32,
+        masked_image_latents=init.expand(2, -1, -1, -1).clone())  # unused by a 4-channel UNet
+    assert max(rel_err(x, y) for x, y in zip(a, b)) < 1e-5
+    assert rel_err(z_ours, z_theirs) < 1e-5
+    # outside the mask the result is the init latent itself
+    keep = (small == 0).expand_as(z_ours)
+    assert torch.equal(z_ours[keep], init.expand_as(z_ours)[keep])
+
+
+@pytest.fixture(scope="module")
+def tiny_inpainting():
+    from conftest import ROOT, randomize
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(ROOT / "configs" / "tiny" / "tiny-inpainting-inference.yaml")
+    return randomize(instantiate_from_config(config.model), 3).eval(), config
+
+
+@pytest.mark.parametrize("strength", [0.7, 1.0])
+def test_nine_channel_inpainting_matches_diffusers_step_by_step(tmp_path, tiny_inpainting,
+                                                                 strength):
+    """A dedicated inpainting model (UNet input [x, mask, masked-image latents]) against
+    StableDiffusionInpaintPipeline on the same weights."""
+    from ldm.image_io import pil_to_tensor
+    from ldm.pipeline import Pipeline
+    model, config = tiny_inpainting
+    ours = Pipeline(model, torch.device("cpu"), "full")
+    assert ours.is_inpainting_model
+    image, mask = _image_and_mask()
+    init = ours.encode([image])
+    small, full = ours.latent_mask(mask)
+    masked = model.encode_image(pil_to_tensor([image]) * (1 - full))
+    task = {"init": init if strength < 1 else None, "mask": small, "masked": masked}
+    z_ours, z_theirs, a, b = _both(
+        ours, diffusers.StableDiffusionInpaintPipeline, model, config, tmp_path, task, strength,
+        image=init.expand(2, -1, -1, -1).clone(), mask_image=full.expand(2, -1, -1, -1).clone(),
+        masked_image_latents=masked.expand(2, -1, -1, -1).clone(), height=32, width=32)
+    assert max(rel_err(x, y) for x, y in zip(a, b)) < 1e-5
+    assert rel_err(z_ours, z_theirs) < 1e-5

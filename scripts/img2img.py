@@ -1,0 +1,68 @@
+"""Image to image, with the CompVis flags:
+python scripts/img2img.py --init-img photo.png --prompt "..." --strength 0.75
+
+The init image is encoded, noised part-way (--strength: 0 keeps it, 1 almost replaces it)
+and denoised with the prompt. Samples go to OUTDIR/samples/NNNNN.png and a grid to
+OUTDIR/grid-NNNN.png, numbered after what is there; each PNG carries its parameters (with
+the init image's SHA-256 and the strength). Image k of a run has seed --seed + k.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from ldm import cli  # noqa: E402  (standard library only: nothing slow before main)
+from ldm.cli import number  # noqa: E402
+
+
+def build_parser():
+    p = cli.ArgumentParser(description="Turn an image into another with Stable Diffusion.")
+    p.add_argument("--prompt", type=str, default="a painting of a virus monster playing guitar",
+                   help="the prompt to render")
+    p.add_argument("--init-img", "--init_img", dest="init_img", type=cli.nonempty,
+                   required=True, help="the image to start from (any format Pillow reads)")
+    p.add_argument("--strength", type=number(float, 0, 1), default=0.75,
+                   help="how much to change the image, in [0, 1]: the share of the sampling "
+                        "steps run (0: the image itself, 1: all steps)")
+    cli.add_sampling_arguments(p, outdir="outputs/img2img-samples", n_samples=2, n_iter=1,
+                               scale=5.0)
+    cli.add_image_size_arguments(p)
+    cli.add_model_arguments(p)
+    return p
+
+
+def run(args, job):
+    from ldm.checkpoint import file_hash
+    from ldm.image_io import Outputs
+
+    choice = cli.choose_model(args)  # the config is read and checked; no weights yet
+    cli.check_sampling(args, choice)
+    g = choice.geometry
+    image = cli.read_image(args.init_img, args, g.factor or 8, "init image")
+    cli.check_size(g, image.height, image.width, args.n_samples, args.device)
+    cli.check_safety_checker(args)
+    cli.draw_seed(args)
+    work = cli.batches(args, cli.prompt_list(args))
+    out = job.track(Outputs(args.outdir).check())
+    image_hash = file_hash(args.init_img, chars=64)
+    pipe = cli.load_pipeline(args, choice)  # the slow part
+    sampler = "plms" if args.plms else "ddim"
+    from ldm.models.diffusion.sampling import strength_steps
+
+    def make(prompts, seeds, callback):
+        samples = pipe.img2img(prompts, seeds, image, args.strength, args.negative_prompt,
+                               sampler, args.ddim_steps, args.scale, args.ddim_eta,
+                               progress=False, callback=callback, image_hash=image_hash)
+        for s in samples:
+            s.parameters["init_image"] = str(args.init_img)
+        return samples
+    steps = strength_steps(pipe.num_steps(args.ddim_steps), args.strength)
+    return cli.generate_batches(args, out, work, steps, make)
+
+
+def main(argv=None):
+    return cli.main(build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Inpainting: repaint the white part of a mask.
+
+    python scripts/inpaint.py --image photo.png --mask mask.png --prompt "a red door"
+    python scripts/inpaint.py --indir inputs/ --outdir outputs/inpainting-results --steps 50
+
+Works with a dedicated inpainting checkpoint (9-channel UNet, as sd-v1-5-inpainting; its
+config is chosen from the checkpoint) and with any text-to-image checkpoint (the known part
+is blended back into the latents after every step). The mask is white where to repaint
+(binarised at 0.5 for the model); the pixels outside it, feathered by --mask-blur, are the
+input's own. With --image: OUTDIR/samples/NNNNN.png and a grid, as txt2img. With --indir (the
+CompVis form): every NAME.png with a NAME_mask.png beside it becomes OUTDIR/NAME.png.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from ldm import cli  # noqa: E402  (standard library only: nothing slow before main)
+from ldm.cli import number  # noqa: E402
+
+
+def build_parser():
+    p = cli.ArgumentParser(description="Repaint the masked part of an image with Stable Diffusion.")
+    p.add_argument("--image", type=cli.nonempty, help="the image to repaint")
+    p.add_argument("--mask", type=cli.nonempty,
+                   help="the mask: white = repaint, black = keep (any image mode)")
+    p.add_argument("--indir", type=cli.nonempty,
+                   help="a folder of NAME.png + NAME_mask.png pairs (the CompVis batch form); "
+                        "results go to OUTDIR/NAME.png")
+    p.add_argument("--prompt", type=str, default="", help="what to paint in the mask")
+    p.add_argument("--strength", type=number(float, 0, 1), default=1.0,
+                   help="how much to change the masked part, in [0, 1] (1: from pure noise)")
+    p.add_argument("--mask-blur", "--mask_blur", dest="mask_blur", type=number(int, 0, 256),
+                   default=4, help="feather the paste-back by this many pixels (the model "
+                                   "sees the hard mask)")
+    p.add_argument("--invert-mask", "--invert_mask", dest="invert_mask", action="store_true",
+                   help="repaint the black part instead")
+    p.add_argument("--no-paste-back", "--no_paste_back", dest="paste_back",
+                   action="store_false", help="write the raw decode (the unmasked part is "
+                                              "then the autoencoder's, not the input's)")
+    cli.add_sampling_arguments(p, outdir=None, n_samples=2, n_iter=1)
+    cli.add_image_size_arguments(p)
+    cli.add_model_arguments(p)
+    return p
+
+
+def read_mask(path, args, size):
+    from PIL import ImageOps
+    from ldm.image_io import fit_mask, load_mask
+    mask = load_mask(path)
+    if args.invert_mask:
+        mask = ImageOps.invert(mask)
+    mask, note = fit_mask(mask, size)
+    if note:
+        cli.log.warning(note)
+    values = mask.point(lambda v: 255 if v >= 128 else 0).getextrema()
+    if values == (0, 0):
+        raise cli.InputError(f"the mask {path} is empty (all black"
+                             f"{' once inverted' if args.invert_mask else ''}): nothing to "
+                             "repaint; paint the part to change in white")
+    if values == (255, 255):
+        cli.log.warning("the mask %s covers the whole image: everything is repainted", path)
+    return mask
+
+
+def pairs(indir):
+    """[(image path, mask path)] of an --indir folder, sorted; one line for a broken pair."""
+    folder = Path(indir)
+    if not folder.is_dir():
+        raise cli.InputError(f"--indir {indir} is not a folder")
+    names = {p.name: p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    masks = {n for n in names if Path(n).stem.endswith("_mask")}
+    images = sorted(n for n in names if n not in masks)
+    for m in sorted(masks):
+        stem, suffix = Path(m).stem[:-len("_mask")], Path(m).suffix
+        if not any(Path(n).stem == stem for n in images):
+            raise cli.InputError(f"{folder / m} has no image beside it ({stem}{suffix})")
+    out = []
+    for n in images:
+        stem = Path(n).stem
+        found = [m for m in masks if Path(m).stem == stem + "_mask"]
+        if not found:
+            raise cli.InputError(f"{folder / n} has no mask beside it ({stem}_mask.png)")
+        out.append((names[n], names[sorted(found)[0]]))
+    if not out:
+        raise cli.InputError(f"--indir {indir} holds no NAME.png + NAME_mask.png pairs")
+    return out
+
+
+def check_form(args):
+    if args.indir:
+        if args.image or args.mask:
+            raise cli.UsageError("give --indir, or --image with --mask, not both")
+        if args.from_file:
+            raise cli.UsageError("--from-file does not go with --indir (one --prompt for all)")
+    elif not (args.image and args.mask):
+        raise cli.UsageError("give --image and --mask (or --indir with NAME.png + "
+                             "NAME_mask.png pairs)")
+    if args.outdir is None:
+        args.outdir = "outputs/inpainting-results" if args.indir else "outputs/inpainting-samples"
+
+
+def run(args, job):
+    from ldm.checkpoint import file_hash
+    from ldm.image_io import Outputs
+    from ldm.models.diffusion.sampling import strength_steps
+
+    check_form(args)
+    choice = cli.choose_model(args, task="inpaint")  # no weights yet
+    cli.check_sampling(args, choice, inpainting=True)
+    g = choice.geometry
+    factor = g.factor or 8
+    jobs = []  # (name, image, mask, image hash, mask hash)
+    for image_path, mask_path in (pairs(args.indir) if args.indir else
+                                  [(Path(args.image), Path(args.mask))]):
+        image = cli.read_image(image_path, args, factor)
+        mask = read_mask(mask_path, args, image.size)
+        jobs.append((image_path.stem, image, mask, file_hash(image_path, chars=64),
+                     file_hash(mask_path, chars=64)))
+    for _, image, *_ in jobs:
+        cli.check_size(g, image.height, image.width, 1 if args.indir else args.n_samples,
+                       args.device)
+    cli.check_safety_checker(args)
+    cli.draw_seed(args)
+    out = job.track(Outputs(args.outdir).check())
+    if args.indir:
+        todo = [j for j in jobs if not (out.root / f"{j[0]}.png").exists()]
+        if len(todo) < len(jobs):
+            cli.log.warning("%d of %d already in %s, kept and skipped", len(jobs) - len(todo),
+                            len(jobs), out.root)
+        if not todo:
+            return []
+        work = None
+    else:
+        work = cli.batches(args, cli.prompt_list(args))
+    pipe = cli.load_pipeline(args, choice)  # the slow part
+    sampler = "plms" if args.plms else "ddim"
+    steps = strength_steps(pipe.num_steps(args.ddim_steps), args.strength)
+
+    def maker(item):
+        name, image, mask, image_hash, mask_hash = item
+
+        def make(prompts, seeds, callback):
+            return pipe.inpaint(prompts, seeds, image, mask, args.strength,
+                                args.negative_prompt, sampler, args.ddim_steps, args.scale,
+                                args.ddim_eta, progress=False, callback=callback,
+                                mask_blur=args.mask_blur, paste_back=args.paste_back,
+                                image_hash=image_hash, mask_hash=mask_hash)
+        return make
+    if work is not None:
+        return cli.generate_batches(args, out, work, steps, maker(jobs[0]))
+
+    # the CompVis batch form: one image per pair, seed --seed + its index among all pairs
+    from ldm.progress import progress
+    done = []
+    with progress(len(todo) * steps, "inpainting") as bar:
+        for item in todo:
+            k = jobs.index(item)
+            s = maker(item)([args.prompt], [args.seed + k], lambda *_: bar.update())[0]
+            out.save(s.image, f"{item[0]}.png", s.parameters)
+            done.append(s)
+    print(f"Your inpainted images are in {out.root}")
+    return done
+
+
+def main(argv=None):
+    return cli.main(build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
