@@ -48,3 +48,11 @@ def test_txt2img_help_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--plms" in out.stdout and "--negative-prompt" in out.stdout
+
+
+def test_the_outputs_folder_is_in_the_repository_and_its_contents_are_not():
+    r = subprocess.run(["git", "check-ignore", "-q", "outputs/txt2img-samples/x.png"], cwd=ROOT)
+    kept = subprocess.run(["git", "check-ignore", "-q", "outputs/.gitignore"], cwd=ROOT)
+    assert (ROOT / "outputs" / ".gitignore").is_file()
+    if (ROOT / ".git").exists():
+        assert r.returncode == 0 and kept.returncode == 1
