@@ -243,7 +243,9 @@ def guess_architecture(sd):
             attn is not None and attn.shape[1] == 1024):
         return "an SD 2.x checkpoint (OpenCLIP text encoder), which the v1 config cannot load"
     if w is not None and w.shape[1] == 9:
-        return "an inpainting checkpoint (9 input channels), for an inpainting config"
+        return ("an inpainting checkpoint (9 input channels): use scripts/inpaint.py, with "
+                "configs/stable-diffusion/v1-inpainting-inference.yaml (chosen by itself "
+                "when --config is not given)")
     if w is not None and w.shape[1] == 8:
         return "an instruct-pix2pix/depth checkpoint (8 input channels)"
     if any(k.startswith(("down_blocks.", "unet.", "mid_block.")) for k in keys):

@@ -122,14 +122,15 @@ class Pipeline:
 
     @classmethod
     def load(cls, ckpt=None, config=None, device="auto", precision="autocast", safety=True,
-             safety_checker_path=None, watermark=True):
+             safety_checker_path=None, watermark=True, task="txt2img"):
         """Load a checkpoint (a path, or a ``ModelChoice`` from ``choose_model``; None: SD v1
-        if installed, else the built-in model). ``safety=False`` turns the safety checker off;
+        if installed, for ``task="inpaint"`` SD's inpainting model first, else the built-in
+        model). ``safety=False`` turns the safety checker off;
         without its weights the run says so once (not for the built-in model, which draws
         nothing the checker looks for)."""
         from ldm.checkpoint import file_hash
         device = pick_device(device) if isinstance(device, str) else device
-        choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config)
+        choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
         model = load_model(choice.ckpt, choice.config, device)
         checker, note = None, "not checked (turned off)"
         if safety:

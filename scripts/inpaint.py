@@ -75,6 +75,11 @@ def pairs(indir):
         stem, suffix = Path(m).stem[:-len("_mask")], Path(m).suffix
         if not any(Path(n).stem == stem for n in images):
             raise cli.InputError(f"{folder / m} has no image beside it ({stem}{suffix})")
+    stems = [Path(n).stem for n in images]
+    twice = sorted({st for st in stems if stems.count(st) > 1})
+    if twice:
+        raise cli.InputError(f"{folder} has several images named {twice[0]}.* (each becomes "
+                             f"OUTDIR/{twice[0]}.png): keep one")
     out = []
     for n in images:
         stem = Path(n).stem
@@ -124,7 +129,7 @@ def run(args, job):
     cli.draw_seed(args)
     out = job.track(Outputs(args.outdir).check())
     if args.indir:
-        todo = [j for j in jobs if not (out.root / f"{j[0]}.png").exists()]
+        todo = [(k, j) for k, j in enumerate(jobs) if not (out.root / f"{j[0]}.png").exists()]
         if len(todo) < len(jobs):
             cli.log.warning("%d of %d already in %s, kept and skipped", len(jobs) - len(todo),
                             len(jobs), out.root)
@@ -154,8 +159,7 @@ def run(args, job):
     from ldm.progress import progress
     done = []
     with progress(len(todo) * steps, "inpainting") as bar:
-        for item in todo:
-            k = jobs.index(item)
+        for k, item in todo:
             s = maker(item)([args.prompt], [args.seed + k], lambda *_: bar.update())[0]
             out.save(s.image, f"{item[0]}.png", s.parameters)
             done.append(s)

@@ -28,7 +28,7 @@ def scene(size=32, seed=0):
 
 def box_mask(size=32):
     m = np.zeros((size, size), np.uint8)
-    m[16:32, 12:28] = 255
+    m[size // 2:, size * 3 // 8: size * 7 // 8] = 255  # 32: rows 16-31, columns 12-27
     return Image.fromarray(m)
 
 
@@ -237,6 +237,10 @@ def bad_inputs(tmp_path):
     scene().save(f / "nomask" / "a.png")
     (f / "noimage").mkdir()
     box_mask().save(f / "noimage" / "a_mask.png")
+    (f / "twice").mkdir()
+    scene().save(f / "twice" / "a.png")
+    scene().save(f / "twice" / "a.jpg")
+    box_mask().save(f / "twice" / "a_mask.png")
     return f
 
 
@@ -259,6 +263,8 @@ def bad_inputs(tmp_path):
     ("inpaint.py", ["--indir", "{f}/nomask"], "has no mask beside it"),
     ("inpaint.py", ["--indir", "{f}/noimage"], "has no image beside it"),
     ("inpaint.py", ["--indir", "{f}/nope"], "is not a folder"),
+    ("inpaint.py", ["--indir", "{f}/twice"], "several images named a.*"),
+    ("inpaint.py", ["--indir", "{f}/twice", "--image", "{f}/img.png"], "not both"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, ckpts, script, args, needle):
     f = bad_inputs(tmp_path)
@@ -269,3 +275,30 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, ckpts, script, args
     assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
     assert not out.exists()
+
+
+def test_inpainting_looks_for_sd_inpainting_first(tmp_path, monkeypatch, inpainting_ckpt):
+    import shutil
+    import ldm.config as config
+    path, _ = inpainting_ckpt
+    sd_inpainting, sd = tmp_path / "inpainting.ckpt", tmp_path / "model.ckpt"
+    monkeypatch.setattr(config, "SD_INPAINTING_CKPT", sd_inpainting)
+    monkeypatch.setattr(config, "SD_CKPT", sd)
+    assert config.choose_model(task="inpaint").builtin  # neither: the built-in model
+    shutil.copy(path, sd)
+    assert config.choose_model(task="inpaint").ckpt == sd
+    shutil.copy(path, sd_inpainting)
+    choice = config.choose_model(task="inpaint")
+    assert choice.ckpt == sd_inpainting and choice.config_path == config.SD_INPAINTING_CONFIG
+    assert config.choose_model().ckpt == sd  # txt2img keeps SD's text-to-image model
+
+
+def test_a_mask_of_another_size_is_resized_with_one_line(tmp_path, ckpts):
+    scene().save(tmp_path / "img.png")
+    box_mask(16).save(tmp_path / "mask.png")
+    r = run_script("inpaint.py", *tiny_args(ckpts["ckpt"]), "--image", tmp_path / "img.png",
+                   "--mask", tmp_path / "mask.png", "--outdir", tmp_path / "o", "--n_samples",
+                   "1", "--skip_grid", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "warning: resized the 16x16 mask to the image's 32x32" in r.stderr.splitlines()
+    assert Image.open(tmp_path / "o" / "samples" / "00000.png").size == (32, 32)

@@ -24,14 +24,15 @@ def guided_eps(model, cond, uncond=None, scale=1.0, concat=None):
     ``concat`` (a 9-channel inpainting model's mask and masked-image latents) goes to both
     halves alike."""
     guided = uncond is not None and scale != 1.0
+    extra = () if concat is None else (concat,)  # a text-to-image model's apply_model takes 3
 
     def eps(x, t):
         ts = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
         if not guided:
-            return model.eps_from_output(x, ts, model.apply_model(x, ts, cond, concat))
+            return model.eps_from_output(x, ts, model.apply_model(x, ts, cond, *extra))
         x_in, t_in = torch.cat([x, x]), torch.cat([ts, ts])
-        c_in = None if concat is None else torch.cat([concat, concat])
-        out = model.apply_model(x_in, t_in, torch.cat([uncond, cond]), c_in)
+        out = model.apply_model(x_in, t_in, torch.cat([uncond, cond]),
+                                *(torch.cat([c, c]) for c in extra))
         e_uncond, e_cond = model.eps_from_output(x_in, t_in, out).chunk(2)
         return e_uncond + scale * (e_cond - e_uncond)
 
