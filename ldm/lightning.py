@@ -9,6 +9,7 @@ inference checkpoint in the official layout.
 import copy
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -192,7 +193,7 @@ class DiffusionTrainer(pl.LightningModule):
                  init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600,
                  max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
                  replay_pool=16384, schedule_steps=None, decoy_fraction=0.0, decoy_start=900,
-                 top_loss_weight=None, anchor_start=None, anchor_timesteps=None):
+                 top_loss_weight=None, anchor_start=None, anchor_timesteps=None, init_from=None):
         super().__init__()
         if isinstance(lr_schedule, str) and lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"training.lr_schedule must be constant, cosine or a list of "
@@ -217,6 +218,14 @@ class DiffusionTrainer(pl.LightningModule):
         self.max_loss_weight, self.top_loss_weight = max_loss_weight, top_loss_weight
         self.high_noise_fraction, self.high_noise_start = high_noise_fraction, high_noise_start
         self.model = model
+        self.inpainting = hasattr(model, "inpainting_concat")
+        if self.inpainting and (anchor_start is not None or ramp(decoy_fraction, 0.0) > 0
+                                or ramp(decoy_fraction, 1.0) > 0):
+            raise ValueError("training.anchor_start and training.decoy_fraction are for "
+                             "text-to-image models, not an inpainting model")
+        if init_from:
+            self._init_from_model(init_from)
+            scale_by_std = False  # the model's scale_factor comes with its latent space
         self.learning_rate, self.warmup_steps = learning_rate, warmup_steps
         self.p_uncond, self.weight_decay = p_uncond, weight_decay
         self.scale_by_std = scale_by_std
@@ -254,6 +263,34 @@ class DiffusionTrainer(pl.LightningModule):
                              f"{result.unexpected_keys[:5]}")
         self.model.scale_factor = float(self.scale_factor)
         log.info("initialised from %s; new: %s", path, result.missing_keys or "none")
+
+    def _init_from_model(self, path):
+        """Start from a whole exported model (e.g. the shipped ``models/ldm/shapes``), as
+        RunwayML made SD inpainting from SD 1.2: an inpainting UNet's first convolution is
+        widened to its input channels, the new ones zero (so training starts from the
+        text-to-image model's behaviour), and the rest loads strictly. Comes before the EMA
+        copies are made, so they start from these weights too."""
+        from ldm.checkpoint import load_model_weights, load_state_dict_file, normalize_keys
+        sd = normalize_keys(load_state_dict_file(path))
+        key = "model.diffusion_model.input_blocks.0.0.weight"
+        own = self.model.state_dict()[key]
+        if key in sd and sd[key].shape[1] < own.shape[1]:
+            old = sd[key]
+            wide = torch.zeros(own.shape, dtype=old.dtype)
+            wide[:, :old.shape[1]] = old
+            sd[key] = wide
+            log.info("widened %s from %d to %d input channels (the new ones zero)", key,
+                     old.shape[1], own.shape[1])
+        scale = sd.get("scale_factor")
+        beside = Path(path).parent / "config.yaml"  # an exported model's scale is in its config
+        if scale is None and beside.is_file():
+            from omegaconf import OmegaConf
+            scale = OmegaConf.load(beside).model.params.get("scale_factor")
+        load_model_weights(self.model, sd, source=str(path))
+        if scale is not None:
+            self.model.scale_factor = float(scale)
+        log.info("initialised from the model %s (scale_factor %.5f)", path,
+                 self.model.scale_factor)
 
     def _load_first_stage(self, path):
         from ldm.checkpoint import load_state_dict_file
@@ -293,6 +330,18 @@ class DiffusionTrainer(pl.LightningModule):
         self.model.scale_factor = self.scale_factor.item()
         return z * self.scale_factor
 
+    @torch.no_grad()
+    def concat(self, batch):
+        """An inpainting model's extra input: the mask at latent size (nearest) and the
+        masked image's latents (posterior mean, as at inference)."""
+        mask = batch["mask"].float()[:, None]
+        f = self.model.latent_downsampling_factor
+        small = F.interpolate(mask, size=(mask.shape[-2] // f, mask.shape[-1] // f),
+                              mode="nearest")
+        masked = images_from_batch(batch, "masked_image")
+        z = self.model.encode_first_stage(masked).mode() * self.scale_factor
+        return self.model.inpainting_concat(small, z)
+
     def progress(self):
         """Fraction of the schedule done (0 outside a fit with a step limit)."""
         total = self.schedule_length()
@@ -307,28 +356,35 @@ class DiffusionTrainer(pl.LightningModule):
             return None
         return trainer.max_steps
 
-    def replayed(self, z, captions):
-        """The fresh latents and captions plus (replay - 1) times as many from the pool."""
+    def replayed(self, z, captions, concat=None):
+        """The fresh latents and captions (and an inpainting model's concat input) plus
+        (replay - 1) times as many from the pool."""
         n, capacity = z.shape[0], self.replay_pool
         if self._pool is None:  # a ring buffer
             self._pool = {"z": z.new_empty((capacity, *z.shape[1:])),
                           "captions": [""] * capacity, "pushed": 0, "size": 0}
+            if concat is not None:
+                self._pool["concat"] = concat.new_empty((capacity, *concat.shape[1:]))
         pool = self._pool
         slots = [(pool["pushed"] + i) % capacity for i in range(n)]
         pool["z"][slots] = z
+        if concat is not None:
+            pool["concat"][slots] = concat
         for slot, caption in zip(slots, captions):
             pool["captions"][slot] = caption
         pool["pushed"] += n
         pool["size"] = min(pool["pushed"], capacity)
         idx = torch.randint(0, pool["size"], ((self.replay - 1) * n,))
         return (torch.cat([z, pool["z"][idx]]),
-                captions + [pool["captions"][i] for i in idx.tolist()])
+                captions + [pool["captions"][i] for i in idx.tolist()],
+                None if concat is None else torch.cat([concat, pool["concat"][idx]]))
 
     def _loss(self, batch, drop_captions):
         z = self.encode(batch)
+        concat = self.concat(batch) if self.inpainting else None
         captions = list(batch[self.model.cond_stage_key])
         if drop_captions and self.replay > 1:  # training steps only
-            z, captions = self.replayed(z, captions)
+            z, captions, concat = self.replayed(z, captions, concat)
         if drop_captions:
             keep = torch.rand(len(captions)) >= self.p_uncond
             captions = [c if k else "" for c, k in zip(captions, keep)]
@@ -342,7 +398,7 @@ class DiffusionTrainer(pl.LightningModule):
             m = self.model
             eps = noise + (m._at(m.sqrt_alphas_cumprod, t, z)
                            / m._at(m.sqrt_one_minus_alphas_cumprod, t, z)) * (source - z)
-        output = self.model.apply_model(x_t, t, cond)
+        output = self.model.apply_model(x_t, t, cond, *([] if concat is None else [concat]))
         target = eps if self.model.parameterization == "eps" else self.model.get_v(z, eps, t)
         if drop_captions:
             target = self.anchored_targets(target, x_t, t, captions)

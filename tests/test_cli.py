@@ -18,6 +18,13 @@ from ldm.image_io import read_parameters
 SCRIPT = ROOT / "scripts" / "txt2img.py"
 
 
+def as_from_a_terminal():
+    """A child as a shell starts it in the foreground: SIGINT at its default. (A job started
+    in the background of a non-interactive shell, as CI may run the tests, ignores SIGINT,
+    and so would every process it starts.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def environment(tmp_path):
     """No safety checker weights from this machine's Hugging Face cache, and no colours."""
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf"),
@@ -242,7 +249,8 @@ def test_ctrl_c_at_every_moment(tmp_path, ckpts, moment):
     before = snapshot(out)
     r = subprocess.run([sys.executable, "-c", INTERRUPTER, moment, str(SCRIPT),
                         *map(str, tiny(ckpts, "--outdir", out))], capture_output=True,
-                       text=True, timeout=240, env=environment(tmp_path))
+                       text=True, timeout=240, env=environment(tmp_path),
+                       preexec_fn=as_from_a_terminal)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
     assert lines[-1].startswith("interrupted: ")
@@ -264,7 +272,7 @@ def test_ctrl_c_from_the_terminal_during_start_up(tmp_path, ckpts):
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, tiny(ckpts, "--outdir", out))],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=environment(tmp_path))
+                         env=environment(tmp_path), preexec_fn=as_from_a_terminal)
     time.sleep(0.6)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)

@@ -113,8 +113,13 @@ def test_ctrl_c_while_a_file_is_written_finishes_it_first(tmp_path, monkeypatch)
         return real(parameters)
     monkeypatch.setattr(image_io, "_pnginfo", interrupted)
     out = Outputs(tmp_path)
-    with pytest.raises(KeyboardInterrupt):
-        out.save_numbered(smooth_image((8, 8)), "{:05}.png", {"seed": 3})
+    # as in a terminal (a test run in a background job inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            out.save_numbered(smooth_image((8, 8)), "{:05}.png", {"seed": 3})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert out.written == [tmp_path / "00000.png"]
     assert read_parameters(tmp_path / "00000.png") == {"seed": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]  # no temp file

@@ -217,10 +217,11 @@ def test_txt2img_and_img2img_refuse_an_inpainting_model(tmp_path, inpainting_ckp
     path, _ = inpainting_ckpt
     scene().save(tmp_path / "i.png")
     for script, extra in (("txt2img.py", []), ("img2img.py", ["--init-img", tmp_path / "i.png"])):
-        r = run_script(script, "--ckpt", path, "--config", TINY_INPAINTING, "--outdir",
-                       tmp_path / "o", *extra, cwd=tmp_path)
-        assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
-        assert "use scripts/inpaint.py" in r.stderr
+        for config in (["--config", TINY_INPAINTING], []):  # given, or found from the weights
+            r = run_script(script, "--ckpt", path, *config, "--outdir", tmp_path / "o", *extra,
+                           cwd=tmp_path)
+            assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+            assert "use scripts/inpaint.py" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -308,7 +308,8 @@ def test_replay_trains_on_fresh_latents_plus_a_pool_of_recent_ones():
         captions = [f"{step}-{i}" for i in range(3)]
         for i, c in enumerate(captions):
             seen[c] = z[i]
-        zz, cc = trainer.replayed(z, captions)
+        zz, cc, none = trainer.replayed(z, captions)
+        assert none is None  # no concat input for a text-to-image model
         assert zz.shape == (12, 4, 2, 2) and len(cc) == 12
         assert torch.equal(zz[:3], z) and cc[:3] == captions          # the fresh ones first
         for latent, caption in zip(zz[3:], cc[3:]):                    # then pooled pairs
