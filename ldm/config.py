@@ -175,6 +175,7 @@ SD_INPAINTING_CKPT = ROOT / "models" / "ldm" / "stable-diffusion-v1" / "inpainti
 SD_INPAINTING_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inpainting-inference.yaml"
 UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 BUILTIN_DIR = ROOT / "models" / "ldm" / "shapes"
+BUILTIN_INPAINTING_DIR = ROOT / "models" / "ldm" / "shapes-inpainting"
 INSTALL_HINT = ("for Stable Diffusion, put an SD v1.x .ckpt/.safetensors at "
                 "models/ldm/stable-diffusion-v1/model.ckpt or pass --ckpt")
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
@@ -202,15 +203,19 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
     """The ``ModelChoice`` for ``ckpt`` and ``config`` (either may be None).
 
     No ``ckpt``: SD v1 at ``SD_CKPT`` if present (for ``task="inpaint"``, SD's inpainting
-    model at ``SD_INPAINTING_CKPT`` first), else the built-in model; a ``config`` given
+    model at ``SD_INPAINTING_CKPT`` first, then the built-in inpainting model), else the
+    built-in model; a ``config`` given
     alone must then be the built-in model's (or SD's, with SD installed): any other says
     which checkpoint it needs. The config defaults to ``config.yaml`` beside the
     checkpoint, else SD v1's inpainting config for a checkpoint whose UNet takes 9
     channels, else SD v1's."""
     builtin = False
+    inpainting_builtin = sorted(BUILTIN_INPAINTING_DIR.glob("*.safetensors"))
     if ckpt is None:
         if task == "inpaint" and SD_INPAINTING_CKPT.exists():
             ckpt, name = SD_INPAINTING_CKPT, "Stable Diffusion v1 inpainting"
+        elif task == "inpaint" and inpainting_builtin and config is None:
+            ckpt, name, builtin = inpainting_builtin[0], "the built-in shapes inpainting model", True
         elif SD_CKPT.exists():
             ckpt, name = SD_CKPT, "Stable Diffusion v1"
         else:

@@ -180,3 +180,93 @@ def word_gaps(model, n=192, t=950, seed=5):
             errors[key] = float((x0 - z).float().square().mean())
     return {"error": errors["right"],
             **{f"{k} gap": errors[k] - errors["right"] for k in ("row", "column", "empty")}}
+
+
+# ------------------------------------------------------------- image-to-image, inpainting
+
+def _box(shape, size=64, margin=4):
+    """A square mask over ``shape`` (its nominal radius plus ``margin`` pixels each way; 255
+    = repaint)."""
+    import numpy as np
+    from ldm.data.shapes import SIZES
+    cx, cy = shape.centre(size)
+    r = (SIZES[shape.size] + margin) * size / 64
+    m = np.zeros((size, size), np.uint8)
+    m[max(0, int(cy - r)):int(cy + r) + 1, max(0, int(cx - r)):int(cx + r) + 1] = 255
+    return m
+
+
+def editing_cases(task, n, seed=0):
+    """Held-out editing cases: [(prompt, input scene, mask as uint8 array or None, target
+    scene)]. "replace": a one-shape scene, the shape's cell masked, the prompt naming another
+    colour and shape at the same place and size. "add": a one-shape scene, an empty cell
+    masked, the prompt naming both shapes. "recolour": the whole scene, the prompt naming the
+    same shape in another colour (image-to-image)."""
+    import numpy as np
+    from ldm.data.shapes import COLOURS, POSITIONS, SHAPES, Scene, Shape, describe
+    rng = np.random.default_rng([seed, 13, {"replace": 1, "add": 2, "recolour": 3}.get(task, 0)])
+    cases = []
+    for prompt, scene in heldout_prompts(n, seed=seed + 31, n_shapes=1):
+        old = scene.shapes[0]
+        colours = [c for c in COLOURS if c not in (old.colour, scene.background)]
+        colour = colours[rng.integers(len(colours))]
+        if task == "recolour":
+            new = Shape(old.shape, colour, old.size, old.position, old.offset)
+            cases.append((describe(new, rng), scene, None,
+                          Scene([new], scene.background, scene.gradient)))
+            continue
+        if task == "replace":
+            shape = [s for s in SHAPES if s != old.shape][rng.integers(len(SHAPES) - 1)]
+            new = Shape(shape, colour, old.size, old.position)
+            cases.append((describe(new, rng), scene, _box(old),
+                          Scene([new], scene.background, scene.gradient)))
+            continue
+        if task != "add":
+            raise ValueError(f"unknown editing task {task!r}")
+        r, c = POSITIONS[old.position]
+        free = [p for p, (pr, pc) in POSITIONS.items() if abs(pr - r) + abs(pc - c) >= 2]
+        new = Shape(SHAPES[rng.integers(len(SHAPES))], colour, "small",
+                    free[rng.integers(len(free))])
+        target = Scene([old, new], scene.background, scene.gradient)
+        cases.append((describe(old, rng) + " and " + describe(new, rng), scene, _box(new),
+                      target))
+    return cases
+
+
+def evaluate_editing(pipe, task, n=50, seed=0, strength=None, batch_size=25, **sampling):
+    """Accuracy of an editing task (``editing_cases``) for a loaded pipeline: the edited
+    shape's attributes ("new: colour", ...), the object count (exactly the target's), and
+    for "add" whether the old shape is still right ("old: all") and for "recolour" whether
+    shape and place are kept. Inpainting models run "recolour" as inpainting with a full
+    mask. Returns (accuracy, images, cases, judgements, found)."""
+    import numpy as np
+    from PIL import Image
+
+    from ldm.data.inpainting import render_scene
+    cases = editing_cases(task, n, seed)
+    images, judgements, found = [], [], []
+    for start in range(0, n, batch_size):
+        for k, (prompt, scene, mask, target) in enumerate(cases[start:start + batch_size]):
+            seeds = [seed + start + k]
+            image = render_scene(scene)
+            if task == "recolour" and not pipe.is_inpainting_model:
+                s = pipe.img2img(prompt, seeds, image, strength=strength or 0.75,
+                                 progress=False, **sampling)[0]
+            else:
+                m = Image.fromarray(mask if mask is not None else
+                                    np.full((image.height, image.width), 255, np.uint8))
+                s = pipe.inpaint(prompt, seeds, image, m, strength=strength or 1.0,
+                                 progress=False, **sampling)[0]
+            judgement, count = analyser.judge_image(target, s.image)
+            images.append(s.image)
+            judgements.append(judgement)
+            found.append(count)
+    acc = {}
+    new = [j[-1] for j in judgements]  # the target's last shape is the edited one
+    for attribute in analyser.ATTRIBUTES:
+        acc[f"new: {attribute}"] = float(np.mean([j[attribute] for j in new]))
+    acc["new: all"] = float(np.mean([all(j.values()) for j in new]))
+    acc["count"] = float(np.mean([f == len(c[3].shapes) for f, c in zip(found, cases)]))
+    if task == "add":
+        acc["old: all"] = float(np.mean([all(j[0].values()) for j in judgements]))
+    return acc, images, cases, judgements, found

@@ -174,3 +174,52 @@ def test_word_gaps_show_which_place_words_a_model_uses():
     assert abs(both["empty gap"]) > 0.01
     no_rows = word_gaps(place_stub(rows_heard=False), n=24)
     assert no_rows["row gap"] == 0 and abs(no_rows["column gap"]) > 0.01
+
+
+class EditingOracle:
+    """inpaint()/img2img() return the ground-truth render of the case's target scene (or,
+    with ``lazy``, the input unchanged)."""
+
+    is_inpainting_model = False
+
+    def __init__(self, task, lazy=False):
+        from ldm.evaluation import editing_cases
+        self.targets = {p: t for p, _, _, t in editing_cases(task, 20, seed=0)}
+        self.lazy, self.calls = lazy, []
+
+    def _answer(self, prompt, image):
+        self.calls.append(prompt)
+        if self.lazy:
+            return [Sample(image)]
+        return [Sample(Image.fromarray(render(self.targets[prompt], 64)))]
+
+    def inpaint(self, prompt, seeds, image, mask, strength=1.0, progress=True, **sampling):
+        assert np.asarray(mask).max() == 255
+        return self._answer(prompt, image)
+
+    def img2img(self, prompt, seeds, image, strength=0.75, progress=True, **sampling):
+        return self._answer(prompt, image)
+
+
+def test_editing_evaluation_scores_a_perfect_editor_high_and_a_lazy_one_low():
+    from ldm.evaluation import editing_cases, evaluate_editing
+    for task in ("replace", "add", "recolour"):
+        cases = editing_cases(task, 20, seed=0)
+        again = editing_cases(task, 20, seed=0)  # deterministic
+        assert [(c[0], c[3]) for c in cases] == [(c[0], c[3]) for c in again]
+        assert all(np.array_equal(a[2], b[2]) for a, b in zip(cases, again) if a[2] is not None)
+        for prompt, scene, mask, target in cases:
+            if task == "recolour":
+                assert mask is None and target.shapes[0].colour != scene.shapes[0].colour
+            else:  # the mask covers the edited shape's centre, not the kept one's
+                cx, cy = target.shapes[-1].centre(64)
+                assert mask[int(cy), int(cx)] == 255
+                if task == "add":
+                    kx, ky = scene.shapes[0].centre(64)
+                    assert mask[int(ky), int(kx)] == 0
+        perfect, *_ = evaluate_editing(EditingOracle(task), task, 20, seed=0, batch_size=7)
+        lazy, *_ = evaluate_editing(EditingOracle(task, lazy=True), task, 20, seed=0)
+        assert perfect["new: all"] >= 0.9 and perfect["count"] >= 0.9, (task, perfect)
+        assert lazy["new: all"] <= 0.1, (task, lazy)
+        if task == "add":
+            assert perfect["old: all"] >= 0.9 and lazy["count"] <= 0.1

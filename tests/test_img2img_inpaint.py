@@ -285,9 +285,15 @@ def test_inpainting_looks_for_sd_inpainting_first(tmp_path, monkeypatch, inpaint
     sd_inpainting, sd = tmp_path / "inpainting.ckpt", tmp_path / "model.ckpt"
     monkeypatch.setattr(config, "SD_INPAINTING_CKPT", sd_inpainting)
     monkeypatch.setattr(config, "SD_CKPT", sd)
-    assert config.choose_model(task="inpaint").builtin  # neither: the built-in model
+    monkeypatch.setattr(config, "BUILTIN_INPAINTING_DIR", tmp_path / "builtin-inpainting")
+    assert config.choose_model(task="inpaint").ckpt.parent == config.BUILTIN_DIR  # neither
     shutil.copy(path, sd)
     assert config.choose_model(task="inpaint").ckpt == sd
+    (tmp_path / "builtin-inpainting").mkdir()
+    shutil.copy(path, tmp_path / "builtin-inpainting" / "model.safetensors")
+    (tmp_path / "builtin-inpainting" / "config.yaml").write_text(TINY_INPAINTING.read_text())
+    choice = config.choose_model(task="inpaint")  # the built-in inpainting model before SD's
+    assert choice.builtin and choice.ckpt.parent == tmp_path / "builtin-inpainting"  # text-to-image
     shutil.copy(path, sd_inpainting)
     choice = config.choose_model(task="inpaint")
     assert choice.ckpt == sd_inpainting and choice.config_path == config.SD_INPAINTING_CONFIG
