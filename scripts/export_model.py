@@ -37,7 +37,8 @@ def lineage(ckpt):
         if commands.is_file():
             entry["commands"] = commands.read_text().splitlines()
         chain.append(entry)
-        ckpt = training.get("init_ckpt") or training.get("first_stage_ckpt")
+        ckpt = (training.get("init_ckpt") or training.get("init_from")
+                or training.get("first_stage_ckpt"))
     return chain[::-1]
 
 
