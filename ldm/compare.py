@@ -96,3 +96,18 @@ def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
         **diffusers_components(model, config, folder / "tokenizer", drop_pos_emb))
     pipe.save_pretrained(folder)
     return pipe
+
+
+def time_alternating(runs, repeats):
+    """({name: [seconds]}, {name: warm-up output}) of ``runs`` ({name: fn}): one warm-up
+    call each, then the runs alternating so that both sides see the same machine state
+    (benchmarks only)."""
+    import time
+    times = {name: [] for name in runs}
+    outputs = {name: fn() for name, fn in runs.items()}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times, outputs

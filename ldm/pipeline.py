@@ -223,16 +223,16 @@ class Pipeline:
         noise, gens = self.initial_noise(seeds, height, width)
         b = len(seeds)
         spacing = self.defaults.get("timestep_spacing", "uniform")
-        n = len(sampling_timesteps(steps, self.model.num_timesteps, spacing))
-        run = n if init is None else strength_steps(n, strength)
+        timesteps = sampling_timesteps(steps, self.model.num_timesteps, spacing)
+        run = len(timesteps) if init is None else strength_steps(len(timesteps), strength)
         x, blend, concat = noise, None, None
         if init is not None:
             init = init.to(self.device).expand(b, -1, -1, -1)
             if run == 0:
                 return init  # nothing to denoise: the autoencoder round trip
             if not (mask is not None and strength >= 1.0):
-                t = sampling_timesteps(steps, self.model.num_timesteps, spacing)[run - 1]
-                x = self.model.q_sample(init, torch.full((b,), int(t), device=self.device), noise)
+                t = int(timesteps[run - 1])
+                x = self.model.q_sample(init, torch.full((b,), t, device=self.device), noise)
         if mask is not None:
             mask = mask.to(self.device).expand(b, -1, -1, -1)
             if self.is_inpainting_model:

@@ -12,7 +12,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +31,7 @@ def main():
     from omegaconf import OmegaConf
     from PIL import Image
 
-    from ldm.compare import diffusers_components
+    from ldm.compare import diffusers_components, time_alternating
     from ldm.pipeline import SD_CONFIG, Pipeline, build_model
 
     torch.manual_seed(0)
@@ -56,15 +55,8 @@ def main():
                                     num_inference_steps=args.steps, guidance_scale=7.5,
                                     generator=torch.Generator().manual_seed(1)).images[0],
     }
-    times = {name: [] for name in runs}
     with torch.inference_mode():
-        for fn in runs.values():
-            fn()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times, _ = time_alternating(runs, args.repeats)
     med = {name: statistics.median(v) for name, v in times.items()}
     print(f"SD v1 img2img, {args.size}x{args.size}, strength {args.strength}, DDIM "
           f"{args.steps} ({int(args.steps * args.strength)} run), scale 7.5, fp32, "

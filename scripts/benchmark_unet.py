@@ -11,7 +11,6 @@ difference of the outputs.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +32,7 @@ def main():
                                                      create_unet_diffusers_config_from_ldm)
     from omegaconf import OmegaConf
 
+    from ldm.compare import time_alternating
     from ldm.util import instantiate_from_config
 
     if args.threads:
@@ -62,14 +62,8 @@ def main():
         ours_cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
         x_cl = x.to(memory_format=torch.channels_last)
         runs["ours-cl"] = lambda: ours_cl(x_cl, t, context=ctx)
-    times = {name: [] for name in runs}
     with torch.inference_mode():
-        outs = {name: fn() for name, fn in runs.items()}  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times, outs = time_alternating(runs, args.repeats)
     med = {name: statistics.median(v) for name, v in times.items()}
     err = ((outs["ours"] - outs["diffusers"]).abs().max() / outs["diffusers"].abs().max()).item()
     print(f"SD v1 UNet, {args.size}x{args.size}, batch {args.batch}, fp32, "
