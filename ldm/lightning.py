@@ -6,18 +6,17 @@ model is the attribute ``model``; the Lightning checkpoint's ``state_dict`` ther
 ``model.<official keys>`` plus EMA shadows, and ``scripts/export_model.py`` turns it into an
 inference checkpoint in the official layout.
 """
-import copy
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ldm.modules.ema import LitEma
+from ldm.training import (Anchor, Decoys, LossWeight, MaskWeight, Replay, Timesteps,
+                          checked_ramp, lr_factor, param_groups)
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -29,34 +28,6 @@ def images_from_batch(batch, key="image"):
     if x.dim() == 3:
         x = x[..., None]
     return x.permute(0, 3, 1, 2).contiguous().float()
-
-
-def warmup_lambda(warmup_steps, total_steps=None, final_ratio=1.0, phases=None):
-    """Learning-rate factor: linear warm-up to 1, then constant, or, given ``total_steps``,
-    a cosine from 1 down to ``final_ratio`` at ``total_steps``, or, given ``phases`` (and
-    ``total_steps``), the factor ``ramp(phases, step / total_steps)`` after the warm-up."""
-    def factor(step):
-        warm = min(1.0, (step + 1) / max(1, warmup_steps))
-        if phases is not None:
-            return warm * ramp(phases, step / max(1, total_steps))
-        if step < warmup_steps or total_steps is None:
-            return warm
-        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * done))
-    return factor
-
-
-def ramp(value, progress):
-    """A training option that is a number; a ``[start, end]`` pair followed linearly over the
-    run (``progress`` from 0 to 1); or a list of ``[progress, value]`` points, followed
-    piecewise linearly and held before the first and after the last (phases: e.g.
-    ``[[0, 0], [0.4, 0], [0.45, 0.5], [1, 0.1]]``)."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    if all(isinstance(v, (int, float)) for v in value):
-        value = [[0, value[0]], [1, value[1]]]
-    points, values = zip(*sorted((float(p), float(v)) for p, v in value))
-    return float(np.interp(progress, points, values))
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
@@ -154,75 +125,58 @@ class AutoencoderTrainer(pl.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.learning_rate, betas=(0.5, 0.9))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(self.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(self.warmup_steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
 class DiffusionTrainer(pl.LightningModule):
-    """Stage 2: the denoising loss (Ho et al. 2020, eq. 14) in the autoencoder's latent space.
+    """Stage 2: the denoising loss (Ho et al. 2020, eq. 14) in the autoencoder's latent space,
+    composed of the parts in ``ldm.training`` that the config's ``training:`` section names.
 
     The autoencoder is frozen and loaded from ``first_stage_ckpt``; the UNet and, when
     ``cond_stage_trainable``, the text encoder are trained, with EMA copies of both. Captions
     are replaced by "" with probability ``p_uncond`` so that classifier-free guidance works
     (Ho & Salimans 2022). ``scale_by_std`` sets ``scale_factor`` to 1/std of the first
-    batch's latents (CompVis' rule), saved in the checkpoint.
+    batch's latents (CompVis' rule), saved in the checkpoint. ``init_from`` starts from an
+    exported model (an inpainting UNet widened from it), ``init_ckpt`` from a stage-2
+    checkpoint.
 
-    On a CPU, rendering and encoding the images costs about a third of a step. With
-    ``replay`` r > 1 each step encodes the loader's batch of n fresh images, keeps their
-    latents and captions in a pool of the last ``replay_pool`` ones, and trains on r * n
-    samples: the fresh n plus (r - 1) * n drawn from the pool (each latent is used about r
-    times, while the pool turns over every ``replay_pool / n`` steps). The pool is not
-    checkpointed: after ``--resume`` it refills from fresh batches.
-
-    ``high_noise_fraction`` and ``max_loss_weight`` may be ``[start, end]`` pairs, followed
-    linearly over the run, or lists of ``[progress, value]`` points (see ``ramp``);
-    ``lr_schedule: cosine`` decays the learning rate after the warm-up to ``final_lr_ratio``
-    of it at the run's end; a list of ``[progress, factor]`` points multiplies it by
-    ``ramp(points, progress)`` instead (phases of the run at different rates). The run's
-    length for these schedules is ``schedule_steps``, by default ``max_steps``; a run may be
-    laid out over more steps than it takes. ``decoy_fraction`` (see ``decoys``) may ramp too.
-
-    ``anchor_start`` (a progress from 0 to 1; off by default) freezes a copy of the EMA UNet
-    and text encoder at that point of the run; from then on the samples with t in
-    ``anchor_timesteps`` ([low, high), by default [high_noise_start, T)) are trained towards
-    that copy's prediction instead of the noise (see ``anchored_targets``).
+    The parts, each with its options: ``Timesteps`` (``high_noise_fraction``,
+    ``high_noise_start``), ``LossWeight`` (``max_loss_weight``), ``MaskWeight``
+    (``mask_loss_weight``, inpainting), ``Replay`` (``replay``, ``replay_pool``), ``Decoys``
+    (``decoy_fraction``, ``decoy_start``), ``Anchor`` (``anchor_start``; it holds the
+    samples at t >= ``high_noise_start``). The learning rate: ``lr_schedule`` constant,
+    cosine (to ``final_lr_ratio`` of it) or phases, over ``schedule_steps`` (by default
+    ``max_steps``), after ``warmup_steps``; ``lr_multipliers`` for named modules. Options
+    that take a ramp follow ``ldm.training.ramp`` over the run.
     """
 
     def __init__(self, model, learning_rate=2e-4, warmup_steps=500, p_uncond=0.1,
                  ema_decay=0.999, first_stage_ckpt=None, scale_by_std=True, weight_decay=0.0,
-                 init_ckpt=None, high_noise_fraction=0.0, high_noise_start=600,
-                 max_loss_weight=1.0, lr_schedule="constant", final_lr_ratio=0.1, replay=1,
-                 replay_pool=16384, schedule_steps=None, decoy_fraction=0.0, decoy_start=900,
-                 top_loss_weight=None, anchor_start=None, anchor_timesteps=None, init_from=None):
+                 init_ckpt=None, init_from=None, lr_schedule="constant", final_lr_ratio=0.1,
+                 schedule_steps=None, lr_multipliers=None, high_noise_fraction=0.0,
+                 high_noise_start=600, max_loss_weight=1.0, mask_loss_weight=1.0, replay=1,
+                 replay_pool=16384, decoy_fraction=0.0, decoy_start=900, anchor_start=None):
         super().__init__()
         if isinstance(lr_schedule, str) and lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"training.lr_schedule must be constant, cosine or a list of "
                              f"[progress, factor] points, not {lr_schedule!r}")
-        ramped = {"high_noise_fraction": high_noise_fraction, "max_loss_weight": max_loss_weight,
-                  "decoy_fraction": decoy_fraction}
-        if top_loss_weight is not None:
-            ramped["top_loss_weight"] = top_loss_weight
         if not isinstance(lr_schedule, str):
-            ramped["lr_schedule"] = lr_schedule
-        for name, value in ramped.items():   # a malformed one fails here, not mid-run
-            try:
-                ramp(value, 0.0)
-            except (TypeError, ValueError):
-                raise ValueError(f"training.{name} must be a number, a [start, end] pair or a "
-                                 f"list of [progress, value] points, not {value!r}") from None
-        self.decoy_fraction, self.decoy_start = decoy_fraction, int(decoy_start)
+            checked_ramp("lr_schedule", lr_schedule)
         self.lr_schedule, self.final_lr_ratio = lr_schedule, final_lr_ratio
-        self.schedule_steps = schedule_steps
-        self.replay, self.replay_pool = int(replay), int(replay_pool)
-        self._pool = None
-        self.max_loss_weight, self.top_loss_weight = max_loss_weight, top_loss_weight
-        self.high_noise_fraction, self.high_noise_start = high_noise_fraction, high_noise_start
+        self.schedule_steps, self.lr_multipliers = schedule_steps, dict(lr_multipliers or {})
+        self.timesteps = Timesteps(model.num_timesteps, high_noise_fraction, high_noise_start)
+        self.loss_weight = LossWeight(max_loss_weight)
+        self.mask_weight = MaskWeight(mask_loss_weight)
+        self.replay = Replay(replay, replay_pool)
+        self.decoys = Decoys(decoy_fraction, decoy_start)
         self.model = model
         self.inpainting = hasattr(model, "inpainting_concat")
-        if self.inpainting and (anchor_start is not None or ramp(decoy_fraction, 0.0) > 0
-                                or ramp(decoy_fraction, 1.0) > 0):
+        if self.inpainting and (anchor_start is not None or self.decoys.active()):
             raise ValueError("training.anchor_start and training.decoy_fraction are for "
                              "text-to-image models, not an inpainting model")
+        if not self.inpainting and mask_loss_weight != 1.0:
+            raise ValueError("training.mask_loss_weight is for an inpainting model")
         if init_from:
             self._init_from_model(init_from)
             scale_by_std = False  # the model's scale_factor comes with its latent space
@@ -236,19 +190,9 @@ class DiffusionTrainer(pl.LightningModule):
         self.model_ema = LitEma(model.model, decay=ema_decay)
         self.cond_ema = (LitEma(model.cond_stage_model, decay=ema_decay)
                          if model.cond_stage_trainable else None)
-        self.anchor_start = anchor_start
-        self.anchor_timesteps = ([int(high_noise_start), model.num_timesteps]
-                                 if anchor_timesteps is None else [int(v) for v in anchor_timesteps])
-        if len(self.anchor_timesteps) != 2:
-            raise ValueError(f"training.anchor_timesteps is [low, high), not {anchor_timesteps!r}")
-        if anchor_start is not None:
-            if not 0 <= float(anchor_start) <= 1:
-                raise ValueError(f"training.anchor_start is a progress from 0 to 1, "
-                                 f"not {anchor_start!r}")
-            self.anchor = torch.nn.ModuleDict({"unet": copy.deepcopy(model.model),
-                                               "text": copy.deepcopy(model.cond_stage_model)})
-            self.anchor.requires_grad_(False).eval()
-            self.register_buffer("anchor_set", torch.tensor(False))
+        self.anchor = (None if anchor_start is None else
+                       Anchor(anchor_start, high_noise_start, model.model,
+                              model.cond_stage_model))
         if init_ckpt:
             self._init_from(init_ckpt)
 
@@ -311,8 +255,6 @@ class DiffusionTrainer(pl.LightningModule):
     def train(self, mode=True):
         super().train(mode)
         self.model.first_stage_model.eval()  # frozen: keep it in eval mode
-        if self.anchor_start is not None:
-            self.anchor.eval()
         return self
 
     @torch.no_grad()
@@ -356,146 +298,42 @@ class DiffusionTrainer(pl.LightningModule):
             return None
         return trainer.max_steps
 
-    def replayed(self, z, captions, concat=None):
-        """The fresh latents and captions (and an inpainting model's concat input) plus
-        (replay - 1) times as many from the pool."""
-        n, capacity = z.shape[0], self.replay_pool
-        if self._pool is None:  # a ring buffer
-            self._pool = {"z": z.new_empty((capacity, *z.shape[1:])),
-                          "captions": [""] * capacity, "pushed": 0, "size": 0}
-            if concat is not None:
-                self._pool["concat"] = concat.new_empty((capacity, *concat.shape[1:]))
-        pool = self._pool
-        slots = [(pool["pushed"] + i) % capacity for i in range(n)]
-        pool["z"][slots] = z
-        if concat is not None:
-            pool["concat"][slots] = concat
-        for slot, caption in zip(slots, captions):
-            pool["captions"][slot] = caption
-        pool["pushed"] += n
-        pool["size"] = min(pool["pushed"], capacity)
-        idx = torch.randint(0, pool["size"], ((self.replay - 1) * n,))
-        return (torch.cat([z, pool["z"][idx]]),
-                captions + [pool["captions"][i] for i in idx.tolist()],
-                None if concat is None else torch.cat([concat, pool["concat"][idx]]))
-
     def _loss(self, batch, drop_captions):
+        """The batch's loss; ``drop_captions`` (training steps) also replays, drops captions
+        for guidance, and applies the decoys and the anchor."""
+        progress = self.progress()
         z = self.encode(batch)
         concat = self.concat(batch) if self.inpainting else None
         captions = list(batch[self.model.cond_stage_key])
-        if drop_captions and self.replay > 1:  # training steps only
-            z, captions, concat = self.replayed(z, captions, concat)
         if drop_captions:
+            z, captions, concat = self.replay(z, captions, concat)
             keep = torch.rand(len(captions)) >= self.p_uncond
             captions = [c if k else "" for c, k in zip(captions, keep)]
         cond = self.model.get_learned_conditioning(captions)
-        t = self.sample_timesteps(z.shape[0], z.device)
+        t = self.timesteps(z.shape[0], z.device, progress)
         noise = torch.randn_like(z)
-        source = self.decoys(z, t) if drop_captions else z
+        source = self.decoys(z, t, progress) if drop_captions else z
         x_t = self.model.q_sample(source, t, noise)
-        eps = noise   # what takes z to x_t: with a decoy, noise plus the decoy's difference
-        if source is not z:
-            m = self.model
-            eps = noise + (m._at(m.sqrt_alphas_cumprod, t, z)
-                           / m._at(m.sqrt_one_minus_alphas_cumprod, t, z)) * (source - z)
+        eps = Decoys.noise_target(self.model, z, source, t, noise)
         output = self.model.apply_model(x_t, t, cond, *([] if concat is None else [concat]))
         target = eps if self.model.parameterization == "eps" else self.model.get_v(z, eps, t)
-        if drop_captions:
-            target = self.anchored_targets(target, x_t, t, captions)
-        error = (output - target).square().mean((1, 2, 3))
-        return (error * self.loss_weight(t)).mean()
+        if drop_captions and self.anchor is not None:
+            target = self.anchor(target, x_t, t, captions, progress, self._copy_ema)
+        mask = None if concat is None else concat[:, :1]
+        error = self.mask_weight((output - target).square(), mask, progress)
+        weight = self.loss_weight(t, self.model.alphas_cumprod, self.model.parameterization,
+                                  progress)
+        return (error * weight).mean()
 
-    def decoys(self, z, t):
-        """``z`` with, for a ``decoy_fraction`` (a number or a ramp) of the samples at
-        t >= ``decoy_start``, another sample's latent in its place: the noised input then
-        shows the wrong layout while the target stays this sample's.
-
-        SD's schedule leaves sqrt(alpha_bar) = 0.068 of the image in x_t at t = 999, enough
-        for a model to read where things are from its input rather than from the prompt
-        (a probe on the shapes model: at t = 999 its x0 error is half with the image in the
-        noise than with pure noise). Sampling starts from pure noise, where that layout is
-        random, so such a model puts things wherever the noise suggests. Decoys teach it that
-        at the top of the schedule the input's layout is unreliable and the words are not."""
-        p = ramp(self.decoy_fraction, self.progress())
-        if p <= 0:
-            return z
-        chosen = (t >= self.decoy_start) & (torch.rand(t.shape, device=t.device) < p)
-        if not chosen.any():
-            return z
-        other = torch.roll(z, 1, 0)   # the previous sample of the batch
-        return torch.where(chosen.view(-1, 1, 1, 1), other, z)
-
-    @torch.no_grad()
-    def anchored_targets(self, target, x_t, t, captions):
-        """``target`` with, once the anchor is set (``anchor_start``), the prediction of the
-        frozen anchor in place of the samples with t in ``anchor_timesteps``.
-
-        Two skills live at different ends of the schedule: where the prompt puts things is
-        decided at the top, what they look like below it. Training one at a learning rate that
-        teaches it quickly undoes the other, unless that other's loss is weighted so heavily
-        that it crowds the first out: its data loss is mostly the unpredictable detail of
-        an image seen through noise. The anchor's prediction is that loss's target with the
-        noise averaged out: matching it costs little gradient once matched, and holds what
-        the anchor knew on its part of the schedule while the rest learns."""
-        if self.anchor_start is None:
-            return target
-        if not self.anchor_set:
-            if self.progress() < float(self.anchor_start):
-                return target
-            self.model_ema.copy_to(self.anchor["unet"])
-            if self.cond_ema is not None:
-                self.cond_ema.copy_to(self.anchor["text"])
-            else:
-                self.anchor["text"].load_state_dict(self.model.cond_stage_model.state_dict())
-            self.anchor_set.fill_(True)
-            log.info("anchor set from the EMA weights at step %d", self.global_step)
-        low, high = self.anchor_timesteps
-        chosen = ((t >= low) & (t < high)).nonzero().flatten()
-        if len(chosen) == 0:
-            return target
-        cond = self.anchor["text"].encode([captions[i] for i in chosen.tolist()])
-        target = target.clone()
-        target[chosen] = self.anchor["unet"](x_t[chosen], t[chosen], c_crossattn=cond)
-        return target
-
-    def on_load_checkpoint_anchor(self, state_dict):
-        """A checkpoint from before the anchor existed (or a run without one) resumes with
-        the anchor unset: its keys are filled from this module so loading stays strict."""
-        if self.anchor_start is None:
-            return
-        own = self.state_dict()
-        for key in own:
-            if (key.startswith("anchor.") or key == "anchor_set") and key not in state_dict:
-                state_dict[key] = own[key] if key != "anchor_set" else torch.tensor(False)
-
-    def loss_weight(self, t):
-        """Per-sample weight of the noise-prediction loss: 1 (Ho et al.), or, with
-        ``max_loss_weight`` > 1, the weight that makes it the v-prediction loss,
-        (1 + SNR) / SNR, capped there: high-noise steps, where the layout is decided, count
-        up to that many times more (cf. Min-SNR weighting, Hang et al. 2023).
-
-        ``top_loss_weight``, if given, is the cap for t >= ``high_noise_start`` instead, so
-        that the top can count fully while the rest keeps a low cap (the details)."""
-        cap = ramp(self.max_loss_weight, self.progress())
-        top = cap if self.top_loss_weight is None else ramp(self.top_loss_weight,
-                                                            self.progress())
-        if max(cap, top) <= 1 or self.model.parameterization != "eps":
-            return torch.ones_like(t, dtype=torch.float32)
-        alpha = self.model.alphas_cumprod.to(t.device)[t].float()
-        caps = torch.where(t >= self.high_noise_start, top, cap).to(alpha.dtype)
-        return torch.minimum(1 / alpha, caps).clamp(min=1)
-
-    def sample_timesteps(self, n, device):
-        """Uniform over [0, T), except that a ``high_noise_fraction`` of the batch is drawn
-        from [high_noise_start, T). Where things go in the image is settled at high noise,
-        where the noise-prediction loss carries little signal; more of those steps teach a
-        prompt's spatial words ("on the left") sooner."""
-        T = self.model.num_timesteps
-        t = torch.randint(0, T, (n,), device=device)
-        k = int(round(ramp(self.high_noise_fraction, self.progress()) * n))
-        if k:
-            t[:k] = torch.randint(self.high_noise_start, T, (k,), device=device)
-        return t
+    def _copy_ema(self, unet, text):
+        """The EMA weights into ``unet`` and ``text`` (the live text encoder's if it has no
+        EMA, i.e. it is frozen)."""
+        self.model_ema.copy_to(unet)
+        if self.cond_ema is not None:
+            self.cond_ema.copy_to(text)
+        else:
+            text.load_state_dict(self.model.cond_stage_model.state_dict())
+        log.info("anchor set from the EMA weights at step %d", self.global_step)
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch, drop_captions=True)
@@ -519,15 +357,17 @@ class DiffusionTrainer(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.model.scale_factor = float(checkpoint["state_dict"]["scale_factor"])
-        self.on_load_checkpoint_anchor(checkpoint["state_dict"])
+        Anchor.fill_missing(self, checkpoint["state_dict"])
 
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._loss(batch, drop_captions=False))
 
     def configure_optimizers(self):
-        params = list(self.model.model.parameters())
+        named = [("model." + k, p) for k, p in self.model.model.named_parameters()]
         if self.model.cond_stage_trainable:
-            params += list(self.model.cond_stage_model.parameters())
+            named += [("cond_stage_model." + k, p)
+                      for k, p in self.model.cond_stage_model.named_parameters()]
+        params = param_groups(named, self.learning_rate, self.lr_multipliers)
         # the fused kernel: a third of the optimiser's time on a CPU, the same update
         opt = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay,
                                 fused=self.device.type in ("cpu", "cuda"))
@@ -537,7 +377,7 @@ class DiffusionTrainer(pl.LightningModule):
             raise ValueError("a cosine or phased lr_schedule needs max_steps "
                              "(or training.schedule_steps)")
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_lambda(self.warmup_steps, total, self.final_lr_ratio, phases))
+            opt, lr_factor(self.warmup_steps, total, self.final_lr_ratio, phases))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def ema_state_dict(self):

@@ -158,11 +158,11 @@ def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_top():
     from conftest import build_tiny
     from ldm.lightning import DiffusionTrainer
     trainer = DiffusionTrainer(build_tiny(), high_noise_fraction=0.5, high_noise_start=600)
-    t = torch.cat([trainer.sample_timesteps(64, "cpu") for _ in range(50)])
+    t = torch.cat([trainer.timesteps(64, "cpu") for _ in range(50)])
     assert t.min() >= 0 and t.max() < 1000
     share = (t >= 600).float().mean().item()
     assert abs(share - (0.5 + 0.5 * 0.4)) < 0.03, share          # 0.5 forced + 0.4 of the rest
-    plain = torch.cat([DiffusionTrainer(build_tiny()).sample_timesteps(64, "cpu")
+    plain = torch.cat([DiffusionTrainer(build_tiny()).timesteps(64, "cpu")
                        for _ in range(50)])
     assert abs((plain >= 600).float().mean().item() - 0.4) < 0.03
 
@@ -195,7 +195,7 @@ def test_decoys_show_another_latent_at_the_top_and_keep_the_target(parameterizat
     batch = {"image": torch.rand(6, 16, 16, 3) * 2 - 1, "caption": ["a red circle"] * 6}
     zz = trainer.encode(batch)
     trainer.encode = lambda batch: zz   # (encoding samples the posterior)
-    trainer.sample_timesteps = lambda n, device: t
+    trainer.timesteps = lambda n, device, progress: t
     trainer.p_uncond = 0.0
 
     def oracle(truth):
@@ -234,32 +234,68 @@ def test_a_malformed_training_option_is_one_line_and_writes_nothing(tmp_path, ca
 
 def test_max_loss_weight_is_the_v_loss_weight_capped():
     from conftest import build_tiny
-    from ldm.lightning import DiffusionTrainer
-    t = torch.tensor([0, 300, 700, 999])
-    assert torch.equal(DiffusionTrainer(build_tiny()).loss_weight(t), torch.ones(4))
-    trainer = DiffusionTrainer(build_tiny(), max_loss_weight=10)
-    w = trainer.loss_weight(t)
-    alpha = trainer.model.alphas_cumprod[t]
-    snr = alpha / (1 - alpha)
+    from ldm.training import LossWeight
+    model = build_tiny()
+    t, alpha = torch.tensor([0, 300, 700, 999]), model.alphas_cumprod
+    assert torch.equal(LossWeight()(t, alpha), torch.ones(4))
+    w = LossWeight(10)(t, alpha)
+    snr = alpha[t] / (1 - alpha[t])
     assert torch.allclose(w[:2], ((1 + snr) / snr)[:2].float()) and w[0] < 1.01
     assert w[2] == 10 and w[3] == 10
-    # the top (t >= high_noise_start) capped apart from the rest
-    split = DiffusionTrainer(build_tiny(), max_loss_weight=3, top_loss_weight=30,
-                             high_noise_start=900)
-    w = split.loss_weight(torch.tensor([0, 700, 899, 900, 999]))
-    assert w[0] < 1.01 and w[1] == 3 and w[2] == 3 and w[3] == 30 and w[4] == 30
-    with pytest.raises(ValueError, match="top_loss_weight"):
-        DiffusionTrainer(build_tiny(), top_loss_weight="high")
+    assert torch.equal(LossWeight(10)(t, alpha, "v"), torch.ones(4))   # its own weighting
+    ramped = LossWeight([[0, 1], [0.5, 1], [0.6, 30]])
+    assert ramped(t, alpha, progress=0.2)[3] == 1 and ramped(t, alpha, progress=0.9)[3] == 30
+    with pytest.raises(ValueError, match="max_loss_weight"):
+        LossWeight("high")
+
+
+def test_mask_loss_weight_counts_the_inside_of_the_mask_apart():
+    from ldm.training import MaskWeight
+    error = torch.zeros(2, 4, 4, 4)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2] = 1                       # the top half is repainted
+    error[0, :, :2] = 1.0                    # sample 0: wrong inside only
+    error[1, :, 2:] = 1.0                    # sample 1: wrong outside only
+    assert torch.equal(MaskWeight()(error, mask), torch.tensor([0.5, 0.5]))  # the plain mean
+    w = MaskWeight(3)(error, mask)
+    assert torch.allclose(w, torch.tensor([0.75, 0.25]))   # inside counts 3x: 3/4 and 1/4
+    assert torch.equal(MaskWeight(3)(error, None), torch.tensor([0.5, 0.5]))  # no mask
+
+
+def test_lr_multipliers_give_named_modules_their_own_rate():
+    from ldm.training import param_groups
+    a, b, c = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
+    named = [("model.diffusion_model.input_blocks.0.0.weight", a),
+             ("model.diffusion_model.out.2.weight", b), ("cond_stage_model.x", c)]
+    groups = param_groups(named, 1e-4, {"model.diffusion_model.input_blocks.0.0.": 10})
+    assert groups[0]["lr"] == 1e-4 and groups[0]["params"] == [b, c]   # the base rate first
+    assert groups[1]["lr"] == pytest.approx(1e-3) and groups[1]["params"] == [a]
+    assert len(param_groups(named, 1e-4)) == 1
+    with pytest.raises(ValueError, match="no trained parameter starts with 'model.unet.'"):
+        param_groups(named, 1e-4, {"model.unet.": 10})
+
+
+def test_the_recipes_give_the_losses_they_gave_before_the_trainer_was_split():
+    """The shipped recipes (txt2img-shapes with its phases, decoys, anchor and replay;
+    inpainting-shapes with init_from and masks), a few optimiser steps on one seed, at points
+    of the run where each option is in force: the same losses as recorded from the trainer
+    before its ideas moved to ldm/training.py (tests/data/recipe_losses.json)."""
+    import json
+    import recipe_losses
+    recorded = json.loads(recipe_losses.RECORD.read_text())
+    for recipe in recipe_losses.RECIPES:
+        assert recipe_losses.recipe_losses(recipe) == pytest.approx(recorded[recipe],
+                                                                    rel=1e-5), recipe
 
 
 def test_cosine_learning_rate_and_ramped_options(tmp_path):
     """lr_schedule: cosine (after warm-up, down to final_lr_ratio at max_steps) or phases, and
     high_noise_fraction / max_loss_weight given as [start, end], in a real main.py run."""
-    from ldm.lightning import ramp, warmup_lambda
-    f = warmup_lambda(10, 110, 0.1)
+    from ldm.training import lr_factor, ramp
+    f = lr_factor(10, 110, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == f(10) == 1.0
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) == f(500)
-    assert warmup_lambda(10)(500) == 1.0                       # constant by default
+    assert lr_factor(10)(500) == 1.0                       # constant by default
     assert ramp(0.3, 0.7) == 0.3 and ramp([0.5, 0.1], 0) == 0.5
     assert ramp([0.5, 0.1], 0.5) == pytest.approx(0.3) and ramp([10, 1], 2) == 1
     phases = OmegaConf.create([[0, 0], [0.4, 0], [0.5, 0.5], [1, 0.1]])   # as a config gives it
@@ -274,7 +310,7 @@ def test_cosine_learning_rate_and_ramped_options(tmp_path):
                       "training.max_loss_weight=[10,1]"]) == 0
     lr = dict(losses(tmp_path / "cos", "lr"))
     assert lr[0] == pytest.approx(1e-3) and lr[2] == pytest.approx(2e-3)   # warm-up, peak
-    assert lr[11] == pytest.approx(2e-3 * warmup_lambda(2, 12, 0.2)(11))
+    assert lr[11] == pytest.approx(2e-3 * lr_factor(2, 12, 0.2)(11))
     assert all(lr[s + 1] < lr[s] for s in range(2, 11))
     # schedule_steps: a run laid out over 12 steps that stops at 6 follows the same schedule
     assert main.main(["--base", str(TINY_CONFIG), str(TRAIN), "-t", "--logdir", str(tmp_path),
@@ -308,14 +344,14 @@ def test_replay_trains_on_fresh_latents_plus_a_pool_of_recent_ones():
         captions = [f"{step}-{i}" for i in range(3)]
         for i, c in enumerate(captions):
             seen[c] = z[i]
-        zz, cc, none = trainer.replayed(z, captions)
+        zz, cc, none = trainer.replay(z, captions)
         assert none is None  # no concat input for a text-to-image model
         assert zz.shape == (12, 4, 2, 2) and len(cc) == 12
         assert torch.equal(zz[:3], z) and cc[:3] == captions          # the fresh ones first
         for latent, caption in zip(zz[3:], cc[3:]):                    # then pooled pairs
             assert torch.equal(latent, seen[caption])                  # that still match
             assert int(caption.split("-")[0]) >= step - 3              # from the last 10
-    assert trainer._pool["size"] == 10
+    assert trainer.replay.pool["size"] == 10
 
     # in the loss: the UNet sees replay x the loader's batch
     tiny = build_tiny()
@@ -343,7 +379,7 @@ def test_the_shapes_recipe_configs_run(tmp_path):
                       "lightning.trainer.log_every_n_steps=1"]) == 0
     ckpt = torch.load(tmp_path / "ldm" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6
-    assert ckpt["state_dict"]["anchor_set"]                        # set at step 4 of 6
+    assert ckpt["state_dict"]["anchor.set"]                        # set at step 4 of 6
     norm = "model.first_stage_model.decoder.up.0.block.0.norm1.weight"
     assert norm in ckpt["state_dict"]
     lr = dict(losses(tmp_path / "ldm", "lr"))
@@ -482,15 +518,16 @@ def test_the_anchor_freezes_the_ema_and_becomes_the_target_at_the_top():
     from ldm.lightning import DiffusionTrainer
     model = build_tiny()
     trainer = DiffusionTrainer(model, anchor_start=0.0, high_noise_start=900)
-    assert not trainer.anchor_set
+    assert not trainer.anchor.set
     with torch.no_grad():
         for p in model.model.parameters():     # the live weights move away from the EMA
             p.add_(0.1 * torch.randn_like(p))
     x_t, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     t = torch.tensor([10, 899, 900, 999])
     captions = ["a red circle", "", "a blue star on the left", "a green square"]
-    target = trainer.anchored_targets(noise, x_t, t, captions)
-    assert trainer.anchor_set
+    anchored = lambda tr, p=0.0: tr.anchor(noise, x_t, t, captions, p, tr._copy_ema)  # noqa
+    target = anchored(trainer)
+    assert trainer.anchor.set
     assert torch.equal(target[:2], noise[:2])                   # below the top: the noise
     ema = copy_of_ema(trainer)
     with torch.no_grad():
@@ -500,21 +537,16 @@ def test_the_anchor_freezes_the_ema_and_becomes_the_target_at_the_top():
         x_t[2:], t[2:], model.get_learned_conditioning(captions[2:])), atol=1e-3)
     # frozen: later EMA updates do not reach it
     trainer.on_train_batch_end()
-    again = trainer.anchored_targets(noise, x_t, t, captions)
+    again = anchored(trainer)
     assert torch.equal(again, target)
     assert not any(p.requires_grad for p in trainer.anchor.parameters())
     # off by default, and before anchor_start
-    assert DiffusionTrainer(build_tiny()).anchored_targets(noise, x_t, t, captions) is noise
+    assert DiffusionTrainer(build_tiny()).anchor is None
     later = DiffusionTrainer(build_tiny(), anchor_start=0.5)
-    assert later.anchored_targets(noise, x_t, t, captions) is noise and not later.anchor_set
+    assert anchored(later, 0.4) is noise and not later.anchor.set
+    assert not torch.equal(anchored(later, 0.5), noise) and later.anchor.set
     with pytest.raises(ValueError, match="anchor_start"):
         DiffusionTrainer(build_tiny(), anchor_start=2)
-    # anchor_timesteps: the other end of the schedule held instead
-    low = DiffusionTrainer(build_tiny(), anchor_start=0.0, anchor_timesteps=[0, 900])
-    mixed = low.anchored_targets(noise, x_t, t, captions)
-    assert torch.equal(mixed[2:], noise[2:]) and not torch.allclose(mixed[:2], noise[:2])
-    with pytest.raises(ValueError, match="anchor_timesteps"):
-        DiffusionTrainer(build_tiny(), anchor_start=0.5, anchor_timesteps=[900])
 
 
 def copy_of_ema(trainer):
@@ -534,7 +566,7 @@ def test_an_anchor_added_on_resume_is_set_saved_and_left_out_of_the_export(tmp_p
     assert main.main(["--resume", str(run), "-t", "--max_steps", "12",
                       "training.anchor_start=0.6"]) == 0
     sd = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert sd["anchor_set"]
+    assert sd["anchor.set"]
     name = next(k for k in sd if k.startswith("anchor.unet."))
     live = "model.model." + name[len("anchor.unet."):]
     assert not torch.equal(sd[name], sd[live])                  # frozen at step 8, not the last

@@ -1,0 +1,278 @@
+"""The training ideas the diffusion recipes are made of, one small named place each.
+
+``ldm.lightning.DiffusionTrainer`` composes them from a config's ``training:`` section; each
+is a plain object over tensors (no Lightning), tested on its own:
+
+- ``ramp``: how an option follows the run (a number, ``[start, end]``, or phases);
+- ``lr_factor`` and ``param_groups``: the learning-rate schedule, and per-module rates;
+- ``Timesteps``: which t a batch is trained at (``high_noise_fraction``);
+- ``LossWeight``: how much each sample's loss counts (``max_loss_weight``);
+- ``Replay``: a batch transform, more samples than images encoded (``replay``);
+- ``Decoys``: a batch transform on the noised input (``decoy_fraction``);
+- ``Anchor``: a target, a frozen copy's prediction in place of the noise (``anchor_start``);
+- ``MaskWeight``: inpainting, the loss inside the mask weighted apart (``mask_loss_weight``).
+
+Which recipe uses which, and why, is told in ``models/ldm/shapes/HISTORY.md``.
+"""
+import copy
+import logging
+import math
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def ramp(value, progress):
+    """A training option that is a number; a ``[start, end]`` pair followed linearly over the
+    run (``progress`` from 0 to 1); or a list of ``[progress, value]`` points, followed
+    piecewise linearly and held before the first and after the last (phases: e.g.
+    ``[[0, 0], [0.4, 0], [0.45, 0.5], [1, 0.1]]``)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if all(isinstance(v, (int, float)) for v in value):
+        value = [[0, value[0]], [1, value[1]]]
+    points, values = zip(*sorted((float(p), float(v)) for p, v in value))
+    return float(np.interp(progress, points, values))
+
+
+def checked_ramp(name, value):
+    """``value`` if ``ramp`` can follow it; else a ValueError naming ``training.<name>``, so
+    that a malformed option fails when the trainer is built, not mid-run."""
+    try:
+        ramp(value, 0.0)
+    except (TypeError, ValueError):
+        raise ValueError(f"training.{name} must be a number, a [start, end] pair or a list "
+                         f"of [progress, value] points, not {value!r}") from None
+    return value
+
+
+def lr_factor(warmup_steps, total_steps=None, final_ratio=1.0, phases=None):
+    """Learning-rate factor of a step: linear warm-up to 1, then constant, or, given
+    ``total_steps``, a cosine from 1 down to ``final_ratio`` at ``total_steps``, or, given
+    ``phases`` (and ``total_steps``), the factor ``ramp(phases, step / total_steps)`` after
+    the warm-up."""
+    def factor(step):
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
+        if phases is not None:
+            return warm * ramp(phases, step / max(1, total_steps))
+        if step < warmup_steps or total_steps is None:
+            return warm
+        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * done))
+    return factor
+
+
+def param_groups(named_parameters, learning_rate, multipliers=None):
+    """Optimiser parameter groups: parameters whose name (a checkpoint key, e.g.
+    ``model.diffusion_model.input_blocks.0.0.``) starts with a key of ``multipliers`` learn
+    at that multiple of ``learning_rate``; the rest at the rate itself, in the first group
+    (the one logged). A key that names no parameter is an error."""
+    try:
+        multipliers = {str(k): float(v) for k, v in (multipliers or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"training.lr_multipliers is a mapping of parameter-name prefixes "
+                         f"to factors, not {multipliers!r}") from None
+    groups, used = {1.0: []}, set()
+    for name, p in named_parameters:
+        prefix = next((k for k in multipliers if name.startswith(k)), None)
+        if prefix is not None:
+            used.add(prefix)
+        groups.setdefault(multipliers.get(prefix, 1.0), []).append(p)
+    unused = sorted(set(multipliers) - used)
+    if unused:
+        raise ValueError(f"training.lr_multipliers: no trained parameter starts with "
+                         f"{unused[0]!r} (keys look like model.diffusion_model.input_blocks.0.0.)")
+    return [{"params": ps, "lr": learning_rate * f} for f, ps in groups.items() if ps]
+
+
+class Timesteps:
+    """Which timesteps a batch trains: uniform over [0, T), except that a
+    ``high_noise_fraction`` (a ramp) of the batch is drawn from [``high_noise_start``, T).
+    Where things go in the image is settled at high noise, where the noise-prediction loss
+    carries little signal; more of those steps teach a prompt's spatial words sooner."""
+
+    def __init__(self, num_timesteps, high_noise_fraction=0.0, high_noise_start=600):
+        self.num_timesteps = int(num_timesteps)
+        self.fraction = checked_ramp("high_noise_fraction", high_noise_fraction)
+        self.start = int(high_noise_start)
+
+    def __call__(self, n, device, progress=0.0):
+        T = self.num_timesteps
+        t = torch.randint(0, T, (n,), device=device)
+        k = int(round(ramp(self.fraction, progress) * n))
+        if k:
+            t[:k] = torch.randint(self.start, T, (k,), device=device)
+        return t
+
+
+class LossWeight:
+    """Per-sample weight of the noise-prediction loss: 1 (Ho et al.), or, with
+    ``max_loss_weight`` (a ramp) > 1, the weight that makes it the v-prediction loss,
+    (1 + SNR) / SNR = 1 / alpha_bar, capped there: high-noise steps, where the layout is
+    decided, count up to that many times more (cf. Min-SNR weighting, Hang et al. 2023).
+    A v-prediction model's loss is left as it is (it is its own weighting)."""
+
+    def __init__(self, max_loss_weight=1.0):
+        self.cap = checked_ramp("max_loss_weight", max_loss_weight)
+
+    def __call__(self, t, alphas_cumprod, parameterization="eps", progress=0.0):
+        cap = ramp(self.cap, progress)
+        if cap <= 1 or parameterization != "eps":
+            return torch.ones_like(t, dtype=torch.float32)
+        alpha = alphas_cumprod.to(t.device)[t].float()
+        return torch.minimum(1 / alpha, torch.tensor(cap, dtype=alpha.dtype)).clamp(min=1)
+
+
+class MaskWeight:
+    """Inpainting: the per-pixel loss inside the mask counts ``mask_loss_weight`` times as
+    much as outside it (1: the plain mean). Outside the mask the masked image's latents give
+    the answer away once the model reads them; inside is what inpainting is for."""
+
+    def __init__(self, mask_loss_weight=1.0):
+        self.weight = checked_ramp("mask_loss_weight", mask_loss_weight)
+
+    def __call__(self, error, mask, progress=0.0):
+        """``error`` [B, C, h, w] per element -> [B] per sample; ``mask`` [B, 1, h, w] in
+        {0, 1} at latent size (1 = repaint), or None for a text-to-image model."""
+        w = ramp(self.weight, progress)
+        if mask is None or w == 1:
+            return error.mean((1, 2, 3))
+        pixel = 1 + (w - 1) * mask
+        return (error * pixel).mean((1, 2, 3)) / pixel.mean((1, 2, 3))
+
+
+class Replay:
+    """A batch transform: the fresh latents and captions (and an inpainting model's extra
+    input) plus (``factor`` - 1) times as many drawn from a pool of the last ``pool`` ones.
+
+    On a CPU, rendering and encoding the images costs about a third of a step; with replay r
+    each latent is used about r times while the pool turns over every ``pool / n`` steps. The
+    pool is not checkpointed: after ``--resume`` it refills from fresh batches."""
+
+    def __init__(self, factor=1, pool=16384):
+        self.factor, self.capacity = int(factor), int(pool)
+        self.pool = None
+
+    def __call__(self, z, captions, concat=None):
+        if self.factor <= 1:
+            return z, captions, concat
+        n, capacity = z.shape[0], self.capacity
+        if self.pool is None:  # a ring buffer
+            self.pool = {"z": z.new_empty((capacity, *z.shape[1:])),
+                         "captions": [""] * capacity, "pushed": 0, "size": 0}
+            if concat is not None:
+                self.pool["concat"] = concat.new_empty((capacity, *concat.shape[1:]))
+        pool = self.pool
+        slots = [(pool["pushed"] + i) % capacity for i in range(n)]
+        pool["z"][slots] = z
+        if concat is not None:
+            pool["concat"][slots] = concat
+        for slot, caption in zip(slots, captions):
+            pool["captions"][slot] = caption
+        pool["pushed"] += n
+        pool["size"] = min(pool["pushed"], capacity)
+        idx = torch.randint(0, pool["size"], ((self.factor - 1) * n,))
+        return (torch.cat([z, pool["z"][idx]]),
+                captions + [pool["captions"][i] for i in idx.tolist()],
+                None if concat is None else torch.cat([concat, pool["concat"][idx]]))
+
+
+class Decoys:
+    """A batch transform on the noised input: for a ``fraction`` (a ramp) of the samples at
+    t >= ``start``, another sample's latent is noised in place of its own, while the target
+    stays what takes the sample's own latent to that input.
+
+    SD's schedule leaves sqrt(alpha_bar) = 0.068 of the image in x_t at t = 999, enough for
+    a model to read where things are from its input rather than from the prompt (a probe on
+    the shapes model: at t = 999 its x0 error is half with the image in the noise than with
+    pure noise). Sampling starts from pure noise, where that layout is random, so such a
+    model puts things wherever the noise suggests. Decoys teach it that at the top of the
+    schedule the input's layout is unreliable and the words are not."""
+
+    def __init__(self, fraction=0.0, start=900):
+        self.fraction = checked_ramp("decoy_fraction", fraction)
+        self.start = int(start)
+
+    def active(self):
+        return ramp(self.fraction, 0.0) > 0 or ramp(self.fraction, 1.0) > 0
+
+    def __call__(self, z, t, progress=0.0):
+        """The latents to noise: ``z`` itself, or a copy with decoys in it."""
+        p = ramp(self.fraction, progress)
+        if p <= 0:
+            return z
+        chosen = (t >= self.start) & (torch.rand(t.shape, device=t.device) < p)
+        if not chosen.any():
+            return z
+        other = torch.roll(z, 1, 0)   # the previous sample of the batch
+        return torch.where(chosen.view(-1, 1, 1, 1), other, z)
+
+    @staticmethod
+    def noise_target(model, z, source, t, noise):
+        """What takes ``z`` to ``q_sample(source, t, noise)``: the noise itself, plus, with a
+        decoy, the decoy's difference seen as noise."""
+        if source is z:
+            return noise
+        return noise + (model._at(model.sqrt_alphas_cumprod, t, z)
+                        / model._at(model.sqrt_one_minus_alphas_cumprod, t, z)) * (source - z)
+
+
+class Anchor(torch.nn.Module):
+    """A target: once the run reaches ``start`` (a progress from 0 to 1), a frozen copy of
+    the EMA UNet and text encoder; from then on the samples with t in [``low``, T) are
+    trained towards that copy's prediction instead of the noise.
+
+    Two skills live at different ends of the schedule: where the prompt puts things is
+    decided at the top, what they look like below it. Training one at a learning rate that
+    teaches it quickly undoes the other, unless that other's loss is weighted so heavily
+    that it crowds the first out: its data loss is mostly the unpredictable detail of an
+    image seen through noise. The anchor's prediction is that loss's target with the noise
+    averaged out: matching it costs little gradient once matched, and holds what the anchor
+    knew on its part of the schedule while the rest learns.
+
+    Its weights are in the training checkpoint (``anchor.unet.*``, ``anchor.text.*``,
+    ``anchor.set``), never in an exported model."""
+
+    def __init__(self, start, low, unet, text):
+        super().__init__()
+        if not 0 <= float(start) <= 1:
+            raise ValueError(f"training.anchor_start is a progress from 0 to 1, not {start!r}")
+        self.start, self.low = float(start), int(low)
+        self.unet, self.text = copy.deepcopy(unet), copy.deepcopy(text)
+        self.requires_grad_(False).eval()
+        self.register_buffer("set", torch.tensor(False))
+
+    def train(self, mode=True):
+        return super().train(False)   # frozen: always in eval mode
+
+    @torch.no_grad()
+    def forward(self, target, x_t, t, captions, progress, copy_ema):
+        """``target`` with the anchor's prediction for the samples at t >= ``low``, once set;
+        ``copy_ema(unet, text)`` fills the anchor from the EMA weights when it is set."""
+        if not self.set:
+            if progress < self.start:
+                return target
+            copy_ema(self.unet, self.text)
+            self.set.fill_(True)
+            log.info("anchor set from the EMA weights")
+        chosen = (t >= self.low).nonzero().flatten()
+        if len(chosen) == 0:
+            return target
+        cond = self.text.encode([captions[i] for i in chosen.tolist()])
+        target = target.clone()
+        target[chosen] = self.unet(x_t[chosen], t[chosen], c_crossattn=cond)
+        return target
+
+    @staticmethod
+    def fill_missing(module, state_dict):
+        """A checkpoint from before the anchor existed (or a run without one) resumes with
+        the anchor unset: its keys are filled from ``module`` so loading stays strict. An
+        older checkpoint's ``anchor_set`` is read as ``anchor.set``."""
+        if "anchor_set" in state_dict:
+            state_dict["anchor.set"] = state_dict.pop("anchor_set")
+        own = module.state_dict()
+        for key in own:
+            if key.startswith("anchor.") and key not in state_dict:
+                state_dict[key] = own[key] if key != "anchor.set" else torch.tensor(False)
