@@ -251,12 +251,15 @@ def check_safety_checker(args):
 
 def load_pipeline(args, choice):
     """Device, then the weights (the slow part), then one line saying what is used."""
-    from ldm.pipeline import INSTALL_HINT, Pipeline, pick_device
+    from ldm.config import INPAINTING_HINT, INSTALL_HINT
+    from ldm.pipeline import Pipeline, pick_device
     device = pick_device(args.device)
     pipe = Pipeline.load(choice, device=device, precision=args.precision,
                          safety=args.safety_checker != "none",
                          safety_checker_path=args.safety_checker)
-    hint = "" if args.ckpt or not choice.builtin else f"; {INSTALL_HINT}"
+    inpainting = choice.geometry.is_inpainting
+    hint = ("" if args.ckpt or not choice.builtin else
+            f"; {INPAINTING_HINT if inpainting else INSTALL_HINT}")
     log.info("using %s on %s%s", pipe.model_name, pipe.device, hint)
     return pipe
 

@@ -88,11 +88,13 @@ def diffusers_components(model, config, folder, drop_pos_emb=False):
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False):
-    """A StableDiffusionPipeline folder (no safety checker) with ``model``'s weights and
-    DDIM/PNDM-compatible scheduler settings, loadable by ``from_pretrained``."""
+def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False,
+                            cls="StableDiffusionPipeline"):
+    """A diffusers pipeline folder (``cls``, e.g. StableDiffusionInpaintPipeline for a
+    9-channel model; no safety checker) with ``model``'s weights and DDIM/PNDM-compatible
+    scheduler settings, loadable by ``from_pretrained``."""
     import diffusers
-    pipe = diffusers.StableDiffusionPipeline(
+    pipe = getattr(diffusers, cls)(
         **diffusers_components(model, config, folder / "tokenizer", drop_pos_emb))
     pipe.save_pretrained(folder)
     return pipe

@@ -178,6 +178,8 @@ BUILTIN_DIR = ROOT / "models" / "ldm" / "shapes"
 BUILTIN_INPAINTING_DIR = ROOT / "models" / "ldm" / "shapes-inpainting"
 INSTALL_HINT = ("for Stable Diffusion, put an SD v1.x .ckpt/.safetensors at "
                 "models/ldm/stable-diffusion-v1/model.ckpt or pass --ckpt")
+INPAINTING_HINT = ("for Stable Diffusion inpainting, put sd-v1-5-inpainting at "
+                   "models/ldm/stable-diffusion-v1/inpainting.ckpt or pass --ckpt")
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 

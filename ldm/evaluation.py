@@ -238,13 +238,16 @@ def evaluate_editing(pipe, task, n=50, seed=0, strength=None, batch_size=25, **s
     shape's attributes ("new: colour", ...), the object count (exactly the target's), and
     for "add" whether the old shape is still right ("old: all") and for "recolour" whether
     shape and place are kept. Inpainting models run "recolour" as inpainting with a full
-    mask. Returns (accuracy, images, cases, judgements, found)."""
+    mask. With a mask, the raw decode (before paste-back) is compared with the input outside
+    the mask: "raw PSNR outside (dB)", the mean and the worst case. Returns (accuracy,
+    images, cases, judgements, found)."""
     import numpy as np
     from PIL import Image
 
     from ldm.data.inpainting import render_scene
+    from ldm.image_io import paste_back
     cases = editing_cases(task, n, seed)
-    images, judgements, found = [], [], []
+    images, judgements, found, psnr = [], [], [], []
     for start in range(0, n, batch_size):
         for k, (prompt, scene, mask, target) in enumerate(cases[start:start + batch_size]):
             seeds = [seed + start + k]
@@ -256,7 +259,13 @@ def evaluate_editing(pipe, task, n=50, seed=0, strength=None, batch_size=25, **s
                 m = Image.fromarray(mask if mask is not None else
                                     np.full((image.height, image.width), 255, np.uint8))
                 s = pipe.inpaint(prompt, seeds, image, m, strength=strength or 1.0,
-                                 progress=False, **sampling)[0]
+                                 progress=False, paste_back=False, **sampling)[0]
+                if mask is not None:  # the raw decode against the input, outside the mask
+                    keep = mask < 128
+                    err = (np.asarray(s.image, np.float64)[keep]
+                           - np.asarray(image, np.float64)[keep]) ** 2
+                    psnr.append(10 * np.log10(255 ** 2 / max(err.mean(), 1e-10)))
+                s.image = paste_back(s.image, image, m)   # what inpaint() returns by default
             judgement, count = analyser.judge_image(target, s.image)
             images.append(s.image)
             judgements.append(judgement)
@@ -269,4 +278,7 @@ def evaluate_editing(pipe, task, n=50, seed=0, strength=None, batch_size=25, **s
     acc["count"] = float(np.mean([f == len(c[3].shapes) for f, c in zip(found, cases)]))
     if task == "add":
         acc["old: all"] = float(np.mean([all(j[0].values()) for j in judgements]))
+    if psnr:
+        acc["raw PSNR outside (dB)"] = float(np.mean(psnr))
+        acc["raw PSNR outside, worst (dB)"] = float(np.min(psnr))
     return acc, images, cases, judgements, found

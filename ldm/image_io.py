@@ -301,9 +301,11 @@ def image_sha256(image):
 
 
 def paste_back(generated, original, mask, blur=4):
-    """``generated`` where the mask (binarised at 0.5, then feathered by a Gaussian of radius
-    ``blur`` pixels) is white, ``original`` exactly where it is black."""
-    from PIL import ImageFilter
+    """``generated`` inside the mask (binarised at 0.5), ``original`` exactly outside it;
+    feathered inwards by a Gaussian of radius ``blur`` pixels, so that the seam is soft while
+    every pixel outside the mask stays the input's own."""
+    from PIL import ImageChops, ImageFilter
     hard = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
-    soft = hard.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else hard
+    soft = (ImageChops.multiply(hard.filter(ImageFilter.GaussianBlur(blur)), hard)
+            if blur > 0 else hard)
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), soft)

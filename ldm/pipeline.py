@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.config import (BUILTIN_DIR, INSTALL_HINT, ROOT, SD_CKPT, SD_CONFIG,  # noqa: F401
-                        ModelChoice, build_error, choose_model, load_config, sampling_defaults)
+from ldm.config import (BUILTIN_DIR, BUILTIN_INPAINTING_DIR, INSTALL_HINT, ROOT,  # noqa: F401
+                        SD_CKPT, SD_CONFIG, ModelChoice, build_error, choose_model, load_config,
+                        sampling_defaults)
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
-from ldm.models.diffusion.sampling import (SAMPLERS, latent_blend, sample, sampling_timesteps,
-                                           strength_steps)
+from ldm.models.diffusion.sampling import SAMPLERS, sample, sampling_timesteps, strength_steps
+from ldm.models.diffusion.sampling import latent_blend as blend_known_latents
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class Pipeline:
     @torch.no_grad()
     def latents(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
                 scale=None, eta=0.0, height=None, width=None, progress=True, callback=None,
-                init=None, strength=1.0, mask=None, masked=None):
+                init=None, strength=1.0, mask=None, masked=None, latent_blend=None):
         """Denoised latents [B, C, h, w] for prompts and their seeds, for all three tasks
         (``scale``: the guidance scale; None for the model's default). ``callback(i, x,
         pred_x0)`` is called after every step.
@@ -206,9 +207,10 @@ class Pipeline:
         Image-to-image: ``init``, the init image's latents ([1 or B, C, h, w]), noised to the
         first of the last ``strength_steps(n, strength)`` timesteps, which are then run.
         Inpainting: also ``mask`` ([1 or B, 1, h, w], 1 = repaint): a text-to-image model
-        gets the known latents blended back after every step; an inpainting model gets the
-        mask and ``masked`` (the masked image's latents) as its extra input. Strength 1
-        starts inpainting from pure noise."""
+        gets the known latents (``init``) blended back after every step; an inpainting model
+        gets the mask and ``masked`` (the masked image's latents) as its extra input, and the
+        blending too when ``latent_blend`` is true (by default only a text-to-image model is
+        blended, as diffusers does). Strength 1 starts inpainting from pure noise."""
         prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
                                                                  negative_prompts, scale)
         if sampler not in SAMPLERS:
@@ -237,8 +239,10 @@ class Pipeline:
             mask = mask.to(self.device).expand(b, -1, -1, -1)
             if self.is_inpainting_model:
                 concat = self.model.inpainting_concat(mask, masked.to(self.device).expand(b, -1, -1, -1))
-            else:
-                blend = latent_blend(mask, init, noise, self.model.alphas_cumprod)
+            if latent_blend is None:
+                latent_blend = not self.is_inpainting_model
+            if latent_blend or not self.is_inpainting_model:
+                blend = blend_known_latents(mask, init, noise, self.model.alphas_cumprod)
 
         def fresh_noise(shape):
             return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
@@ -337,11 +341,18 @@ class Pipeline:
 
     def inpaint(self, prompts, seeds, image, mask, strength=1.0, negative_prompts=None,
                 sampler="plms", steps=50, scale=None, eta=0.0, progress=True, callback=None,
-                mask_blur=4, paste_back=True, image_hash=None, mask_hash=None):
+                mask_blur=4, paste_back=True, latent_blend=True, image_hash=None, mask_hash=None):
         """Inpainting: repaint where ``mask`` is white (binarised at 0.5 for the model), with
         a dedicated inpainting model or any text-to-image one (latent blending). With
         ``paste_back`` the pixels outside the mask, feathered by ``mask_blur`` pixels, are
-        ``image``'s own exactly."""
+        ``image``'s own exactly.
+
+        ``latent_blend``: after every step the latents outside the mask are the image's own,
+        noised to that step. A text-to-image model needs it; an inpainting model gets it too
+        by default, as ComfyUI's InpaintModelConditioning does (``noise_mask``): the
+        known region then cannot drift, and the repainted one is made to fit it (on the
+        built-in inpainting model: see models/ldm/shapes-inpainting/README.md). False gives
+        diffusers' StableDiffusionInpaintPipeline for an inpainting model."""
         from ldm.image_io import image_sha256, paste_back as paste
         if not 0.0 <= strength <= 1.0:
             raise UsageError(f"strength must be in [0, 1], got {strength}")
@@ -352,7 +363,10 @@ class Pipeline:
         if full.all():
             log.warning("the mask covers the whole image: everything is repainted")
         init = masked = None
-        if not self.is_inpainting_model or strength < 1.0:
+        if not (latent_blend or self.is_inpainting_model):
+            raise UsageError("a text-to-image model inpaints by latent blending only; "
+                             "latent_blend=False needs an inpainting model")
+        if latent_blend or strength < 1.0:
             init = self.encode([image])  # blended back (4 channels), or noised (strength < 1)
         if self.is_inpainting_model:
             from ldm.image_io import pil_to_tensor
@@ -363,11 +377,13 @@ class Pipeline:
                   "inpainting_model": self.is_inpainting_model,
                   "init_image_sha256": image_hash or image_sha256(image),
                   "mask_sha256": mask_hash or image_sha256(mask),
-                  "mask_blur": mask_blur if paste_back else None, "paste_back": paste_back}
+                  "mask_blur": mask_blur if paste_back else None, "paste_back": paste_back,
+                  "latent_blend": bool(latent_blend)}
         width, height = image.size
         samples = self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
                                 height, width, progress, callback, record, init=init,
-                                strength=strength, mask=small, masked=masked)
+                                strength=strength, mask=small, masked=masked,
+                                latent_blend=latent_blend)
         if paste_back:
             for s in samples:
                 s.image = paste(s.image, image, mask, mask_blur)

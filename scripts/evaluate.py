@@ -63,28 +63,37 @@ def run_editing(args, job):
     from ldm.image_io import Outputs
     from ldm.pipeline import BUILTIN_DIR, Pipeline, choose_model
     out = job.track(Outputs(args.outdir).check())
-    models = {"inpainting model": args.ckpt or INPAINTING_DIR / "model.safetensors",
-              "text-to-image model": args.base_ckpt or BUILTIN_DIR / "model.safetensors"}
+    dedicated = args.ckpt or INPAINTING_DIR / "model.safetensors"
     runs = ([("replace", None), ("add", None)] if args.task == "inpaint" else
             [("recolour", 0.5), ("recolour", 0.75)])
+    models = [("inpainting model", dedicated, {}),
+              ("text-to-image model", args.base_ckpt or BUILTIN_DIR / "model.safetensors", {})]
+    if args.task == "inpaint":   # what the latent blending does for the dedicated model
+        models.insert(1, ("inpainting model, no latent blend", dedicated,
+                          {"latent_blend": False}))
     sampler = "plms" if args.plms else "ddim"
     summary = {"task": args.task, "n": args.n_edit, "seed": args.seed, "sampler": sampler,
                "steps": args.ddim_steps}
-    for name, ckpt in models.items():
+    pipes = {}
+    for name, ckpt, options in models:
         if not Path(ckpt).is_file():
             raise cli.InputError(f"no {name} at {ckpt}: pass --ckpt / --base_ckpt")
-        pipe = Pipeline.load(choose_model(ckpt, None, "inpaint"), device=args.device,
-                             safety=False, watermark=False)
+        if ckpt not in pipes:
+            pipes[ckpt] = Pipeline.load(choose_model(ckpt, None, "inpaint"), device=args.device,
+                                        safety=False, watermark=False)
+        pipe = pipes[ckpt]
         for task, strength in runs:
             label = task if strength is None else f"{task} {strength}"
             acc, images, cases, judgements, found = evaluate_editing(
                 pipe, task, args.n_edit, args.seed, strength, sampler=sampler,
-                steps=args.ddim_steps, scale=args.scale)
+                steps=args.ddim_steps, scale=args.scale, **options)
             summary.setdefault(label, {})[name] = acc
-            print(f"{label:14s} {name:20s} " + "  ".join(f"{k} {v:6.1%}" for k, v in acc.items()))
+            print(f"{label:14s} {name:34s} " + "  ".join(
+                f"{k} {v:.1f}" if k.endswith("(dB)") else f"{k} {v:6.1%}"
+                for k, v in acc.items()))
             grid = labelled_grid(images[:32], [(c[0], c[3]) for c in cases[:32]],
                                  judgements[:32], found[:32])
-            slug = label.replace(" ", "-") + "-" + name.split()[0]
+            slug = (label + " " + name).replace(",", "").replace(" ", "-")
             out.save_numbered(grid, f"{slug}-{{:04}}.png", {k: summary[k] for k in
                                                             ("task", "n", "seed")})
     out.root.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@
     python scripts/inpaint.py --indir inputs/ --outdir outputs/inpainting-results --steps 50
 
 Works with a dedicated inpainting checkpoint (9-channel UNet, as sd-v1-5-inpainting; its
-config is chosen from the checkpoint) and with any text-to-image checkpoint (the known part
-is blended back into the latents after every step). The mask is white where to repaint
+config is chosen from the checkpoint) and with any text-to-image checkpoint. The known part
+is blended back into the latents after every step, for both (--no-latent-blend: not for an
+inpainting model, as diffusers). The mask is white where to repaint
 (binarised at 0.5 for the model); the pixels outside it, feathered by --mask-blur, are the
 input's own. With --image: OUTDIR/samples/NNNNN.png and a grid, as txt2img. With --indir (the
 CompVis form): every NAME.png with a NAME_mask.png beside it becomes OUTDIR/NAME.png.
@@ -31,13 +32,19 @@ def build_parser():
     p.add_argument("--strength", type=number(float, 0, 1), default=1.0,
                    help="how much to change the masked part, in [0, 1] (1: from pure noise)")
     p.add_argument("--mask-blur", "--mask_blur", dest="mask_blur", type=number(int, 0, 256),
-                   default=4, help="feather the paste-back by this many pixels (the model "
-                                   "sees the hard mask)")
+                   default=4, help="feather the paste-back inwards by this many pixels "
+                                   "(outside the mask every pixel stays the input's; the "
+                                   "model sees the hard mask)")
     p.add_argument("--invert-mask", "--invert_mask", dest="invert_mask", action="store_true",
                    help="repaint the black part instead")
     p.add_argument("--no-paste-back", "--no_paste_back", dest="paste_back",
                    action="store_false", help="write the raw decode (the unmasked part is "
                                               "then the autoencoder's, not the input's)")
+    p.add_argument("--no-latent-blend", "--no_latent_blend", dest="latent_blend",
+                   action="store_false",
+                   help="an inpainting model only: do not blend the known latents back after "
+                        "each step (diffusers' behaviour; by default they are, as in "
+                        "ComfyUI)")
     cli.add_sampling_arguments(p, outdir=None, n_samples=2, n_iter=1)
     cli.add_image_size_arguments(p)
     cli.add_model_arguments(p)
@@ -114,6 +121,9 @@ def run(args, job):
     choice = cli.choose_model(args, task="inpaint")  # no weights yet
     cli.check_sampling(args, choice, inpainting=True)
     g = choice.geometry
+    if not args.latent_blend and not g.is_inpainting:
+        raise cli.UsageError(f"--no-latent-blend is for an inpainting model; {choice.name} is "
+                             f"a text-to-image model, which inpaints by latent blending only")
     factor = g.factor or 8
     jobs = []  # (name, image, mask, image hash, mask hash)
     for image_path, mask_path in (pairs(args.indir) if args.indir else
@@ -150,7 +160,8 @@ def run(args, job):
                                 args.negative_prompt, sampler, args.ddim_steps, args.scale,
                                 args.ddim_eta, progress=False, callback=callback,
                                 mask_blur=args.mask_blur, paste_back=args.paste_back,
-                                image_hash=image_hash, mask_hash=mask_hash)
+                                latent_blend=args.latent_blend, image_hash=image_hash,
+                                mask_hash=mask_hash)
         return make
     if work is not None:
         return cli.generate_batches(args, out, work, steps, maker(jobs[0]))

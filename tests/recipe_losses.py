@@ -3,7 +3,8 @@ of each run where its options (phases, decoys, the anchor, replay, masks) are in
 
 ``tests/data/recipe_losses.json`` holds the figures this gave before the trainer was split
 into its parts (``ldm/training``); ``test_training.py`` checks that the recipes still give
-them. ``python tests/recipe_losses.py --record`` rewrites the file (only when a recipe's
+them. The inpainting recipe's were recorded again when the recipe itself changed (its
+loss-weight cap and box masks, run inp-s2); the text-to-image recipe's are the originals. ``python tests/recipe_losses.py --record`` rewrites the file (only when a recipe's
 results are meant to change)."""
 import json
 import sys

@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT
 from ldm.data import analyser
-from ldm.pipeline import BUILTIN_DIR, Txt2Img
+from ldm.pipeline import BUILTIN_DIR, BUILTIN_INPAINTING_DIR, Pipeline, Txt2Img
 
 CKPT = BUILTIN_DIR / "model.safetensors"
 
@@ -116,3 +116,69 @@ def test_four_channel_inpainting_adds_what_is_asked_and_keeps_the_rest(pipe):
         judged, _ = analyser.judge_image(want, out)
         hits += all(judged[1].values()) and judged[0]["colour"] and judged[0]["shape"]
     assert hits >= 4, hits
+
+
+# ------------------------------------------------------------ the built-in inpainting model
+
+INPAINTING_CKPT = BUILTIN_INPAINTING_DIR / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def inpainting_pipe():
+    return Pipeline.load(INPAINTING_CKPT, device="cpu", safety=False, task="inpaint")
+
+
+def test_shipped_inpainting_files():
+    assert INPAINTING_CKPT.is_file() and (BUILTIN_INPAINTING_DIR / "config.yaml").is_file()
+    assert INPAINTING_CKPT.stat().st_size < 30 * 2**20
+    record = json.loads((BUILTIN_INPAINTING_DIR / "training.json").read_text())
+    assert record["global_step"] > 0 and record["dtype"] == "float16"
+    assert record["training"]["init_from"] == "models/ldm/shapes/model.safetensors"
+    assert record["lineage"][0]["checkpoint"] == "models/ldm/shapes/model.safetensors"
+    from ldm.checkpoint import load_state_dict_file
+    sd = load_state_dict_file(INPAINTING_CKPT)
+    assert sd["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 9
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+
+
+def test_inpaint_default_is_sd_inpainting_then_the_built_in_inpainting_model(monkeypatch,
+                                                                              tmp_path):
+    import ldm.config
+    monkeypatch.setattr(ldm.config, "SD_CKPT", tmp_path / "none.ckpt")
+    monkeypatch.setattr(ldm.config, "SD_INPAINTING_CKPT", tmp_path / "none-inpainting.ckpt")
+    choice = ldm.config.choose_model(task="inpaint")
+    assert choice.ckpt == INPAINTING_CKPT and choice.builtin and "inpainting" in choice.name
+    assert ldm.config.choose_model().ckpt == CKPT           # txt2img keeps its own
+    sd = tmp_path / "inpainting.ckpt"
+    sd.write_bytes(b"")                                     # (only its presence is looked at)
+    monkeypatch.setattr(ldm.config, "SD_INPAINTING_CKPT", sd)
+    assert ldm.config.choose_model(task="inpaint").ckpt == sd
+
+
+def test_twenty_step_replace_edit_of_a_fixed_scene_is_judged_right(inpainting_pipe):
+    """A purple circle at the top left, boxed; the prompt asks for a green star there: the
+    edit is judged right (colour, shape, size, place, one object), outside the box every
+    pixel is the input's, and the raw decode is within 30 dB of it there."""
+    import numpy as np
+    from PIL import Image
+    from ldm.data.shapes import Scene, Shape
+    from ldm.evaluation import _box
+    old = Shape("circle", "purple", "big", "top left")
+    image = rendered(Scene([old], "yellow"))
+    m = _box(old)
+    mask = Image.fromarray(m)
+    want = Scene([Shape("star", "green", "big", "top left")], "yellow")
+    hits = 0
+    for seed in range(42, 46):
+        s = inpainting_pipe.inpaint("a big green star in the top left corner", [seed], image,
+                                    mask, sampler="ddim", steps=20, progress=False)[0]
+        keep = m < 128
+        assert (np.asarray(s.image)[keep] == np.asarray(image)[keep]).all()
+        judged, count = analyser.judge_image(want, s.image)
+        hits += all(judged[0].values()) and count == 1
+        raw = inpainting_pipe.inpaint("a big green star in the top left corner", [seed], image,
+                                      mask, sampler="ddim", steps=20, progress=False,
+                                      paste_back=False)[0].image
+        err = ((np.asarray(raw, float) - np.asarray(image, float))[keep] ** 2).mean()
+        assert 10 * np.log10(255 ** 2 / err) > 30
+    assert hits >= 3, hits

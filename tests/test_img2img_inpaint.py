@@ -88,11 +88,15 @@ def test_paste_back_keeps_every_unmasked_pixel(pipe):
     image, mask = scene(), box_mask()
     out = pipe.inpaint("a blue circle", [5], image, mask, steps=6, mask_blur=2,
                        progress=False)[0].image
-    keep = np.asarray(mask.filter(ImageFilter.GaussianBlur(2))) == 0
+    keep = np.asarray(mask) < 128                       # every pixel outside the mask
     a, b = np.asarray(out), np.asarray(image)
     assert keep.sum() > 300 and (a[keep] == b[keep]).all()
     inside = np.asarray(mask) == 255
     assert (a[inside] != b[inside]).any()
+    hard = pipe.inpaint("a blue circle", [5], image, mask, steps=6, mask_blur=0,
+                        progress=False)[0].image
+    edge = inside & ~(np.asarray(mask.filter(ImageFilter.MinFilter(5))) == 255)  # the seam
+    assert (np.asarray(hard)[edge] != a[edge]).any()    # feathered inwards there
     raw = pipe.inpaint("a blue circle", [5], image, mask, steps=6, paste_back=False,
                        progress=False)[0]
     assert (np.asarray(raw.image)[keep] != b[keep]).any()  # the raw decode differs there
@@ -143,6 +147,28 @@ def test_nine_channel_config_is_chosen_from_the_checkpoint(inpainting_ckpt):
     path, _ = inpainting_ckpt
     assert unet_in_channels(path) == 9
     assert choose_model(path).config_path == SD_INPAINTING_CONFIG
+
+
+def test_an_inpainting_model_is_blended_too_unless_asked_not_to(inpainting_ckpt):
+    """latent_blend (default): the 9-channel model's final latents outside the mask are the
+    image's own, as for a text-to-image model; latent_blend=False leaves them to the model
+    (diffusers' StableDiffusionInpaintPipeline, cross-checked in test_crosscheck_diffusers)."""
+    import torch
+    from ldm.pipeline import Pipeline
+    _, model = inpainting_ckpt
+    pipe = Pipeline(model, torch.device("cpu"), "full")
+    image, mask = scene(), box_mask()
+    seen = {}
+    for blend in (True, False):
+        s = pipe.inpaint("a red square", [3], image, mask, steps=4, progress=False,
+                         latent_blend=blend, paste_back=False,
+                         callback=lambda i, x, x0: seen.__setitem__(blend, x))[0]
+        assert s.parameters["latent_blend"] is blend
+    small, _ = pipe.latent_mask(mask)
+    keep = (small == 0).expand_as(seen[True])
+    init = pipe.encode([image])
+    assert torch.allclose(seen[True][keep], init.expand_as(seen[True])[keep], atol=1e-6)
+    assert not torch.allclose(seen[False][keep], init.expand_as(seen[False])[keep], atol=1e-2)
 
 
 # ------------------------------------------------------------------------ the scripts
@@ -260,6 +286,8 @@ def bad_inputs(tmp_path):
     ("inpaint.py", ["--image", "{f}/text.png", "--mask", "{f}/mask.png"], "cannot read"),
     ("inpaint.py", ["--image", "{f}/img.png", "--mask", "{f}/mask.png", "--strength", "-1"],
      "must be in [0, 1]"),
+    ("inpaint.py", ["--image", "{f}/img.png", "--mask", "{f}/mask.png", "--no-latent-blend"],
+     "--no-latent-blend is for an inpainting model"),
     ("inpaint.py", ["--indir", "{f}/empty"], "holds no NAME.png"),
     ("inpaint.py", ["--indir", "{f}/nomask"], "has no mask beside it"),
     ("inpaint.py", ["--indir", "{f}/noimage"], "has no image beside it"),

@@ -48,6 +48,10 @@ def test_mask_kinds_are_what_people_draw():
     sil = random_mask(np.random.default_rng(0), scene, 64, "silhouette") > 0
     assert sil[32, 32]  # covers the shape's centre
     assert not sil[0, 0] and not sil[63, 63]
+    box = random_mask(np.random.default_rng(0), scene, 64, "box") > 0
+    rows, cols = np.nonzero(box.any(1))[0], np.nonzero(box.any(0))[0]
+    assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()   # a filled box
+    assert 2 * (12 + 2) <= len(rows) <= 2 * (12 + 9) + 2 and rows[0] < 32 < rows[-1]
 
 
 def test_init_from_widens_a_text_to_image_model_and_trains_it_to_inpaint(tmp_path):

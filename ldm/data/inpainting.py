@@ -1,8 +1,8 @@
 """Masked shapes scenes for training an inpainting model, with masks as people draw them.
 
 Each item is a shapes scene (``ldm.data.shapes``) with a mask: a rectangle, an ellipse,
-free brush strokes, one shape's silhouette dilated, or (a share ``full_mask_fraction``) the
-whole image, so that the model also works as text-to-image. The caption describes the
+free brush strokes, one shape's silhouette dilated, a box drawn around one shape, or (a
+share ``full_mask_fraction``) the whole image, so that the model also works as text-to-image. The caption describes the
 whole target scene (what the image shows, masked part included); a share
 ``empty_caption_fraction`` of captions are empty, on top of the trainer's own ``p_uncond``.
 Items are a function of ``(seed, index)``; the held-out colour/shape pairs stay held out
@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from ldm.data.shapes import ShapesDataset, SIZES, render, shape_polygon
 
-MASK_KINDS = ("rectangle", "ellipse", "strokes", "silhouette")
+MASK_KINDS = ("rectangle", "ellipse", "strokes", "silhouette", "box")
 
 
 def random_mask(rng, scene, size, kind=None):
@@ -22,6 +22,12 @@ def random_mask(rng, scene, size, kind=None):
     im = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(im)
     k = size / 64
+    if kind == "box" and scene.shapes:  # a square around one shape, as a person boxes it
+        s = scene.shapes[rng.integers(len(scene.shapes))]
+        cx, cy = np.array(s.centre(size)) + rng.uniform(-2, 2, 2) * k
+        r = (SIZES[s.size] + rng.uniform(2, 9)) * k
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=255)
+        return np.asarray(im)
     if kind == "silhouette" and scene.shapes:
         s = scene.shapes[rng.integers(len(scene.shapes))]
         cx, cy = s.centre(size)
@@ -34,7 +40,7 @@ def random_mask(rng, scene, size, kind=None):
         grow = int(rng.integers(2, 7) * k)  # dilated, as a person paints over a shape
         im = Image.fromarray(_dilate(np.asarray(im) > 0, grow).astype(np.uint8) * 255)
         return np.asarray(im)
-    if kind in ("rectangle", "ellipse", "silhouette"):
+    if kind in ("rectangle", "ellipse", "silhouette", "box"):  # (the last two: no shape)
         w, h = (rng.uniform(0.2, 0.7, 2) * size).astype(int)
         x0, y0 = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
         box = (int(x0), int(y0), int(x0 + w), int(y0 + h))
