@@ -319,7 +319,7 @@ class DiffusionTrainer(pl.LightningModule):
         target = eps if self.model.parameterization == "eps" else self.model.get_v(z, eps, t)
         if drop_captions and self.anchor is not None:
             target = self.anchor(target, x_t, t, captions, progress, self._copy_ema)
-        mask = None if concat is None else concat[:, :1]
+        mask = None if concat is None else concat[:, :1]   # inpainting_concat: mask first
         error = self.mask_weight((output - target).square(), mask, progress)
         weight = self.loss_weight(t, self.model.alphas_cumprod, self.model.parameterization,
                                   progress)

@@ -199,7 +199,7 @@ class Pipeline:
     @torch.no_grad()
     def latents(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
                 scale=None, eta=0.0, height=None, width=None, progress=True, callback=None,
-                init=None, strength=1.0, mask=None, masked=None, latent_blend=None):
+                init=None, strength=1.0, mask=None, masked=None, latent_blend=False):
         """Denoised latents [B, C, h, w] for prompts and their seeds, for all three tasks
         (``scale``: the guidance scale; None for the model's default). ``callback(i, x,
         pred_x0)`` is called after every step.
@@ -209,8 +209,8 @@ class Pipeline:
         Inpainting: also ``mask`` ([1 or B, 1, h, w], 1 = repaint): a text-to-image model
         gets the known latents (``init``) blended back after every step; an inpainting model
         gets the mask and ``masked`` (the masked image's latents) as its extra input, and the
-        blending too when ``latent_blend`` is true (by default only a text-to-image model is
-        blended, as diffusers does). Strength 1 starts inpainting from pure noise."""
+        blending too when ``latent_blend`` is true (a text-to-image model is always blended;
+        an inpainting model by default not, as diffusers does). Strength 1 starts inpainting from pure noise."""
         prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
                                                                  negative_prompts, scale)
         if sampler not in SAMPLERS:
@@ -239,8 +239,6 @@ class Pipeline:
             mask = mask.to(self.device).expand(b, -1, -1, -1)
             if self.is_inpainting_model:
                 concat = self.model.inpainting_concat(mask, masked.to(self.device).expand(b, -1, -1, -1))
-            if latent_blend is None:
-                latent_blend = not self.is_inpainting_model
             if latent_blend or not self.is_inpainting_model:
                 blend = blend_known_latents(mask, init, noise, self.model.alphas_cumprod)
 
@@ -344,8 +342,8 @@ class Pipeline:
                 mask_blur=4, paste_back=True, latent_blend=True, image_hash=None, mask_hash=None):
         """Inpainting: repaint where ``mask`` is white (binarised at 0.5 for the model), with
         a dedicated inpainting model or any text-to-image one (latent blending). With
-        ``paste_back`` the pixels outside the mask, feathered by ``mask_blur`` pixels, are
-        ``image``'s own exactly.
+        ``paste_back`` the pixels outside the mask are ``image``'s own exactly, the seam
+        feathered inwards by ``mask_blur`` pixels (``ldm.image_io.paste_back``).
 
         ``latent_blend``: after every step the latents outside the mask are the image's own,
         noised to that step. A text-to-image model needs it; an inpainting model gets it too

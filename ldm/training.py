@@ -15,13 +15,10 @@ is a plain object over tensors (no Lightning), tested on its own:
 Which recipe uses which, and why, is told in ``models/ldm/shapes/HISTORY.md``.
 """
 import copy
-import logging
 import math
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def ramp(value, progress):
@@ -254,9 +251,8 @@ class Anchor(torch.nn.Module):
         if not self.set:
             if progress < self.start:
                 return target
-            copy_ema(self.unet, self.text)
+            copy_ema(self.unet, self.text)   # (it says so in the log)
             self.set.fill_(True)
-            log.info("anchor set from the EMA weights")
         chosen = (t >= self.low).nonzero().flatten()
         if len(chosen) == 0:
             return target

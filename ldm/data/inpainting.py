@@ -2,8 +2,8 @@
 
 Each item is a shapes scene (``ldm.data.shapes``) with a mask: a rectangle, an ellipse,
 free brush strokes, one shape's silhouette dilated, a box drawn around one shape, or (a
-share ``full_mask_fraction``) the whole image, so that the model also works as text-to-image. The caption describes the
-whole target scene (what the image shows, masked part included); a share
+share ``full_mask_fraction``) the whole image, so that the model also works as
+text-to-image. The caption describes the whole target scene (what the image shows, masked part included); a share
 ``empty_caption_fraction`` of captions are empty, on top of the trainer's own ``p_uncond``.
 Items are a function of ``(seed, index)``; the held-out colour/shape pairs stay held out
 (the scenes come from ``sample_scene`` with the split given).
