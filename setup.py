@@ -14,7 +14,8 @@ INSTALL_REQUIRES = [
     "invisible-watermark>=0.2.0",
 ]
 TRAIN_REQUIRES = ["pytorch-lightning>=2.0"]
-TEST_REQUIRES = ["pytest", "diffusers>=0.30", "transformers>=4.40"] + TRAIN_REQUIRES
+TEST_REQUIRES = ["pytest", "diffusers>=0.30", "transformers>=4.40",
+                 "torchsde"] + TRAIN_REQUIRES  # torchsde: the referee for DPM++ SDE
 
 setup(
     name="latent-diffusion-txt2img",

@@ -22,6 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ldm.config import SCHEDULES
 from ldm.errors import InputError, LdmError, ResourceError, UsageError
 
 SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed takes an unsigned 64-bit seed
@@ -105,9 +106,18 @@ def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=None):
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=number(int, 1, 1000),
                    default=50, help="number of sampling steps")
-    p.add_argument("--plms", action="store_true", help="use PLMS sampling (default: DDIM)")
-    p.add_argument("--ddim_eta", type=number(float, 0, 1), default=0.0,
-                   help="DDIM eta in [0, 1] (0: deterministic)")
+    p.add_argument("--sampler", default=None, metavar="NAME",
+                   help="sampler, by id or A1111 name: ddim (default), plms, ddpm, euler, "
+                        "euler_a, heun, dpm_2, dpm_2_a, dpmpp_2s_a, dpmpp_2m, dpmpp_sde, "
+                        "dpmpp_2m_sde, lms, unipc; e.g. \"DPM++ 2M Karras\", \"Euler a\"")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="noise schedule of the sigma samplers (default: discrete, the "
+                        "model's own timesteps, or the one the sampler's name says)")
+    p.add_argument("--plms", action="store_true", help="use PLMS sampling (= --sampler plms)")
+    p.add_argument("--ddim_eta", type=number(float, 0, 1),
+                   default=None,
+                   help="DDIM eta in [0, 1] (default 0: deterministic), or the noise of the "
+                        "ancestral and SDE samplers (default 1)")
     p.add_argument("--n_iter", type=number(int, 1), default=n_iter, help="sample this often")
     p.add_argument("--n_samples", type=number(int, 1), default=n_samples,
                    help="batch size: images per prompt per iteration")
@@ -264,6 +274,32 @@ def load_pipeline(args, choice):
     return pipe
 
 
+def resolve_sampling(args):
+    """--sampler / --plms / --schedule / --ddim_eta -> args.sampler (an id), args.schedule
+    and args.ddim_eta resolved (``ldm.models.diffusion.sampling.resolve_sampler``)."""
+    from ldm.models.diffusion.sampling import resolve_eta, resolve_sampler
+    name = getattr(args, "sampler", None)
+    if args.plms:
+        if name is not None and _sampler_id(name) != "plms":
+            raise UsageError(f"--plms and --sampler {name!r} disagree: drop one")
+        name = "plms"
+    try:
+        args.sampler, args.schedule = resolve_sampler(name or "ddim",
+                                                      getattr(args, "schedule", None))
+        args.ddim_eta = resolve_eta(args.sampler, args.ddim_eta)
+    except ValueError as e:
+        message = str(e).replace("eta must be 0", "drop --ddim_eta")
+        raise UsageError(message) from None
+
+
+def _sampler_id(name):
+    from ldm.models.diffusion.sampling import resolve_sampler
+    try:
+        return resolve_sampler(name)[0]
+    except ValueError:
+        return None
+
+
 def check_sampling(args, choice, inpainting=False):
     """The sampling flags against each other and the model's config; the guidance scale.
     A dedicated inpainting model (9-channel UNet) serves inpainting only."""
@@ -273,8 +309,7 @@ def check_sampling(args, choice, inpainting=False):
                          "UNet): use scripts/inpaint.py")
     if args.skip_save and args.skip_grid:
         raise UsageError("--skip_save with --skip_grid would write nothing: drop one")
-    if args.plms and args.ddim_eta != 0:
-        raise UsageError("PLMS is deterministic: drop --ddim_eta or --plms")
+    resolve_sampling(args)
     if args.ddim_steps > g.timesteps:
         raise UsageError(f"--ddim_steps {args.ddim_steps} is more than the model's "
                          f"{g.timesteps} timesteps")

@@ -13,6 +13,8 @@ from ldm.errors import ConfigError, InputError, ModelNotFound
 
 SAMPLING_KEYS = ("scale", "timestep_spacing")
 TIMESTEP_SPACING_NAMES = ("uniform", "trailing")  # ldm.modules.diffusionmodules.util
+# the sigma samplers' noise schedules (ldm.models.diffusion.sampling.sigma_schedule)
+SCHEDULES = ("discrete", "karras", "exponential")
 
 
 def load_config(path):

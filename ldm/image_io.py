@@ -35,18 +35,35 @@ def pil_to_tensor(images):
 
 
 def parameters_text(p):
-    """The one-paragraph text form: prompt, negative prompt, then "Key: value" pairs."""
+    """The one-paragraph text form A1111 writes and reads: prompt, negative prompt, then
+    "Key: value" pairs ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, ...")."""
     lines = [str(p.get("prompt", ""))]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
-    names = {"steps": "Steps", "sampler": "Sampler", "scale": "CFG scale", "seed": "Seed",
-             "eta": "Eta", "checkpoint_hash": "Model hash", "model": "Model",
+    schedule = p.get("schedule")
+    values = dict(p, sampler=_a1111_sampler(p),
+                  schedule=schedule.capitalize() if schedule and schedule != "discrete" else None)
+    names = {"steps": "Steps", "sampler": "Sampler", "schedule": "Schedule type",
+             "scale": "CFG scale", "seed": "Seed", "size": "Size", "eta": "Eta",
+             "checkpoint_hash": "Model hash", "model": "Model",
              "strength": "Denoising strength", "mask_blur": "Mask blur"}
-    pairs = [f"{label}: {p[key]}" for key, label in names.items() if p.get(key) is not None]
     if "width" in p and "height" in p:
-        pairs.insert(4, f"Size: {p['width']}x{p['height']}")
+        values["size"] = f"{p['width']}x{p['height']}"
+    pairs = [f"{label}: {values[key]}" for key, label in names.items()
+             if values.get(key) is not None]
     lines.append(", ".join(pairs))
     return "\n".join(lines)
+
+
+def _a1111_sampler(p):
+    """The sampler's A1111 name without the schedule ("DPM++ 2M"), from a record."""
+    if p.get("sampler") is None:
+        return None
+    try:
+        from ldm.models.diffusion.sampling import SAMPLERS
+        return SAMPLERS[p["sampler"]].label
+    except KeyError:
+        return p["sampler"]
 
 
 def _pnginfo(parameters):

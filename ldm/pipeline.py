@@ -24,8 +24,8 @@ from ldm.config import (BUILTIN_DIR, BUILTIN_INPAINTING_DIR, INSTALL_HINT, ROOT,
                         SD_CKPT, SD_CONFIG, ModelChoice, build_error, choose_model, load_config,
                         sampling_defaults)
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
-from ldm.models.diffusion.sampling import SAMPLERS, sample, sampling_timesteps, strength_steps
-from ldm.models.diffusion.sampling import latent_blend as blend_known_latents
+from ldm.models.diffusion.sampling import (SAMPLERS, resolve_eta, resolve_sampler, sample,
+                                           sampler_label, sampling_timesteps, strength_steps)
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,12 @@ class Pipeline:
             raise UsageError(f"--H and --W must be positive multiples of {f} for this model "
                              f"(got {height}x{width}); e.g. {self.native_size}")
 
-    def num_steps(self, steps):
-        """How many denoising steps ``steps`` sampling steps run (see sampling_timesteps)."""
+    def num_steps(self, steps, schedule="discrete"):
+        """How many denoising steps ``steps`` sampling steps run: ``steps`` on the Karras
+        and exponential schedules, the number of ``sampling_timesteps`` on the model's own
+        (which can differ above half the training timesteps)."""
+        if schedule not in (None, "discrete"):
+            return steps
         return len(sampling_timesteps(steps, self.model.num_timesteps,
                                       self.defaults.get("timestep_spacing", "uniform")))
 
@@ -196,25 +200,38 @@ class Pipeline:
         """A dedicated inpainting model (9-channel UNet, ``conditioning_key: hybrid``)."""
         return self.model.model.conditioning_key == "hybrid"
 
+    def resolve(self, sampler, schedule=None, eta=None):
+        """(sampler id, schedule, eta) for what a caller asked: any name
+        ``resolve_sampler`` takes ("plms", "DPM++ 2M Karras", "euler_a"), the schedule (None:
+        the name's or "discrete") and eta (None: the sampler's default). Bad ones are
+        UsageErrors."""
+        try:
+            sampler, schedule = resolve_sampler(sampler, schedule)
+            return sampler, schedule, resolve_eta(sampler, eta)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
     @torch.no_grad()
     def latents(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                scale=None, eta=0.0, height=None, width=None, progress=True, callback=None,
-                init=None, strength=1.0, mask=None, masked=None, latent_blend=False):
+                scale=None, eta=None, height=None, width=None, progress=True, callback=None,
+                init=None, strength=1.0, mask=None, masked=None, latent_blend=False,
+                schedule=None):
         """Denoised latents [B, C, h, w] for prompts and their seeds, for all three tasks
-        (``scale``: the guidance scale; None for the model's default). ``callback(i, x,
-        pred_x0)`` is called after every step.
+        (``sampler``: any name of ``ldm.models.diffusion.sampling.SAMPLERS``, A1111's too;
+        ``schedule``: "discrete", "karras" or "exponential" for the sigma samplers;
+        ``scale``: the guidance scale, None for the model's default; ``eta``: None for the
+        sampler's default). ``callback(i, x, pred_x0)`` is called after every step.
 
         Image-to-image: ``init``, the init image's latents ([1 or B, C, h, w]), noised to the
-        first of the last ``strength_steps(n, strength)`` timesteps, which are then run.
+        first of the last ``strength_steps(n, strength)`` steps, which are then run.
         Inpainting: also ``mask`` ([1 or B, 1, h, w], 1 = repaint): a text-to-image model
         gets the known latents (``init``) blended back after every step; an inpainting model
         gets the mask and ``masked`` (the masked image's latents) as its extra input, and the
-        blending too when ``latent_blend`` is true (a text-to-image model is always blended;
-        an inpainting model by default not, as diffusers does). Strength 1 starts inpainting from pure noise."""
+        blending too when ``latent_blend`` is true (a text-to-image model is always
+        blended). Strength 1 starts inpainting from pure noise."""
         prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
                                                                  negative_prompts, scale)
-        if sampler not in SAMPLERS:
-            raise UsageError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+        sampler, schedule, eta = self.resolve(sampler, schedule, eta)
         if init is not None:
             height, width = init.shape[-2] * self.factor, init.shape[-1] * self.factor
         height, width = height or self.native_size, width or self.native_size
@@ -225,22 +242,23 @@ class Pipeline:
         noise, gens = self.initial_noise(seeds, height, width)
         b = len(seeds)
         spacing = self.defaults.get("timestep_spacing", "uniform")
-        timesteps = sampling_timesteps(steps, self.model.num_timesteps, spacing)
-        run = len(timesteps) if init is None else strength_steps(len(timesteps), strength)
-        x, blend, concat = noise, None, None
+        n = self.num_steps(steps, schedule)
+        run = n if init is None else strength_steps(n, strength)
+        start, known, concat = None, None, None
         if init is not None:
             init = init.to(self.device).expand(b, -1, -1, -1)
             if run == 0:
                 return init  # nothing to denoise: the autoencoder round trip
             if not (mask is not None and strength >= 1.0):
-                t = int(timesteps[run - 1])
-                x = self.model.q_sample(init, torch.full((b,), t, device=self.device), noise)
+                start = init     # noised to the first step run; inpainting at 1: pure noise
         if mask is not None:
             mask = mask.to(self.device).expand(b, -1, -1, -1)
             if self.is_inpainting_model:
                 concat = self.model.inpainting_concat(mask, masked.to(self.device).expand(b, -1, -1, -1))
             if latent_blend or not self.is_inpainting_model:
-                blend = blend_known_latents(mask, init, noise, self.model.alphas_cumprod)
+                known = init
+            else:
+                mask = None
 
         def fresh_noise(shape):
             return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
@@ -250,9 +268,10 @@ class Pipeline:
             cond = self.model.get_learned_conditioning(prompts)
             uncond = (self.model.get_learned_conditioning(negative_prompts)
                       if scale != 1.0 else None)
-            z = sample(self.model, sampler, x, steps, cond, uncond, scale, eta=eta,
+            z = sample(self.model, sampler, noise, steps, cond, uncond, scale, eta=eta,
                        noise=fresh_noise, disable=not progress, callback=callback,
-                       spacing=spacing, run_steps=run, blend=blend, concat=concat)
+                       spacing=spacing, run_steps=run, concat=concat, schedule=schedule,
+                       init=start, mask=mask, known=known)
         return z
 
     @torch.no_grad()
@@ -315,15 +334,17 @@ class Pipeline:
         return images, notes
 
     def generate(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                 scale=None, eta=0.0, height=None, width=None, progress=True, callback=None):
+                 scale=None, eta=None, height=None, width=None, progress=True, callback=None,
+                 schedule=None):
         """Text to image: finished images with their reproduction parameters, one per prompt
-        and seed. ``prompts`` may be one string (repeated for every seed), ``seeds`` one int."""
+        and seed. ``prompts`` may be one string (repeated for every seed), ``seeds`` one int.
+        ``sampler`` and ``schedule`` as ``latents`` takes them."""
         return self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
-                             height, width, progress, callback, {})
+                             height, width, progress, callback, {}, schedule=schedule)
 
     def img2img(self, prompts, seeds, image, strength=0.75, negative_prompts=None,
-                sampler="plms", steps=50, scale=None, eta=0.0, progress=True, callback=None,
-                image_hash=None):
+                sampler="plms", steps=50, scale=None, eta=None, progress=True, callback=None,
+                image_hash=None, schedule=None):
         """Image to image: ``image`` (PIL; resized down to multiples of the factor if need
         be) encoded, noised to the first of the last ``int(steps * strength)`` timesteps
         and denoised over them. ``image_hash`` is recorded (default: the pixels' SHA-256)."""
@@ -335,11 +356,12 @@ class Pipeline:
                   "init_image_sha256": image_hash or image_sha256(image)}
         return self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
                              None, None, progress, callback, record, init=self.encode([image]),
-                             strength=strength)
+                             strength=strength, schedule=schedule)
 
     def inpaint(self, prompts, seeds, image, mask, strength=1.0, negative_prompts=None,
-                sampler="plms", steps=50, scale=None, eta=0.0, progress=True, callback=None,
-                mask_blur=4, paste_back=True, latent_blend=True, image_hash=None, mask_hash=None):
+                sampler="plms", steps=50, scale=None, eta=None, progress=True, callback=None,
+                mask_blur=4, paste_back=True, latent_blend=True, image_hash=None, mask_hash=None,
+                schedule=None):
         """Inpainting: repaint where ``mask`` is white (binarised at 0.5 for the model), with
         a dedicated inpainting model or any text-to-image one (latent blending). With
         ``paste_back`` the pixels outside the mask are ``image``'s own exactly, the seam
@@ -381,25 +403,28 @@ class Pipeline:
         samples = self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
                                 height, width, progress, callback, record, init=init,
                                 strength=strength, mask=small, masked=masked,
-                                latent_blend=latent_blend)
+                                latent_blend=latent_blend, schedule=schedule)
         if paste_back:
             for s in samples:
                 s.image = paste(s.image, image, mask, mask_blur)
         return samples
 
     def _samples(self, prompts, seeds, negative_prompts, sampler, steps, scale, eta, height,
-                 width, progress, callback, record, **task):
+                 width, progress, callback, record, schedule=None, **task):
         prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
                                                                  negative_prompts, scale)
+        sampler, schedule, eta = self.resolve(sampler, schedule, eta)
         z = self.latents(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
-                         height, width, progress, callback, **task)
+                         height, width, progress, callback, schedule=schedule, **task)
         height, width = z.shape[-2] * self.factor, z.shape[-1] * self.factor
         images, notes = self.finish(self.decode(z))
         out = []
         for image, note, prompt, negative, seed in zip(images, notes, prompts,
                                                        negative_prompts, seeds):
             params = {"prompt": prompt, "negative_prompt": negative, "seed": int(seed),
-                      "sampler": sampler, "steps": steps, "scale": scale, "eta": eta,
+                      "sampler": sampler, "schedule": schedule,
+                      "sampler_name": sampler_label(sampler, schedule), "steps": steps,
+                      "scale": scale, "eta": eta,
                       "width": width, "height": height, "model": self.model_name,
                       "checkpoint_hash": self.checkpoint_hash, "precision": self.precision,
                       **record, **note}

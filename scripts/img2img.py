@@ -46,17 +46,17 @@ def run(args, job):
     out = job.track(Outputs(args.outdir).check())
     image_hash = file_hash(args.init_img, chars=64)
     pipe = cli.load_pipeline(args, choice)  # the slow part
-    sampler = "plms" if args.plms else "ddim"
     from ldm.models.diffusion.sampling import strength_steps
 
     def make(prompts, seeds, callback):
         samples = pipe.img2img(prompts, seeds, image, args.strength, args.negative_prompt,
-                               sampler, args.ddim_steps, args.scale, args.ddim_eta,
-                               progress=False, callback=callback, image_hash=image_hash)
+                               args.sampler, args.ddim_steps, args.scale, args.ddim_eta,
+                               progress=False, callback=callback, image_hash=image_hash,
+                               schedule=args.schedule)
         for s in samples:
             s.parameters["init_image"] = str(args.init_img)
         return samples
-    steps = strength_steps(pipe.num_steps(args.ddim_steps), args.strength)
+    steps = strength_steps(pipe.num_steps(args.ddim_steps, args.schedule), args.strength)
     return cli.generate_batches(args, out, work, steps, make)
 
 

@@ -149,19 +149,18 @@ def run(args, job):
     else:
         work = cli.batches(args, cli.prompt_list(args))
     pipe = cli.load_pipeline(args, choice)  # the slow part
-    sampler = "plms" if args.plms else "ddim"
-    steps = strength_steps(pipe.num_steps(args.ddim_steps), args.strength)
+    steps = strength_steps(pipe.num_steps(args.ddim_steps, args.schedule), args.strength)
 
     def maker(item):
         name, image, mask, image_hash, mask_hash = item
 
         def make(prompts, seeds, callback):
             return pipe.inpaint(prompts, seeds, image, mask, args.strength,
-                                args.negative_prompt, sampler, args.ddim_steps, args.scale,
-                                args.ddim_eta, progress=False, callback=callback,
+                                args.negative_prompt, args.sampler, args.ddim_steps,
+                                args.scale, args.ddim_eta, progress=False, callback=callback,
                                 mask_blur=args.mask_blur, paste_back=args.paste_back,
                                 latent_blend=args.latent_blend, image_hash=image_hash,
-                                mask_hash=mask_hash)
+                                mask_hash=mask_hash, schedule=args.schedule)
         return make
     if work is not None:
         return cli.generate_batches(args, out, work, steps, maker(jobs[0]))

@@ -60,13 +60,13 @@ def run(args, job):
     pipe = cli.load_pipeline(args, choice)  # the slow part
     height, width = height or pipe.native_size, width or pipe.native_size
     pipe.check_size(height, width)
-    sampler = "plms" if args.plms else "ddim"
 
     def make(prompts, seeds, callback):
-        return pipe.generate(prompts, seeds, args.negative_prompt, sampler, args.ddim_steps,
-                             args.scale, args.ddim_eta, height, width, progress=False,
-                             callback=callback)
-    return cli.generate_batches(args, out, work, pipe.num_steps(args.ddim_steps), make)
+        return pipe.generate(prompts, seeds, args.negative_prompt, args.sampler,
+                             args.ddim_steps, args.scale, args.ddim_eta, height, width,
+                             progress=False, callback=callback, schedule=args.schedule)
+    return cli.generate_batches(args, out, work,
+                                pipe.num_steps(args.ddim_steps, args.schedule), make)
 
 
 def main(argv=None):

@@ -59,7 +59,9 @@ def test_files_metadata_and_numbering(tmp_path, capsys, ckpts, fmt):
     assert (out / "grid-0001.png").exists() and (out / "samples" / "00000.png").read_bytes() == first
 
 
-@pytest.mark.parametrize("sampler_args", [["--plms"], ["--ddim_eta", "0.5"]])
+@pytest.mark.parametrize("sampler_args", [["--plms"], ["--ddim_eta", "0.5"],
+                                          ["--sampler", "Euler a"],
+                                          ["--sampler", "DPM++ 2M SDE Karras"]])
 def test_image_k_regenerates_alone(tmp_path, capsys, ckpts, sampler_args):
     """Reproducibility contract: --seed S+k --n_samples 1 --n_iter 1 remakes image k."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -70,6 +72,26 @@ def test_image_k_regenerates_alone(tmp_path, capsys, ckpts, sampler_args):
     k3, alone = pixels(a / "samples" / "00003.png"), pixels(b / "samples" / "00000.png")
     assert np.abs(k3 - alone).max() <= 1
     assert np.abs(pixels(a / "samples" / "00002.png") - alone).max() > 10  # seeds matter
+
+
+def test_sampler_and_schedule_are_recorded_as_a1111_writes_them(tmp_path, capsys, ckpts):
+    out = tmp_path / "out"
+    rc, _, err = run(capsys, *base_args(ckpts["ckpt"], out, "--sampler", "DPM++ 2M Karras",
+                                        "--n_samples", 1, "--n_iter", 1, "--skip_grid"))
+    assert rc == 0, err
+    path = out / "samples" / "00000.png"
+    p = read_parameters(path)
+    assert (p["sampler"], p["schedule"], p["sampler_name"], p["eta"]) == (
+        "dpmpp_2m", "karras", "DPM++ 2M Karras", 0.0)
+    text = Image.open(path).text["parameters"]
+    assert "Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42" in text
+    # the recorded sampler, given back, remakes the image
+    again = tmp_path / "again"
+    rc, _, err = run(capsys, *base_args(ckpts["ckpt"], again, "--sampler", p["sampler"],
+                                        "--schedule", p["schedule"], "--n_samples", 1,
+                                        "--n_iter", 1, "--skip_grid"))
+    assert rc == 0, err
+    assert np.array_equal(pixels(path), pixels(again / "samples" / "00000.png"))
 
 
 def test_fixed_code_reuses_one_batch_of_start_codes(tmp_path, capsys, ckpts):

@@ -220,7 +220,11 @@ def test_zero_terminal_snr_sampler_runs_match_diffusers(zero_snr, sampler):
     """10 trailing steps from t = 999 against diffusers' DDIMScheduler with
     ``rescale_betas_zero_snr`` (which takes x0 from v directly at SNR 0). PLMS against
     PNDMScheduler, which cannot take a step from SNR 0 at all: its last alpha_bar is set to
-    ours, 2^-24, as diffusers' Euler scheduler does, and v is turned into eps per step."""
+    ours, 2^-24, as diffusers' Euler scheduler does, and v is turned into eps per step.
+    That referee turns each guidance half into eps before combining them, where we (as
+    CompVis' SD 2 samplers) guide the raw v and convert once: at SNR 0 the two halves' eps
+    are both nearly x and their difference loses digits, so PLMS agrees to 3e-3 here, not
+    5e-4 as when we converted per half too."""
     from ldm.compare import to_diffusers
     from ldm.models.diffusion.sampling import sample
     model, config = zero_snr
@@ -244,7 +248,7 @@ def test_zero_terminal_snr_sampler_runs_match_diffusers(zero_snr, sampler):
         unet = _v_as_eps(unet, scheduler.alphas_cumprod)
     theirs = _diffusers_run(unet, scheduler, x, ctx, uncond, 5.0, 10)
     err = rel_err(ours, theirs)
-    assert err < 1e-3
+    assert err < (1e-3 if sampler == "ddim" else 4e-3)
     # and the check can tell: the same weights sampled on SD's own timesteps land elsewhere
     other = sample(model, sampler, x, 10, ctx, uncond, scale=5.0, disable=True)
     assert rel_err(other, theirs) > 20 * err
@@ -296,14 +300,23 @@ def _image_and_mask():
     return image, Image.fromarray(mask)
 
 
-def _both(ours_pipe, theirs_cls, model, config, folder, task, strength, **theirs_kwargs):
-    """Final and per-step latents of ours and of a diffusers pipeline, same latents in."""
+EDIT_SAMPLERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                 "euler_a": "EulerAncestralDiscreteScheduler"}
+
+
+def _both(ours_pipe, theirs_cls, model, config, folder, task, strength, sampler="ddim",
+          **theirs_kwargs):
+    """Final and per-step latents of ours and of a diffusers pipeline, same latents in.
+    Sigma samplers' per-step latents are scaled by sqrt(1 + sigma^2) in diffusers, so only
+    DDIM's steps are returned for comparison."""
     theirs = theirs_cls(**__import__("ldm.compare", fromlist=["x"]).diffusers_components(
         model, config, folder))
+    theirs.scheduler = getattr(diffusers, EDIT_SAMPLERS[sampler]).from_config(
+        theirs.scheduler.config)
     theirs.set_progress_bar_config(disable=True)
     prompts, seeds = ["a red circle", "a blue square"], [7, 8]
     ours_steps, theirs_steps = [], []
-    z_ours = ours_pipe.latents(prompts, seeds, ["", "green"], "ddim", 10, 7.5, progress=False,
+    z_ours = ours_pipe.latents(prompts, seeds, ["", "green"], sampler, 10, 7.5, progress=False,
                                strength=strength, height=32, width=32,
                                callback=lambda i, x, x0: ours_steps.append(x.clone()), **task)
 
@@ -315,11 +328,15 @@ def _both(ours_pipe, theirs_cls, model, config, folder, task, strength, **theirs
                       generator=[torch.Generator().manual_seed(s) for s in seeds],
                       callback_on_step_end=collect, **theirs_kwargs).images
     assert len(ours_steps) == len(theirs_steps) == int(10 * strength)
+    if sampler != "ddim":
+        ours_steps, theirs_steps = [], []
     return z_ours, z_theirs, ours_steps, theirs_steps
 
 
+@pytest.mark.parametrize("sampler", list(EDIT_SAMPLERS))
 @pytest.mark.parametrize("strength", [0.6, 1.0])
-def test_img2img_matches_diffusers_step_by_step(tmp_path, tiny_model, tiny_config, strength):
+def test_img2img_matches_diffusers_step_by_step(tmp_path, tiny_model, tiny_config, strength,
+                                                sampler):
     """StableDiffusionImg2ImgPipeline fed our init latents (posterior mean x scale): the same
     start timestep and noised latent (the first step's input), every step, the result."""
     from ldm.pipeline import Pipeline
@@ -327,15 +344,16 @@ def test_img2img_matches_diffusers_step_by_step(tmp_path, tiny_model, tiny_confi
     image, _ = _image_and_mask()
     init = ours.encode([image])
     z_ours, z_theirs, a, b = _both(ours, diffusers.StableDiffusionImg2ImgPipeline, tiny_model,
-                                   tiny_config, tmp_path, {"init": init}, strength,
+                                   tiny_config, tmp_path, {"init": init}, strength, sampler,
                                    image=init.expand(2, -1, -1, -1).clone())
-    assert max(rel_err(x, y) for x, y in zip(a, b)) < 1e-5
+    assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
     assert rel_err(z_ours, z_theirs) < 1e-5
 
 
+@pytest.mark.parametrize("sampler", list(EDIT_SAMPLERS))
 @pytest.mark.parametrize("strength", [0.7, 1.0])
 def test_four_channel_inpainting_matches_diffusers_step_by_step(tmp_path, tiny_model,
-                                                                 tiny_config, strength):
+                                                                 tiny_config, strength, sampler):
     """A text-to-image model inpainting by latent blending, as StableDiffusionInpaintPipeline
     does with a 4-channel UNet (strength 1: from pure noise)."""
     from ldm.pipeline import Pipeline
@@ -345,10 +363,11 @@ def test_four_channel_inpainting_matches_diffusers_step_by_step(tmp_path, tiny_m
     small, full = ours.latent_mask(mask)
     z_ours, z_theirs, a, b = _both(
         ours, diffusers.StableDiffusionInpaintPipeline, tiny_model, tiny_config, tmp_path,
-        {"init": init, "mask": small}, strength, image=init.expand(2, -1, -1, -1).clone(),
+        {"init": init, "mask": small}, strength, sampler,
+        image=init.expand(2, -1, -1, -1).clone(),
         mask_image=full.expand(2, -1, -1, -1).clone(), height=32, width=32,
         masked_image_latents=init.expand(2, -1, -1, -1).clone())  # unused by a 4-channel UNet
-    assert max(rel_err(x, y) for x, y in zip(a, b)) < 1e-5
+    assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
     assert rel_err(z_ours, z_theirs) < 1e-5
     # outside the mask the result is the init latent itself
     keep = (small == 0).expand_as(z_ours)
@@ -363,9 +382,10 @@ def tiny_inpainting():
     return randomize(instantiate_from_config(config.model), 3).eval(), config
 
 
+@pytest.mark.parametrize("sampler", list(EDIT_SAMPLERS))
 @pytest.mark.parametrize("strength", [0.7, 1.0])
 def test_nine_channel_inpainting_matches_diffusers_step_by_step(tmp_path, tiny_inpainting,
-                                                                 strength):
+                                                                 strength, sampler):
     """A dedicated inpainting model (UNet input [x, mask, masked-image latents]) against
     StableDiffusionInpaintPipeline on the same weights."""
     from ldm.image_io import pil_to_tensor
@@ -380,7 +400,8 @@ def test_nine_channel_inpainting_matches_diffusers_step_by_step(tmp_path, tiny_i
     task = {"init": init if strength < 1 else None, "mask": small, "masked": masked}
     z_ours, z_theirs, a, b = _both(
         ours, diffusers.StableDiffusionInpaintPipeline, model, config, tmp_path, task, strength,
-        image=init.expand(2, -1, -1, -1).clone(), mask_image=full.expand(2, -1, -1, -1).clone(),
+        sampler, image=init.expand(2, -1, -1, -1).clone(),
+        mask_image=full.expand(2, -1, -1, -1).clone(),
         masked_image_latents=masked.expand(2, -1, -1, -1).clone(), height=32, width=32)
-    assert max(rel_err(x, y) for x, y in zip(a, b)) < 1e-5
+    assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
     assert rel_err(z_ours, z_theirs) < 1e-5

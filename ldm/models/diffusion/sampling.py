@@ -1,49 +1,153 @@
-"""Samplers as small pure functions over one denoiser contract, for all three tasks.
+"""Samplers behind one interface, for all three tasks: ``sample(model, sampler, ...)``.
 
-A sampler sees only ``eps(x, t) -> noise prediction`` (guidance already applied, see
-``guided_eps``), the starting latents, the discrete timesteps and ``alphas_cumprod``. Fresh
-noise, when a sampler needs it, comes from the caller's ``noise(shape)`` so that every image's
-randomness is its own (``ldm.pipeline`` draws it from per-image generators).
+Two families of small pure functions sit behind it:
 
-Image-to-image and inpainting use the same samplers: they start part-way down the schedule
-(the timesteps passed in are the last ones of the full schedule, see ``strength_steps``),
-and inpainting with a text-to-image model blends the known latents back after every step
-(``blend(x, t_next) -> x``, built by ``latent_blend``). A dedicated inpainting model gets its
-mask and masked-image latents through ``guided_eps``'s ``concat``.
+- on the model's own discrete timesteps, over ``eps(x, t) -> noise prediction`` (guidance
+  already applied, see ``guided_eps``): DDIM, PLMS (CompVis' own) and DDPM, here;
+- on noise levels sigma, over ``denoise(x, sigma) -> x0`` (Karras et al. 2022's form, see
+  ``Denoiser``): Euler, Euler a, Heun, DPM2, DPM2 a, DPM++ 2S a, 2M, SDE, 2M SDE, LMS and
+  UniPC, in ``ldm.models.diffusion.solvers``, with the model's discrete sigmas or Karras'
+  or an exponential schedule (``sigma_schedule``).
+
+``SAMPLERS`` names them (our ids, A1111's names, ``resolve_sampler``). Fresh noise, when a
+sampler needs it, comes from the caller's ``noise(shape)`` so that every image's randomness
+is its own (``ldm.pipeline`` draws it from per-image generators).
+
+Image-to-image and inpainting use the same samplers: they run the last steps of the full
+schedule (``run_steps``, see ``strength_steps``) from the init latents noised to the first
+of them, and inpainting with latent blending puts the known latents back after every step
+(``mask`` and ``known``). A dedicated inpainting model gets its mask and masked-image
+latents through ``concat``.
 """
+import math
+from dataclasses import dataclass
+
 import torch
 
+from ldm.config import SCHEDULES
+from ldm.models.diffusion import solvers
 from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
 from ldm.progress import progress
 
 
-def guided_eps(model, cond, uncond=None, scale=1.0, concat=None):
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6), written once:
-    eps = eps(x, uncond) + scale * (eps(x, cond) - eps(x, uncond)), both halves in one
-    batched UNet call. ``scale == 1`` or no ``uncond`` -> the conditional prediction alone.
-    ``concat`` (a 9-channel inpainting model's mask and masked-image latents) goes to both
-    halves alike."""
-    guided = uncond is not None and scale != 1.0
+def guided(model, cond, uncond=None, scale=1.0, concat=None):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6), written once, on the model's
+    raw output (eps or v; guidance is the same on either, the conversion being affine):
+    out = out(x, uncond) + scale * (out(x, cond) - out(x, uncond)), both halves in one
+    batched UNet call. ``scale == 1`` or no ``uncond`` -> the conditional output alone.
+    ``t`` may be fractional (sigma samplers between the training timesteps). ``concat`` (a
+    9-channel inpainting model's mask and masked-image latents) goes to both halves alike."""
+    use_guidance = uncond is not None and scale != 1.0
     extra = () if concat is None else (concat,)  # a text-to-image model's apply_model takes 3
+
+    def output(x, t):
+        t = float(t)
+        dtype = torch.long if t.is_integer() else torch.float32
+        ts = torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
+        if not use_guidance:
+            return model.apply_model(x, ts, cond, *extra)
+        out_uncond, out_cond = model.apply_model(
+            torch.cat([x, x]), torch.cat([ts, ts]), torch.cat([uncond, cond]),
+            *(torch.cat([c, c]) for c in extra)).chunk(2)
+        return out_uncond + scale * (out_cond - out_uncond)
+
+    return output
+
+
+def guided_eps(model, cond, uncond=None, scale=1.0, concat=None):
+    """The guided output as a noise prediction at integer timestep t (``eps(x, t)``)."""
+    output = guided(model, cond, uncond, scale, concat)
 
     def eps(x, t):
         ts = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        if not guided:
-            return model.eps_from_output(x, ts, model.apply_model(x, ts, cond, *extra))
-        x_in, t_in = torch.cat([x, x]), torch.cat([ts, ts])
-        out = model.apply_model(x_in, t_in, torch.cat([uncond, cond]),
-                                *(torch.cat([c, c]) for c in extra))
-        e_uncond, e_cond = model.eps_from_output(x_in, t_in, out).chunk(2)
-        return e_uncond + scale * (e_cond - e_uncond)
+        return model.eps_from_output(x, ts, output(x, int(t)))
 
     return eps
 
 
-def ddim_schedule(alphas_cumprod, timesteps, eta=0.0):
+class Denoiser:
+    """The model as a denoiser of ``x = x0 + sigma * eps`` (Karras et al. 2022, eq. 7):
+    ``D(x, sigma) -> x0``. x is the DDPM chain's latent times ``sqrt(1 + sigma^2)``, with
+    sigma^2 = (1 - abar) / abar; the UNet gets ``x / sqrt(1 + sigma^2)`` at the (possibly
+    fractional) timestep whose sigma this is, interpolated in log sigma as k-diffusion and
+    diffusers do. ``output(x, t)`` is the guided raw output (``guided``)."""
+
+    def __init__(self, model, output):
+        a = model.alphas_cumprod.detach().double().cpu()
+        self.sigmas = ((1 - a) / a).sqrt()           # ascending with t
+        self.log_sigmas = self.sigmas.log()
+        self.parameterization = model.parameterization
+        self.output = output
+
+    @property
+    def sigma_min(self):
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self):
+        return float(self.sigmas[-1])
+
+    def sigma(self, t):
+        return float(self.sigmas[int(t)])
+
+    def t(self, sigma):
+        """The timestep of noise level ``sigma``: linear in log sigma between the two
+        training timesteps around it (clamped to the table)."""
+        log_sigma = math.log(max(sigma, 1e-10))
+        table = self.log_sigmas
+        low = int(torch.searchsorted(table, torch.tensor(log_sigma, dtype=table.dtype),
+                                     right=True)) - 1
+        low = min(max(low, 0), len(table) - 2)
+        w = (float(table[low]) - log_sigma) / (float(table[low]) - float(table[low + 1]))
+        return low + min(max(w, 0.0), 1.0)
+
+    def __call__(self, x, sigma):
+        c_in = (sigma ** 2 + 1) ** -0.5
+        out = self.output(x * c_in, self.t(sigma))
+        if self.parameterization == "eps":
+            return x - sigma * out
+        return x * c_in ** 2 - out * (sigma * c_in)   # v: x0 = alpha x_t - sigma_t v
+
+
+def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
+    """Karras et al. 2022, eq. 5: n levels from sigma_max to sigma_min, evenly spaced in
+    sigma^(1/rho)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(n, sigma_min, sigma_max):
+    """n levels from sigma_max to sigma_min, evenly spaced in log sigma."""
+    return torch.linspace(math.log(sigma_max), math.log(sigma_min), n,
+                          dtype=torch.float64).exp()
+
+
+def sigma_schedule(denoiser, schedule, steps, spacing="uniform"):
+    """The descending noise levels a sigma sampler visits, ending in 0: "discrete", the
+    sigmas of the model's own sampling timesteps (those DDIM runs, ``sampling_timesteps``);
+    "karras" and "exponential" between the model's smallest and largest sigma (its whole
+    training range, as k-diffusion and A1111 use; diffusers takes the range of the spaced
+    timesteps instead)."""
+    if schedule == "discrete":
+        t = torch.as_tensor(sampling_timesteps(steps, len(denoiser.sigmas), spacing))
+        levels = denoiser.sigmas[t.flip(0)]
+    elif schedule == "karras":
+        levels = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max)
+    elif schedule == "exponential":
+        levels = exponential_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
+    return torch.cat([levels, levels.new_zeros(1)])
+
+
+def ddim_schedule(alphas_cumprod, timesteps, eta=0.0, final_alpha=None):
     """(abar_t, abar_prev, sigma_t) per sampling step, as CompVis: the step after the last
-    uses abar at t=0 (not 1), and sigma follows Song et al. 2021, eq. 16."""
+    uses abar at t=0 (or ``final_alpha``: 1 for DDPM, which ends on x0), and sigma follows
+    Song et al. 2021, eq. 16."""
     a = alphas_cumprod[timesteps].double()
-    a_prev = torch.cat([alphas_cumprod[:1].double(), a[:-1]])
+    last = alphas_cumprod[:1].double() if final_alpha is None else a.new_full((1,), final_alpha)
+    a_prev = torch.cat([last, a[:-1]])
     sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
     return a, a_prev, sigma
 
@@ -59,12 +163,13 @@ def ddim_step(x, e, a, a_prev, sigma=0.0, noise=None):
 
 
 def sample_ddim(eps, x, timesteps, alphas_cumprod, eta=0.0, noise=None, callback=None,
-                disable=False, blend=None):
+                disable=False, blend=None, final_alpha=None, name="DDIM"):
     """DDIM (Song et al. 2021); ``eta=0`` is deterministic, ``eta=1`` DDPM-like."""
     if eta > 0 and noise is None:
         raise ValueError("DDIM with eta > 0 needs a noise source")
-    a, a_prev, sigma = ddim_schedule(alphas_cumprod.cpu(), torch.as_tensor(timesteps), eta)
-    with progress(len(timesteps), "DDIM", disable=disable) as bar:
+    a, a_prev, sigma = ddim_schedule(alphas_cumprod.cpu(), torch.as_tensor(timesteps), eta,
+                                     final_alpha)
+    with progress(len(timesteps), name, disable=disable) as bar:
         for i in reversed(range(len(timesteps))):
             e = eps(x, timesteps[i])
             x, pred_x0 = ddim_step(x, e, a[i], a_prev[i], sigma[i],
@@ -75,6 +180,17 @@ def sample_ddim(eps, x, timesteps, alphas_cumprod, eta=0.0, noise=None, callback
             if callback:
                 callback(len(timesteps) - 1 - i, x, pred_x0)
     return x
+
+
+def sample_ddpm(eps, x, timesteps, alphas_cumprod, noise=None, callback=None, disable=False,
+                blend=None):
+    """DDPM's ancestral sampling (Ho et al. 2020, alg. 2) on the spaced timesteps: each step
+    draws from the posterior q(x_prev | x_t, x0 estimate) with its own variance, which is
+    DDIM at eta = 1; the last step ends on the x0 estimate (abar = 1), as diffusers'
+    DDPMScheduler does."""
+    return sample_ddim(eps, x, timesteps, alphas_cumprod, eta=1.0, noise=noise,
+                       callback=callback, disable=disable, blend=blend, final_alpha=1.0,
+                       name="DDPM")
 
 
 def plms_combine(e, old):
@@ -109,9 +225,6 @@ def sample_plms(eps, x, timesteps, alphas_cumprod, callback=None, disable=False,
             if callback:
                 callback(n, x, pred_x0)
     return x
-
-
-SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms}
 
 
 def sampling_timesteps(steps, num_timesteps=1000, spacing="uniform"):
@@ -149,24 +262,187 @@ def latent_blend(mask, x0, noise, alphas_cumprod):
     return blend
 
 
-def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=0.0, noise=None,
+
+
+def sigma_blend(mask, x0, noise):
+    """``latent_blend`` for the sigma samplers: the known latents at noise level sigma are
+    ``x0 + sigma * noise`` (x0 itself at sigma = 0)."""
+    def blend(x, sigma_next):
+        return (1 - mask) * (x0 + sigma_next * noise) + mask * x
+    return blend
+
+
+# -- the samplers by name -------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerInfo:
+    """A sampler: our id, A1111's name, its function, and whether it draws fresh noise
+    (``eta`` then scales that noise; 1 is the method as published)."""
+    id: str
+    label: str
+    fn: object
+    stochastic: bool = False
+    timesteps: bool = False   # runs on the discrete timesteps (eps), not on sigmas
+
+    @property
+    def default_eta(self):
+        return 0.0 if self.id == "ddim" else 1.0 if self.stochastic else 0.0
+
+
+SAMPLERS = {s.id: s for s in [
+    SamplerInfo("ddim", "DDIM", sample_ddim, stochastic=True, timesteps=True),
+    SamplerInfo("plms", "PLMS", sample_plms, timesteps=True),
+    SamplerInfo("ddpm", "DDPM", sample_ddpm, stochastic=True, timesteps=True),
+    SamplerInfo("euler", "Euler", solvers.euler),
+    SamplerInfo("euler_a", "Euler a", solvers.euler_ancestral, stochastic=True),
+    SamplerInfo("heun", "Heun", solvers.heun),
+    SamplerInfo("dpm_2", "DPM2", solvers.dpm2),
+    SamplerInfo("dpm_2_a", "DPM2 a", solvers.dpm2_ancestral, stochastic=True),
+    SamplerInfo("dpmpp_2s_a", "DPM++ 2S a", solvers.dpmpp_2s_ancestral, stochastic=True),
+    SamplerInfo("dpmpp_2m", "DPM++ 2M", solvers.dpmpp_2m),
+    SamplerInfo("dpmpp_sde", "DPM++ SDE", solvers.dpmpp_sde, stochastic=True),
+    SamplerInfo("dpmpp_2m_sde", "DPM++ 2M SDE", solvers.dpmpp_2m_sde, stochastic=True),
+    SamplerInfo("lms", "LMS", solvers.lms),
+    SamplerInfo("unipc", "UniPC", solvers.unipc),
+]}
+# other spellings people use: k-diffusion's function names, older A1111 ids
+_ALIASES = {"euler_ancestral": "euler_a", "dpm2": "dpm_2", "dpm_2_ancestral": "dpm_2_a",
+            "dpm2_a": "dpm_2_a", "dpm2_ancestral": "dpm_2_a",
+            "dpmpp_2s_ancestral": "dpmpp_2s_a", "uni_pc": "unipc", "unipc_bh2": "unipc"}
+SCHEDULE_LABELS = {"discrete": None, "karras": "Karras", "exponential": "Exponential"}
+
+
+def _key(text):
+    return " ".join(str(text).lower().replace("_", " ").replace("-", " ").split())
+
+
+def resolve_sampler(name, schedule=None):
+    """(sampler id, schedule) from what a user typed: our ids (``dpmpp_2m``), k-diffusion's
+    (``sample_dpmpp_2m``, ``k_euler_a``) or A1111's names with an optional schedule suffix
+    ("DPM++ 2M Karras", "Euler a"). ``schedule`` (None: the suffix's, else "discrete") must
+    agree with a suffix. Raises ValueError naming the choices."""
+    key = _key(name)
+    suffix = None
+    for sched, label in SCHEDULE_LABELS.items():
+        if label and key.endswith(" " + label.lower()):
+            key, suffix = key[: -len(label) - 1], sched
+    ids = {_key(s.id): s.id for s in SAMPLERS.values()}
+    ids.update({_key(a): target for a, target in _ALIASES.items()})
+    labels = {_key(s.label): s.id for s in SAMPLERS.values()}
+    for prefix in ("sample ", "k "):
+        if key.startswith(prefix) and key[len(prefix):] in ids:
+            key = key[len(prefix):]
+    found = labels.get(key) or ids.get(key)
+    if found is None:
+        raise ValueError(f"unknown sampler {name!r}; choose from "
+                         + ", ".join(f"{s.id} ({s.label!r})" for s in SAMPLERS.values()))
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
+    if suffix and schedule and schedule != suffix:
+        raise ValueError(f"sampler {name!r} says schedule {suffix!r}, but schedule "
+                         f"{schedule!r} was asked for")
+    schedule = suffix or schedule or "discrete"
+    if SAMPLERS[found].timesteps and schedule != "discrete":
+        raise ValueError(f"{SAMPLERS[found].label} runs on the model's own timesteps; the "
+                         f"{schedule} schedule needs a sigma sampler (e.g. dpmpp_2m, euler)")
+    return found, schedule
+
+
+def sampler_label(sampler, schedule="discrete"):
+    """A1111's name for a sampler and schedule ("DPM++ 2M Karras")."""
+    label = SAMPLERS[sampler].label
+    return label if schedule == "discrete" else f"{label} {SCHEDULE_LABELS[schedule]}"
+
+
+def resolve_eta(sampler, eta=None):
+    """The noise multiplier a run uses: ``eta``, or the sampler's default (DDIM 0,
+    ancestral and SDE samplers 1); a deterministic sampler takes none."""
+    info = SAMPLERS[sampler]
+    if eta is None:
+        return info.default_eta
+    eta = float(eta)
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    if not info.stochastic and eta != 0:
+        raise ValueError(f"{info.label} is deterministic: eta must be 0")
+    return eta
+
+
+def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noise=None,
            callback=None, disable=False, spacing="uniform", run_steps=None, blend=None,
-           concat=None):
-    """Run ``sampler`` ("ddim" or "plms") from latents ``x`` over ``steps`` timesteps spaced
-    as CompVis does ("uniform": 1, 1 + c, ...) or counted down from T - 1 ("trailing", for
-    zero-terminal-SNR models). ``run_steps``: only the last that many of them (x is then
-    noised to the first of those: image-to-image); ``blend``: applied after every step
-    (``latent_blend``); ``concat``: a 9-channel inpainting model's extra input."""
+           concat=None, schedule="discrete", init=None, mask=None, known=None, sigmas=None):
+    """Run ``sampler`` (an id of ``SAMPLERS``) for ``steps`` steps and return the final
+    latents.
+
+    ``x``: the starting noise, as DDPM latents at the top of the schedule (standard normal
+    for text-to-image). ``init``: clean latents to start from instead, noised with ``x`` to
+    the first step run (image-to-image). ``run_steps``: only the last that many steps of
+    the schedule (``strength_steps``). ``mask`` (1 = repaint) and ``known``: after every
+    step the latents outside the mask are ``known`` noised with ``x`` to that level
+    (latent blending). ``noise(shape)``: fresh noise for DDIM with eta > 0 and the ancestral
+    and SDE samplers. ``concat``: a 9-channel inpainting model's extra input.
+
+    Timestep samplers (ddim, plms, ddpm) visit ``sampling_timesteps(steps, T, spacing)``
+    ("uniform": CompVis' 1, 1 + c, ...; "trailing": counted down from T - 1, for
+    zero-terminal-SNR models) and accept ``blend(x, t_next)`` (CompVis' own blending, for
+    ``DDIMSampler``). Sigma samplers visit ``sigma_schedule(schedule, ...)``, or ``sigmas``
+    given explicitly (descending, ending in 0)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-    if sampler == "plms" and eta != 0:
-        raise ValueError("PLMS is deterministic: eta must be 0")
+    info = SAMPLERS[sampler]
+    eta = resolve_eta(sampler, eta)
+    if eta > 0 and noise is None:
+        raise ValueError(f"{info.label} with eta > 0 needs a noise source")
+    if info.timesteps:
+        return _sample_timesteps(model, info, x, steps, cond, uncond, scale, eta, noise,
+                                 callback, disable, spacing, run_steps, blend, concat, init,
+                                 mask, known)
+    if blend is not None:
+        raise ValueError("blend(x, t_next) is for the timestep samplers; give mask and known")
+    output = guided(model, cond, uncond, scale, concat)
+    denoiser = Denoiser(model, output)
+    levels = (sigma_schedule(denoiser, schedule, steps, spacing) if sigmas is None
+              else torch.as_tensor(sigmas, dtype=torch.float64))
+    if run_steps is not None:
+        levels = levels[len(levels) - 1 - run_steps:]
+    if len(levels) < 2:
+        return x if init is None else init
+    top = float(levels[0])
+    start = x * (1 + top ** 2) ** 0.5 if init is None else init + top * x
+    ve_blend = None if mask is None else sigma_blend(mask, known, x)
+    step = info.fn if eta == 1.0 or not info.stochastic else _with_eta(info.fn, eta)
+
+    def report(i, z, denoised):  # the callback sees DDPM-scaled latents, as for DDIM
+        callback(i, z / (1 + float(levels[i + 1]) ** 2) ** 0.5, denoised)
+
+    out = solvers.run(step, denoiser, start, levels, noise, report if callback else None,
+                      ve_blend, disable, info.label)
+    last = float(levels[-1])
+    return out if last == 0 else out / (1 + last ** 2) ** 0.5
+
+
+def _with_eta(step, eta):
+    def stepped(*args):
+        return step(*args, eta=eta)
+    return stepped
+
+
+def _sample_timesteps(model, info, x, steps, cond, uncond, scale, eta, noise, callback,
+                      disable, spacing, run_steps, blend, concat, init, mask, known):
     timesteps = sampling_timesteps(steps, model.num_timesteps, spacing)
     if run_steps is not None:
         timesteps = timesteps[:run_steps]
     if len(timesteps) == 0:
-        return x
+        return x if init is None else init
+    start = x
+    if init is not None:
+        t = torch.full((x.shape[0],), int(timesteps[-1]), device=x.device)
+        start = model.q_sample(init, t, x)
+    if mask is not None:
+        if blend is not None:
+            raise ValueError("give either blend or mask and known")
+        blend = latent_blend(mask, known, x, model.alphas_cumprod)
     eps = guided_eps(model, cond, uncond, scale, concat)
-    kwargs = {"eta": eta, "noise": noise} if sampler == "ddim" else {}
-    return SAMPLERS[sampler](eps, x, timesteps, model.alphas_cumprod, callback=callback,
-                             disable=disable, blend=blend, **kwargs)
+    kwargs = {"eta": eta, "noise": noise} if info.id == "ddim" else (
+        {"noise": noise} if info.id == "ddpm" else {})
+    return info.fn(eps, start, timesteps, model.alphas_cumprod, callback=callback,
+                   disable=disable, blend=blend, **kwargs)
