@@ -274,6 +274,7 @@ def evaluate_editing(pipe, task, n=50, seed=0, strength=None, batch_size=25, **s
     new = [j[-1] for j in judgements]  # the target's last shape is the edited one
     for attribute in analyser.ATTRIBUTES:
         acc[f"new: {attribute}"] = float(np.mean([j[attribute] for j in new]))
+    acc["new: colour and shape"] = float(np.mean([j["colour"] and j["shape"] for j in new]))
     acc["new: all"] = float(np.mean([all(j.values()) for j in new]))
     acc["count"] = float(np.mean([f == len(c[3].shapes) for f, c in zip(found, cases)]))
     if task == "add":

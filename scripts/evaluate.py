@@ -29,7 +29,9 @@ def build_parser():
     p.add_argument("--n_double", type=number(int, 0), default=50, help="two-shape prompts")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--ddim_steps", type=number(int, 1, 1000), default=50)
-    p.add_argument("--plms", action="store_true")
+    p.add_argument("--plms", action="store_true", help="= --sampler plms")
+    p.add_argument("--sampler", default=None, help="any name txt2img.py takes (default: ddim)")
+    p.add_argument("--schedule", choices=cli.SCHEDULES, default=None)
     p.add_argument("--scale", type=number(float, 0, 100), default=None,
                    help="guidance scale (default: the model's, as txt2img.py)")
     p.add_argument("--batch_size", type=number(int, 1), default=50)
@@ -56,6 +58,13 @@ def build_parser():
 INPAINTING_DIR = Path(__file__).resolve().parents[1] / "models" / "ldm" / "shapes-inpainting"
 
 
+def sampling_choice(args):
+    """(sampler id, schedule) from --sampler / --plms / --schedule, as txt2img.py reads them."""
+    args.ddim_eta = None
+    cli.resolve_sampling(args)
+    return args.sampler, args.schedule
+
+
 def run_editing(args, job):
     """--task inpaint / img2img: each editing task for the dedicated inpainting model and
     the text-to-image model side by side, a labelled grid of each."""
@@ -71,9 +80,9 @@ def run_editing(args, job):
     if args.task == "inpaint":   # what the latent blending does for the dedicated model
         models.insert(1, ("inpainting model, no latent blend", dedicated,
                           {"latent_blend": False}))
-    sampler = "plms" if args.plms else "ddim"
+    sampler, schedule = sampling_choice(args)
     summary = {"task": args.task, "n": args.n_edit, "seed": args.seed, "sampler": sampler,
-               "steps": args.ddim_steps}
+               "schedule": schedule, "steps": args.ddim_steps}
     pipes = {}
     for name, ckpt, options in models:
         if not Path(ckpt).is_file():
@@ -86,7 +95,7 @@ def run_editing(args, job):
             label = task if strength is None else f"{task} {strength}"
             acc, images, cases, judgements, found = evaluate_editing(
                 pipe, task, args.n_edit, args.seed, strength, sampler=sampler,
-                steps=args.ddim_steps, scale=args.scale, **options)
+                schedule=schedule, steps=args.ddim_steps, scale=args.scale, **options)
             summary.setdefault(label, {})[name] = acc
             print(f"{label:14s} {name:34s} " + "  ".join(
                 f"{k} {v:.1f}" if k.endswith("(dB)") else f"{k} {v:6.1%}"
@@ -115,10 +124,12 @@ def run(args, job):
         raise cli.InputError(f"no built-in model in {BUILTIN_DIR}; pass --ckpt")
     pipe = Pipeline.load(choose_model(ckpt, args.config), device=args.device, safety=False,
                          watermark=False)
-    sampler = "plms" if args.plms else "ddim"
+    sampler, schedule = sampling_choice(args)
     results = evaluate(pipe, args.n_single, args.n_double, args.seed, args.batch_size,
-                       sampler=sampler, steps=args.ddim_steps, scale=args.scale)
-    summary = {"checkpoint": str(ckpt), "sampler": sampler, "steps": args.ddim_steps,
+                       sampler=sampler, schedule=schedule, steps=args.ddim_steps,
+                       scale=args.scale)
+    summary = {"checkpoint": str(ckpt), "sampler": sampler, "schedule": schedule,
+               "steps": args.ddim_steps,
                "scale": pipe.defaults["scale"] if args.scale is None else args.scale,
                "seed": args.seed}
     for kind, r in results.items():

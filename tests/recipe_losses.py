@@ -4,7 +4,8 @@ of each run where its options (phases, decoys, the anchor, replay, masks) are in
 ``tests/data/recipe_losses.json`` holds the figures this gave before the trainer was split
 into its parts (``ldm/training``); ``test_training.py`` checks that the recipes still give
 them. The inpainting recipe's were recorded again when the recipe itself changed (its
-loss-weight cap and box masks, run inp-s2); the text-to-image recipe's are the originals. ``python tests/recipe_losses.py --record`` rewrites the file (only when a recipe's
+loss-weight cap and box masks, run inp-s2; then its first convolution's learning-rate
+multiplier, run inp-s3); the text-to-image recipe's are the originals. ``python tests/recipe_losses.py --record`` rewrites the file (only when a recipe's
 results are meant to change)."""
 import json
 import sys
