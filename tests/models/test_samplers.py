@@ -271,6 +271,20 @@ def test_euler_on_discrete_levels_is_ddim(tiny_model, start):
     assert rel_err(euler, ddim) < 1e-4
 
 
+def test_euler_ancestral_on_discrete_levels_is_ddpm(tiny_model, start):
+    """Euler a's split of each step into sigma_down and sigma_up is the DDPM posterior's
+    (its variance is DDIM's at eta 1): on the discrete levels, with the same noise, the two
+    samplers give the same image, though one works on eps and timesteps and the other on
+    x0 estimates and sigmas."""
+    x, ctx, uncond, noises = start
+    with torch.no_grad():
+        ddpm = sampling.sample(tiny_model, "ddpm", x, STEPS, ctx, uncond, SCALE,
+                               noise=Feed(noises), disable=True)
+        euler_a = sampling.sample(tiny_model, "euler_a", x, STEPS, ctx, uncond, SCALE,
+                                  noise=Feed(noises), disable=True)
+    assert rel_err(euler_a, ddpm) < 1e-4
+
+
 @pytest.mark.parametrize("name,expected", [
     ("DPM++ 2M Karras", ("dpmpp_2m", "karras")), ("Euler a", ("euler_a", "discrete")),
     ("dpmpp_2m", ("dpmpp_2m", "discrete")), ("sample_dpmpp_2m_sde", ("dpmpp_2m_sde", "discrete")),
