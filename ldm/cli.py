@@ -279,25 +279,15 @@ def resolve_sampling(args):
     and args.ddim_eta resolved (``ldm.models.diffusion.sampling.resolve_sampler``)."""
     from ldm.models.diffusion.sampling import resolve_eta, resolve_sampler
     name = getattr(args, "sampler", None)
-    if args.plms:
-        if name is not None and _sampler_id(name) != "plms":
-            raise UsageError(f"--plms and --sampler {name!r} disagree: drop one")
-        name = "plms"
     try:
-        args.sampler, args.schedule = resolve_sampler(name or "ddim",
-                                                      getattr(args, "schedule", None))
-        args.ddim_eta = resolve_eta(args.sampler, args.ddim_eta)
+        sampler, schedule = resolve_sampler(name or ("plms" if args.plms else "ddim"),
+                                            getattr(args, "schedule", None))
+        eta = resolve_eta(sampler, args.ddim_eta)
     except ValueError as e:
-        message = str(e).replace("eta must be 0", "drop --ddim_eta")
-        raise UsageError(message) from None
-
-
-def _sampler_id(name):
-    from ldm.models.diffusion.sampling import resolve_sampler
-    try:
-        return resolve_sampler(name)[0]
-    except ValueError:
-        return None
+        raise UsageError(str(e).replace("eta must be 0", "drop --ddim_eta")) from None
+    if args.plms and sampler != "plms":
+        raise UsageError(f"--plms and --sampler {name!r} disagree: drop one")
+    args.sampler, args.schedule, args.ddim_eta = sampler, schedule, eta
 
 
 def check_sampling(args, choice, inpainting=False):

@@ -21,6 +21,7 @@ latents through ``concat``.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -409,7 +410,7 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
     top = float(levels[0])
     start = x * (1 + top ** 2) ** 0.5 if init is None else init + top * x
     ve_blend = None if mask is None else sigma_blend(mask, known, x)
-    step = info.fn if eta == 1.0 or not info.stochastic else _with_eta(info.fn, eta)
+    step = info.fn if eta == 1.0 or not info.stochastic else partial(info.fn, eta=eta)
 
     def report(i, z, denoised):  # the callback sees DDPM-scaled latents, as for DDIM
         callback(i, z / (1 + float(levels[i + 1]) ** 2) ** 0.5, denoised)
@@ -418,12 +419,6 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
                       ve_blend, disable, info.label)
     last = float(levels[-1])
     return out if last == 0 else out / (1 + last ** 2) ** 0.5
-
-
-def _with_eta(step, eta):
-    def stepped(*args):
-        return step(*args, eta=eta)
-    return stepped
 
 
 def _sample_timesteps(model, info, x, steps, cond, uncond, scale, eta, noise, callback,
