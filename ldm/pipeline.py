@@ -58,16 +58,58 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
-def autocast_for(device, precision):
-    """fp16 autocast on CUDA for "autocast" (CompVis' default), bf16 autocast for "bf16";
-    float32 everywhere else (CPU "autocast" stays float32: fp16 on CPU is slow and lossy)."""
+def compute_dtype(device, precision):
+    """The dtype the networks compute in: bfloat16 for "bf16", float16 for "autocast" on
+    CUDA (CompVis' default), float32 otherwise (CPU "autocast" stays float32: fp16 on CPU
+    is slow and lossy)."""
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {PRECISIONS}")
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.bfloat16
     if precision == "autocast" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
+        return torch.float16
+    return torch.float32
+
+
+def autocast_for(device, precision):
+    """The autocast context of ``compute_dtype`` (a null context for float32). With the
+    weights already in that dtype (``cast_weights``) its casts of weights are no-ops; it
+    still casts the float32 inputs (latents, timestep embedding) on the way in."""
+    dtype = compute_dtype(device, precision)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def cast_weights(model, dtype):
+    """Cast ``model``'s weights to ``dtype`` once, in place, except the normalisation
+    layers', which stay float32 (their statistics are computed in float32 either way, and
+    their scales are kept exact); buffers (the noise schedule) are left alone. Autocast
+    alone recasts every float32 weight on every call: on a CPU with native bf16, a SD UNet
+    step is about 1.3x slower that way than with the weights cast once."""
+    if dtype == torch.float32:
+        return model
+    for module in model.modules():
+        if isinstance(module, NORMS):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+    return model
+
+
+def bf16_is_native(device):
+    """Whether ``device`` computes bfloat16 natively (a CPU with AVX512-BF16 or AMX, as
+    oneDNN reports it; CUDA from Ampere on). Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return True
 
 
 def build_model(config, meta=False, path=None):
@@ -111,7 +153,13 @@ class Pipeline:
         self.defaults = {"scale": 7.5, **(defaults or {})}
         self.device = device or model.device
         self.precision = precision
+        self.dtype = compute_dtype(self.device, precision)
         self.autocast = autocast_for(self.device, precision)
+        if self.dtype == torch.bfloat16 and not bf16_is_native(self.device):
+            log.warning("this %s has no native bfloat16 (AVX512-BF16 or AMX on a CPU): "
+                        "--precision bf16 is emulated here and slower than full",
+                        self.device.type.upper() if self.device.type != "cpu" else "CPU")
+        cast_weights(model, self.dtype)  # once, here: the model is changed in place
         self.safety_checker = safety_checker
         self.safety_note = safety_note  # what images say when no checker ran
         self.watermark = watermark

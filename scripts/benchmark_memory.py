@@ -23,7 +23,8 @@ DIFFUSERS_RUN = """
 import sys, torch
 from diffusers import StableDiffusionPipeline
 folder, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+dtype = getattr(torch, sys.argv[4] if len(sys.argv) > 4 else "float32")
+pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=dtype)
 image = pipe("a painting of a virus monster playing guitar", num_inference_steps=steps,
              height=512, width=512, generator=torch.Generator().manual_seed(42)).images[0]
 image.save(out)

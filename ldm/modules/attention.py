@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import zero_module
+from ldm.modules.diffusionmodules.util import Linear, zero_module
 
 
 class GEGLU(nn.Module):
@@ -12,7 +12,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -23,9 +23,9 @@ class FeedForward(nn.Module):
     def __init__(self, dim, mult=4, glu=True, dropout=0.0):
         super().__init__()
         inner = int(dim * mult)
-        project_in = GEGLU(dim, inner) if glu else nn.Sequential(nn.Linear(dim, inner), nn.GELU())
+        project_in = GEGLU(dim, inner) if glu else nn.Sequential(Linear(dim, inner), nn.GELU())
         # net.1 is a Dropout slot, kept so the output layer stays at net.2 as in checkpoints.
-        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), Linear(inner, dim))
 
     def forward(self, x):
         return self.net(x)
@@ -39,11 +39,11 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
         # to_out.1 is a Dropout slot, kept for checkpoint compatibility.
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -114,8 +114,8 @@ class SpatialTransformer(nn.Module):
             zero_module(self.pos_emb)
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
         if use_linear:
-            self.proj_in = nn.Linear(in_channels, inner)
-            self.proj_out = zero_module(nn.Linear(inner, in_channels))
+            self.proj_in = Linear(in_channels, inner)
+            self.proj_out = zero_module(Linear(inner, in_channels))
         else:
             self.proj_in = nn.Conv2d(in_channels, inner, 1)
             self.proj_out = zero_module(nn.Conv2d(inner, in_channels, 1))

@@ -127,8 +127,10 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def apply_model(self, x_noisy, t, cond, c_concat=None):
-        """The UNet's raw prediction (eps or v, per ``parameterization``)."""
-        return self.model(x_noisy, t, c_crossattn=cond, c_concat=c_concat)
+        """The UNet's raw prediction (eps or v, per ``parameterization``), in float32
+        whatever the dtype the UNet computes in (guidance and the sampler's update stay
+        float32)."""
+        return self.model(x_noisy, t, c_crossattn=cond, c_concat=c_concat).float()
 
     # -- forward process and prediction conversions --------------------------------------
     def _at(self, buffer, t, x):

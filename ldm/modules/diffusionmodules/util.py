@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -68,6 +69,27 @@ def zero_module(module):
     for p in module.parameters():
         p.detach().zero_()
     return module
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (the same parameters and checkpoint keys) that, in CPU inference on
+    many rows, runs as a 1x1 convolution over a channels-last view of its input: oneDNN's
+    convolution is 1.2-1.8x faster than the BLAS matmul behind ``F.linear`` in float32 on an
+    AVX-512 CPU, and up to 1.2x in bfloat16 (shapes of the SD UNet's attention and
+    feed-forward layers; see the README's speed section). The values are the same up to
+    float rounding. Training, other devices and few rows take ``F.linear``."""
+
+    MIN_ROWS = 256
+
+    def forward(self, x):
+        if (x.device.type != "cpu" or torch.is_grad_enabled()
+                or x.numel() < self.MIN_ROWS * self.in_features):
+            return super().forward(x)
+        rows = x.numel() // self.in_features
+        # [rows, in] row-major is [1, in, rows, 1] channels-last: no copy on the way in
+        pixels = x.reshape(1, rows, 1, self.in_features).permute(0, 3, 1, 2)
+        out = F.conv2d(pixels, self.weight[:, :, None, None], self.bias)
+        return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
 
 
 class GroupNorm32(nn.GroupNorm):

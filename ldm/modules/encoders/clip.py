@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import Linear
+
 
 @dataclass
 class CLIPTextConfig:
@@ -56,10 +58,10 @@ class CLIPAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"CLIP width {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(self, x, causal):
         b, n, d = x.shape
@@ -73,8 +75,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, dim, hidden, act):
         super().__init__()
         self.act = ACTIVATIONS[act]
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

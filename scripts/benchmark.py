@@ -1,0 +1,438 @@
+"""Ours against diffusers on identical weights, in one process, interleaved: the speed
+figures of the README and of the closing notes.
+
+    python scripts/benchmark.py                                  # everything (about 1.5 h here)
+    python scripts/benchmark.py --parts peak,unet,vae,text --sizes 256
+    python scripts/benchmark.py --parts image --sizes 512 --image_repeats 1
+    python scripts/benchmark.py --parts memory                   # fresh processes, 512x512
+    python scripts/benchmark.py --device cuda                    # fp16 too
+
+Random SD-v1-sized weights are built once (seeded) in our layout and converted with
+diffusers' own converter of the original layout, so both sides hold the same numbers. Every
+comparison runs both sides alternately after one warm-up call each; the median of the
+repeats is reported with the ratio ours / diffusers (< 1: ours is faster). Both sides run
+under the same torch settings (threads, denormal flushing) in the same process.
+
+Parts:
+  peak       the device's large-matmul rate in each dtype (the "peak" fractions refer to)
+  unet       one UNet step, batch 2 (one image with guidance), t = 501, per size
+  vae        decoding one latent to pixels, per size
+  text       encoding a prompt and the empty prompt (tokenizer included)
+  denormals  our fp32 UNet step with torch.set_flush_denormal off and on
+  image      whole images (text, sampling, decode, PIL), per size: DDIM 50 on both sides,
+             and ours at the recommended settings against diffusers' defaults (PNDM 50)
+  builtin    the same whole-image pair on the built-in shapes model (diffusers gets a
+             timing twin without its positional features)
+  memory     peak resident memory of a 512x512 txt2img run, ours (scripts/txt2img.py)
+             and diffusers (StableDiffusionPipeline), each a fresh process, per dtype
+  fidelity   not a timing: the built-in model's images in each reduced dtype against fp32
+             from the same noise (PSNR), and a side-by-side picture in docs/precision/
+
+GFLOP counts come from torch.utils.flop_counter on the meta device (attention counted as
+its two matmuls). The dtypes are fp32 and bf16 (ours: --precision bf16, weights cast once;
+diffusers: torch_dtype=torch.bfloat16), plus fp16 on CUDA.
+"""
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+PROMPT = "a painting of a virus monster playing guitar"
+RECOMMENDED = dict(sampler="dpmpp_2m", schedule="karras", steps=20)  # README's "Samplers"
+PARTS = ("peak", "unet", "vae", "text", "denormals", "image", "builtin", "memory", "fidelity")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
+    p.add_argument("--sizes", default="256,512", help="image sides for unet, vae, image")
+    p.add_argument("--dtypes", default=None, help="default: fp32,bf16 (CPU), fp32,bf16,fp16 (CUDA)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each component")
+    p.add_argument("--image_repeats", type=int, default=1, help="timed runs of each whole image")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--flush_denormal", action="store_true",
+                   help="torch.set_flush_denormal(True) for every part (both sides)")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sd-bench",
+                   help="random checkpoint and diffusers folder for the memory part")
+    return p
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PRECISION = {"fp32": "full", "bf16": "bf16", "fp16": "autocast"}
+
+
+class Report:
+    """Rows printed as they come, and a summary table at the end."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, part, setting, ours, theirs=None, gflop=None, peak=None, note=""):
+        row = dict(part=part, setting=setting, ours=ours, theirs=theirs, gflop=gflop,
+                   peak=peak, note=note)
+        self.rows.append(row)
+        print(self.format(row), flush=True)
+
+    @staticmethod
+    def format(r):
+        cells = [f"{r['part']:9s} {r['setting']:34s}"]
+        if r["ours"] is not None:
+            cells.append(f"ours {r['ours']:8.3f} s")
+        if r["theirs"] is not None:
+            cells.append(f"diffusers {r['theirs']:8.3f} s  ratio {r['ours'] / r['theirs']:.3f}")
+        if r["gflop"] and r["ours"]:
+            rate = r["gflop"] / r["ours"]
+            cells.append(f"{r['gflop']:7.1f} GFLOP {rate:6.1f} GFLOP/s"
+                         + (f" ({rate / r['peak']:.0%} of peak)" if r["peak"] else ""))
+        if r["note"]:
+            cells.append(r["note"])
+        return "  ".join(cells)
+
+    def summary(self):
+        print("\nsummary (median seconds; ratio ours/diffusers, < 1: ours faster)")
+        for r in self.rows:
+            print("  " + self.format(r))
+
+
+def sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(runs, repeats, device):
+    """Median seconds of each of ``runs`` ({name: fn}), alternating after one warm-up each."""
+    import torch
+    from ldm.compare import time_alternating
+
+    def synced(fn):
+        def run():
+            out = fn()
+            sync(device)
+            return out
+        return run
+    with torch.inference_mode():
+        times, _ = time_alternating({k: synced(f) for k, f in runs.items()}, repeats)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_peak(device, dtype):
+    """Best GFLOP/s of square matmuls of 2048 and 4096 in ``dtype``."""
+    import torch
+    best = 0.0
+    for n in (2048, 4096):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        sync(device)
+        reps = 8 if n == 2048 else 2
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            sync(device)
+            best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def count_gflop(fn):
+    """GFLOP of ``fn()`` run on the meta device (no compute; SDPA counted as matmuls)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def random_sd(seed=0):
+    """Our SD v1 LatentDiffusion with seeded random weights (zero-initialised output
+    layers filled too, so that outputs are not trivially 0) and its config."""
+    import torch
+    from ldm.pipeline import SD_CONFIG, build_model, load_config
+    config = load_config(SD_CONFIG)
+    torch.manual_seed(seed)
+    model = build_model(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    return model, config
+
+
+def sd_flops(config, sizes):
+    """{(part, size): GFLOP} for the SD v1 networks, counted on the meta device."""
+    import torch
+    from ldm.pipeline import build_model
+    meta = build_model(config, meta=True)
+    out = {}
+    ctx = torch.empty(2, 77, 768, device="meta")
+    for s in sizes:
+        h = s // 8
+        x = torch.empty(2, 4, h, h, device="meta")
+        t = torch.full((2,), 501, device="meta")
+        out["unet", s] = count_gflop(lambda: meta.model.diffusion_model(x, t, context=ctx))
+        z = torch.empty(1, 4, h, h, device="meta")
+        out["vae", s] = count_gflop(lambda: meta.first_stage_model.decode(z))
+    ids = torch.zeros(2, 77, dtype=torch.long, device="meta")
+    out["text", 0] = count_gflop(lambda: meta.cond_stage_model.transformer(ids))
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import torch
+    parts = args.parts.split(",")
+    if set(parts) - set(PARTS):
+        sys.exit(f"unknown part(s) {sorted(set(parts) - set(PARTS))}; use {PARTS}")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)
+    dtypes = (args.dtypes or ("fp32,bf16,fp16" if device.type == "cuda" else "fp32,bf16")).split(",")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    from ldm.pipeline import bf16_is_native
+    print(f"device {device}: {cpu_name() if device.type == 'cpu' else torch.cuda.get_device_name(device)}"
+          f", capability {torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else ''}"
+          f", native bf16 {bf16_is_native(device)}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, flush denormal {args.flush_denormal}", flush=True)
+    report = Report()
+    peaks = {}
+    if "peak" in parts or any(p in parts for p in ("unet", "vae", "text")):
+        for d in dtypes:
+            peaks[d] = matmul_peak(device, getattr(torch, DTYPES[d]))
+            report.add("peak", f"matmul {d}", None, note=f"{peaks[d]:.1f} GFLOP/s")
+    if any(p in parts for p in ("unet", "vae", "text", "denormals", "image")):
+        sd_parts(args, parts, device, dtypes, sizes, peaks, report)
+    if "builtin" in parts:
+        builtin_part(args, device, dtypes, report)
+    if "memory" in parts:
+        memory_part(args, dtypes, report)
+    if "fidelity" in parts:
+        fidelity_part(device, dtypes, report)
+    report.summary()
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
+    import tempfile
+
+    import diffusers
+    import torch
+    from ldm.compare import diffusers_components
+    from ldm.pipeline import Pipeline
+
+    model, config = random_sd()
+    flops = sd_flops(config, sizes)
+    tmp = tempfile.TemporaryDirectory()
+    components = diffusers_components(model, config, Path(tmp.name) / "tokenizer")
+    theirs = diffusers.StableDiffusionPipeline(**components).to(device)
+    theirs.set_progress_bar_config(disable=True)
+    default_attention(theirs)
+    ddim = theirs.scheduler
+    pndm = diffusers.PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)
+    model.to(device)
+    gen = torch.Generator("cpu").manual_seed(0)
+    ctx = torch.randn(2, 77, 768, generator=gen).to(device)
+    for d in dtypes:  # fp32 first: the casts below are one way
+        dtype = getattr(torch, DTYPES[d])
+        ours = Pipeline(model, device, PRECISION[d], watermark=False, model_name="random SD v1")
+        if ours.dtype != dtype:
+            sys.exit(f"--dtypes {d}: our --precision {PRECISION[d]} computes in {ours.dtype} "
+                     f"on {device.type}")
+        theirs.to(dtype=dtype)  # ours: Pipeline cast the weights (norms kept fp32)
+        unet, vae, clip = theirs.unet, theirs.vae, theirs.text_encoder
+        for s in sizes:
+            h = s // 8
+            x = torch.randn(2, 4, h, h, generator=gen).to(device)
+            t = torch.full((2,), 501, device=device)
+            if "unet" in parts:
+                def ours_unet():
+                    with ours.autocast:
+                        return model.apply_model(x, t, ctx)
+                m = timed({"ours": ours_unet,
+                           "diffusers": lambda: unet(x.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample},
+                          args.repeats, device)
+                report.add("unet", f"{s}x{s} batch 2 {d}", m["ours"], m["diffusers"],
+                           flops["unet", s], peaks.get(d))
+            if "vae" in parts:
+                z = x[:1]
+
+                def ours_vae():
+                    with ours.autocast:
+                        return model.decode_first_stage(z)
+                m = timed({"ours": ours_vae,
+                           "diffusers": lambda: vae.decode(z.to(dtype) / vae.config.scaling_factor).sample},
+                          args.repeats, device)
+                report.add("vae", f"decode {s}x{s} {d}", m["ours"], m["diffusers"],
+                           flops["vae", s], peaks.get(d))
+            if "denormals" in parts and d == "fp32":
+                def flushed(on):
+                    def run():
+                        torch.set_flush_denormal(on)
+                        try:
+                            return model.apply_model(x, t, ctx)
+                        finally:
+                            torch.set_flush_denormal(args.flush_denormal)
+                    return run
+                m = timed({"off": flushed(False), "on": flushed(True)}, args.repeats, device)
+                report.add("denormals", f"unet {s}x{s} fp32 flush on", m["on"],
+                           note=f"off {m['off']:.3f} s, on/off {m['on'] / m['off']:.3f}")
+        if "text" in parts:
+            def ours_text():
+                with ours.autocast:
+                    return model.get_learned_conditioning([PROMPT, ""])
+            m = timed({"ours": ours_text,
+                       "diffusers": lambda: theirs.encode_prompt(PROMPT, device, 1, True, "")},
+                      args.repeats, device)
+            report.add("text", f"prompt + empty {d}", m["ours"], m["diffusers"],
+                       flops["text", 0], peaks.get(d))
+        if "image" in parts:
+            for s in sizes:
+                whole_images(ours, theirs, ddim, pndm, s, d, args, device, report)
+        del ours
+        gc.collect()
+    tmp.cleanup()
+
+
+def default_attention(pipe):
+    """The text encoder with transformers' default attention (SDPA), as ``from_pretrained``
+    gives it: ``ldm.compare`` builds it eager, for exact cross-checks."""
+    pipe.text_encoder.set_attn_implementation("sdpa")
+
+
+def whole_images(ours, theirs, ddim, pndm, size, d, args, device, report, label=""):
+    """DDIM 50 on both sides, and ours at the recommended settings against diffusers'
+    defaults (PNDM 50): whole images, prompt to PIL."""
+    import torch
+
+    def ours_run(**kw):
+        return lambda: ours.generate(PROMPT, seeds=0, height=size, width=size,
+                                     progress=False, **kw)
+
+    def theirs_run(scheduler):
+        def run():
+            theirs.scheduler = scheduler
+            return theirs(PROMPT, num_inference_steps=50, height=size, width=size,
+                          generator=torch.Generator("cpu").manual_seed(0)).images
+        return run
+    setting = f"{label}{size}x{size} {d}"
+    m = timed({"ours": ours_run(sampler="ddim", steps=50), "diffusers": theirs_run(ddim)},
+              args.image_repeats, device)
+    report.add("image", f"{setting} DDIM 50 / DDIM 50", m["ours"], m["diffusers"])
+    m = timed({"ours": ours_run(**RECOMMENDED), "diffusers": theirs_run(pndm)},
+              args.image_repeats, device)
+    report.add("image", f"{setting} 2M Karras 20 / PNDM 50", m["ours"], m["diffusers"])
+
+
+def builtin_part(args, device, dtypes, report):
+    import tempfile
+
+    import diffusers
+    import torch
+    from ldm.compare import diffusers_components
+    from ldm.pipeline import BUILTIN_DIR, Pipeline, load_config
+    for d in dtypes:
+        dtype = getattr(torch, DTYPES[d])
+        ours = Pipeline.load(BUILTIN_DIR / "model.safetensors", device=device, safety=False,
+                             watermark=False, precision=PRECISION[d])
+        with tempfile.TemporaryDirectory() as tmp:
+            # a twin in fp32 (built from the fp32-loaded weights), then cast like ours
+            twin = Pipeline.load(BUILTIN_DIR / "model.safetensors", device=device,
+                                 safety=False, watermark=False, precision="full").model
+            components = diffusers_components(twin, load_config(BUILTIN_DIR / "config.yaml"),
+                                              Path(tmp) / "tokenizer", drop_pos_emb=True)
+            theirs = diffusers.StableDiffusionPipeline(**components).to(device, dtype)
+            theirs.set_progress_bar_config(disable=True)
+            default_attention(theirs)
+            ddim = theirs.scheduler
+            pndm = diffusers.PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)
+            whole_images(ours, theirs, ddim, pndm, ours.native_size, d,
+                         argparse.Namespace(image_repeats=max(args.repeats, args.image_repeats)),
+                         device, report, label="built-in ")
+
+
+def memory_part(args, dtypes, report):
+    """Peak RSS of fresh processes (benchmark_memory's runs), 512x512, 2 steps."""
+    import tempfile
+
+    from benchmark_memory import DIFFUSERS_RUN, make_weights, peak_rss_gib
+    ckpt, folder = make_weights(args.cache)
+    for d in dtypes:
+        if d == "fp16":
+            continue  # CPU peak memory only
+        with tempfile.TemporaryDirectory() as tmp:
+            ours, _ = peak_rss_gib([sys.executable, ROOT / "scripts" / "txt2img.py", "--ckpt",
+                                    ckpt, "--H", 512, "--W", 512, "--n_samples", 1,
+                                    "--n_iter", 1, "--ddim_steps", 2, "--precision",
+                                    PRECISION[d], "--outdir", Path(tmp) / "ours",
+                                    "--skip_grid", "--safety_checker", "none"])
+            theirs, _ = peak_rss_gib([sys.executable, "-c", DIFFUSERS_RUN, folder, 2,
+                                      Path(tmp) / "theirs.png", DTYPES[d]])
+        report.add("memory", f"peak RSS 512x512 {d}", None,
+                   note=f"ours {ours:.2f} GiB, diffusers {theirs:.2f} GiB, "
+                        f"ratio {ours / theirs:.2f}")
+
+
+def fidelity_part(device, dtypes, report, n=8, out=ROOT / "docs" / "precision"):
+    """The built-in model, DDIM 50 and the recommended sampler, n prompts and seeds: each
+    reduced dtype's images against fp32's (PSNR), and a picture: fp32 row above each
+    dtype's row."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm.pipeline import BUILTIN_DIR, Pipeline
+    from sampler_study import PROMPTS
+    prompts, seeds = (PROMPTS * n)[:n], list(range(n))
+    out.mkdir(parents=True, exist_ok=True)
+
+    def images(precision, **kw):
+        pipe = Pipeline.load(BUILTIN_DIR / "model.safetensors", device=device, safety=False,
+                             watermark=False, precision=precision)
+        return [s.image for s in pipe.generate(prompts, seeds, progress=False, **kw)]
+
+    def psnr(a, b):
+        err = ((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean()
+        return 10 * math.log10(255 ** 2 / max(err, 1e-10))
+    for name, kw in (("DDIM 50", dict(sampler="ddim", steps=50)),
+                     ("2M Karras 20", RECOMMENDED)):
+        full = images("full", **kw)
+        for d in dtypes:
+            if d == "fp32":
+                continue
+            reduced = images(PRECISION[d], **kw)
+            values = [psnr(a, b) for a, b in zip(full, reduced)]
+            report.add("fidelity", f"built-in {name} {d} vs fp32", None,
+                       note=f"PSNR mean {statistics.mean(values):.1f} dB, worst "
+                            f"{min(values):.1f} dB over {n} images")
+            w, h = full[0].size
+            sheet = Image.new("RGB", (w * n, h * 2), "white")
+            for i, (a, b) in enumerate(zip(full, reduced)):
+                sheet.paste(a, (i * w, 0))
+                sheet.paste(b, (i * w, h))
+            path = out / f"builtin-{d}-vs-fp32-{kw['sampler']}.png"
+            sheet.resize((w * n * 2, h * 4), Image.NEAREST).save(path)
+            print(f"  top row fp32, bottom row {d}: {path.relative_to(ROOT)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
