@@ -100,13 +100,13 @@ def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False,
     return pipe
 
 
-def time_alternating(runs, repeats):
+def time_alternating(runs, repeats, warmup=True):
     """({name: [seconds]}, {name: warm-up output}) of ``runs`` ({name: fn}): one warm-up
-    call each, then the runs alternating so that both sides see the same machine state
-    (benchmarks only)."""
+    call each (unless ``warmup`` is false: the caller warmed up), then the runs alternating
+    so that both sides see the same machine state (benchmarks only)."""
     import time
     times = {name: [] for name in runs}
-    outputs = {name: fn() for name, fn in runs.items()}
+    outputs = {name: fn() for name, fn in runs.items()} if warmup else {}
     for _ in range(repeats):
         for name, fn in runs.items():
             start = time.perf_counter()

@@ -99,6 +99,18 @@ class Report:
         print("\nsummary (median seconds; ratio ours/diffusers, < 1: ours faster)")
         for r in self.rows:
             print("  " + self.format(r))
+        # the headline: ours at the recommended settings in a reduced dtype against
+        # diffusers' defaults (PNDM 50, fp32), from the rows above
+        for r in self.rows:
+            if r["part"] == "image" and "Karras" in r["setting"] and " fp32 " in r["setting"]:
+                for other in self.rows:
+                    if (other["part"] == "image" and "Karras" in other["setting"]
+                            and other["setting"].replace(" bf16 ", " fp32 ").replace(
+                                " fp16 ", " fp32 ") == r["setting"] and other is not r):
+                        words = other["setting"].split()
+                        print(f"  image     {' '.join(words[:-7])} ours {words[-7]} 2M "
+                              f"Karras 20 / diffusers fp32 PNDM 50: ratio "
+                              f"{other['ours'] / r['theirs']:.3f}")
 
 
 def sync(device):
@@ -107,7 +119,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(runs, repeats, device):
+def timed(runs, repeats, device, warmup=True):
     """Median seconds of each of ``runs`` ({name: fn}), alternating after one warm-up each."""
     import torch
     from ldm.compare import time_alternating
@@ -119,7 +131,7 @@ def timed(runs, repeats, device):
             return out
         return run
     with torch.inference_mode():
-        times, _ = time_alternating({k: synced(f) for k, f in runs.items()}, repeats)
+        times, _ = time_alternating({k: synced(f) for k, f in runs.items()}, repeats, warmup)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -327,18 +339,21 @@ def whole_images(ours, theirs, ddim, pndm, size, d, args, device, report, label=
         return lambda: ours.generate(PROMPT, seeds=0, height=size, width=size,
                                      progress=False, **kw)
 
-    def theirs_run(scheduler):
+    def theirs_run(scheduler, steps=50):
         def run():
             theirs.scheduler = scheduler
-            return theirs(PROMPT, num_inference_steps=50, height=size, width=size,
+            return theirs(PROMPT, num_inference_steps=steps, height=size, width=size,
                           generator=torch.Generator("cpu").manual_seed(0)).images
         return run
+    with torch.inference_mode():  # warm-up: 2-step images, not whole 50-step ones
+        ours_run(sampler="ddim", steps=2)()
+        theirs_run(ddim, 2)()
     setting = f"{label}{size}x{size} {d}"
     m = timed({"ours": ours_run(sampler="ddim", steps=50), "diffusers": theirs_run(ddim)},
-              args.image_repeats, device)
+              args.image_repeats, device, warmup=False)
     report.add("image", f"{setting} DDIM 50 / DDIM 50", m["ours"], m["diffusers"])
     m = timed({"ours": ours_run(**RECOMMENDED), "diffusers": theirs_run(pndm)},
-              args.image_repeats, device)
+              args.image_repeats, device, warmup=False)
     report.add("image", f"{setting} 2M Karras 20 / PNDM 50", m["ours"], m["diffusers"])
 
 
