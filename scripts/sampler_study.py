@@ -14,7 +14,8 @@ solution, so their distance does not fall to 0: it says how far from the determi
 image they land, not that they are inaccurate.
 
 Results go to OUT/results.json (kept between runs: finished entries are not redone, so an
-interrupted run resumes), OUT/table.md and OUT/plot.png.
+interrupted run resumes; the reference latents are kept in OUT/reference.pt), OUT/table.md
+and OUT/plot.png.
 """
 import argparse
 import json
@@ -102,7 +103,16 @@ def main(argv=None):
         results_path.write_text(json.dumps(results, indent=1) + "\n")
 
     t0 = time.time()
-    ref_z = pipe.latents(prompts, seeds, sampler="ddim", steps=args.reference_steps, **common)
+    # the reference is the slow part: kept beside the results, for this setup only
+    ref_path = out / "reference.pt"
+    ref = torch.load(ref_path, weights_only=True) if ref_path.exists() else {}
+    if ref.get("setup") == json.dumps(results["setup"], sort_keys=True):
+        ref_z = ref["latents"]
+    else:
+        ref_z = pipe.latents(prompts, seeds, sampler="ddim", steps=args.reference_steps,
+                             **common)
+        torch.save({"setup": json.dumps(results["setup"], sort_keys=True), "latents": ref_z},
+                   ref_path)
     ref_images = pipe.decode(ref_z) if decode else None
     print(f"reference: {time.time() - t0:.0f} s", flush=True)
     names = list(SAMPLERS) if args.samplers == "all" else args.samplers.split(",")
