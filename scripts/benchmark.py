@@ -270,7 +270,7 @@ def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
             sys.exit(f"--dtypes {d}: our --precision {PRECISION[d]} computes in {ours.dtype} "
                      f"on {device.type}")
         theirs.to(dtype=dtype)  # ours: Pipeline cast the weights (norms kept fp32)
-        unet, vae, clip = theirs.unet, theirs.vae, theirs.text_encoder
+        unet, vae = theirs.unet, theirs.vae
         for s in sizes:
             h = s // 8
             x = torch.randn(2, 4, h, h, generator=gen).to(device)
@@ -319,7 +319,6 @@ def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
         if "image" in parts:
             for s in sizes:
                 whole_images(ours, theirs, ddim, pndm, s, d, args, device, report)
-        del ours
         gc.collect()
     tmp.cleanup()
 

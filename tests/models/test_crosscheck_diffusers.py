@@ -37,14 +37,25 @@ def converted(tiny_model, tiny_config):
     return to_diffusers(tiny_model, tiny_config)
 
 
+@pytest.mark.parametrize("linear_as_conv", [False, True])
 @torch.no_grad()
-def test_unet_noise_prediction_matches_diffusers(tiny_model, converted):
+def test_unet_noise_prediction_matches_diffusers(tiny_model, converted, monkeypatch,
+                                                 linear_as_conv):
+    """Also with every Linear layer on its CPU 1x1-convolution path (the tiny model's
+    attention runs on too few rows to take it by itself)."""
+    from ldm.modules.diffusionmodules import util
+    calls = []
+    if linear_as_conv:
+        monkeypatch.setattr(util.Linear, "MIN_ROWS", 1)
+        conv2d = util.F.conv2d
+        monkeypatch.setattr(util.F, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
     unet = converted[0]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 16, 16, generator=g)
     t = torch.tensor([981, 1])
     ctx = torch.randn(2, 77, 32, generator=g)
     ours = tiny_model.apply_model(x, t, ctx)
+    assert bool(calls) == linear_as_conv
     theirs = unet(x, t, encoder_hidden_states=ctx).sample
     assert ours.abs().max() > 0.1  # a real, non-trivial prediction
     assert rel_err(ours, theirs) < 1e-4
