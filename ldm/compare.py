@@ -100,6 +100,21 @@ def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False,
     return pipe
 
 
+def random_sd(seed=0):
+    """(model, config): our SD v1 ``LatentDiffusion`` with seeded random weights, in eval
+    mode, its zero-initialised output layers filled with N(0, 0.02) too (else the UNet's
+    output would be 0 and every comparison vacuous). Benchmarks and studies only."""
+    from ldm.pipeline import SD_CONFIG, build_model, load_config
+    config = load_config(SD_CONFIG)
+    torch.manual_seed(seed)
+    model = build_model(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    return model, config
+
+
 def time_alternating(runs, repeats, warmup=True):
     """({name: [seconds]}, {name: warm-up output}) of ``runs`` ({name: fn}): one warm-up
     call each (unless ``warmup`` is false: the caller warmed up), then the runs alternating

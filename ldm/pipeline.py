@@ -71,11 +71,10 @@ def compute_dtype(device, precision):
     return torch.float32
 
 
-def autocast_for(device, precision):
-    """The autocast context of ``compute_dtype`` (a null context for float32). With the
+def autocast_for(device, dtype):
+    """The autocast context of a ``compute_dtype`` (a null context for float32). With the
     weights already in that dtype (``cast_weights``) its casts of weights are no-ops; it
     still casts the float32 inputs (latents, timestep embedding) on the way in."""
-    dtype = compute_dtype(device, precision)
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
@@ -154,11 +153,11 @@ class Pipeline:
         self.device = device or model.device
         self.precision = precision
         self.dtype = compute_dtype(self.device, precision)
-        self.autocast = autocast_for(self.device, precision)
+        self.autocast = autocast_for(self.device, self.dtype)
         if self.dtype == torch.bfloat16 and not bf16_is_native(self.device):
             log.warning("this %s has no native bfloat16 (AVX512-BF16 or AMX on a CPU): "
                         "--precision bf16 is emulated here and slower than full",
-                        self.device.type.upper() if self.device.type != "cpu" else "CPU")
+                        self.device.type.upper())
         cast_weights(model, self.dtype)  # once, here: the model is changed in place
         self.safety_checker = safety_checker
         self.safety_note = safety_note  # what images say when no checker ran

@@ -163,21 +163,6 @@ def count_gflop(fn):
     return counter.get_total_flops() / 1e9
 
 
-def random_sd(seed=0):
-    """Our SD v1 LatentDiffusion with seeded random weights (zero-initialised output
-    layers filled too, so that outputs are not trivially 0) and its config."""
-    import torch
-    from ldm.pipeline import SD_CONFIG, build_model, load_config
-    config = load_config(SD_CONFIG)
-    torch.manual_seed(seed)
-    model = build_model(config).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return model, config
-
-
 def sd_flops(config, sizes):
     """{(part, size): GFLOP} for the SD v1 networks, counted on the meta device."""
     import torch
@@ -248,7 +233,7 @@ def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
 
     import diffusers
     import torch
-    from ldm.compare import diffusers_components
+    from ldm.compare import diffusers_components, random_sd
     from ldm.pipeline import Pipeline
 
     model, config = random_sd()
@@ -409,13 +394,10 @@ def fidelity_part(device, dtypes, report, n=8, out=ROOT / "docs" / "precision"):
     """The built-in model, DDIM 50 and the recommended sampler, n prompts and seeds: each
     reduced dtype's images against fp32's (PSNR), and a picture: fp32 row above each
     dtype's row."""
-    import math
-
-    import numpy as np
     from PIL import Image
 
     from ldm.pipeline import BUILTIN_DIR, Pipeline
-    from sampler_study import PROMPTS
+    from sampler_study import PROMPTS, psnr
     prompts, seeds = (PROMPTS * n)[:n], list(range(n))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -423,10 +405,6 @@ def fidelity_part(device, dtypes, report, n=8, out=ROOT / "docs" / "precision"):
         pipe = Pipeline.load(BUILTIN_DIR / "model.safetensors", device=device, safety=False,
                              watermark=False, precision=precision)
         return [s.image for s in pipe.generate(prompts, seeds, progress=False, **kw)]
-
-    def psnr(a, b):
-        err = ((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean()
-        return 10 * math.log10(255 ** 2 / max(err, 1e-10))
     for name, kw in (("DDIM 50", dict(sampler="ddim", steps=50)),
                      ("2M Karras 20", RECOMMENDED)):
         full = images("full", **kw)

@@ -9,11 +9,9 @@ the same weights converted by diffusers' converter. Each run is a fresh process;
 resident memory (ru_maxrss) is reported. Sampling steps do not change the peak, so few are run.
 """
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,23 +45,15 @@ def peak_rss_gib(cmd):
 
 
 def make_weights(cache):
-    import torch
-    from omegaconf import OmegaConf
     from safetensors.torch import save_file
-    from ldm.pipeline import SD_CONFIG, build_model
     ckpt, folder = cache / "sd-v1-random.safetensors", cache / "sd-v1-random-diffusers"
     if ckpt.exists() and (folder / "model_index.json").exists():
         return ckpt, folder
     cache.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = build_model(SD_CONFIG)
-    with torch.no_grad():  # zero-initialised output layers would make the UNet output 0
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
+    from ldm.compare import random_sd, save_diffusers_pipeline
+    model, config = random_sd()
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, ckpt)
-    from ldm.compare import save_diffusers_pipeline
-    save_diffusers_pipeline(model, OmegaConf.load(SD_CONFIG), folder)
+    save_diffusers_pipeline(model, config, folder)
     return ckpt, folder
 
 

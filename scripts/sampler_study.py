@@ -59,15 +59,8 @@ def load(args):
     if args.model == "builtin":
         return Pipeline.load(BUILTIN_DIR / "model.safetensors", device="cpu", safety=False,
                              watermark=False)
-    from omegaconf import OmegaConf
-    from ldm.util import instantiate_from_config
-    torch.manual_seed(0)
-    config = OmegaConf.load(ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml")
-    model = instantiate_from_config(config.model).eval().requires_grad_(False)
-    with torch.no_grad():  # zero-initialised output layers would make every sampler agree
-        for param in model.model.parameters():
-            if not param.any():
-                param.normal_(0, 0.02)
+    from ldm.compare import random_sd
+    model, _ = random_sd()
     return Pipeline(model, torch.device("cpu"), "full", model_name="random SD v1 weights",
                     watermark=False)
 
@@ -105,14 +98,14 @@ def main(argv=None):
     t0 = time.time()
     # the reference is the slow part: kept beside the results, for this setup only
     ref_path = out / "reference.pt"
+    setup = json.dumps(results["setup"], sort_keys=True)
     ref = torch.load(ref_path, weights_only=True) if ref_path.exists() else {}
-    if ref.get("setup") == json.dumps(results["setup"], sort_keys=True):
+    if ref.get("setup") == setup:
         ref_z = ref["latents"]
     else:
         ref_z = pipe.latents(prompts, seeds, sampler="ddim", steps=args.reference_steps,
                              **common)
-        torch.save({"setup": json.dumps(results["setup"], sort_keys=True), "latents": ref_z},
-                   ref_path)
+        torch.save({"setup": setup, "latents": ref_z}, ref_path)
     ref_images = pipe.decode(ref_z) if decode else None
     print(f"reference: {time.time() - t0:.0f} s", flush=True)
     names = list(SAMPLERS) if args.samplers == "all" else args.samplers.split(",")
