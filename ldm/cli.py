@@ -146,6 +146,26 @@ def add_model_arguments(p):
     p.add_argument("--safety_checker", type=nonempty, default=None, metavar="PATH|none",
                    help="safety checker weights (default: models/safety_checker/ or the HF "
                         "cache); 'none' turns it off")
+    g = p.add_argument_group("speed and memory (all off by default; see the README's "
+                             "\"Speed and precision\")")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (inductor: a C++ compiler on the CPU, Triton "
+                        "on CUDA); the first step compiles, for a minute or more")
+    g.add_argument("--deepcache", type=number(int, 1, 1000), default=None, metavar="N",
+                   help="DeepCache: run the whole UNet on every N-th call only and reuse its "
+                        "deep features between (N=3: about 2x faster, a close but not equal "
+                        "image)")
+    g.add_argument("--attention_slicing", "--attention-slicing", type=number(int, 1),
+                   nargs="?", const=1024, default=None, metavar="ROWS",
+                   help="attention in slices of ROWS queries (default 1024): less memory "
+                        "where attention is not fused (MPS), exact")
+    g.add_argument("--vae_tiling", "--vae-tiling", type=number(int, 8), nargs="?", const=64,
+                   default=None, metavar="LATENT_PX",
+                   help="decode and encode in blended tiles of LATENT_PX latent pixels "
+                        "(default 64, 512 px for SD), for images too large to decode whole")
+    g.add_argument("--offload", action="store_true",
+                   help="CUDA: keep the weights on the CPU and move the text encoder, UNet "
+                        "and autoencoder to the GPU only while each runs")
 
 
 def read_prompts(path):
@@ -262,11 +282,19 @@ def check_safety_checker(args):
 def load_pipeline(args, choice):
     """Device, then the weights (the slow part), then one line saying what is used."""
     from ldm.config import INPAINTING_HINT, INSTALL_HINT
-    from ldm.pipeline import Pipeline, pick_device
+    from ldm.pipeline import Pipeline, check_compiler, pick_device
     device = pick_device(args.device)
+    if args.offload and device.type == "cpu":
+        raise UsageError("--offload moves submodels between the CPU and a GPU: it needs "
+                         "--device cuda (on the CPU there is nothing to offload)")
+    if args.compile:
+        check_compiler(device)
+        log.info("--compile: the UNet is compiled at its first step (a few minutes on a CPU)")
     pipe = Pipeline.load(choice, device=device, precision=args.precision,
                          safety=args.safety_checker != "none",
-                         safety_checker_path=args.safety_checker)
+                         safety_checker_path=args.safety_checker, offload=args.offload)
+    pipe.set_options(compile=args.compile, deepcache=args.deepcache,
+                     attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling)
     inpainting = choice.geometry.is_inpainting
     hint = ("" if args.ckpt or not choice.builtin else
             f"; {INPAINTING_HINT if inpainting else INSTALL_HINT}")
@@ -310,7 +338,7 @@ def check_sampling(args, choice, inpainting=False):
     return scale
 
 
-def check_size(geometry, height, width, batch, device_name="auto"):
+def check_size(geometry, height, width, batch, device_name="auto", vae_tile=None):
     """A size the model takes (multiples of its factor) and that fits in memory. (A config
     that does not say its sizes is checked after the load, by the pipeline.)"""
     if height is None or width is None:
@@ -319,18 +347,21 @@ def check_size(geometry, height, width, batch, device_name="auto"):
     if f and (height % f or width % f):
         raise UsageError(f"--H and --W must be positive multiples of {f} for this model "
                          f"(got {height}x{width}); e.g. {geometry.native_size}")
-    check_memory(geometry, height, width, batch, device_name)
+    check_memory(geometry, height, width, batch, device_name, vae_tile)
 
 
-def check_memory(geometry, height, width, batch, device_name="auto"):
-    """Refuse up front a size whose activations alone exceed the memory there is."""
-    need = geometry.activation_bytes(height, width, batch)
+def check_memory(geometry, height, width, batch, device_name="auto", vae_tile=None):
+    """Refuse up front a size whose activations alone exceed the memory there is; when the
+    autoencoder's decode is what does not fit, say that --vae_tiling would."""
+    need = geometry.activation_bytes(height, width, batch, vae_tile)
     have = available_memory(device_name)
     if have is not None and need > have:
+        tiling = (" or add --vae_tiling" if not vae_tile and geometry.activation_bytes(
+            height, width, batch, 64) <= have else "")
         raise ResourceError(
             f"{width}x{height} with --n_samples {batch} needs at least {need / 2**30:.0f} GiB "
             f"for activations and this machine has {have / 2**30:.0f} GiB free: lower --H/--W "
-            f"(the model's own size is {geometry.native_size}) or --n_samples")
+            f"(the model's own size is {geometry.native_size}) or --n_samples{tiling}")
 
 
 def available_memory(device_name="auto"):

@@ -136,18 +136,22 @@ class Geometry:
     def native_size(self):
         return self.latent_size * self.factor if self.latent_size and self.factor else None
 
-    def activation_bytes(self, height, width, batch):
+    def activation_bytes(self, height, width, batch, vae_tile=None):
         """A floor for the float32 activations a run at ``height`` x ``width`` needs: the
         UNet over the batch (x2 for guidance), or the decoder for one image, whichever is
         more. Measured on CPU (torch 2.13, fused attention): the UNet peaks at 22-37 x its
         first level's size (base width x latent positions x batch x 4 bytes; the built-in
         model and SD v1), the decoder at 7 x its last level's; the floor takes 16 and 6, so
-        a size it refuses cannot run (weights come on top)."""
+        a size it refuses cannot run (weights come on top). With ``vae_tile`` (latent pixels)
+        the decoder holds one tile at a time."""
         pixels = height * width
         unet = decoder = 0
         if self.model_channels and self.factor:
             unet = 16 * 2 * batch * self.model_channels * (pixels // self.factor ** 2) * 4
         if self.decoder_channels:
+            if vae_tile and self.factor:
+                side = vae_tile * self.factor
+                pixels = min(height, side) * min(width, side)
             decoder = 6 * self.decoder_channels * pixels * 4
         return max(unet, decoder)
 

@@ -46,7 +46,8 @@ def parameters_text(p):
     names = {"steps": "Steps", "sampler": "Sampler", "schedule": "Schedule type",
              "scale": "CFG scale", "seed": "Seed", "size": "Size", "eta": "Eta",
              "checkpoint_hash": "Model hash", "model": "Model",
-             "strength": "Denoising strength", "mask_blur": "Mask blur"}
+             "strength": "Denoising strength", "mask_blur": "Mask blur",
+             "deepcache": "DeepCache interval", "vae_tiling": "Tiled VAE"}
     if "width" in p and "height" in p:
         values["size"] = f"{p['width']}x{p['height']}"
     pairs = [f"{label}: {values[key]}" for key, label in names.items()

@@ -13,7 +13,8 @@ to the device, and any further noise (DDIM with eta > 0) comes from the same gen
 image is the same alone or in any batch, on any device (up to float rounding).
 """
 import logging
-from contextlib import nullcontext
+import shutil
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def bf16_is_native(device):
     return True
 
 
+def check_compiler(device):
+    """What ``torch.compile`` (inductor) needs on ``device``: a C++ compiler on the CPU,
+    Triton on CUDA. Without it, a one-line ResourceError before anything is loaded rather
+    than a traceback at the first step."""
+    import importlib.util
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise ResourceError("--compile needs a C++ compiler on the CPU (torch's inductor "
+                            "writes C++): install g++ or clang++, or drop --compile")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ResourceError("--compile needs Triton on CUDA (pip install triton), or drop "
+                            "--compile")
+
+
 def build_model(config, meta=False, path=None):
     """The model a config (a path or a loaded config) describes, on the ``meta`` device if
     asked (no memory for weights). A class that does not exist or does not take the
@@ -159,6 +173,13 @@ class Pipeline:
                         "--precision bf16 is emulated here and slower than full",
                         self.device.type.upper())
         cast_weights(model, self.dtype)  # once, here: the model is changed in place
+        # speed and memory options (``set_options``), off by default
+        self.deepcache = None         # UNet feature-cache interval (``UNetModel.caching``)
+        self.vae_tile = None          # VAE tiles of this many latent pixels
+        self.attention_slicing = None  # queries per attention slice
+        self.compiled = False         # the UNet under torch.compile
+        self._compiled_impl = None
+        self.offload = False          # submodels on the device only while they run
         self.safety_checker = safety_checker
         self.safety_note = safety_note  # what images say when no checker ran
         self.watermark = watermark
@@ -170,16 +191,18 @@ class Pipeline:
 
     @classmethod
     def load(cls, ckpt=None, config=None, device="auto", precision="autocast", safety=True,
-             safety_checker_path=None, watermark=True, task="txt2img"):
+             safety_checker_path=None, watermark=True, task="txt2img", offload=False):
         """Load a checkpoint (a path, or a ``ModelChoice`` from ``choose_model``; None: SD v1
         if installed, for ``task="inpaint"`` SD's inpainting model first, else the built-in
         model). ``safety=False`` turns the safety checker off;
         without its weights the run says so once (not for the built-in model, which draws
-        nothing the checker looks for)."""
+        nothing the checker looks for).
+        ``offload`` keeps the weights on the CPU and moves each submodel (text encoder,
+        UNet, autoencoder) to ``device`` only while it runs (``offload_to``)."""
         from ldm.checkpoint import file_hash
         device = pick_device(device) if isinstance(device, str) else device
         choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
-        model = load_model(choice.ckpt, choice.config, device)
+        model = load_model(choice.ckpt, choice.config, "cpu" if offload else device)
         checker, note = None, "not checked (turned off)"
         if safety:
             from ldm.safety import load_safety_checker
@@ -190,8 +213,106 @@ class Pipeline:
                             SAFETY_HINT)
         pipe = cls(model, device, precision, checker, watermark, choice.name,
                    file_hash(choice.ckpt), choice.defaults, note)
+        if offload:
+            pipe.offload_to(device)
         pipe.checkpoint = choice.ckpt
         return pipe
+
+    # -- speed and memory options ---------------------------------------------------------
+    def set_options(self, compile=False, deepcache=None, attention_slicing=None,
+                    vae_tiling=None):
+        """The optional speed-ups and memory savers (the scripts' flags; all off by default,
+        measured in the README's speed section):
+
+        - ``compile``: the UNet under ``torch.compile`` (inductor; the first step compiles,
+          for a minute or more, and again for each new size or batch; False after True
+          returns to eager);
+        - ``deepcache``: N > 1 reuses the UNet's deep features for N - 1 of every N UNet
+          calls (``UNetModel.caching``), about 2x fewer FLOPs at N = 3, close to the
+          uncached image (a reused call is not the exact one);
+        - ``attention_slicing``: at most that many queries per attention call
+          (``set_attention_slicing``), exact;
+        - ``vae_tiling``: decode (and encode) in overlapping tiles of that many latent
+          pixels (True: 64, 512 px for SD), blended, for sizes whose whole decode does not
+          fit in memory (``ldm.models.autoencoder.tiled``).
+        """
+        from ldm.modules.attention import set_attention_slicing
+        if deepcache is not None and deepcache < 1:
+            raise UsageError(f"--deepcache must be at least 1 (1: off), got {deepcache}")
+        if attention_slicing is not None and attention_slicing < 1:
+            raise UsageError(f"--attention_slicing must be at least 1, got {attention_slicing}")
+        if vae_tiling is True:
+            vae_tiling = 64
+        if vae_tiling is not None and vae_tiling is not False and vae_tiling < 8:
+            raise UsageError(f"--vae_tiling tiles must be at least 8 latent pixels, got {vae_tiling}")
+        self.deepcache = deepcache if deepcache and deepcache > 1 else None
+        self.vae_tile = vae_tiling or None
+        self.attention_slicing = attention_slicing
+        set_attention_slicing(self.model, attention_slicing)
+        if compile and not self.compiled:
+            self._compile()
+        elif self.compiled and not compile:  # back to eager (what nn.Module.compile set)
+            self.model.model.diffusion_model._compiled_call_impl = None
+            self.compiled = False
+        return self
+
+    def _compile(self):
+        """``torch.compile`` the UNet in place (its keys unchanged); compiled again after a
+        return to eager, the same compiled code (no second compilation). On the CPU with
+        inductor's freezing: the weights become constants of the compiled code, prepacked
+        for oneDNN's convolutions and matmuls, which is what makes it faster than eager
+        (without freezing it is slower); the compiled code then holds its own copy of
+        them, and changing the module's weights later does not reach it."""
+        check_compiler(self.device)
+        unet = self.model.model.diffusion_model
+        if self._compiled_impl is None:
+            log.info("compiling the UNet (torch.compile): the first step takes a minute or more")
+            if self.device.type == "cpu":
+                # process-wide: inductor reads it when it compiles (at the first call);
+                # compile(options={"freezing": True}) does not reach that point
+                import torch._inductor.config
+                torch._inductor.config.freezing = True
+            unet.compile(dynamic=False)
+            self._compiled_impl = unet._compiled_call_impl
+        unet._compiled_call_impl = self._compiled_impl
+        self.compiled = True
+
+    def offload_to(self, device):
+        """Model offload: the submodels stay on the CPU and each goes to ``device`` while it
+        runs (``on_device``), so that the device holds one of them at a time (the UNet, the
+        largest: 1.7 GB in fp16 for SD v1, against 2.1 GB for all three). The schedule's
+        buffers live on ``device``."""
+        self.offload = True
+        self.device = torch.device(device)
+        self.model.to("cpu")
+        for name, buffer in self.model.named_buffers(recurse=False):
+            setattr(self.model, name, buffer.to(self.device))
+        return self
+
+    @contextmanager
+    def on_device(self, part):
+        """With offload, the submodel ``part`` ("cond_stage_model", "model",
+        "first_stage_model") on the device for the block, and back on the CPU after it
+        (the device's cache emptied); without, nothing."""
+        if not self.offload:
+            yield
+            return
+        module = getattr(self.model, part)
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def options_record(self):
+        """The options an image was made with, for its parameters (only those in use)."""
+        record = {"deepcache": self.deepcache, "vae_tiling": self.vae_tile,
+                  "attention_slicing": self.attention_slicing,
+                  "compile": True if self.compiled else None,
+                  "offload": True if self.offload else None}
+        return {k: v for k, v in record.items() if v is not None}
 
     def check_size(self, height, width):
         f = self.factor
@@ -312,13 +433,16 @@ class Pipeline:
 
         with self.autocast:
             self._warn_truncated(prompts + negative_prompts)
-            cond = self.model.get_learned_conditioning(prompts)
-            uncond = (self.model.get_learned_conditioning(negative_prompts)
-                      if scale != 1.0 else None)
-            z = sample(self.model, sampler, noise, steps, cond, uncond, scale, eta=eta,
-                       noise=fresh_noise, disable=not progress, callback=callback,
-                       spacing=spacing, run_steps=run, concat=concat, schedule=schedule,
-                       init=start, mask=mask, known=known)
+            with self.on_device("cond_stage_model"):
+                cond = self.model.get_learned_conditioning(prompts)
+                uncond = (self.model.get_learned_conditioning(negative_prompts)
+                          if scale != 1.0 else None)
+            unet = self.model.model.diffusion_model
+            with self.on_device("model"), unet.caching(self.deepcache or 1):
+                z = sample(self.model, sampler, noise, steps, cond, uncond, scale, eta=eta,
+                           noise=fresh_noise, disable=not progress, callback=callback,
+                           spacing=spacing, run_steps=run, concat=concat, schedule=schedule,
+                           init=start, mask=mask, known=known)
         return z
 
     @torch.no_grad()
@@ -328,8 +452,9 @@ class Pipeline:
         from ldm.image_io import pil_to_tensor
         out = []
         for image in images:
-            with self.autocast:
-                out.append(self.model.encode_image(pil_to_tensor([image]).to(self.device)).float())
+            with self.autocast, self.on_device("first_stage_model"):
+                out.append(self.model.encode_image(pil_to_tensor([image]).to(self.device),
+                                                   self.vae_tile).float())
         return torch.cat(out)
 
     def prepare(self, image, mask=None):
@@ -357,8 +482,8 @@ class Pipeline:
         from ldm.image_io import tensor_to_pil
         images = []
         for i in range(z.shape[0]):  # one at a time: the decoder's peak memory is per image
-            with self.autocast:
-                x = self.model.decode_first_stage(z[i:i + 1])
+            with self.autocast, self.on_device("first_stage_model"):
+                x = self.model.decode_first_stage(z[i:i + 1], self.vae_tile)
             images += tensor_to_pil(x.float().cpu())
         return images
 
@@ -438,8 +563,9 @@ class Pipeline:
         if self.is_inpainting_model:
             from ldm.image_io import pil_to_tensor
             masked_pixels = pil_to_tensor([image]) * (1 - full)  # masked pixels are 0
-            with torch.no_grad(), self.autocast:
-                masked = self.model.encode_image(masked_pixels.to(self.device)).float()
+            with torch.no_grad(), self.autocast, self.on_device("first_stage_model"):
+                masked = self.model.encode_image(masked_pixels.to(self.device),
+                                                 self.vae_tile).float()
         record = {"task": "inpaint", "strength": strength,
                   "inpainting_model": self.is_inpainting_model,
                   "init_image_sha256": image_hash or image_sha256(image),
@@ -474,7 +600,7 @@ class Pipeline:
                       "scale": scale, "eta": eta,
                       "width": width, "height": height, "model": self.model_name,
                       "checkpoint_hash": self.checkpoint_hash, "precision": self.precision,
-                      **record, **note}
+                      **self.options_record(), **record, **note}
             out.append(Sample(image, params))
         return out
 

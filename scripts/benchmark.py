@@ -26,7 +26,16 @@ Parts:
   memory     peak resident memory of a 512x512 txt2img run, ours (scripts/txt2img.py)
              and diffusers (StableDiffusionPipeline), each a fresh process, per dtype
   fidelity   not a timing: the built-in model's images in each reduced dtype against fp32
-             from the same noise (PSNR), and a side-by-side picture in docs/precision/
+             from the same noise (PSNR), and a side-by-side picture in docs/precision/;
+             --deepcache 2 and 3 against plain images and a tiled decode against the
+             whole one, pictures in docs/speedups/
+  options    each optional speed-up (--deepcache 2 and 3, --attention_slicing, --compile)
+             against the plain run, ours only: whole images at the recommended settings,
+             random SD weights per size and the built-in model, with the image's distance
+             to the plain one from the same noise (PSNR; latents' relative distance);
+             --compile's compile time is its warm-up's
+  tiling     VAE decode at 1024x1024, whole against --vae_tiling (64: 512-px tiles): time,
+             peak RSS (fresh processes) and PSNR to the whole decode
 
 GFLOP counts come from torch.utils.flop_counter on the meta device (attention counted as
 its two matmuls). The dtypes are fp32 and bf16 (ours: --precision bf16, weights cast once;
@@ -45,7 +54,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 PROMPT = "a painting of a virus monster playing guitar"
 RECOMMENDED = dict(sampler="dpmpp_2m", schedule="karras", steps=20)  # README's "Samplers"
-PARTS = ("peak", "unet", "vae", "text", "denormals", "image", "builtin", "memory", "fidelity")
+PARTS = ("peak", "unet", "vae", "text", "denormals", "image", "builtin", "memory", "fidelity",
+         "options", "tiling")
 
 
 def build_parser():
@@ -55,6 +65,12 @@ def build_parser():
     p.add_argument("--dtypes", default=None, help="default: fp32,bf16 (CPU), fp32,bf16,fp16 (CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each component")
     p.add_argument("--image_repeats", type=int, default=1, help="timed runs of each whole image")
+    p.add_argument("--options", default="all",
+                   help="for the options part: comma-separated of deepcache2, deepcache3, "
+                        "slicing, compile, or all")
+    p.add_argument("--image_pairs", default="ddim,recommended",
+                   help="whole-image pairs: ddim (DDIM 50 on both sides), recommended (ours "
+                        "2M Karras 20 against diffusers' PNDM 50)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--flush_denormal", action="store_true",
@@ -214,6 +230,10 @@ def main(argv=None):
         memory_part(args, dtypes, report)
     if "fidelity" in parts:
         fidelity_part(device, dtypes, report)
+    if "options" in parts:
+        options_part(args, device, dtypes, sizes, report)
+    if "tiling" in parts:
+        tiling_part(args, dtypes, report)
     report.summary()
 
 
@@ -333,12 +353,15 @@ def whole_images(ours, theirs, ddim, pndm, size, d, args, device, report, label=
         ours_run(sampler="ddim", steps=2)()
         theirs_run(ddim, 2)()
     setting = f"{label}{size}x{size} {d}"
-    m = timed({"ours": ours_run(sampler="ddim", steps=50), "diffusers": theirs_run(ddim)},
-              args.image_repeats, device, warmup=False)
-    report.add("image", f"{setting} DDIM 50 / DDIM 50", m["ours"], m["diffusers"])
-    m = timed({"ours": ours_run(**RECOMMENDED), "diffusers": theirs_run(pndm)},
-              args.image_repeats, device, warmup=False)
-    report.add("image", f"{setting} 2M Karras 20 / PNDM 50", m["ours"], m["diffusers"])
+    pairs = getattr(args, "image_pairs", "ddim,recommended").split(",")
+    if "ddim" in pairs:
+        m = timed({"ours": ours_run(sampler="ddim", steps=50), "diffusers": theirs_run(ddim)},
+                  args.image_repeats, device, warmup=False)
+        report.add("image", f"{setting} DDIM 50 / DDIM 50", m["ours"], m["diffusers"])
+    if "recommended" in pairs:
+        m = timed({"ours": ours_run(**RECOMMENDED), "diffusers": theirs_run(pndm)},
+                  args.image_repeats, device, warmup=False)
+        report.add("image", f"{setting} 2M Karras 20 / PNDM 50", m["ours"], m["diffusers"])
 
 
 def builtin_part(args, device, dtypes, report):
@@ -424,6 +447,172 @@ def fidelity_part(device, dtypes, report, n=8, out=ROOT / "docs" / "precision"):
             path = out / f"builtin-{d}-vs-fp32-{kw['sampler']}.png"
             sheet.resize((w * n * 2, h * 4), Image.NEAREST).save(path)
             print(f"  top row fp32, bottom row {d}: {path.relative_to(ROOT)}", flush=True)
+    speedup_pictures(device, report, prompts, seeds, psnr)
+
+
+def sheet_of(rows, scale=2):
+    """Rows of equal-sized PIL images as one picture, enlarged ``scale`` times."""
+    from PIL import Image
+    w, h = rows[0][0].size
+    sheet = Image.new("RGB", (w * max(map(len, rows)), h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for i, image in enumerate(row):
+            sheet.paste(image, (i * w, r * h))
+    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST)
+
+
+def speedup_pictures(device, report, prompts, seeds, psnr, out=ROOT / "docs" / "speedups"):
+    """The built-in model: DeepCache 2 and 3 against the plain images (rows), and its
+    autoencoder decoding a 256x256 shapes image whole, in blended tiles of 16 latent
+    pixels (64 px) and in abutting unblended tiles, with the differences to the whole
+    decode amplified 8x."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ldm.data.shapes import render, sample_scene
+    from ldm.image_io import tensor_to_pil
+    from ldm.pipeline import BUILTIN_DIR, Pipeline
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = Pipeline.load(BUILTIN_DIR / "model.safetensors", device=device, safety=False,
+                         watermark=False, precision="full")
+    for name, kw in (("DDIM 50", dict(sampler="ddim", steps=50)),
+                     ("2M Karras 20", RECOMMENDED)):
+        rows = []
+        for n in (1, 2, 3):
+            pipe.set_options(deepcache=n)
+            rows.append([s.image for s in pipe.generate(prompts, seeds, progress=False, **kw)])
+            if n > 1:
+                values = [psnr(a, b) for a, b in zip(rows[0], rows[-1])]
+                report.add("fidelity", f"built-in {name} --deepcache {n} vs plain", None,
+                           note=f"PSNR mean {statistics.mean(values):.1f} dB, worst "
+                                f"{min(values):.1f} dB over {len(values)} images")
+        pipe.set_options()
+        path = out / f"builtin-deepcache-{kw['sampler']}.png"
+        sheet_of(rows).save(path)
+        print(f"  rows: plain, --deepcache 2, --deepcache 3: {path.relative_to(ROOT)}", flush=True)
+    image = Image.fromarray(render(sample_scene(np.random.default_rng(3), n_shapes=2), size=256))
+    z = pipe.encode([image])
+    model = pipe.model
+    with torch.no_grad():
+        whole = tensor_to_pil(model.decode_first_stage(z))[0]
+        blended = tensor_to_pil(model.decode_first_stage(z, 16))[0]
+        cut = tensor_to_pil(torch.cat([torch.cat([
+            model.decode_first_stage(z[..., y:y + 16, x:x + 16]) for x in range(0, 64, 16)], -1)
+            for y in range(0, 64, 16)], -2))[0]
+
+    def amplified(a):
+        d = np.abs(np.asarray(a, np.int16) - np.asarray(whole, np.int16)) * 8
+        return Image.fromarray(np.clip(d, 0, 255).astype(np.uint8))
+    report.add("fidelity", "built-in VAE 256x256 tiles of 16 (64 px) vs whole", None,
+               note=f"blended PSNR {psnr(blended, whole):.1f} dB, unblended "
+                    f"{psnr(cut, whole):.1f} dB")
+    path = out / "builtin-vae-tiling.png"
+    sheet_of([[whole, blended, cut], [image, amplified(blended), amplified(cut)]], 1).save(path)
+    print(f"  top: whole, blended tiles, unblended tiles; bottom: the input, differences x8: "
+          f"{path.relative_to(ROOT)}", flush=True)
+
+
+OPTIONS = {"deepcache2": ("--deepcache 2", dict(deepcache=2)),
+           "deepcache3": ("--deepcache 3", dict(deepcache=3)),
+           "slicing": ("--attention_slicing", dict(attention_slicing=1024)),
+           "compile": ("--compile", dict(compile=True))}
+
+
+def options_part(args, device, dtypes, sizes, report):
+    """Ours with each option against ours without, alternating, on the same noise: random
+    SD weights at each size, then the built-in model."""
+    import numpy as np
+    import torch
+    from ldm.compare import random_sd
+    from ldm.pipeline import BUILTIN_DIR, Pipeline
+    from sampler_study import psnr
+
+    def run(pipe, size, **options):
+        pipe.set_options(**options)
+        z = pipe.latents(PROMPT, 0, height=size, width=size, progress=False, **RECOMMENDED)
+        return z, pipe.decode(z)[0]
+
+    def compare(pipe, size, label):
+        with torch.inference_mode():
+            z, image = run(pipe, size)  # the plain run's result, for the distances
+        chosen = list(OPTIONS) if args.options == "all" else args.options.split(",")
+        for name, options in (OPTIONS[k] for k in chosen):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                z_opt, image_opt = run(pipe, size, **options)  # warm-up (compiles)
+            warm = time.perf_counter() - start
+            m = timed({"plain": lambda: run(pipe, size),
+                       "option": lambda: run(pipe, size, **options)},
+                      args.image_repeats, device, warmup=False)
+            pipe.set_options()  # all off again (--compile: back to eager)
+            rel = float((z_opt - z).norm() / z.norm())
+            exact = np.array_equal(np.asarray(image_opt), np.asarray(image))
+            report.add("options", f"{label} {name}", m["option"],
+                       note=f"plain {m['plain']:.3f} s, speed-up {m['plain'] / m['option']:.2f}x; "
+                            + ("image identical" if exact else
+                               f"PSNR {psnr(image_opt, image):.1f} dB, latents {rel:.2e}")
+                            + (f"; first run {warm:.0f} s" if options.get("compile") else ""))
+    model, _ = random_sd()
+    model.to(device)
+    for d in dtypes:  # fp32 first: the casts are one way
+        pipe = Pipeline(model, device, PRECISION[d], watermark=False, model_name="random SD v1")
+        for s in sizes:
+            compare(pipe, s, f"{s}x{s} {d} 2M Karras 20")
+        torch._dynamo.reset()  # drop the compiled code and its frozen copy of the weights
+        gc.collect()
+    del model, pipe
+    gc.collect()
+    for d in dtypes:
+        pipe = Pipeline.load(BUILTIN_DIR / "model.safetensors", device=device, safety=False,
+                             watermark=False, precision=PRECISION[d])
+        compare(pipe, pipe.native_size, f"built-in {d} 2M Karras 20")
+
+
+TILING_RUN = """
+import resource, sys, time, torch
+sys.path.insert(0, {root!r})
+from ldm.compare import random_sd
+from ldm.pipeline import Pipeline
+model, _ = random_sd()
+pipe = Pipeline(model, torch.device("cpu"), {precision!r}, watermark=False)
+pipe.set_options(vae_tiling={tile})
+z = torch.randn(1, 4, {side} // 8, {side} // 8, generator=torch.Generator().manual_seed(0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+image = pipe.decode(z)[0]
+seconds = time.perf_counter() - start
+image.save({out!r})
+print(seconds, before / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+"""
+
+
+def tiling_part(args, dtypes, report, side=1024):
+    """A 1024x1024 VAE decode in a fresh process, whole and in 512-px tiles: seconds, peak
+    RSS (and the RSS before the decode: the weights), PSNR of the tiled image."""
+    import subprocess
+    import tempfile
+
+    from PIL import Image
+
+    from sampler_study import psnr
+    for d in dtypes:
+        if d == "fp16":
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            got = {}
+            for tile in (None, 64):
+                out = str(Path(tmp) / f"{tile}.png")
+                code = TILING_RUN.format(root=str(ROOT), precision=PRECISION[d], tile=tile,
+                                         side=side, out=out)
+                line = subprocess.run([sys.executable, "-c", code], check=True,
+                                      capture_output=True, text=True).stdout.split()
+                got[tile] = [float(v) for v in line] + [Image.open(out).convert("RGB")]
+            (t0, b0, p0, whole), (t1, b1, p1, tiled_image) = got[None], got[64]
+            report.add("tiling", f"VAE decode {side}x{side} {d} --vae_tiling", t1,
+                       note=f"whole {t0:.1f} s; peak RSS {p1:.2f} GiB against {p0:.2f} GiB "
+                            f"(decoder activations {p1 - b1:.2f} against {p0 - b0:.2f} GiB); "
+                            f"PSNR to the whole decode {psnr(tiled_image, whole):.1f} dB")
 
 
 if __name__ == "__main__":

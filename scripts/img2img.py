@@ -39,7 +39,8 @@ def run(args, job):
     cli.check_sampling(args, choice)
     g = choice.geometry
     image = cli.read_image(args.init_img, args, g.factor or 8, "init image")
-    cli.check_size(g, image.height, image.width, args.n_samples, args.device)
+    cli.check_size(g, image.height, image.width, args.n_samples, args.device,
+                   args.vae_tiling)
     cli.check_safety_checker(args)
     cli.draw_seed(args)
     work = cli.batches(args, cli.prompt_list(args))

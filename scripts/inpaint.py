@@ -134,7 +134,7 @@ def run(args, job):
                      file_hash(mask_path, chars=64)))
     for _, image, *_ in jobs:
         cli.check_size(g, image.height, image.width, 1 if args.indir else args.n_samples,
-                       args.device)
+                       args.device, args.vae_tiling)
     cli.check_safety_checker(args)
     cli.draw_seed(args)
     out = job.track(Outputs(args.outdir).check())

@@ -44,7 +44,7 @@ def check(args, choice):
         raise cli.UsageError(f"--f {args.f} does not match the model's downsampling factor "
                              f"{g.factor}")
     height, width = args.H or g.native_size, args.W or g.native_size
-    cli.check_size(g, height, width, args.n_samples, args.device)
+    cli.check_size(g, height, width, args.n_samples, args.device, args.vae_tiling)
     return height, width
 
 

@@ -50,8 +50,30 @@ class CrossAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)
+        rows = self.slice_rows
+        if rows and n > rows:  # each query's row is independent: exact, in pieces
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + rows], k, v)
+                             for i in range(0, n, rows)], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+    slice_rows = None  # attention slicing: at most this many queries at a time (``set_attention_slicing``)
+
+
+def set_attention_slicing(model, rows):
+    """Attention slicing for every ``CrossAttention`` in ``model``: at most ``rows`` queries
+    at a time (None: all at once). The attention weights of a slice are
+    [batch, heads, rows, keys] instead of [batch, heads, queries, keys], which is what
+    bounds memory where SDPA materialises them (its "math" kernel, e.g. on MPS or for
+    dtypes without a fused kernel); the fused CPU and CUDA kernels never hold them whole,
+    so there it saves nothing (see the README's speed section)."""
+    if rows is not None and rows < 1:
+        raise ValueError(f"attention slices must have at least 1 row, got {rows}")
+    for module in model.modules():
+        if isinstance(module, CrossAttention):
+            module.slice_rows = rows
+    return model
 
 
 class BasicTransformerBlock(nn.Module):

@@ -112,19 +112,20 @@ class LatentDiffusion(nn.Module):
     def get_learned_conditioning(self, prompts):
         return self.cond_stage_model.encode(prompts)
 
-    def encode_first_stage(self, x):
-        return self.first_stage_model.encode(x)
+    def encode_first_stage(self, x, tile=None):
+        return self.first_stage_model.encode(x, tile)
 
     def get_first_stage_encoding(self, posterior, generator=None):
         return self.scale_factor * posterior.sample(generator)
 
-    def encode_image(self, x):
+    def encode_image(self, x, tile=None):
         """Image [B, 3, H, W] in [-1, 1] -> latents: the posterior's mean times
-        ``scale_factor`` (deterministic; CompVis and diffusers draw a sample instead)."""
-        return self.scale_factor * self.encode_first_stage(x).mode()
+        ``scale_factor`` (deterministic; CompVis and diffusers draw a sample instead).
+        ``tile``: in tiles of that many latent pixels (``AutoencoderKL.encode``)."""
+        return self.scale_factor * self.encode_first_stage(x, tile).mode()
 
-    def decode_first_stage(self, z):
-        return self.first_stage_model.decode(z / self.scale_factor)
+    def decode_first_stage(self, z, tile=None):
+        return self.first_stage_model.decode(z / self.scale_factor, tile)
 
     def apply_model(self, x_noisy, t, cond, c_concat=None):
         """The UNet's raw prediction (eps or v, per ``parameterization``), in float32

@@ -3,6 +3,8 @@
 Attribute paths equal the ``model.diffusion_model.*`` keys of official checkpoints, including
 the positional slots of ``nn.Sequential`` (activations and Dropout) that those keys count.
 """
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,12 +169,59 @@ class UNetModel(nn.Module):
 
     def forward(self, x, timesteps, context=None):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        cache = self.feature_cache
+        reuse = cache is not None and cache.reuse(x)
+        # with a feature cache, only the `keep` shallowest blocks of each side run on the
+        # steps that reuse the deep features (DeepCache)
+        keep = len(self.input_blocks) if cache is None else cache.branch + 1
         h, skips = x, []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:keep] if reuse else self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        first = len(self.output_blocks) - keep if reuse else 0
+        h = cache.features if reuse else self.middle_block(h, emb, context)
+        for j, block in enumerate(self.output_blocks[first:], first):
+            if cache is not None and not reuse and j == len(self.output_blocks) - keep:
+                cache.features = h
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
+
+    feature_cache = None  # a FeatureCache while one is in use (``caching``)
+
+    @contextmanager
+    def caching(self, interval, branch=1):
+        """DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free")
+        for the calls made inside: every ``interval``-th call runs the whole UNet and keeps
+        the features entering its ``branch + 1`` last output blocks; the calls between run
+        only the ``branch + 1`` first input blocks and those last output blocks, on the
+        kept features. ``branch=1`` (DeepCache's choice for SD v1: the skip branch after the
+        first ResBlock and transformer) runs 2 of the 12 blocks on each side."""
+        if interval < 1:
+            raise ValueError(f"the cache interval must be at least 1, got {interval}")
+        if not 0 <= branch < min(len(self.input_blocks), len(self.output_blocks)):
+            raise ValueError(f"branch must be in [0, {len(self.output_blocks) - 1}]")
+        self.feature_cache = FeatureCache(interval, branch) if interval > 1 else None
+        try:
+            yield self.feature_cache
+        finally:
+            self.feature_cache = None
+
+
+class FeatureCache:
+    """The deep features a UNet keeps between the calls of a ``UNetModel.caching`` block,
+    and which calls reuse them: all but every ``interval``-th, counted from the first
+    (which runs the whole UNet). A call with another batch size runs the whole UNet."""
+
+    def __init__(self, interval, branch=1):
+        self.interval, self.branch = interval, branch
+        self.calls = 0      # UNet calls so far
+        self.full = 0       # of which ran the whole UNet
+        self.features = None
+
+    def reuse(self, x):
+        reuse = (self.calls % self.interval != 0 and self.features is not None
+                 and self.features.shape[0] == x.shape[0])
+        self.calls += 1
+        self.full += not reuse
+        return reuse
