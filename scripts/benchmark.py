@@ -1,7 +1,7 @@
 """Ours against diffusers on identical weights, in one process, interleaved: the speed
 figures of the README and of the closing notes.
 
-    python scripts/benchmark.py                                  # everything (about 2 h here)
+    python scripts/benchmark.py                                  # everything (about 2.5 h here)
     python scripts/benchmark.py --parts peak,unet,vae,text --sizes 256
     python scripts/benchmark.py --parts image --sizes 512 --image_repeats 1
     python scripts/benchmark.py --parts memory                   # fresh processes, 512x512
