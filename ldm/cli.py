@@ -159,7 +159,7 @@ def add_model_arguments(p):
                    nargs="?", const=1024, default=None, metavar="ROWS",
                    help="attention in slices of ROWS queries (default 1024): less memory "
                         "where attention is not fused (MPS), exact")
-    g.add_argument("--vae_tiling", "--vae-tiling", type=number(int, 8), nargs="?", const=64,
+    g.add_argument("--vae_tiling", "--vae-tiling", type=number(int, 16), nargs="?", const=64,
                    default=None, metavar="LATENT_PX",
                    help="decode and encode in blended tiles of LATENT_PX latent pixels "
                         "(default 64, 512 px for SD), for images too large to decode whole")

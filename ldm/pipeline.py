@@ -243,8 +243,8 @@ class Pipeline:
             raise UsageError(f"--attention_slicing must be at least 1, got {attention_slicing}")
         if vae_tiling is True:
             vae_tiling = 64
-        if vae_tiling is not None and vae_tiling is not False and vae_tiling < 8:
-            raise UsageError(f"--vae_tiling tiles must be at least 8 latent pixels, got {vae_tiling}")
+        if vae_tiling is not None and vae_tiling is not False and vae_tiling < 16:
+            raise UsageError(f"--vae_tiling tiles must be at least 16 latent pixels, got {vae_tiling}")
         self.deepcache = deepcache if deepcache and deepcache > 1 else None
         self.vae_tile = vae_tiling or None
         self.attention_slicing = attention_slicing

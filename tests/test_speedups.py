@@ -279,19 +279,19 @@ def test_every_script_takes_the_flags_and_records_them(tmp_path, ckpts, script):
     from conftest import TINY_CONFIG
     from ldm.image_io import read_parameters
     image, mask = tmp_path / "image.png", tmp_path / "mask.png"
-    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(image)
-    m = np.zeros((64, 64), np.uint8)
-    m[16:48, 16:48] = 255
+    Image.fromarray(np.full((128, 128, 3), 120, np.uint8)).save(image)
+    m = np.zeros((128, 128), np.uint8)
+    m[32:96, 32:96] = 255
     Image.fromarray(m).save(mask)
-    task = {"txt2img": ["--H", "64", "--W", "64"], "img2img": ["--init-img", str(image)],
+    task = {"txt2img": ["--H", "128", "--W", "128"], "img2img": ["--init-img", str(image)],
             "inpaint": ["--image", str(image), "--mask", str(mask)]}[script]
     args = ["--ckpt", str(ckpts["ckpt"]), "--config", str(TINY_CONFIG), "--device", "cpu",
             "--ddim_steps", "4", "--n_samples", "1", "--n_iter", "1", "--outdir",
-            str(tmp_path / "out"), "--deepcache", "2", "--vae_tiling", "8",
+            str(tmp_path / "out"), "--deepcache", "2", "--vae_tiling", "16",
             "--attention_slicing", *task]
     assert importlib.import_module(script).main(args) == 0
     params = read_parameters(next((tmp_path / "out").rglob("0000*.png")))
-    assert params["deepcache"] == 2 and params["vae_tiling"] == 8
+    assert params["deepcache"] == 2 and params["vae_tiling"] == 16
     assert params["attention_slicing"] == 1024
 
 
