@@ -150,7 +150,7 @@ def add_model_arguments(p):
                              "\"Speed and precision\")")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (inductor: a C++ compiler on the CPU, Triton "
-                        "on CUDA); the first step compiles, for a minute or more")
+                        "on CUDA); the first image compiles, for about 2 minutes on a 2-core CPU")
     g.add_argument("--deepcache", type=number(int, 1, 1000), default=None, metavar="N",
                    help="DeepCache: run the whole UNet on every N-th call only and reuse its "
                         "deep features between (N=3: about 2x faster, a close but not equal "
