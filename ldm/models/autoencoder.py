@@ -95,16 +95,16 @@ def tiled(fn, x, tile, scale_in, scale_out, overlap=None):
         return fn(x)
     out = weight = None
     fade = overlap * scale_out
+    th, tw = min(tile, h), min(tile, w)
     for y in ys:
+        wy = tile_ramp(th * scale_out, fade, y == 0, y + th == h, x.device)
         for x0 in xs:
-            th, tw = min(tile, h), min(tile, w)
             part = fn(x[..., y * scale_in:(y + th) * scale_in, x0 * scale_in:(x0 + tw) * scale_in])
             if out is None:
                 out = part.new_zeros(*part.shape[:2], h * scale_out, w * scale_out,
                                      dtype=torch.float32)  # summed in float32
                 weight = out.new_zeros(h * scale_out, w * scale_out)
-            wy = tile_ramp(th * scale_out, fade, y == 0, y + th == h, part.device)
-            wx = tile_ramp(tw * scale_out, fade, x0 == 0, x0 + tw == w, part.device)
+            wx = tile_ramp(tw * scale_out, fade, x0 == 0, x0 + tw == w, x.device)
             wt = wy[:, None] * wx[None]
             rows = slice(y * scale_out, (y + th) * scale_out)
             cols = slice(x0 * scale_out, (x0 + tw) * scale_out)
