@@ -15,7 +15,8 @@ INSTALL_REQUIRES = [
 ]
 TRAIN_REQUIRES = ["pytorch-lightning>=2.0"]
 TEST_REQUIRES = ["pytest", "diffusers>=0.30", "transformers>=4.40",
-                 "torchsde"] + TRAIN_REQUIRES  # torchsde: the referee for DPM++ SDE
+                 "torchsde", "peft"] + TRAIN_REQUIRES
+# torchsde: the referee for DPM++ SDE; peft: diffusers' LoRA loading, the referee for ours
 
 setup(
     name="latent-diffusion-txt2img",

@@ -174,6 +174,24 @@ def _load_safetensors(path):
     return out
 
 
+def safetensors_metadata(path):
+    """The ``__metadata__`` strings of a .safetensors file's header ({} when it has none,
+    or is not a safetensors file)."""
+    import json
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8 or head[:2] == b"PK" or head[:1] == b"\x80":
+                return {}
+            n = int.from_bytes(head, "little")
+            if n > 100 << 20:
+                return {}
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return {}
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+
+
 def load_state_dict_file(path):
     """A checkpoint file (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``) -> {key: tensor}.
 
@@ -202,7 +220,11 @@ def load_state_dict_file(path):
 
 def file_hash(path, chars=10):
     """Short SHA-256 of a checkpoint, as recorded in image metadata (cached beside nothing:
-    hashing reads the file once; a 4 GB file takes a few seconds)."""
+    hashing reads the file once; a 4 GB file takes a few seconds). A diffusers folder's
+    hash is over its three weight files (``ldm.convert.folder_weights_hash``)."""
+    if Path(path).is_dir():
+        from ldm.convert import folder_weights_hash
+        return folder_weights_hash(path)[:chars]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

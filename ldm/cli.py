@@ -146,6 +146,27 @@ def add_model_arguments(p):
     p.add_argument("--safety_checker", type=nonempty, default=None, metavar="PATH|none",
                    help="safety checker weights (default: models/safety_checker/ or the HF "
                         "cache); 'none' turns it off")
+    t = p.add_argument_group("LoRA, embeddings, VAE and prompts (see the README's "
+                             "\"SD 1.x toolbox\")")
+    t.add_argument("--lora", action="append", type=lora_spec, default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA or LoCon file (kohya-ss or diffusers/PEFT naming), merged "
+                        "with WEIGHT (default 1); repeat for several")
+    t.add_argument("--embedding", action="append", type=embedding_spec, default=[],
+                   metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers "
+                        ".bin); its token, the file's name unless given, can be used in "
+                        "prompts and negative prompts; repeat for several")
+    t.add_argument("--prompt-syntax", "--prompt_syntax", dest="prompt_syntax",
+                   choices=["compvis", "a1111"], default="compvis",
+                   help="compvis: plain text, cut at 77 tokens (CompVis'); a1111: (word), "
+                        "[word], (word:1.3), BREAK and prompts of any length, as A1111")
+    t.add_argument("--vae", type=nonempty, default=None, metavar="FILE",
+                   help="an autoencoder that replaces the checkpoint's (e.g. "
+                        "vae-ft-mse-840000-ema-pruned; CompVis or diffusers layout)")
+    t.add_argument("--clip-skip", "--clip_skip", dest="clip_skip", type=number(int, 1, 12),
+                   default=1, metavar="N",
+                   help="condition on the text encoder's N-th layer from the end (A1111's "
+                        "meaning: 1 = the last, 2 = the penultimate), final layer norm applied")
     g = p.add_argument_group("speed and memory (all off by default; see the README's "
                              "\"Speed and precision\")")
     g.add_argument("--compile", action="store_true",
@@ -166,6 +187,56 @@ def add_model_arguments(p):
     g.add_argument("--offload", action="store_true",
                    help="CUDA: keep the weights on the CPU and move the text encoder, UNet "
                         "and autoencoder to the GPU only while each runs")
+
+
+def lora_spec(text):
+    """An argparse type: ``FILE`` or ``FILE:WEIGHT`` -> (FILE, weight). The weight is what
+    follows the last colon when that parses as a finite number (so ``C:\\x.safetensors``
+    stays a path)."""
+    path, sep, tail = text.rpartition(":")
+    weight = 1.0
+    if sep and path:
+        try:
+            weight = float(tail)
+        except ValueError:
+            path = text
+        else:
+            if not math.isfinite(weight):
+                raise argparse.ArgumentTypeError(f"{text}: the weight {tail} is not finite")
+    else:
+        path = text
+    if not path.strip():
+        raise argparse.ArgumentTypeError("needs a file")
+    return path, weight
+
+
+def embedding_spec(text):
+    """An argparse type: ``FILE`` or ``FILE:TOKEN`` -> (FILE, TOKEN or None). A text that
+    is itself an existing file is a file (``C:\\x.pt``, a name with a colon)."""
+    path, sep, token = text.rpartition(":")
+    if Path(text).exists() or not sep or not path or any(c in token for c in "/\\"):
+        return text, None
+    if not token.strip():
+        raise argparse.ArgumentTypeError(f"{text}: the token after ':' is empty")
+    return path, token
+
+
+def check_model_files(args):
+    """The files a run adds to the model (safety checker, LoRAs, VAE) exist, before the
+    slow load."""
+    check_safety_checker(args)
+    for path, _ in getattr(args, "lora", None) or ():
+        if not Path(path).is_file():
+            raise InputError(f"--lora {path}: " + ("is a folder: give the LoRA file itself"
+                                                    if Path(path).is_dir() else "not found"))
+    for path, _ in getattr(args, "embedding", None) or ():
+        if not Path(path).is_file():
+            raise InputError(f"--embedding {path}: " + (
+                "is a folder: give the embedding file itself" if Path(path).is_dir()
+                else "not found"))
+    vae = getattr(args, "vae", None)
+    if vae is not None and not Path(vae).exists():
+        raise InputError(f"--vae {vae}: not found")
 
 
 def read_prompts(path):
@@ -292,7 +363,12 @@ def load_pipeline(args, choice):
         log.info("--compile: the UNet is compiled at its first step (a few minutes on a CPU)")
     pipe = Pipeline.load(choice, device=device, precision=args.precision,
                          safety=args.safety_checker != "none",
-                         safety_checker_path=args.safety_checker, offload=args.offload)
+                         safety_checker_path=args.safety_checker, offload=args.offload,
+                         vae=args.vae)
+    pipe.set_loras(args.lora)
+    for path, token in args.embedding:
+        pipe.load_embedding(path, token)
+    pipe.set_text_options(clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax)
     pipe.set_options(compile=args.compile, deepcache=args.deepcache,
                      attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling)
     inpainting = choice.geometry.is_inpainting

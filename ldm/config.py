@@ -241,6 +241,8 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
         sniff_checkpoint(ckpt)
     if config is None:
         beside = Path(ckpt).parent / "config.yaml"
+        if Path(ckpt).is_dir():
+            beside = Path(ckpt) / "config.yaml"  # a diffusers folder: never its parent's
         if beside.exists():
             config = beside
         else:
@@ -258,6 +260,9 @@ def unet_in_channels(path):
     .safetensors header only; a pickle is opened memory-mapped by the safe loader."""
     import json
     path = Path(path)
+    if path.is_dir():  # a diffusers folder: its UNet's config says
+        from ldm.convert import folder_kind
+        return 9 if folder_kind(path)["inpainting"] else 4
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) == 8 and head[:2] != b"PK" and head[:1] != b"\x80":
@@ -284,16 +289,17 @@ def _same_file(a, b):
 
 def sniff_checkpoint(path):
     """Say in one line what ``path`` is when it is clearly not a checkpoint file: missing,
-    a folder (a diffusers folder is named as such), empty, a Git LFS pointer, a web page or
-    other text."""
+    a folder (other than a diffusers pipeline folder, which is a checkpoint too), empty, a
+    Git LFS pointer, a web page or other text."""
     path = Path(path)
     if path.is_dir():
-        if (path / "model_index.json").is_file() or (path / "unet").is_dir():
+        if (path / "model_index.json").is_file():
+            return  # a diffusers pipeline folder: ldm.convert reads it
+        if (path / "unet").is_dir():
             raise InputError(
-                f"{path} is a diffusers-format folder (model_index.json, unet/, vae/, "
-                f"text_encoder/): give a single-file checkpoint (.ckpt/.safetensors) instead, "
-                f"e.g. one converted with diffusers' "
-                f"scripts/convert_diffusers_to_original_stable_diffusion.py")
+                f"{path} looks like a diffusers folder without its model_index.json: give "
+                f"the whole pipeline folder (model_index.json, unet/, vae/, text_encoder/), "
+                f"or a single-file checkpoint (.ckpt/.safetensors)")
         inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
         raise InputError(f"--ckpt {path} is a folder: give the checkpoint file itself"
                          + (f" (it holds {', '.join(inside[:3])})" if inside else ""))

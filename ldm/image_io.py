@@ -37,7 +37,10 @@ def pil_to_tensor(images):
 def parameters_text(p):
     """The one-paragraph text form A1111 writes and reads: prompt, negative prompt, then
     "Key: value" pairs ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, ...")."""
-    lines = [str(p.get("prompt", ""))]
+    loras = p.get("loras") or []
+    # A1111 reads LoRAs from the prompt: <lora:name:weight> (its "Lora hashes" names them)
+    lines = [str(p.get("prompt", "")) + "".join(f" <lora:{x['name']}:{x['weight']:g}>"
+                                                for x in loras)]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     schedule = p.get("schedule")
@@ -47,9 +50,17 @@ def parameters_text(p):
              "scale": "CFG scale", "seed": "Seed", "size": "Size", "eta": "Eta",
              "checkpoint_hash": "Model hash", "model": "Model",
              "strength": "Denoising strength", "mask_blur": "Mask blur",
+             "clip_skip": "Clip skip", "vae_hash": "VAE hash", "vae": "VAE",
+             "lora_hashes": "Lora hashes", "ti_hashes": "TI hashes",
              "deepcache": "DeepCache interval", "vae_tiling": "Tiled VAE"}
     if "width" in p and "height" in p:
         values["size"] = f"{p['width']}x{p['height']}"
+    if p.get("embeddings"):
+        values["ti_hashes"] = '"' + ", ".join(f"{x['token']}: {x['hash']}"
+                                              for x in p["embeddings"]) + '"'
+    if loras:
+        values["lora_hashes"] = '"' + ", ".join(f"{x['name']}: {x['hash']}" for x in loras) + '"'
+
     pairs = [f"{label}: {values[key]}" for key, label in names.items()
              if values.get(key) is not None]
     lines.append(", ".join(pairs))

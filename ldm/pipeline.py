@@ -31,6 +31,7 @@ from ldm.models.diffusion.sampling import (SAMPLERS, resolve_eta, resolve_sample
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("autocast", "full", "bf16")
+PROMPT_SYNTAXES = ("compvis", "a1111")
 SAFETY_HINT = ("put CompVis/stable-diffusion-safety-checker weights in models/safety_checker/, "
                "or pass --safety_checker none to silence this")
 
@@ -144,9 +145,37 @@ def load_model(ckpt, config, device="cpu"):
     The model is built (on ``meta``, instantly) before the weights are read, so a config
     that does not build is reported before the slow part."""
     from ldm.checkpoint import load_model_weights, load_state_dict_file
+    from ldm.convert import is_diffusers_folder, load_diffusers_folder
     model = build_model(config, meta=True)
-    load_model_weights(model, load_state_dict_file(ckpt), source=str(ckpt))
+    sd = (load_diffusers_folder(ckpt, model) if is_diffusers_folder(ckpt)
+          else load_state_dict_file(ckpt))
+    load_model_weights(model, sd, source=str(ckpt))
     return model.eval().requires_grad_(False).to(device)
+
+
+def load_vae(model, path):
+    """Replace ``model``'s autoencoder weights with those of ``path``: a VAE file in
+    CompVis' layout (``encoder.*``/``decoder.*``, e.g. vae-ft-mse-840000-ema-pruned.ckpt),
+    in diffusers' (a ``vae/`` folder's diffusion_pytorch_model.safetensors, or the folder
+    itself), or a whole SD checkpoint's ``first_stage_model.*``. Strict: a file that does
+    not fit is a CheckpointError and the model is unchanged. Returns {"name", "hash"}."""
+    from ldm.checkpoint import (CheckpointError, file_hash, load_state_dict_file,
+                                mismatch_report)
+    from ldm.convert import VAE, component_file, vae_state_dict
+    path = Path(path)
+    if path.is_dir():
+        path = component_file(path.parent, path.name) if (path / "config.json").is_file() \
+            else component_file(path, "vae")
+    sd = vae_state_dict(load_state_dict_file(path), model)
+    vae = model.first_stage_model
+    sub = {k[len(VAE):]: v for k, v in sd.items()}
+    report = mismatch_report(vae, sub)
+    if report:
+        raise CheckpointError(f"--vae {path} does not fit this model's autoencoder: "
+                              f"{report.split('. This looks like')[0]}")
+    dtype = next(vae.parameters()).dtype
+    vae.load_state_dict({k: v.to(dtype) for k, v in sub.items()}, strict=True)
+    return {"name": path.name, "hash": file_hash(path)}
 
 
 @dataclass
@@ -180,6 +209,9 @@ class Pipeline:
         self.compiled = False         # the UNet under torch.compile
         self._compiled_impl = None
         self.offload = False          # submodels on the device only while they run
+        self.lora_stack = None        # merged LoRAs (``set_loras``)
+        self.vae = None               # {"name", "hash"} of a swapped autoencoder
+        self.embeddings = []          # textual inversions added (``load_embedding``)
         self.safety_checker = safety_checker
         self.safety_note = safety_note  # what images say when no checker ran
         self.watermark = watermark
@@ -191,18 +223,22 @@ class Pipeline:
 
     @classmethod
     def load(cls, ckpt=None, config=None, device="auto", precision="autocast", safety=True,
-             safety_checker_path=None, watermark=True, task="txt2img", offload=False):
+             safety_checker_path=None, watermark=True, task="txt2img", offload=False,
+             vae=None):
         """Load a checkpoint (a path, or a ``ModelChoice`` from ``choose_model``; None: SD v1
         if installed, for ``task="inpaint"`` SD's inpainting model first, else the built-in
         model). ``safety=False`` turns the safety checker off;
         without its weights the run says so once (not for the built-in model, which draws
         nothing the checker looks for).
         ``offload`` keeps the weights on the CPU and moves each submodel (text encoder,
-        UNet, autoencoder) to ``device`` only while it runs (``offload_to``)."""
+        UNet, autoencoder) to ``device`` only while it runs (``offload_to``).
+        ``vae``: an autoencoder file that replaces the checkpoint's (``load_vae``)."""
         from ldm.checkpoint import file_hash
         device = pick_device(device) if isinstance(device, str) else device
         choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
-        model = load_model(choice.ckpt, choice.config, "cpu" if offload else device)
+        model = load_model(choice.ckpt, choice.config, "cpu")
+        vae_record = load_vae(model, vae) if vae is not None else None
+        model.to("cpu" if offload else device)
         checker, note = None, "not checked (turned off)"
         if safety:
             from ldm.safety import load_safety_checker
@@ -216,7 +252,61 @@ class Pipeline:
         if offload:
             pipe.offload_to(device)
         pipe.checkpoint = choice.ckpt
+        pipe.vae = vae_record
         return pipe
+
+    # -- text conditioning ---------------------------------------------------------------
+    def set_text_options(self, clip_skip=1, prompt_syntax="compvis"):
+        """``clip_skip``: condition on the text encoder's ``clip_skip``-th layer from the
+        end (1: the last, SD's own; 2: the penultimate, which many SD 1.x fine-tunes were
+        trained with), with the final layer norm applied, as A1111. ``prompt_syntax``:
+        "compvis" (plain text, cut at 77 tokens) or "a1111" (weights, BREAK, any length:
+        ``ldm.modules.encoders.prompts``)."""
+        encoder = self.model.cond_stage_model
+        layers = len(encoder.transformer.text_model.encoder.layers)
+        if not 1 <= int(clip_skip) <= layers:
+            raise UsageError(f"--clip-skip must be in [1, {layers}] for this text encoder "
+                             f"({layers} layers), got {clip_skip}")
+        if prompt_syntax not in PROMPT_SYNTAXES:
+            raise UsageError(f"--prompt-syntax must be one of {PROMPT_SYNTAXES}")
+        encoder.clip_skip = int(clip_skip)
+        encoder.syntax = prompt_syntax
+        return self
+
+    def load_embedding(self, path, token=None):
+        """Add a textual-inversion embedding (``ldm.embeddings``): its token (the file's
+        name unless given) stands for its vectors in prompts and negative prompts. A file
+        that cannot be added raises EmbeddingError and nothing is added."""
+        from ldm.embeddings import check_embedding, read_embedding
+        embedding = read_embedding(path, token)
+        encoder = self.model.cond_stage_model
+        check_embedding(embedding, encoder)
+        with self.on_device("cond_stage_model"):
+            encoder.add_embedding(embedding.token, embedding.vectors)
+        self.embeddings.append({"token": embedding.token, "hash": embedding.hash,
+                                "vectors": embedding.vectors.shape[0]})
+        return embedding.token
+
+    # -- LoRA --------------------------------------------------------------------------
+    def set_loras(self, loras):
+        """Merge exactly these LoRAs into the weights: ``loras`` is [(path or ``Lora``,
+        weight)]; [] removes them all. The base weights are restored bit for bit before
+        (``ldm.lora.LoraStack``), so calls do not accumulate. Every file is read and
+        checked before any weight changes: a bad one raises LoraError with nothing
+        applied. A compiled UNet is compiled again (its frozen weights are a copy)."""
+        from ldm.lora import Lora, LoraStack, read_lora
+        from ldm.convert import module_names
+        names = module_names(self.model) if loras else None
+        read = [(lora if isinstance(lora, Lora) else read_lora(lora, self.model, names),
+                 float(weight)) for lora, weight in loras]
+        if self.lora_stack is None:
+            self.lora_stack = LoraStack(self.model)
+        self.lora_stack.set(read)
+        if self.compiled:
+            self.model.model.diffusion_model._compiled_call_impl = None
+            self._compiled_impl = None
+            self._compile()
+        return self
 
     # -- speed and memory options ---------------------------------------------------------
     def set_options(self, compile=False, deepcache=None, attention_slicing=None,
@@ -308,7 +398,15 @@ class Pipeline:
 
     def options_record(self):
         """The options an image was made with, for its parameters (only those in use)."""
-        record = {"deepcache": self.deepcache, "vae_tiling": self.vae_tile,
+        loras = self.lora_stack.record() if self.lora_stack else []
+        encoder = self.model.cond_stage_model
+        record = {"loras": loras or None,
+                  "embeddings": list(self.embeddings) or None,
+                  "vae": self.vae["name"] if self.vae else None,
+                  "vae_hash": self.vae["hash"] if self.vae else None,
+                  "clip_skip": encoder.clip_skip if encoder.clip_skip > 1 else None,
+                  "prompt_syntax": encoder.syntax if encoder.syntax != "compvis" else None,
+                  "deepcache": self.deepcache, "vae_tiling": self.vae_tile,
                   "attention_slicing": self.attention_slicing,
                   "compile": True if self.compiled else None,
                   "offload": True if self.offload else None}
@@ -437,6 +535,7 @@ class Pipeline:
                 cond = self.model.get_learned_conditioning(prompts)
                 uncond = (self.model.get_learned_conditioning(negative_prompts)
                           if scale != 1.0 else None)
+                cond, uncond = self.model.cond_stage_model.equalize(cond, uncond)
             unet = self.model.model.diffusion_model
             with self.on_device("model"), unet.caching(self.deepcache or 1):
                 z = sample(self.model, sampler, noise, steps, cond, uncond, scale, eta=eta,

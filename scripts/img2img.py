@@ -41,7 +41,7 @@ def run(args, job):
     image = cli.read_image(args.init_img, args, g.factor or 8, "init image")
     cli.check_size(g, image.height, image.width, args.n_samples, args.device,
                    args.vae_tiling)
-    cli.check_safety_checker(args)
+    cli.check_model_files(args)
     cli.draw_seed(args)
     work = cli.batches(args, cli.prompt_list(args))
     out = job.track(Outputs(args.outdir).check())

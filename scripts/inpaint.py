@@ -135,7 +135,7 @@ def run(args, job):
     for _, image, *_ in jobs:
         cli.check_size(g, image.height, image.width, 1 if args.indir else args.n_samples,
                        args.device, args.vae_tiling)
-    cli.check_safety_checker(args)
+    cli.check_model_files(args)
     cli.draw_seed(args)
     out = job.track(Outputs(args.outdir).check())
     if args.indir:

@@ -53,7 +53,7 @@ def run(args, job):
 
     choice = cli.choose_model(args)  # the config is read and checked; no weights yet
     height, width = check(args, choice)
-    cli.check_safety_checker(args)
+    cli.check_model_files(args)
     cli.draw_seed(args)
     work = cli.batches(args, cli.prompt_list(args))  # reads --from-file before the load
     out = job.track(Outputs(args.outdir).check())

@@ -58,6 +58,7 @@ def bad_files(tmp_path, ckpts):
     (f / "cut.ckpt").write_bytes(ckpts["ckpt"].read_bytes()[:5000])
     (f / "diffusers" / "unet").mkdir(parents=True)
     (f / "diffusers" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (f / "diffusers-no-index" / "unet").mkdir(parents=True)
     (f / "folder").mkdir()
     (f / "folder" / "v1-5.safetensors").write_bytes(b"x")
     (f / "bad.yaml").write_text("model:\n  target: [unclosed\n")
@@ -129,7 +130,10 @@ BAD = [
     ("precision", lambda f, ck: tiny(ck, "--precision", "fp8"), "invalid choice: 'fp8'"),
     ("ckpt-missing", lambda f, ck: ["--ckpt", f / "nope.ckpt"], "checkpoint not found"),
     ("ckpt-folder", lambda f, ck: ["--ckpt", f / "folder"], "is a folder: give the checkpoint file"),
-    ("ckpt-diffusers", lambda f, ck: ["--ckpt", f / "diffusers"], "diffusers-format folder"),
+    ("ckpt-diffusers-incomplete", lambda f, ck: ["--ckpt", f / "diffusers"],
+     "the diffusers folder is incomplete"),
+    ("ckpt-diffusers-no-index", lambda f, ck: ["--ckpt", f / "diffusers-no-index"],
+     "without its model_index.json"),
     ("ckpt-text", lambda f, ck: ["--ckpt", f / "notes.txt"], "is not a checkpoint: it is a text file"),
     ("ckpt-web-page", lambda f, ck: ["--ckpt", f / "page.ckpt"], "a web page"),
     ("ckpt-lfs-pointer", lambda f, ck: ["--ckpt", f / "lfs.ckpt"], "Git LFS pointer"),

@@ -105,8 +105,9 @@ class CLIPEncoder(nn.Module):
                              cfg.hidden_act, cfg.layer_norm_eps)
             for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x, causal):
-        for layer in self.layers:
+    def forward(self, x, causal, skip=1):
+        """Through the layers, all but the last ``skip - 1``."""
+        for layer in self.layers[:len(self.layers) - (skip - 1)]:
             x = layer(x, causal)
         return x
 
@@ -128,9 +129,11 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids):
-        """Token ids [B, N] -> last hidden state [B, N, width] (causal attention, final LN)."""
-        return self.final_layer_norm(self.encoder(self.embeddings(ids), causal=True))
+    def forward(self, ids, skip=1):
+        """Token ids [B, N] -> last hidden state [B, N, width] (causal attention, final LN).
+        ``skip`` = N > 1: the hidden state N - 1 layers before the last, with the final
+        layer norm applied (A1111's "clip skip")."""
+        return self.final_layer_norm(self.encoder(self.embeddings(ids), causal=True, skip=skip))
 
 
 class CLIPTextModel(nn.Module):
@@ -141,8 +144,8 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, ids):
-        return self.text_model(ids)
+    def forward(self, ids, skip=1):
+        return self.text_model(ids, skip)
 
 
 class CLIPVisionEmbeddings(nn.Module):

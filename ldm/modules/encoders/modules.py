@@ -23,6 +23,9 @@ class FrozenCLIPEmbedder(nn.Module):
                  intermediate_size=None, hidden_act="quick_gelu"):
         super().__init__()
         self.max_length = max_length
+        self.clip_skip = 1  # 2: the penultimate layer's output (A1111's clip skip)
+        self.syntax = "compvis"  # or "a1111": weights, BREAK, any length (prompts.py)
+        self.added = {}  # textual-inversion tokens -> their ids (``add_embedding``)
         self.transformer = CLIPTextModel(CLIPTextConfig(
             vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
             num_attention_heads=heads, intermediate_size=intermediate_size or 4 * width,
@@ -36,25 +39,95 @@ class FrozenCLIPEmbedder(nn.Module):
             p.requires_grad = False
 
     @staticmethod
-    def tokenize(texts, max_length=77):
-        """Token ids [B, max_length] exactly as SD v1's tokenizer gave them (see tokenizer.py)."""
+    def tokenize(texts, max_length=77, added=None):
+        """Token ids [B, max_length] exactly as SD v1's tokenizer gave them (see tokenizer.py);
+        ``added``: {token: [ids]} of textual-inversion embeddings."""
         from ldm.modules.encoders.tokenizer import tokenize
-        return tokenize(list(texts), max_length)
+        return tokenize(list(texts), max_length, added)
 
     def warn_truncated(self, texts):
+        if self.syntax == "a1111":
+            return self.warn_syntax(texts)
         from ldm.modules.encoders.tokenizer import truncation
         for text in dict.fromkeys(texts):
-            dropped = truncation(text, self.max_length)
+            dropped = truncation(text, self.max_length, self.added)
             if dropped is not None:
-                log.warning("prompt is longer than %d tokens and was cut; dropped: %r",
+                log.warning("prompt is longer than %d tokens and was cut; dropped: %r "
+                            "(--prompt-syntax a1111 takes prompts of any length)",
                             self.max_length, dropped)
 
+    def warn_syntax(self, texts):
+        from ldm.modules.encoders.prompts import parse_attention
+        for text in dict.fromkeys(texts):
+            for warning in parse_attention(text)[1]:
+                log.warning("%s: %r", warning, text)
+
+    @property
+    def token_embedding(self):
+        return self.transformer.text_model.embeddings.token_embedding
+
     def forward(self, texts):
-        ids = self.tokenize(texts, self.max_length)
-        return self.encode_ids(ids.to(self.transformer.text_model.embeddings.token_embedding.weight.device))
+        ids = self.tokenize(texts, self.max_length, self.added)
+        return self.encode_ids(ids.to(self.token_embedding.weight.device))
 
     def encode_ids(self, ids):
-        return self.transformer(ids)
+        return self.transformer(ids, self.clip_skip)
 
     def encode(self, texts):
-        return self(texts)
+        """Prompts -> [B, 77 * chunks, width]: CompVis' plain text (77 tokens), or with
+        ``syntax = "a1111"`` weighted and of any length (``ldm.modules.encoders.prompts``;
+        prompts of fewer chunks are padded with the empty prompt's encoding)."""
+        if self.syntax != "a1111":
+            return self(texts)
+        encoded = [self.encode_weighted(text) for text in texts]
+        return self.pad_to(encoded, max(z.shape[0] for z in encoded))
+
+    def encode_weighted(self, text):
+        """One prompt in A1111's syntax -> its weighted chunks [n, 77, width]."""
+        from ldm.modules.encoders.prompts import chunk_prompt, parse_attention, weight_chunks
+        from ldm.modules.encoders.tokenizer import get_tokenizer
+        tok = get_tokenizer()
+        pieces, _ = parse_attention(text)
+        chunks = chunk_prompt(pieces, lambda t: tok.units(t, self.added), tok.bos_id,
+                              tok.eos_id, tok.encoder[",</w>"])
+        ids = torch.tensor([c.ids for c in chunks], device=self.token_embedding.weight.device)
+        z = self.encode_ids(ids)
+        return weight_chunks(z, [c.weights for c in chunks]).to(z.dtype)
+
+    def pad_to(self, encoded, n):
+        """[n_i, 77, width] encodings -> [B, 77 * n, width], each padded with the empty
+        prompt's encoding (as A1111 pads a shorter prompt, and the unconditional one)."""
+        empty = None
+        rows = []
+        for z in encoded:
+            if z.shape[0] < n and empty is None:
+                empty = self([""])
+            if z.shape[0] < n:
+                z = torch.cat([z, empty.to(z.dtype).expand(n - z.shape[0], -1, -1)])
+            rows.append(z.reshape(1, -1, z.shape[-1]))
+        return torch.cat(rows)
+
+    def equalize(self, cond, uncond):
+        """``cond`` and ``uncond`` ([B, 77 * n, width]) at one length: the shorter padded
+        with the empty prompt's encoding, chunk by chunk."""
+        if uncond is None or cond.shape[1] == uncond.shape[1]:
+            return cond, uncond
+        n = max(cond.shape[1], uncond.shape[1]) // self.max_length
+
+        def pad(z):
+            return self.pad_to(list(z.reshape(z.shape[0], -1, self.max_length, z.shape[-1])), n)
+        return pad(cond), pad(uncond)
+
+    # -- textual inversion ---------------------------------------------------------------
+    def add_embedding(self, token, vectors):
+        """Grow the vocabulary by ``token``, ``vectors`` [n, width] long: n new rows of the
+        token embedding table, and the tokenizer maps ``token`` in any prompt to their
+        ids. Nothing else changes."""
+        table = self.token_embedding
+        first = table.weight.shape[0]
+        grown = torch.cat([table.weight.data,
+                           vectors.to(table.weight.dtype, copy=True).to(table.weight.device)])
+        table.weight = torch.nn.Parameter(grown, requires_grad=False)
+        table.num_embeddings = grown.shape[0]
+        self.added = {**self.added, token: list(range(first, first + vectors.shape[0]))}
+        return self.added[token]

@@ -92,22 +92,55 @@ class CLIPTokenizer:
                 out.extend(self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
         return out
 
-    def encode(self, text):
-        """Token ids of ``text``, without BOS/EOS."""
-        return [self.encoder[t] for t in self.tokens(text)]
+    def encode(self, text, added=None):
+        """Token ids of ``text``, without BOS/EOS. ``added``: {token: [ids]} of tokens
+        beyond the vocabulary (textual-inversion embeddings), found anywhere in the text,
+        case-insensitively, longest first (as transformers' added tokens)."""
+        return [i for unit in self.units(text, added) for i in unit]
+
+    def units(self, text, added=None):
+        """``encode`` grouped: [[id]] for each BPE token, [ids] for each added token (an
+        embedding's vectors stay together)."""
+        if not added:
+            return [[self.encoder[t]] for t in self.tokens(text)]
+        out = []
+        for n, piece in enumerate(_added_pattern(tuple(sorted(added))).split(text)):
+            if n % 2:
+                out.append(list(added[_lookup(added, piece)]))
+            elif piece:
+                out.extend([self.encoder[t]] for t in self.tokens(piece))
+        return out
+
+    def in_vocabulary(self, token):
+        """Whether ``token`` is one entry of the BPE vocabulary (a word or a word piece)."""
+        t = _clean(token)
+        return t in self.encoder or t + "</w>" in self.encoder
 
     def decode(self, ids):
         text = "".join(self.decoder[i] for i in ids if i not in (self.bos_id, self.eos_id))
         raw = bytearray(self.byte_decoder[c] for c in text.replace("</w>", self.byte_encoder[32]))
         return raw.decode("utf-8", errors="replace").replace("\x00", "").strip()
 
-    def __call__(self, texts, context_length=77):
+    def __call__(self, texts, context_length=77, added=None):
         """``[B, context_length]`` ids: BOS, at most context_length - 2 tokens, EOS, EOS padding."""
         rows = []
         for text in texts:
-            ids = self.encode(text)[:context_length - 2]
+            ids = self.encode(text, added)[:context_length - 2]
             rows.append([self.bos_id] + ids + [self.eos_id] * (context_length - 1 - len(ids)))
         return rows
+
+
+@functools.lru_cache(64)
+def _added_pattern(tokens):
+    return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=len,
+                                                                        reverse=True)) + ")",
+                         regex.IGNORECASE)
+
+
+def _lookup(added, piece):
+    if piece in added:
+        return piece
+    return next(t for t in added if t.lower() == piece.lower())
 
 
 @functools.lru_cache(1)
@@ -115,26 +148,27 @@ def get_tokenizer():
     return CLIPTokenizer()
 
 
-def tokenize(texts, context_length=77):
-    """SD v1 token ids for a list of texts, as a ``LongTensor[B, context_length]``."""
+def tokenize(texts, context_length=77, added=None):
+    """SD v1 token ids for a list of texts, as a ``LongTensor[B, context_length]``
+    (``added``: see ``CLIPTokenizer.encode``)."""
     import torch
     if isinstance(texts, str):
         texts = [texts]
-    return torch.tensor(get_tokenizer()(list(texts), context_length), dtype=torch.long)
+    return torch.tensor(get_tokenizer()(list(texts), context_length, added), dtype=torch.long)
 
 
-def truncation(text, context_length=77):
+def truncation(text, context_length=77, added=None):
     """The words of ``text`` (as the user wrote them) that do not fit in ``context_length``
     tokens, or None when it all fits. A word cut in the middle counts as dropped."""
     tok = get_tokenizer()
     keep = context_length - 2
-    if len(tok.tokens(text)) <= keep:
+    if len(tok.encode(text, added)) <= keep:
         return None
     words = text.split()
     lo, hi = 0, len(words)  # the largest k whose first k words fit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if len(tok.tokens(" ".join(words[:mid]))) <= keep:
+        if len(tok.encode(" ".join(words[:mid]), added)) <= keep:
             lo = mid
         else:
             hi = mid - 1

@@ -1,0 +1,298 @@
+"""SD v1 weights in the diffusers layout and in ours (CompVis'): the one place that knows
+how the two name the same modules.
+
+Our modules carry the original checkpoint's names (``model.diffusion_model.input_blocks.1.1
+...``); diffusers renames them (``unet.down_blocks.0.attentions.0...``). The map is read off
+our model's own structure (which input block is a ResBlock of which level, where the
+downsamplers are), so it holds for any UNet and autoencoder our configs build, SD v1's and
+the tiny test models alike. It serves three readers:
+
+- a diffusers pipeline folder given as ``--ckpt`` (``load_diffusers_folder``), converted
+  to our keys on load: the reverse of diffusers' single-file converter;
+- a VAE file in the diffusers layout (``--vae``);
+- LoRA files, whose module names are diffusers' (kohya-ss trains SD 1.x on diffusers'
+  UNet) or ours (``module_names``).
+
+Module prefixes: ours are full paths in ``LatentDiffusion``; diffusers' start with the
+pipeline component (``unet.``, ``vae.``, ``text_encoder.``).
+"""
+import json
+from pathlib import Path
+
+from ldm.checkpoint import CheckpointError
+
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+RESBLOCK_INNER = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                  "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+VAE_RESNET_INNER = {"nin_shortcut": "conv_shortcut"}
+VAE_ATTENTION_INNER = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
+                       "proj_out": "to_out.0"}
+# diffusers' older names for the VAE's attention (before 0.15), still in many saved folders
+VAE_ATTENTION_LEGACY = {"to_q": "query", "to_k": "key",
+                        "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def _unet_blocks(unet):
+    """[(our module path, diffusers module path, inner renames)] for the UNet's blocks."""
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
+    blocks = [("time_embed.0", "time_embedding.linear_1", {}),
+              ("time_embed.2", "time_embedding.linear_2", {}),
+              ("input_blocks.0.0", "conv_in", {}), ("out.0", "conv_norm_out", {}),
+              ("out.2", "conv_out", {})]
+
+    def parts(ours, layers, level, j, up):
+        for n, layer in enumerate(layers):
+            if isinstance(layer, ResBlock):
+                blocks.append((f"{ours}.{n}", f"{up}.{level}.resnets.{j}", RESBLOCK_INNER))
+            elif isinstance(layer, SpatialTransformer):
+                blocks.append((f"{ours}.{n}", f"{up}.{level}.attentions.{j}", {}))
+            elif isinstance(layer, Downsample):
+                blocks.append((f"{ours}.{n}", f"{up}.{level}.downsamplers.0", {"op": "conv"}))
+            elif isinstance(layer, Upsample):
+                blocks.append((f"{ours}.{n}", f"{up}.{level}.upsamplers.0", {}))
+
+    level = j = 0
+    for k, block in enumerate(unet.input_blocks[1:], start=1):
+        parts(f"input_blocks.{k}", block, level, j, "down_blocks")
+        if isinstance(block[0], Downsample):
+            level, j = level + 1, 0
+        else:
+            j += 1
+    for n, name in enumerate(["resnets.0", "attentions.0", "resnets.1"]):
+        blocks.append((f"middle_block.{n}", f"mid_block.{name}",
+                       RESBLOCK_INNER if name.startswith("resnets") else {}))
+    level = j = 0
+    for k, block in enumerate(unet.output_blocks):
+        parts(f"output_blocks.{k}", block, level, j, "up_blocks")
+        if isinstance(block[-1], Upsample):
+            level, j = level + 1, 0
+        else:
+            j += 1
+    return blocks
+
+
+def _vae_blocks(vae):
+    blocks = [("quant_conv", "quant_conv", {}), ("post_quant_conv", "post_quant_conv", {})]
+    for side in ("encoder", "decoder"):
+        net = getattr(vae, side)
+        blocks += [(f"{side}.conv_in", f"{side}.conv_in", {}),
+                   (f"{side}.conv_out", f"{side}.conv_out", {}),
+                   (f"{side}.norm_out", f"{side}.conv_norm_out", {}),
+                   (f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", VAE_RESNET_INNER),
+                   (f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0", VAE_ATTENTION_INNER),
+                   (f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", VAE_RESNET_INNER)]
+        stages = net.down if side == "encoder" else net.up
+        for i, stage in enumerate(stages):
+            # the decoder's up[i] is resolution level i, run last; diffusers counts in run order
+            d = i if side == "encoder" else len(stages) - 1 - i
+            theirs = f"{side}.{'down' if side == 'encoder' else 'up'}_blocks.{d}"
+            for j in range(len(stage.block)):
+                blocks.append((f"{side}.{'down' if side == 'encoder' else 'up'}.{i}.block.{j}",
+                               f"{theirs}.resnets.{j}", VAE_RESNET_INNER))
+            for j in range(len(stage.attn)):
+                blocks.append((f"{side}.{'down' if side == 'encoder' else 'up'}.{i}.attn.{j}",
+                               f"{theirs}.attentions.{j}", VAE_ATTENTION_INNER))
+            for name in ("downsample", "upsample"):
+                if hasattr(stage, name):
+                    blocks.append((f"{side}.{'down' if side == 'encoder' else 'up'}.{i}.{name}",
+                                   f"{theirs}.{name}rs.0", {}))
+    return blocks
+
+
+def _rename(name, inner):
+    for ours, theirs in inner.items():
+        if name == ours or name.startswith(ours + "."):
+            return theirs + name[len(ours):]
+    return name
+
+
+def module_names(model):
+    """{our module path: diffusers module path} for every module of ``model`` (a
+    ``LatentDiffusion``) that holds weights: UNet, autoencoder and text encoder."""
+    out = {}
+    parts = [(UNET, "unet.", model.model.diffusion_model,
+              _unet_blocks(model.model.diffusion_model)),
+             (VAE, "vae.", model.first_stage_model, _vae_blocks(model.first_stage_model))]
+    for ours_root, theirs_root, net, blocks in parts:
+        for ours, theirs, inner in blocks:
+            module = net.get_submodule(ours)
+            for name, sub in module.named_modules():
+                if any(True for _ in sub.parameters(recurse=False)):
+                    key = f"{ours}.{name}" if name else ours
+                    out[ours_root + key] = theirs_root + (f"{theirs}.{_rename(name, inner)}"
+                                                          if name else theirs)
+    text = model.cond_stage_model.transformer
+    for name, sub in text.named_modules():
+        if name and any(True for _ in sub.parameters(recurse=False)):
+            out[TEXT + name] = "text_encoder." + name
+    return out
+
+
+def parameter_names(model):
+    """{diffusers parameter key (with its component prefix): our key} for ``model``."""
+    out = {}
+    modules = module_names(model)
+    for key in model.state_dict():
+        module, _, param = key.rpartition(".")
+        if module in modules:
+            out[f"{modules[module]}.{param}"] = key
+    return out
+
+
+def from_diffusers(model, components):
+    """Our state_dict from diffusers-layout ones: ``components`` maps "unet", "vae",
+    "text_encoder" to their state_dicts (any may be missing). The VAE's 1x1 attention
+    projections are Linear weights in diffusers and 1x1 convolutions here; its older
+    attention names (``query``, ``proj_attn``) are read too. Keys left over, or ours not
+    filled for a given component, raise CheckpointError naming a few."""
+    names = parameter_names(model)
+    own = model.state_dict()
+    out, left = {}, []
+    for component, sd in components.items():
+        if component == "text_encoder":
+            sd = {(k if k.startswith("text_model.") else "text_model." + k): v
+                  for k, v in sd.items() if not k.endswith("position_ids")}
+        for key, value in sd.items():
+            theirs = f"{component}.{key}"
+            ours = names.get(theirs) or names.get(_modern_vae_name(theirs))
+            if ours is None:
+                left.append(theirs)
+                continue
+            if value.dim() == 2 and own[ours].dim() == 4:
+                value = value[:, :, None, None]
+            out[ours] = value
+    missing = [ours for theirs, ours in names.items()
+               if theirs.split(".")[0] in components and ours not in out]
+    if left or missing:
+        what = []
+        if left:
+            what.append(f"{len(left)} unexpected ({', '.join(sorted(left)[:3])})")
+        if missing:
+            what.append(f"{len(missing)} missing ({', '.join(sorted(missing)[:3])})")
+        raise CheckpointError("diffusers-layout weights do not fit this model's config: "
+                              + "; ".join(what))
+    return out
+
+
+def _modern_vae_name(key):
+    for new, old in VAE_ATTENTION_LEGACY.items():
+        if f".attentions.0.{old}." in key:
+            return key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
+    return key
+
+
+def to_diffusers(model, sd=None):
+    """The reverse: {component: state_dict} in diffusers' layout from our ``sd`` (default:
+    ``model``'s own), for saving a diffusers folder from our weights."""
+    names = {ours: theirs for theirs, ours in parameter_names(model).items()}
+    own = model.state_dict()
+    sd = own if sd is None else sd
+    out = {}
+    for key, value in sd.items():
+        if key not in names:
+            continue
+        component, _, theirs = names[key].partition(".")
+        if component == "vae" and value.dim() == 4 and ".attentions." in theirs:
+            value = value[:, :, 0, 0]
+        out.setdefault(component, {})[theirs] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# diffusers pipeline folders
+
+WEIGHT_FILES = {
+    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+    "text_encoder": ("model", "pytorch_model"),
+}
+
+
+def is_diffusers_folder(path):
+    return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
+
+
+def component_file(folder, component):
+    """The weights file of one component folder: safetensors before .bin, full precision
+    before the ``.fp16`` variant (either is read; the pipeline casts)."""
+    sub = Path(folder) / component
+    stems = WEIGHT_FILES.get(component, ("diffusion_pytorch_model", "diffusion_pytorch_model"))
+    for stem, ext in ((stems[0], "safetensors"), (stems[0], "fp16.safetensors"),
+                      (stems[1], "bin"), (stems[1], "fp16.bin")):
+        path = sub / f"{stem}.{ext}"
+        if path.is_file():
+            return path
+    if (sub / f"{stems[0]}.safetensors.index.json").is_file() or list(sub.glob("*.index.json")):
+        raise CheckpointError(f"{sub}: sharded weights are not supported; save the folder "
+                              "with a larger max_shard_size")
+    raise CheckpointError(f"{sub}: no weights file ({stems[0]}.safetensors or "
+                          f"{stems[1]}.bin); the diffusers folder is incomplete")
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the diffusers folder is incomplete") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the diffusers "
+                              "folder is damaged") from None
+
+
+def folder_kind(folder):
+    """What a diffusers folder holds, from its JSON files alone (before any weights):
+    {"inpainting": bool, "prediction": "epsilon"|"v_prediction", "cross_attention_dim": n}.
+    A pipeline that is not SD 1.x is refused in one line."""
+    folder = Path(folder)
+    index = read_json(folder / "model_index.json")
+    cls = index.get("_class_name", "")
+    if "XL" in cls or "text_encoder_2" in index:
+        raise CheckpointError(f"{folder} is an SDXL pipeline ({cls}), which this project does "
+                              "not support")
+    unet = read_json(folder / "unet" / "config.json")
+    dim = unet.get("cross_attention_dim")
+    if dim in (1024, 2048) or unet.get("addition_embed_type"):
+        kind = "an SD 2.x" if dim == 1024 else "an SDXL"
+        raise CheckpointError(f"{folder} is {kind} pipeline (its UNet attends to {dim}-wide "
+                              "text, SD v1's to 768): this project runs SD 1.x")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    prediction = (read_json(scheduler).get("prediction_type", "epsilon")
+                  if scheduler.is_file() else "epsilon")
+    if prediction != "epsilon":
+        raise CheckpointError(f"{folder}: its scheduler predicts {prediction}, SD v1 "
+                              "predicts the noise (epsilon): this is not an SD 1.x pipeline")
+    return {"inpainting": unet.get("in_channels", 4) == 9, "cross_attention_dim": dim}
+
+
+def load_diffusers_folder(folder, model):
+    """Our state_dict for ``model`` from a diffusers SD 1.x pipeline folder (``unet/``,
+    ``vae/``, ``text_encoder/``; safetensors or .bin through the safe unpickler, fp16 or
+    fp32)."""
+    from ldm.checkpoint import load_state_dict_file
+    folder = Path(folder)
+    components = {c: load_state_dict_file(component_file(folder, c)) for c in WEIGHT_FILES}
+    return from_diffusers(model, components)
+
+
+def folder_weights_hash(folder):
+    """A short hash of a diffusers folder's three weight files (as one checkpoint's hash)."""
+    import hashlib
+    from ldm.checkpoint import file_hash
+    h = hashlib.sha256()
+    for c in WEIGHT_FILES:
+        h.update(file_hash(component_file(folder, c), 64).encode())
+    return h.hexdigest()[:10]
+
+
+def vae_state_dict(sd, model):
+    """Autoencoder weights from a ``--vae`` file's tensors, as ``first_stage_model.*`` keys:
+    CompVis' own VAE files (``encoder.*``, ``decoder.*``; or a whole SD checkpoint's
+    ``first_stage_model.*``) or diffusers' (``encoder.down_blocks.*``)."""
+    if any(k.startswith(VAE) for k in sd):
+        sd = {k[len(VAE):]: v for k, v in sd.items() if k.startswith(VAE)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
+    if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in sd):
+        return from_diffusers(model, {"vae": sd})
+    return {VAE + k: v for k, v in sd.items()}
+

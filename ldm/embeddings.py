@@ -1,0 +1,114 @@
+"""Textual-inversion embeddings as people download them: new words for the text encoder.
+
+An embedding is n vectors of the text encoder's width (768 for SD 1.x) with a token that
+stands for them in prompts. The layouts read (``read_embedding``):
+
+- A1111's ``.pt``: {"string_to_param": {"*": [n, 768]}, "string_to_token": ..., "name": ...};
+- A1111's ``.safetensors``: {"emb_params": [n, 768]};
+- diffusers' (its textual_inversion script, ``learned_embeds.bin`` / ``.safetensors``):
+  {"<token>": [768] or [n, 768]}.
+
+The token is the file's name (as A1111 names embeddings), or the one given
+(``--embedding FILE:TOKEN``). It is matched in prompts anywhere and case-insensitively,
+longest first, as transformers' added tokens are; a multi-vector embedding takes n
+positions of the 75. Files are untrusted: the checkpoints' restricted unpickler reads
+pickles.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import CheckpointError, _load_pickle, _load_safetensors, file_hash
+
+WIDTH_FAMILIES = {1024: "SD 2.x (OpenCLIP ViT-H, 1024 wide)",
+                  1280: "SDXL's second text encoder (1280 wide)"}
+
+
+class EmbeddingError(CheckpointError):
+    """An embedding that cannot be added; nothing of it was added."""
+
+
+@dataclass
+class Embedding:
+    token: str
+    vectors: torch.Tensor  # [n, width]
+    path: Path
+    hash: str
+
+
+def read_embedding(path, token=None):
+    path = Path(path)
+    if not path.is_file():
+        raise EmbeddingError(f"embedding {path}: " + ("is a folder: give the file itself"
+                                                      if path.is_dir() else "not found"))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if not head:
+            raise EmbeddingError(f"embedding {path} is empty (0 bytes): download it again")
+        if path.suffix == ".safetensors" or (len(head) == 8 and head[:2] != b"PK"
+                                             and head[:1] != b"\x80"):
+            data = _load_safetensors(path)
+        else:
+            data = _load_pickle(path)
+    except EmbeddingError:
+        raise
+    except CheckpointError as e:
+        raise EmbeddingError(str(e).replace("checkpoint", "embedding")) from None
+    vectors = _vectors(data, path)
+    if vectors.dim() == 1:
+        vectors = vectors[None]
+    if vectors.dim() != 2 or vectors.shape[0] == 0 or not vectors.is_floating_point():
+        raise EmbeddingError(f"embedding {path} holds a {tuple(vectors.shape)} tensor, not "
+                             "[vectors, width]")
+    if not torch.isfinite(vectors).all():
+        raise EmbeddingError(f"embedding {path} holds NaN or infinite values")
+    return Embedding(token or path.stem, vectors.detach().float(), path, file_hash(path))
+
+
+def _vectors(data, path):
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path} is not a textual-inversion embedding (found "
+                             f"{type(data).__name__})")
+    if "clip_g" in data or "clip_l" in data:
+        raise EmbeddingError(f"embedding {path} is for SDXL (clip_l and clip_g vectors); "
+                             "this model is SD 1.x")
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        tensors = [v for v in getattr(params, "values", lambda: [])()
+                   if isinstance(v, torch.Tensor)]
+        if len(tensors) != 1:
+            raise EmbeddingError(f"embedding {path}: its string_to_param holds "
+                                 f"{len(tensors)} tensors, expected 1")
+        return tensors[0]
+    if "emb_params" in data and isinstance(data["emb_params"], torch.Tensor):
+        return data["emb_params"]
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise EmbeddingError(f"{path} is not a textual-inversion embedding this project reads "
+                         "(no string_to_param, emb_params, or single token tensor)")
+
+
+def check_embedding(embedding, encoder):
+    """Refuse, in one line, an embedding whose width is not the text encoder's or whose
+    token clashes with the vocabulary or with another embedding."""
+    from ldm.modules.encoders.tokenizer import get_tokenizer
+    width = encoder.token_embedding.weight.shape[1]
+    got = embedding.vectors.shape[1]
+    if got != width:
+        family = WIDTH_FAMILIES.get(got)
+        raise EmbeddingError(f"embedding {embedding.path} is {got} wide, this text encoder "
+                             f"{width}" + (f": it is for {family}" if family else ""))
+    token = embedding.token
+    if not token.strip() or any(c.isspace() for c in token):
+        raise EmbeddingError(f"embedding token {token!r} must be one word without spaces "
+                             "(--embedding FILE:TOKEN)")
+    if any(token.lower() == t.lower() for t in encoder.added):
+        raise EmbeddingError(f"embedding token {token!r} is already taken by another "
+                             "embedding: give one another with --embedding FILE:TOKEN")
+    if get_tokenizer().in_vocabulary(token):
+        raise EmbeddingError(f"embedding token {token!r} is a word of CLIP's vocabulary, so "
+                             "prompts could not tell them apart: give it another with "
+                             "--embedding FILE:TOKEN")

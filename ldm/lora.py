@@ -1,0 +1,294 @@
+"""LoRA and LoCon files as people download them, merged into our CompVis-layout modules.
+
+A LoRA file holds, for some of the model's Linear and convolution layers, a low-rank update
+``delta W = up @ down * alpha / rank``; applied with a user weight ``w`` the layer's weight
+becomes ``W + w * delta W``. The layouts read (``read_lora``):
+
+- kohya-ss (``lora_unet_*``, ``lora_te_*`` with ``.lora_down``, ``.lora_up``, ``.alpha``):
+  module names are diffusers' with ``_`` for ``.`` (kohya trains SD 1.x on diffusers'
+  UNet), or ours (CompVis', ``lora_unet_input_blocks_1_1_...``); LoCon/LyCORIS adds the
+  ResBlocks' 3x3 convolutions (down ``[r, in, 3, 3]``, up ``[out, r, 1, 1]``);
+- diffusers/PEFT (``unet.<module>.lora_A.weight``/``lora_B``, with or without ``unet.``
+  / ``text_encoder.`` / ``base_model.model.``), and diffusers' older attention-processor
+  names (``attn1.processor.to_q_lora.down.weight``, ``lora_linear_layer``).
+
+Merged, not applied on the fly: a merged LoRA costs nothing per step (on the fly, every
+touched layer does two extra matmuls at every UNet call). Unmerging is exact because the
+first merge into a layer keeps that layer's weight as it was (``LoraStack``), and unmerging
+puts that very tensor back: no subtraction, so no rounding (bf16 weights included).
+
+LoRA files are untrusted input: ``.safetensors``, or a pickle read by the checkpoints'
+restricted unpickler.
+"""
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import CheckpointError, file_hash, load_state_dict_file
+
+log = logging.getLogger(__name__)
+
+
+class LoraError(CheckpointError):
+    """A LoRA file that cannot be applied to this model; nothing of it was applied."""
+
+
+@dataclass
+class LoraLayer:
+    """One layer's update: ``up @ down`` (flattened to matrices) times ``scale``."""
+    module: str        # our module path, e.g. model.diffusion_model.input_blocks.1.1.proj_in
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float       # alpha / rank (1 when the file gives no alpha)
+
+    def delta(self, shape):
+        """The update as a float32 tensor of the weight's ``shape``."""
+        down, up = self.down.float(), self.up.float()
+        d = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+        if d.numel() != torch.Size(shape).numel():
+            raise ValueError(f"update {tuple(d.shape)} does not fit weight {tuple(shape)}")
+        return (d * self.scale).reshape(shape)
+
+
+@dataclass
+class Lora:
+    path: Path
+    layers: list
+    layout: str                      # "kohya" or "peft"
+    hash: str = ""
+    name: str = field(default="")
+
+    def __post_init__(self):
+        self.name = self.name or self.path.stem
+
+
+def kohya_names(model_names):
+    """{kohya-ss layer name: our module path} from ``ldm.convert.module_names``: both the
+    diffusers-based names kohya writes for SD 1.x and CompVis-based ones."""
+    from ldm.convert import TEXT, UNET
+    out = {}
+    for ours, theirs in model_names.items():
+        if ours.startswith(UNET):
+            out["lora_unet_" + theirs[len("unet."):].replace(".", "_")] = ours
+            out["lora_unet_" + ours[len(UNET):].replace(".", "_")] = ours
+        elif ours.startswith(TEXT):
+            out["lora_te_" + ours[len(TEXT):].replace(".", "_")] = ours
+    return out
+
+
+def peft_names(model_names):
+    """{diffusers module path without its component ("unet.down_blocks..." minus "unet."
+    kept as given): our module path}, for the UNet and text encoder."""
+    return {theirs: ours for ours, theirs in model_names.items()
+            if theirs.startswith(("unet.", "text_encoder."))}
+
+
+_PEFT_SUFFIX = re.compile(
+    r"^(?P<module>.+?)\.(?:lora_(?P<peft>A|B)\.(?:default\.)?weight|"
+    r"(?:lora_linear_layer|lora)\.(?P<old>down|up)\.weight|alpha)$")
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+
+
+def other_architecture(sd):
+    """A one-line name of the model family a LoRA was made for when it is clearly not
+    SD 1.x, else None (decided from key names and the text width the UNet attends to)."""
+    keys = list(sd)
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        return "SDXL (two text encoders)"
+    if any(k.startswith(("lora_transformer_", "transformer.", "diffusion_model.")) for k in keys):
+        return "a transformer model (SD3, Flux or similar), not a UNet"
+    for k, v in sd.items():
+        if ("attn2" in k and "to_k" in k and ("lora_down" in k or "lora_A" in k
+                                             or ".down." in k) and v.dim() >= 2):
+            width = v.shape[1]
+            if width == 1024:
+                return "SD 2.x (its UNet attends to 1024-wide OpenCLIP text)"
+            if width == 2048:
+                return "SDXL (its UNet attends to 2048-wide text)"
+    for k, v in sd.items():
+        if k.startswith("lora_te_") and "lora_down" in k and v.dim() == 2 and v.shape[1] == 1024:
+            return "SD 2.x (1024-wide OpenCLIP text encoder)"
+    return None
+
+
+def read_lora(path, model, model_names=None):
+    """A ``Lora`` for ``model`` from a file; LoraError (one line, nothing applied) for a
+    file that is not a LoRA, is for another architecture, or names layers ``model`` lacks."""
+    from ldm.convert import module_names
+    path = Path(path)
+    try:
+        sd = load_state_dict_file(path)
+    except CheckpointError as e:
+        raise LoraError(str(e).replace("checkpoint", "LoRA file")) from None
+    if not sd:
+        raise LoraError(f"LoRA {path} holds no tensors")
+    other = other_architecture(sd)
+    if other:
+        raise LoraError(f"LoRA {path} is for {other}; this model is SD 1.x")
+    names = model_names or module_names(model)
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in sd):
+        layers, leftover, layout = _kohya_layers(sd, kohya_names(names))
+    elif any(_PEFT_SUFFIX.match(k) for k in sd):
+        layers, leftover, layout = _peft_layers(sd, peft_names(names), peft_alphas(path))
+    else:
+        unsupported = _lycoris_kind(sd)
+        raise LoraError(f"{path} is not a LoRA file this project reads"
+                        + (f" ({unsupported} is not supported)" if unsupported else
+                           " (no lora_down/lora_up or lora_A/lora_B weights)"))
+    if leftover:
+        kind = _lycoris_kind({k: None for k in leftover})
+        why = (f"{kind} layers are not supported" if kind else
+               f"{len(leftover)} of its tensors name layers this model does not have "
+               f"({', '.join(sorted(leftover)[:2])})")
+        raise LoraError(f"LoRA {path} cannot be applied: {why}; is it for another model?")
+    if not layers:
+        raise LoraError(f"LoRA {path} has no layers")
+    own = dict(model.named_modules())
+    for layer in layers:
+        weight = own[layer.module].weight
+        if layer.up.shape[0] * layer.down[0].numel() != weight.numel() or \
+                layer.up.shape[0] != weight.shape[0]:
+            raise LoraError(f"LoRA {path} does not fit this model: {layer.module} is "
+                            f"{tuple(weight.shape)}, the LoRA's update "
+                            f"{(layer.up.shape[0], *layer.down.shape[1:])}; is it for "
+                            "another model?")
+    return Lora(path, layers, layout, file_hash(path))
+
+
+def _lycoris_kind(sd):
+    keys = " ".join(sd)
+    if ".hada_w1" in keys:
+        return "LoHa (LyCORIS)"
+    if ".lokr_w" in keys:
+        return "LoKr (LyCORIS)"
+    if ".lora_mid." in keys:
+        return "LoCon with a Tucker middle (lora_mid)"
+    if ".dora_scale" in keys:
+        return "DoRA"
+    if ".diff" in keys or ".diff_b" in keys:
+        return "a full-weight difference (diff)"
+    return None
+
+
+def _kohya_layers(sd, names):
+    layers, used = [], set()
+    for key in sd:
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key[:-len(".lora_down.weight")]
+        up = sd.get(f"{name}.lora_up.weight")
+        if name not in names or up is None:
+            continue
+        down = sd[key]
+        alpha = sd.get(f"{name}.alpha")
+        rank = down.shape[0]
+        scale = float(alpha) / rank if alpha is not None else 1.0
+        layers.append(LoraLayer(names[name], down, up, scale))
+        used.update({key, f"{name}.lora_up.weight", f"{name}.alpha"})
+    return layers, [k for k in sd if k not in used], "kohya"
+
+
+def peft_alphas(path):
+    """PEFT's LoRA settings that diffusers saves in a .safetensors header
+    (``lora_adapter_metadata``: per component ``lora_alpha``, ``alpha_pattern``,
+    ``use_rslora``), as {component: settings}; {} without them (then alpha = rank)."""
+    import json
+    from ldm.checkpoint import safetensors_metadata
+    raw = safetensors_metadata(path).get("lora_adapter_metadata")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        raise LoraError(f"LoRA {path}: its lora_adapter_metadata is not JSON") from None
+    out = {}
+    for key, value in (meta.items() if isinstance(meta, dict) else ()):
+        component, _, name = key.partition(".")
+        out.setdefault(component, {})[name] = value
+    return out
+
+
+def _peft_scale(settings, module, rank, stored_alpha):
+    """alpha / rank (alpha / sqrt(rank) with rsLoRA) for one module: the file's own
+    ``.alpha`` tensor, else the metadata's alpha pattern or alpha, else the rank."""
+    alpha = stored_alpha
+    if alpha is None:
+        alpha = settings.get("lora_alpha")
+        for pattern, value in (settings.get("alpha_pattern") or {}).items():
+            if module == pattern or module.endswith("." + pattern):
+                alpha = value
+    if alpha is None:
+        return 1.0
+    return float(alpha) / (rank ** 0.5 if settings.get("use_rslora") else rank)
+
+
+def _peft_layers(sd, names, settings=None):
+    parts, used = {}, set()
+    for key in sd:
+        m = _PEFT_SUFFIX.match(key)
+        if not m:
+            continue
+        module = m["module"]
+        for prefix in ("base_model.model.",):
+            module = module.removeprefix(prefix)
+        module = _PROCESSOR.sub(lambda p: "." + {"to_out": "to_out.0"}.get(p[1], p[1]), module)
+        if not module.startswith(("unet.", "text_encoder.")):
+            module = ("text_encoder." if module.startswith("text_model.") else "unet.") + module
+        if module.startswith("text_encoder.") and not module.startswith("text_encoder.text_model."):
+            # transformers 5's CLIPTextModel keys have no text_model. level
+            module = "text_encoder.text_model." + module[len("text_encoder."):]
+        role = ("down" if m["peft"] == "A" or m["old"] == "down" else
+                "up" if m["peft"] == "B" or m["old"] == "up" else "alpha")
+        parts.setdefault(module, {})[role] = sd[key]
+        parts[module].setdefault("keys", []).append(key)
+    layers = []
+    for module, p in parts.items():
+        if module in names and "down" in p and "up" in p:
+            component, _, inner = module.partition(".")
+            scale = _peft_scale((settings or {}).get(component, {}), inner,
+                                p["down"].shape[0], p.get("alpha"))
+            layers.append(LoraLayer(names[module], p["down"], p["up"], scale))
+            used.update(p["keys"])
+    return layers, [k for k in sd if k not in used], "peft"
+
+
+class LoraStack:
+    """The LoRAs merged into one model, and the original weights of every layer they
+    touched (kept on first touch, in the weight's own dtype and device)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.applied = []     # [(Lora, weight)]
+        self.saved = {}       # module path -> original weight tensor
+
+    def set(self, loras):
+        """Merge exactly ``loras`` ([(Lora, weight)]), after restoring the base weights."""
+        self.restore()
+        modules = dict(self.model.named_modules())
+        deltas = {}
+        for lora, weight in loras:
+            for layer in lora.layers:
+                w = modules[layer.module].weight
+                d = layer.delta(w.shape).to(w.device) * float(weight)
+                deltas[layer.module] = deltas[layer.module] + d if layer.module in deltas else d
+        with torch.no_grad():
+            for name, d in deltas.items():
+                param = modules[name].weight
+                self.saved[name] = param.data
+                param.data = (param.data.float() + d).to(param.dtype)
+        self.applied = list(loras)
+
+    def restore(self):
+        """The base weights back, bit for bit (the saved tensors themselves)."""
+        modules = dict(self.model.named_modules())
+        with torch.no_grad():
+            for name, original in self.saved.items():
+                modules[name].weight.data = original
+        self.saved = {}
+        self.applied = []
+
+    def record(self):
+        """[{name, hash, weight}] of the merged LoRAs, for image parameters."""
+        return [{"name": lora.name, "hash": lora.hash, "weight": float(weight)}
+                for lora, weight in self.applied]
