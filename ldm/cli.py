@@ -226,9 +226,11 @@ def check_model_files(args):
     slow load."""
     check_safety_checker(args)
     for path, _ in getattr(args, "lora", None) or ():
-        if not Path(path).is_file():
-            raise InputError(f"--lora {path}: " + ("is a folder: give the LoRA file itself"
-                                                    if Path(path).is_dir() else "not found"))
+        if not Path(path).exists():
+            raise InputError(f"--lora {path}: not found")
+        if Path(path).is_dir():
+            from ldm.lora import lora_file
+            lora_file(path)  # a folder must hold diffusers' pytorch_lora_weights file
     for path, _ in getattr(args, "embedding", None) or ():
         if not Path(path).is_file():
             raise InputError(f"--embedding {path}: " + (

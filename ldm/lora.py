@@ -87,9 +87,13 @@ def peft_names(model_names):
 
 
 _PEFT_SUFFIX = re.compile(
-    r"^(?P<module>.+?)\.(?:lora_(?P<peft>A|B)\.(?:default\.)?weight|"
-    r"(?:lora_linear_layer|lora)\.(?P<old>down|up)\.weight|alpha)$")
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+    r"^(?P<module>.+?)(?:\.lora_(?P<peft>A|B)\.(?:default\.)?weight|"
+    r"(?:\.lora_linear_layer|\.lora|_lora)\.(?P<old>down|up)\.weight|\.alpha)$")
+# diffusers' older attention-processor names: attn1.processor.to_q_lora -> attn1.to_q;
+# in the text encoder self_attn.to_q_lora -> self_attn.q_proj
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+_TEXT_OLD = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)$")
+_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 def other_architecture(sd):
@@ -118,7 +122,7 @@ def read_lora(path, model, model_names=None):
     """A ``Lora`` for ``model`` from a file; LoraError (one line, nothing applied) for a
     file that is not a LoRA, is for another architecture, or names layers ``model`` lacks."""
     from ldm.convert import module_names
-    path = Path(path)
+    path = lora_file(path)
     try:
         sd = load_state_dict_file(path)
     except CheckpointError as e:
@@ -156,6 +160,19 @@ def read_lora(path, model, model_names=None):
                             f"{(layer.up.shape[0], *layer.down.shape[1:])}; is it for "
                             "another model?")
     return Lora(path, layers, layout, file_hash(path))
+
+
+def lora_file(path):
+    """The file of a LoRA given as a file or as the folder diffusers' save_lora_weights
+    writes (``pytorch_lora_weights.safetensors`` or ``.bin``)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"):
+            if (path / name).is_file():
+                return path / name
+        raise LoraError(f"--lora {path} is a folder without pytorch_lora_weights.safetensors "
+                        "(or .bin): give the LoRA file itself")
+    return path
 
 
 def _lycoris_kind(sd):
@@ -233,6 +250,7 @@ def _peft_layers(sd, names, settings=None):
         for prefix in ("base_model.model.",):
             module = module.removeprefix(prefix)
         module = _PROCESSOR.sub(lambda p: "." + {"to_out": "to_out.0"}.get(p[1], p[1]), module)
+        module = _TEXT_OLD.sub(lambda p: ".self_attn." + _TEXT_PROJ[p[1]], module)
         if not module.startswith(("unet.", "text_encoder.")):
             module = ("text_encoder." if module.startswith("text_model.") else "unet.") + module
         if module.startswith("text_encoder.") and not module.startswith("text_encoder.text_model."):

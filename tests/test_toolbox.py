@@ -302,10 +302,9 @@ def test_peft_format_lora_with_its_alpha_in_the_metadata_matches_diffusers(tmp_p
         text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
         unet_lora_adapter_metadata=unet_cfg.to_dict(),
         text_encoder_lora_adapter_metadata=te_cfg.to_dict())
-    path = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
     ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
     (u0, t0), _ = outputs_both(model, pipe)
-    ours.set_loras([(path, 1.0)])
+    ours.set_loras([(tmp_path / "peft", 1.0)])  # the folder save_lora_weights wrote
     assert ours.lora_stack.applied[0][0].layout == "peft"
     (u, t), (du, dt) = outputs_both(model, pipe)
     assert rel_err(u, du) < 1e-5
@@ -603,6 +602,7 @@ def test_every_script_takes_the_toolbox_flags_and_records_them(tmp_path, ckpts, 
 @pytest.mark.parametrize("flag,value,says", [
     ("--lora", "nope.safetensors", "--lora nope.safetensors: not found"),
     ("--lora", "style.safetensors:inf", "is not finite"),
+    ("--lora", ".", "a folder without pytorch_lora_weights"),
     ("--embedding", "nope.pt", "--embedding nope.pt: not found"),
     ("--vae", "nope.ckpt", "--vae nope.ckpt: not found"),
     ("--clip-skip", "0", "0 is out of range: must be in [1, 12]"),
@@ -620,3 +620,52 @@ def test_bad_toolbox_flags_are_one_line_before_the_load(tmp_path, ckpts, capsys,
     err = capsys.readouterr().err
     assert code != 0 and not loads and err.count("\n") == 1, err
     assert says in err
+
+
+def test_diffusers_older_lora_names_read_as_the_kohya_file_they_came_from(tmp_path, tiny_model):
+    """diffusers' own converter turns a kohya file into its older attention-processor
+    names (``attn1.processor.to_q_lora.down.weight``, ``lora_linear_layer``); that file
+    merges to the same weights as the kohya one (alpha = rank: the old names keep none)."""
+    from safetensors.torch import save_file
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from ldm.pipeline import Pipeline
+    kohya = kohya_lora(tiny_model, rank=4, alpha=4.0)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    old, _ = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    assert any(".processor.to_q_lora.down.weight" in k for k in old)
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "old.safetensors")
+    merged = []
+    for name in ("kohya", "old"):
+        model = fresh_tiny()
+        Pipeline(model, torch.device("cpu"), "full", watermark=False).set_loras(
+            [(tmp_path / f"{name}.safetensors", 1.0)])
+        merged.append(model.state_dict())
+    assert all(torch.equal(merged[0][k], merged[1][k]) for k in merged[0])
+    assert not torch.equal(merged[0][next(k for k in merged[0] if "attn1.to_q" in k)],
+                           tiny_model.state_dict()[next(k for k in merged[0] if "attn1.to_q" in k)])
+
+
+def test_a_diffusers_vae_with_the_older_attention_names_loads(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+    from ldm import convert
+    from ldm.pipeline import load_vae
+    vae = convert.to_diffusers(tiny_model)["vae"]
+    legacy = {k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+              .replace(".to_out.0.", ".proj_attn."): v.contiguous() for k, v in vae.items()}
+    assert any(".query." in k for k in legacy)
+    save_file(legacy, tmp_path / "legacy.safetensors")
+    model = randomize(fresh_tiny(), 7)
+    load_vae(model, tmp_path / "legacy.safetensors")
+    want = tiny_model.first_stage_model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.first_stage_model.state_dict().items())
+
+
+def test_unbalanced_brackets_and_prompt_lora_tags_are_warned_once(caplog):
+    from ldm.pipeline import Pipeline
+    pipe = Pipeline(fresh_tiny(), torch.device("cpu"), "full", watermark=False)
+    pipe.set_text_options(prompt_syntax="a1111")
+    with caplog.at_level("WARNING"):
+        pipe.latents(["a (red circle <lora:x:1>"], [1], None, "ddim", 2, height=32, width=32,
+                     progress=False)
+    text = caplog.text
+    assert "unbalanced '('" in text and "--lora FILE:WEIGHT" in text

@@ -61,6 +61,9 @@ class FrozenCLIPEmbedder(nn.Module):
         for text in dict.fromkeys(texts):
             for warning in parse_attention(text)[1]:
                 log.warning("%s: %r", warning, text)
+            if "<lora:" in text:
+                log.warning("the prompt's <lora:...> is read as text here: give LoRAs with "
+                            "--lora FILE:WEIGHT")
 
     @property
     def token_embedding(self):
