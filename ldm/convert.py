@@ -213,21 +213,37 @@ def is_diffusers_folder(path):
     return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
 
 
-def component_file(folder, component):
-    """The weights file of one component folder: safetensors before .bin, full precision
-    before the ``.fp16`` variant (either is read; the pipeline casts)."""
+def component_files(folder, component):
+    """The weights files of one component folder: safetensors before .bin, full precision
+    before the ``.fp16`` variant (either is read; the pipeline casts); a sharded component
+    (``*.index.json``) gives its shards."""
     sub = Path(folder) / component
     stems = WEIGHT_FILES.get(component, ("diffusion_pytorch_model", "diffusion_pytorch_model"))
     for stem, ext in ((stems[0], "safetensors"), (stems[0], "fp16.safetensors"),
                       (stems[1], "bin"), (stems[1], "fp16.bin")):
         path = sub / f"{stem}.{ext}"
         if path.is_file():
-            return path
-    if (sub / f"{stems[0]}.safetensors.index.json").is_file() or list(sub.glob("*.index.json")):
-        raise CheckpointError(f"{sub}: sharded weights are not supported; save the folder "
-                              "with a larger max_shard_size")
+            return [path]
+        index = sub / f"{stem}.{ext}.index.json"
+        if index.is_file():
+            shards = sorted(set((read_json(index).get("weight_map") or {}).values()))
+            missing = [name for name in shards if not (sub / name).is_file()]
+            if not shards or missing:
+                raise CheckpointError(f"{index}: " + (f"shard {missing[0]} is missing"
+                                                      if missing else "names no shards")
+                                      + "; the diffusers folder is incomplete")
+            return [sub / name for name in shards]
     raise CheckpointError(f"{sub}: no weights file ({stems[0]}.safetensors or "
                           f"{stems[1]}.bin); the diffusers folder is incomplete")
+
+
+def load_component(folder, component):
+    """One component's state_dict (its shards merged)."""
+    from ldm.checkpoint import load_state_dict_file
+    sd = {}
+    for path in component_files(folder, component):
+        sd.update(load_state_dict_file(path))
+    return sd
 
 
 def read_json(path):
@@ -269,9 +285,8 @@ def load_diffusers_folder(folder, model):
     """Our state_dict for ``model`` from a diffusers SD 1.x pipeline folder (``unet/``,
     ``vae/``, ``text_encoder/``; safetensors or .bin through the safe unpickler, fp16 or
     fp32)."""
-    from ldm.checkpoint import load_state_dict_file
     folder = Path(folder)
-    components = {c: load_state_dict_file(component_file(folder, c)) for c in WEIGHT_FILES}
+    components = {c: load_component(folder, c) for c in WEIGHT_FILES}
     return from_diffusers(model, components)
 
 
@@ -281,7 +296,8 @@ def folder_weights_hash(folder):
     from ldm.checkpoint import file_hash
     h = hashlib.sha256()
     for c in WEIGHT_FILES:
-        h.update(file_hash(component_file(folder, c), 64).encode())
+        for path in component_files(folder, c):
+            h.update(file_hash(path, 64).encode())
     return h.hexdigest()[:10]
 
 

@@ -159,14 +159,19 @@ def load_vae(model, path):
     in diffusers' (a ``vae/`` folder's diffusion_pytorch_model.safetensors, or the folder
     itself), or a whole SD checkpoint's ``first_stage_model.*``. Strict: a file that does
     not fit is a CheckpointError and the model is unchanged. Returns {"name", "hash"}."""
-    from ldm.checkpoint import (CheckpointError, file_hash, load_state_dict_file,
-                                mismatch_report)
-    from ldm.convert import VAE, component_file, vae_state_dict
+    from ldm.checkpoint import CheckpointError, file_hash, load_state_dict_file, mismatch_report
+    from ldm.convert import VAE, component_files, vae_state_dict
     path = Path(path)
-    if path.is_dir():
-        path = component_file(path.parent, path.name) if (path / "config.json").is_file() \
-            else component_file(path, "vae")
-    sd = vae_state_dict(load_state_dict_file(path), model)
+    if path.is_dir():  # a vae/ folder (its config.json beside the weights), or a pipeline's
+        files = (component_files(path.parent, path.name) if (path / "config.json").is_file()
+                 else component_files(path, "vae"))
+    else:
+        files = [path]
+    raw = {}
+    for f in files:
+        raw.update(load_state_dict_file(f))
+    path = files[0]
+    sd = vae_state_dict(raw, model)
     vae = model.first_stage_model
     sub = {k[len(VAE):]: v for k, v in sd.items()}
     report = mismatch_report(vae, sub)

@@ -67,7 +67,7 @@ def test_full_size_v1_map_covers_every_weight_as_diffusers_names_it():
     assert set(names.values()) == set(sd)
 
 
-@pytest.mark.parametrize("variant", ["fp32-safetensors", "fp16-variant", "fp32-bin"])
+@pytest.mark.parametrize("variant", ["fp32-safetensors", "fp16-variant", "fp32-bin", "sharded"])
 def test_a_diffusers_folder_loads_bit_identical_to_the_single_file(tmp_path, tiny_model,
                                                                    tiny_config, variant):
     """A folder diffusers' save_pretrained wrote from our weights, given as --ckpt, loads
@@ -82,6 +82,9 @@ def test_a_diffusers_folder_loads_bit_identical_to_the_single_file(tmp_path, tin
         shutil.rmtree(folder)
         if variant == "fp16-variant":
             pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+        elif variant == "sharded":
+            pipe.save_pretrained(folder, max_shard_size="100KB")
+            assert list((folder / "unet").glob("*.index.json"))
         else:
             pipe.save_pretrained(folder, safe_serialization=False)
     choice = choose_model(folder, TINY_CONFIG)
