@@ -12,6 +12,13 @@ TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-inference.yaml"
 V1_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
 
+def rel_err(a, b):
+    """max |a - b| / max |b|; printed, so `pytest -s` reports the figures."""
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    print(f"\n  max rel err {err:.1e}", end=" ")
+    return err
+
+
 def randomize(model, seed=0):
     """Give every parameter seeded non-trivial values (zero-initialised output layers would
     make cross-checks vacuous): norms near 1, everything else ~ N(0, 1/fan_in)."""

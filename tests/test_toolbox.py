@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_CONFIG, V1_CONFIG, build_tiny, randomize
+from conftest import ROOT, TINY_CONFIG, V1_CONFIG, build_tiny, randomize, rel_err
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -15,11 +15,6 @@ su = pytest.importorskip("diffusers.loaders.single_file_utils")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-
-def rel_err(a, b):
-    err = ((a - b).abs().max() / b.abs().max()).item()
-    print(f"\n  max rel err {err:.1e}", end=" ")
-    return err
 
 
 def fresh_tiny(seed=0):

@@ -5,16 +5,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, randomize
+from conftest import ROOT, randomize, rel_err
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.pipeline import Pipeline
 
-
-def rel_err(a, b):
-    err = ((a - b).abs().max() / b.abs().max()).item()
-    print(f"\n  max rel err {err:.1e}", end=" ")
-    return err
 
 
 def conditioning(model):

@@ -8,16 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import rel_err
+
 su = pytest.importorskip("diffusers.loaders.single_file_utils")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-
-def rel_err(a, b):
-    """max |a - b| / max |b|; printed, so `pytest -s` reports the figures."""
-    err = ((a - b).abs().max() / b.abs().max()).item()
-    print(f"\n  max rel err {err:.1e}", end=" ")
-    return err
 
 
 def ddim_latents_both(ours, theirs, prompts, seeds=(7, 8)):

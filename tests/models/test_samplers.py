@@ -17,18 +17,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from ldm.models.diffusion import sampling, solvers  # noqa: E402
+from conftest import rel_err
 
 BASE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
             beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
 STEPS = 10
 SCALE = 5.0
 
-
-def rel_err(a, b):
-    """max |a - b| / max |b|; printed, so `pytest -s` reports the figures."""
-    err = ((a - b).abs().max() / b.abs().max()).item()
-    print(f"\n  max rel err {err:.1e}", end=" ")
-    return err
 
 
 @pytest.fixture(scope="module")
