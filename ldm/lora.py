@@ -7,7 +7,8 @@ becomes ``W + w * delta W``. The layouts read (``read_lora``):
 - kohya-ss (``lora_unet_*``, ``lora_te_*`` with ``.lora_down``, ``.lora_up``, ``.alpha``):
   module names are diffusers' with ``_`` for ``.`` (kohya trains SD 1.x on diffusers'
   UNet), or ours (CompVis', ``lora_unet_input_blocks_1_1_...``); LoCon/LyCORIS adds the
-  ResBlocks' 3x3 convolutions (down ``[r, in, 3, 3]``, up ``[out, r, 1, 1]``);
+  ResBlocks' 3x3 convolutions (down ``[r, in, 3, 3]``, up ``[out, r, 1, 1]``); LyCORIS'
+  LoHa (``hada_w1_a`` ...) and LoKr (``lokr_w1``, ``lokr_w2_a`` ...) in the same names;
 - diffusers/PEFT (``unet.<module>.lora_A.weight``/``lora_B``, with or without ``unet.``
   / ``text_encoder.`` / ``base_model.model.``), and diffusers' older attention-processor
   names (``attn1.processor.to_q_lora.down.weight``, ``lora_linear_layer``).
@@ -38,19 +39,46 @@ class LoraError(CheckpointError):
 
 @dataclass
 class LoraLayer:
-    """One layer's update: ``up @ down`` (flattened to matrices) times ``scale``."""
+    """One layer's update times ``scale``: ``up @ down`` (LoRA, LoCon), or LyCORIS' LoHa
+    ``(w1_a @ w1_b) * (w2_a @ w2_b)`` (Hadamard product) or LoKr ``kron(w1, w2)`` (each
+    factor whole or as a product ``a @ b``); convolution weights flattened to matrices."""
     module: str        # our module path, e.g. model.diffusion_model.input_blocks.1.1.proj_in
-    down: torch.Tensor
-    up: torch.Tensor
-    scale: float       # alpha / rank (1 when the file gives no alpha)
+    down: torch.Tensor = None
+    up: torch.Tensor = None
+    scale: float = 1.0  # alpha / rank (1 when the file gives no alpha)
+    kind: str = "lora"
+    factors: dict = field(default_factory=dict)  # LoHa / LoKr tensors by their suffix
 
     def delta(self, shape):
-        """The update as a float32 tensor of the weight's ``shape``."""
-        down, up = self.down.float(), self.up.float()
-        d = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
-        if d.numel() != torch.Size(shape).numel():
+        """The update as a float32 tensor of the weight's ``shape`` (ValueError when it
+        cannot be one)."""
+        shape = torch.Size(shape)
+        out, rest = shape[0], shape[1:].numel()
+        f = {k: v.float() for k, v in self.factors.items()}
+        if self.kind == "loha":
+            d = (_flat(f["hada_w1_a"]) @ _flat(f["hada_w1_b"])) * \
+                (_flat(f["hada_w2_a"]) @ _flat(f["hada_w2_b"]))
+        elif self.kind == "lokr":  # as LyCORIS (and PEFT, which follows it) build it
+            w1 = f["lokr_w1"] if "lokr_w1" in f else _flat(f["lokr_w1_a"]) @ _flat(f["lokr_w1_b"])
+            w2 = f["lokr_w2"] if "lokr_w2" in f else _flat(f["lokr_w2_a"]) @ _flat(f["lokr_w2_b"])
+            if w2.dim() == 4:  # a whole convolution factor: kernel positions kept apart
+                d = torch.kron(w1.reshape(*w1.shape[:2], 1, 1), w2)
+            else:
+                d = torch.kron(_flat(w1), w2)
+            d = d.reshape(d.shape[0], -1)
+        else:
+            d = _flat(self.up.float()) @ _flat(self.down.float())
+        if d.numel() != shape.numel() or d.shape[0] != out:
             raise ValueError(f"update {tuple(d.shape)} does not fit weight {tuple(shape)}")
         return (d * self.scale).reshape(shape)
+
+
+def _flat(t):
+    return t.reshape(t.shape[0], -1)
+
+
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
 @dataclass
@@ -144,7 +172,7 @@ def read_lora(path, model, model_names=None):
                            " (no lora_down/lora_up or lora_A/lora_B weights)"))
     if leftover:
         kind = _lycoris_kind({k: None for k in leftover})
-        why = (f"{kind} layers are not supported" if kind else
+        why = (f"its {kind} layers are incomplete or of a form not supported" if kind else
                f"{len(leftover)} of its tensors name layers this model does not have "
                f"({', '.join(sorted(leftover)[:2])})")
         raise LoraError(f"LoRA {path} cannot be applied: {why}; is it for another model?")
@@ -153,12 +181,11 @@ def read_lora(path, model, model_names=None):
     own = dict(model.named_modules())
     for layer in layers:
         weight = own[layer.module].weight
-        if layer.up.shape[0] * layer.down[0].numel() != weight.numel() or \
-                layer.up.shape[0] != weight.shape[0]:
+        try:
+            layer.delta(weight.shape)
+        except (ValueError, RuntimeError) as e:
             raise LoraError(f"LoRA {path} does not fit this model: {layer.module} is "
-                            f"{tuple(weight.shape)}, the LoRA's update "
-                            f"{(layer.up.shape[0], *layer.down.shape[1:])}; is it for "
-                            "another model?")
+                            f"{tuple(weight.shape)} ({e}); is it for another model?") from None
     return Lora(path, layers, layout, file_hash(path))
 
 
@@ -177,6 +204,10 @@ def lora_file(path):
 
 def _lycoris_kind(sd):
     keys = " ".join(sd)
+    if ".hada_t1" in keys or ".hada_t2" in keys:
+        return "LoHa with a Tucker core (hada_t1)"
+    if ".lokr_t2" in keys:
+        return "LoKr with a Tucker core (lokr_t2)"
     if ".hada_w1" in keys:
         return "LoHa (LyCORIS)"
     if ".lokr_w" in keys:
@@ -191,21 +222,45 @@ def _lycoris_kind(sd):
 
 
 def _kohya_layers(sd, names):
-    layers, used = [], set()
+    """Layers of kohya-ss / LyCORIS names: LoRA and LoCon (``lora_down``/``lora_up``),
+    LoHa (``hada_w1_a`` ...) and LoKr (``lokr_w1`` ...). The scale is alpha over the rank
+    (LoHa: of w1_b; LoKr: of its decomposed factor, 1 when both are whole), as A1111."""
+    groups = {}
     for key in sd:
-        if not key.endswith(".lora_down.weight"):
+        name, _, suffix = key.partition(".")
+        groups.setdefault(name, {})[suffix] = key
+    layers, used = [], set()
+    for name, parts in groups.items():
+        if name not in names:
             continue
-        name = key[:-len(".lora_down.weight")]
-        up = sd.get(f"{name}.lora_up.weight")
-        if name not in names or up is None:
+        alpha = sd[parts["alpha"]] if "alpha" in parts else None
+        if "lora_down.weight" in parts and "lora_up.weight" in parts:
+            down, up = sd[parts["lora_down.weight"]], sd[parts["lora_up.weight"]]
+            layer = LoraLayer(names[name], down, up, _scale(alpha, down.shape[0]))
+        elif all(k in parts for k in LOHA):
+            factors = {k: sd[parts[k]] for k in LOHA}
+            layer = LoraLayer(names[name], kind="loha", factors=factors,
+                              scale=_scale(alpha, factors["hada_w1_b"].shape[0]))
+        elif any(k in parts for k in LOKR):
+            factors = {k: sd[parts[k]] for k in LOKR if k in parts}
+            whole = [k for k in ("1", "2") if f"lokr_w{k}" in factors]
+            pairs = [k for k in ("1", "2") if f"lokr_w{k}_a" in factors
+                     and f"lokr_w{k}_b" in factors]
+            if sorted(whole + pairs) != ["1", "2"]:
+                continue  # incomplete: left over, reported by the caller
+            rank = factors.get("lokr_w2_b", factors.get("lokr_w1_b"))
+            layer = LoraLayer(names[name], kind="lokr", factors=factors,
+                              scale=_scale(alpha, rank.shape[0]) if rank is not None else 1.0)
+        else:
             continue
-        down = sd[key]
-        alpha = sd.get(f"{name}.alpha")
-        rank = down.shape[0]
-        scale = float(alpha) / rank if alpha is not None else 1.0
-        layers.append(LoraLayer(names[name], down, up, scale))
-        used.update({key, f"{name}.lora_up.weight", f"{name}.alpha"})
+        layers.append(layer)
+        used.update(parts[k] for k in ("lora_down.weight", "lora_up.weight", "alpha", *LOHA, *LOKR)
+                    if k in parts)
     return layers, [k for k in sd if k not in used], "kohya"
+
+
+def _scale(alpha, rank):
+    return float(alpha) / rank if alpha is not None else 1.0
 
 
 def peft_alphas(path):

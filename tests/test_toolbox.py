@@ -356,8 +356,13 @@ def _save(path, sd):
     ("flux", lambda m, d: _save(d / "x.safetensors", {
         "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8)}),
      "transformer model"),
-    ("loha", lambda m, d: _save(d / "x.safetensors", {
-        "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)}), "LoHa"),
+    ("loha-incomplete", lambda m, d: _save(d / "x.safetensors", {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.zeros(4, 4)}),
+     "LoHa .* incomplete"),
+    ("loha-tucker", lambda m, d: _save(d / "x.safetensors", {
+        f"lora_unet_down_blocks_0_resnets_0_conv1.{k}": torch.zeros(4, 4)
+        for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}),
+     "Tucker"),
     ("empty", lambda m, d: _write(d / "x.safetensors", b""), "is empty"),
     ("truncated", lambda m, d: _write(d / "x.safetensors",
                                       (d / "style.safetensors").read_bytes()[:300]), "truncated"),
@@ -667,3 +672,56 @@ def test_unbalanced_brackets_and_prompt_lora_tags_are_warned_once(caplog):
                      progress=False)
     text = caplog.text
     assert "unbalanced '('" in text and "--lora FILE:WEIGHT" in text
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_lycoris_loha_and_lokr_match_peft_on_the_diffusers_unet(tmp_path, tiny_config, kind):
+    """LyCORIS' LoHa and LoKr in kohya names, merged by us, against PEFT's own LoHa/LoKr
+    layers injected into diffusers' UNet (on the fly), on identical weights; the file is
+    PEFT's tensors renamed as LyCORIS writes them, with alpha."""
+    from peft import LoHaConfig, LoKrConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from ldm.pipeline import Pipeline
+    model = fresh_tiny()
+    pipe = diffusers_twin(model, tiny_config, tmp_path / "tok")
+    targets = ["to_q", "to_v", "proj_in", "conv1"]
+    config = (LoHaConfig(r=4, alpha=2, target_modules=targets) if kind == "loha" else
+              # r = 2: PEFT then stores w2 as a product, whose rank gives the scale
+              # alpha / r; with both factors whole LyCORIS (and A1111) scale by 1, PEFT
+              # still by alpha / r, and we follow LyCORIS, whose files these are
+              LoKrConfig(r=2, alpha=2, target_modules=targets))
+    inject_adapter_in_model(config, pipe.unet)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "hada_" in name or "lokr_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    sd = {}
+    for key, value in get_peft_model_state_dict(pipe.unet).items():
+        module, _, suffix = key.rpartition(".")
+        name = "lora_unet_" + module.replace(".", "_")
+        sd[f"{name}.{suffix}"] = value.contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    assert any(k.endswith(".hada_w1_a" if kind == "loha" else ".lokr_w2_b") for k in sd)
+    save_file(sd, tmp_path / f"{kind}.safetensors")
+    (u0, _), _ = outputs_both(model, pipe)
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    ours.set_loras([(tmp_path / f"{kind}.safetensors", 1.0)])
+    (u, _), (du, _) = outputs_both(model, pipe)
+    assert rel_err(u, du) < 1e-5
+    assert rel_err(u, u0) > 1e-2
+
+
+def test_lokr_with_both_factors_whole_scales_by_one_as_lycoris(tmp_path, tiny_model):
+    """LyCORIS writes alpha = dim when neither LoKr factor is decomposed, and A1111 scales
+    such layers by 1 whatever the alpha: delta W = kron(w1, w2) exactly."""
+    from safetensors.torch import save_file
+    from ldm.lora import read_lora
+    g = torch.Generator().manual_seed(2)
+    w1, w2 = torch.randn(4, 4, generator=g), torch.randn(8, 8, generator=g)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lokr_w1": w1, f"{name}.lokr_w2": w2, f"{name}.alpha": torch.tensor(3.0)},
+              tmp_path / "kron.safetensors")
+    layer = read_lora(tmp_path / "kron.safetensors", tiny_model).layers[0]
+    assert torch.equal(layer.delta((32, 32)), torch.kron(w1, w2))
