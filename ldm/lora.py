@@ -53,7 +53,7 @@ class LoraLayer:
         """The update as a float32 tensor of the weight's ``shape`` (ValueError when it
         cannot be one)."""
         shape = torch.Size(shape)
-        out, rest = shape[0], shape[1:].numel()
+        out = shape[0]
         f = {k: v.float() for k, v in self.factors.items()}
         if self.kind == "loha":
             d = (_flat(f["hada_w1_a"]) @ _flat(f["hada_w1_b"])) * \
