@@ -242,7 +242,62 @@ def check_model_files(args):
 
 
 def read_prompts(path):
-    """Prompts from a file: UTF-8 (a BOM is fine), any line endings, blank lines skipped."""
+    """Prompts from a text file: UTF-8 (a BOM is fine), any line endings, blank lines
+    skipped. A JSONL prompt file is refused here (``read_job``)."""
+    from ldm.jobs import is_jsonl
+    text = read_prompt_text(path)
+    if is_jsonl(path, text):
+        raise UsageError(f"--from-file {path} is a JSONL prompt file: this script takes "
+                         "plain text, one prompt a line (JSONL is txt2img's, for now)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {path} has no prompts (one per line)")
+    return prompts
+
+
+def read_job(args):
+    """A JSONL --from-file's checked requests (``ldm.jobs``), or None for any other run."""
+    from ldm.jobs import is_jsonl, parse_jsonl
+    if not args.from_file:
+        return None
+    text = read_prompt_text(args.from_file)
+    return parse_jsonl(text, args.from_file) if is_jsonl(args.from_file, text) else None
+
+
+def check_requests(args, choice, requests):
+    """Each JSONL line's sampler, steps, size and guidance against the model, before the
+    load; returns {line: (sampler, schedule, eta)}."""
+    from ldm.jobs import settings
+    from ldm.models.diffusion.sampling import resolve_eta, resolve_sampler
+    g = choice.geometry
+    resolved = {}
+    for r in requests:
+        negative, sampler, steps, scale, height, width = settings(r, args)
+        where = f"{args.from_file} line {r.line}"
+        if sampler is None:
+            resolved[r.line] = (args.sampler, args.schedule, args.ddim_eta)
+        else:
+            try:
+                name, schedule = resolve_sampler(sampler)
+                resolved[r.line] = (name, schedule, resolve_eta(name, None))
+            except ValueError as e:
+                raise InputError(f"{where}: {str(e).split(';')[0]}") from None
+        if steps > g.timesteps:
+            raise InputError(f"{where}: steps {steps} is more than the model's "
+                             f"{g.timesteps} timesteps")
+        scale = choice.defaults.get("scale", 7.5) if scale is None else scale
+        if scale == 1.0 and negative:
+            raise InputError(f"{where}: a negative prompt has no effect at scale 1")
+        try:
+            check_size(g, height or g.native_size, width or g.native_size, args.n_samples,
+                       args.device, args.vae_tiling)
+        except UsageError as e:
+            raise InputError(f"{where}: {e}") from None
+    return resolved
+
+
+def read_prompt_text(path):
+    """A prompt file's text: UTF-8 (a BOM is fine); one line errors otherwise."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -255,10 +310,7 @@ def read_prompts(path):
                          f"({e.__class__.__name__})") from None
     if "\x00" in text:
         raise InputError(f"prompt file {path} is not a text file (it holds NUL bytes)")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise InputError(f"prompt file {path} has no prompts (one per line)")
-    return prompts
+    return text
 
 
 def add_image_size_arguments(p):
@@ -314,15 +366,18 @@ def batches(args, prompts):
 
 
 def generate_batches(args, out, work, steps_per_batch, make):
-    """Run ``make(prompts, seeds, callback) -> samples`` for every batch under one progress
-    bar, saving each sample as OUTDIR/samples/NNNNN.png (unless --skip_save) and a grid
-    (unless --skip_grid). Returns the samples."""
+    """Run ``make(prompts, seeds, callback, *extra) -> samples`` for every batch
+    ``(prompts, seeds, *extra)`` of ``work`` under one progress bar (``steps_per_batch``: a
+    number, or a function of the batch), saving each sample as OUTDIR/samples/NNNNN.png
+    (unless --skip_save) and a grid (unless --skip_grid). Returns the samples."""
     from ldm.image_io import make_grid
     from ldm.progress import progress
     done = []
-    with progress(len(work) * steps_per_batch, "sampling") as bar:
-        for prompts, seeds in work:
-            samples = make(prompts, seeds, lambda *_: bar.update())
+    total = (sum(steps_per_batch(item) for item in work) if callable(steps_per_batch)
+             else len(work) * steps_per_batch)
+    with progress(total, "sampling") as bar:
+        for prompts, seeds, *extra in work:
+            samples = make(prompts, seeds, lambda *_: bar.update(), *extra)
             for s in samples:
                 if getattr(args, "fixed_code", False):
                     s.parameters["fixed_code"] = True
@@ -330,7 +385,9 @@ def generate_batches(args, out, work, steps_per_batch, make):
                     out.save_numbered(s.image, "{:05}.png", s.parameters, "samples")
             done.extend(samples)
             bar.set_postfix_str(f"{len(done)} images")
-    if not args.skip_grid and done:
+    if not args.skip_grid and len({s.image.size for s in done}) > 1:
+        log.info("no grid: the images are of different sizes")
+    elif not args.skip_grid and done:
         grid = make_grid([s.image for s in done], args.n_rows or args.n_samples)
         out.save_numbered(grid, "grid-{:04}.png", {"grid_of": [s.parameters for s in done]})
     print(f"Your samples are ready and waiting for you here: \n{out.root} \n \nEnjoy.")

@@ -55,18 +55,35 @@ def run(args, job):
     height, width = check(args, choice)
     cli.check_model_files(args)
     cli.draw_seed(args)
-    work = cli.batches(args, cli.prompt_list(args))  # reads --from-file before the load
+    requests = cli.read_job(args)  # a JSONL prompt file, every line checked before the load
+    if requests:
+        from ldm import jobs
+        sampling = cli.check_requests(args, choice, requests)
+        work = jobs.batches(jobs.plan(requests, args.seed), args, args.n_samples)
+    else:
+        work = cli.batches(args, cli.prompt_list(args))  # reads --from-file before the load
     out = job.track(Outputs(args.outdir).check())
     pipe = cli.load_pipeline(args, choice)  # the slow part
     height, width = height or pipe.native_size, width or pipe.native_size
     pipe.check_size(height, width)
 
-    def make(prompts, seeds, callback):
-        return pipe.generate(prompts, seeds, args.negative_prompt, args.sampler,
-                             args.ddim_steps, args.scale, args.ddim_eta, height, width,
-                             progress=False, callback=callback, schedule=args.schedule)
-    return cli.generate_batches(args, out, work,
-                                pipe.num_steps(args.ddim_steps, args.schedule), make)
+    def make(prompts, seeds, callback, request=None):
+        if request is None:
+            return pipe.generate(prompts, seeds, args.negative_prompt, args.sampler,
+                                 args.ddim_steps, args.scale, args.ddim_eta, height, width,
+                                 progress=False, callback=callback, schedule=args.schedule)
+        negative, _, steps, scale, h, w = jobs.settings(request, args)
+        sampler, schedule, eta = sampling[request.line]
+        return pipe.generate(prompts, seeds, negative, sampler, steps, scale, eta,
+                             h or height, w or width, progress=False, callback=callback,
+                             schedule=schedule)
+
+    def steps(batch):
+        if len(batch) == 2:
+            return pipe.num_steps(args.ddim_steps, args.schedule)
+        request = batch[2]
+        return pipe.num_steps(jobs.settings(request, args)[2], sampling[request.line][1])
+    return cli.generate_batches(args, out, work, steps, make)
 
 
 def main(argv=None):
