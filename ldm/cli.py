@@ -20,6 +20,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from ldm.config import SCHEDULES
@@ -28,6 +29,7 @@ from ldm.errors import InputError, LdmError, ResourceError, UsageError
 SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed takes an unsigned 64-bit seed
 RANDOM_SEED_RANGE = 2 ** 32  # a drawn seed (--seed -1) is below this, as A1111 draws them
 INTERRUPTED = 130            # 128 + SIGINT, what a shell reports for Ctrl-C
+TERMINATED = 143             # 128 + SIGTERM
 
 log = logging.getLogger("ldm.cli")
 
@@ -394,6 +396,54 @@ def generate_batches(args, out, work, steps_per_batch, make):
     return done
 
 
+def run_job(args, out, manifest, work, steps_per_batch, make, shard=None):
+    """A JSONL job: the batches of ``work`` ([(prompts, seeds, request, ks)]; this shard's
+    share, ``(i, n)``: every n-th batch from the i-th), skipping images the manifest has,
+    each new one saved as OUTDIR/samples/<k>.png and then recorded. A batch with any image
+    missing is run whole, so each image is computed in the batch it always is. Returns
+    (images made, images skipped)."""
+    from ldm.image_io import save_png
+    from ldm.jobs import GRID_LIMIT, file_name
+    from ldm.util import interrupts_deferred
+    from ldm.progress import progress
+    mine = work if shard is None else work[shard[0]::shard[1]]
+    total = manifest.total
+    made, skipped = [], 0
+    todo = [b for b in mine if not all(manifest.finished(k) for k in b[3])]
+    skipped = sum(len(b[3]) for b in mine) - sum(len(b[3]) for b in todo)
+    if skipped:
+        log.info("%d of this job's %d images are done already (%s): skipping them",
+                 skipped, sum(len(b[3]) for b in mine), manifest.path)
+    samples = manifest.folder / "samples"
+    with progress(sum(steps_per_batch(b) for b in todo), "sampling") as bar:
+        for prompts, seeds, request, ks in todo:
+            results = make(prompts, seeds, lambda *_: bar.update(), request)
+            samples.mkdir(parents=True, exist_ok=True)
+            for k, s in zip(ks, results):
+                if manifest.finished(k):
+                    continue
+                name = f"samples/{file_name(k, total)}"
+                path = manifest.folder / name
+                with interrupts_deferred():  # the PNG and its manifest line, or neither
+                    if path.exists() and manifest.overwrite:
+                        path.unlink()
+                    if not path.exists():  # else: whole (linked in place) from a killed run
+                        save_png(s.image, path, {**s.parameters, "index": k})
+                        out.written.append(path)
+                    manifest.record(k, name, s.parameters["seed"], s.parameters["prompt"])
+                made.append(s)
+            bar.set_postfix_str(f"{len(made)} images")
+    if made and not args.skip_grid and total <= GRID_LIMIT and len(made) == total \
+            and len({s.image.size for s in made}) == 1:
+        from ldm.image_io import make_grid
+        out.save_numbered(make_grid([s.image for s in made], args.n_rows or args.n_samples),
+                          "grid-{:04}.png", {"grid_of": [s.parameters for s in made]})
+    elif made and not args.skip_grid and total > GRID_LIMIT:
+        log.info("no grid: a job of more than %d images writes none", GRID_LIMIT)
+    print(f"{len(made)} new images, {skipped} done before: {samples}")
+    return made, skipped
+
+
 # ----------------------------------------------------------------------------- the model
 
 def choose_model(args, task="txt2img"):
@@ -601,15 +651,19 @@ def main(build_parser, run, argv=None):
     """Parse, run, and turn whatever ends the run into one line and an exit status."""
     job, saved = Job(), None
     previous_handler = signal.getsignal(signal.SIGINT)
+    previous_term = signal.getsignal(signal.SIGTERM)
     try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)  # a job scheduler's stop: as Ctrl-C
         saved = _install_logging()
         args = build_parser().parse_args(argv)
         run(args, job)
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: still one line
-        _say(f"interrupted: {job.summary()}")
-        return INTERRUPTED
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _say(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {job.summary()}")
+        return TERMINATED if isinstance(e, Terminated) else INTERRUPTED
     except LdmError as e:
         _say(f"error: {e}")
         return e.exit_status
@@ -626,9 +680,19 @@ def main(build_parser, run, argv=None):
         _say(f"error: {e.strerror or e}{where}")
         return 1
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_handler)
+            signal.signal(signal.SIGTERM, previous_term)
         if saved is not None:
             _restore_logging(saved)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def _is_out_of_memory(e):

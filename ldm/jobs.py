@@ -144,3 +144,122 @@ def batches(images, args, batch_size):
             out.append(([image.request.prompt], [image.seed], image.request))
             keys.append(key)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# resumable jobs: file names from k, a manifest of finished images, shards
+
+GRID_LIMIT = 64  # a job of more images writes no grid
+MANIFEST = "manifest.jsonl"
+JOB_FLAGS = ("ckpt", "config", "precision", "seed", "ddim_steps", "sampler", "schedule",
+             "ddim_eta", "scale", "H", "W", "n_samples", "negative_prompt", "lora", "embedding",
+             "vae", "clip_skip", "prompt_syntax", "deepcache", "vae_tiling", "compile",
+             "attention_slicing", "safety_checker")
+
+
+def fingerprint(prompt_file, args):
+    """What fixes a job's files: the prompt file's bytes and the flags that change images
+    (not the output folder, the shard or the grid)."""
+    import hashlib
+    h = hashlib.sha256(Path(prompt_file).read_bytes())
+    flags = {name: getattr(args, name, None) for name in JOB_FLAGS}
+    h.update(json.dumps(flags, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def parse_shard(text):
+    """``i/n`` -> (i, n), 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not i/n (e.g. 0/4)") from None
+    if not 0 <= i < n:
+        raise ValueError(f"{text}: i must be in [0, n)")
+    return i, n
+
+
+def indexed_batches(images, args, batch_size):
+    """``batches`` with each batch's image indices: [(prompts, seeds, request, ks)]. The
+    batches are fixed by the prompt file and ``batch_size``, so any split of them over
+    workers or shards computes every image in the same batch."""
+    out, i = [], 0
+    for prompts, seeds, request in batches(images, args, batch_size):
+        out.append((prompts, seeds, request, [im.k for im in images[i:i + len(prompts)]]))
+        i += len(prompts)
+    return out
+
+
+def file_name(k, total):
+    return f"{k:0{max(6, len(str(total - 1)))}}.png"
+
+
+class Manifest:
+    """``OUTDIR/manifest.jsonl``: a header line naming the job, then one line per finished
+    image ({"k", "file", "sha256", "seed", "prompt"}), each appended whole and synced after
+    its PNG is in place. A line cut short by a kill is dropped when the manifest is read."""
+
+    def __init__(self, folder, job, total, overwrite=False):
+        self.folder, self.job, self.total = Path(folder), job, total
+        self.path = self.folder / MANIFEST
+        self.done = {}
+        self.overwrite = overwrite
+
+    def open(self):
+        """Read what is done (or start the manifest); InputError for a folder that holds
+        another job's images, unless ``overwrite``."""
+        import os
+        import time
+        for stale in (self.folder / "samples").glob(".*.png.tmp"):
+            # a PNG being written when a run was killed (SIGKILL); a write takes
+            # milliseconds, so one a minute old is no other shard's
+            if time.time() - stale.stat().st_mtime > 60:
+                stale.unlink(missing_ok=True)
+        if self.path.exists():
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):  # a line cut short by a kill
+                raw = raw[:raw.rfind(b"\n") + 1]
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(raw))
+            lines = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line]
+            header = lines[0] if lines else {}
+            if header.get("job") != self.job and not self.overwrite:
+                raise InputError(
+                    f"{self.folder} holds another job's images (a different prompt file or "
+                    f"settings): use another --outdir, or --overwrite to replace them")
+            if header.get("job") == self.job:
+                self.done = {e["k"]: e for e in lines[1:]}
+            else:
+                self._start()
+        else:
+            samples = self.folder / "samples"
+            if not self.overwrite and samples.is_dir() and any(samples.glob("*.png")):
+                raise InputError(f"{samples} holds images of another run: use another "
+                                 "--outdir, or --overwrite to replace them")
+            self._start()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        return self
+
+    def _start(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"job": self.job, "images": self.total}) + "\n", "utf-8")
+        tmp.replace(self.path)
+        self.done = {}
+
+    def finished(self, k):
+        return k in self.done and (self.folder / self.done[k]["file"]).is_file()
+
+    def record(self, k, file, seed, prompt):
+        import hashlib
+        import os
+        digest = hashlib.sha256((self.folder / file).read_bytes()).hexdigest()
+        entry = {"k": k, "file": file, "sha256": digest, "seed": seed, "prompt": prompt}
+        os.write(self._fd, (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
+        os.fsync(self._fd)
+        self.done[k] = entry
+
+    def close(self):
+        import os
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None

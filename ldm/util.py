@@ -27,16 +27,19 @@ def count_params(model):
 
 @contextmanager
 def interrupts_deferred():
-    """Ctrl-C (SIGINT) during the block waits until the block is done, then acts as it
-    would have: a file being written is finished (or removed) before KeyboardInterrupt."""
+    """Ctrl-C (SIGINT) or SIGTERM during the block waits until the block is done, then acts
+    as it would have: a file being written is finished (or removed) before the interrupt."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append((signum, frame)))
+                for s in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, caught[0])
+        for s in signals:
+            signal.signal(s, previous[s])
+        if caught and callable(previous[caught[0][0]]):
+            previous[caught[0][0]](*caught[0])

@@ -30,8 +30,20 @@ def build_parser():
                    help="latent channels (default: the model's, 4)")
     p.add_argument("--f", type=number(int, 1), default=None,
                    help="downsampling factor (default: the model's, 8 for SD v1)")
+    p.add_argument("--shard", type=shard, default=None, metavar="I/N",
+                   help="JSONL jobs: run every N-th batch from the I-th only (array jobs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="JSONL jobs: replace the images of another job in --outdir")
     cli.add_model_arguments(p)
     return p
+
+
+def shard(text):
+    from ldm.jobs import parse_shard
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise cli.argparse.ArgumentTypeError(str(e)) from None
 
 
 def check(args, choice):
@@ -56,11 +68,20 @@ def run(args, job):
     cli.check_model_files(args)
     cli.draw_seed(args)
     requests = cli.read_job(args)  # a JSONL prompt file, every line checked before the load
+    manifest = shard = None
     if requests:
         from ldm import jobs
         sampling = cli.check_requests(args, choice, requests)
-        work = jobs.batches(jobs.plan(requests, args.seed), args, args.n_samples)
+        images = jobs.plan(requests, args.seed)
+        work = jobs.indexed_batches(images, args, args.n_samples)
+        shard = args.shard
+        Outputs(args.outdir).check()
+        manifest = jobs.Manifest(args.outdir, jobs.fingerprint(args.from_file, args),
+                                 len(images), args.overwrite).open()
     else:
+        if args.shard or args.overwrite:
+            raise cli.UsageError("--shard and --overwrite are for JSONL prompt files "
+                                 "(--from-file prompts.jsonl)")
         work = cli.batches(args, cli.prompt_list(args))  # reads --from-file before the load
     out = job.track(Outputs(args.outdir).check())
     pipe = cli.load_pipeline(args, choice)  # the slow part
@@ -83,6 +104,12 @@ def run(args, job):
             return pipe.num_steps(args.ddim_steps, args.schedule)
         request = batch[2]
         return pipe.num_steps(jobs.settings(request, args)[2], sampling[request.line][1])
+    if manifest is not None:
+        try:
+            cli.run_job(args, out, manifest, work, steps, make, shard)
+        finally:
+            manifest.close()
+        return
     return cli.generate_batches(args, out, work, steps, make)
 
 

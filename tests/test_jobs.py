@@ -3,7 +3,9 @@ and seeded by the prompt file alone, per-line settings applied."""
 import json
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT, TINY_CONFIG
 from ldm.image_io import read_parameters
@@ -84,7 +86,9 @@ def test_a_jsonl_run_applies_each_lines_settings_and_reproduces(tmp_path, ckpts)
         "--scale", "5", "--sampler", "DPM++ 2M Karras", "--H", "32", "--W", "48",
         "--outdir", str(tmp_path / "one"), "--skip_grid"]) == 0
     one = next((tmp_path / "one" / "samples").glob("*.png"))
-    assert one.read_bytes() == files[2].read_bytes()
+    assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(files[2])))
+    assert [f.name for f in files] == ["000000.png", "000001.png", "000002.png"]
+    assert [p["index"] for p in params] == [0, 1, 2]
 
 
 def test_img2img_refuses_a_jsonl_file_in_one_line(tmp_path, ckpts, capsys):
@@ -96,3 +100,82 @@ def test_img2img_refuses_a_jsonl_file_in_one_line(tmp_path, ckpts, capsys):
                          "--device", "cpu", "--from-file", str(prompts), "--init-img",
                          str(tmp_path / "i.png"), "--outdir", str(tmp_path / "out")])
     assert code == 2 and "JSONL" in capsys.readouterr().err
+
+
+def job_args(ckpts, prompts, outdir, *extra):
+    return [str(ROOT / "scripts" / "txt2img.py"), "--ckpt", str(ckpts["ckpt"]), "--config",
+            str(TINY_CONFIG), "--device", "cpu", "--ddim_steps", "3", "--n_samples", "2",
+            "--H", "32", "--W", "32", "--safety_checker", "none", "--from-file", str(prompts),
+            "--outdir", str(outdir), *extra]
+
+
+def contents(folder):
+    """{file: bytes} of a job folder's images, and its manifest's entries as a set."""
+    files = {p.name: p.read_bytes() for p in sorted((folder / "samples").glob("*.png"))}
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    entries = {json.dumps(json.loads(x), sort_keys=True) for x in lines[1:]}
+    return files, lines[0], entries
+
+
+@pytest.fixture
+def seven(tmp_path):
+    """A job of 7 images, 5 lines: not a multiple of the batch size (2) or of 2 shards."""
+    return write(tmp_path / "p.jsonl", {"prompt": "a red circle", "n": 2}, {"prompt": "a square"},
+                 {"prompt": "two stars", "n": 3, "seed": 5}, {"prompt": "a ring"})
+
+
+def test_a_rerun_skips_what_is_done_and_a_changed_job_is_refused(tmp_path, ckpts, seven):
+    import txt2img
+    args = job_args(ckpts, seven, tmp_path / "job")[1:]
+    assert txt2img.main(args) == 0
+    first = contents(tmp_path / "job")
+    assert len(first[0]) == 7 and len(first[2]) == 7
+    assert txt2img.main(args) == 0  # nothing to do
+    assert contents(tmp_path / "job") == first
+    seven.write_text(seven.read_text().replace("a ring", "a cross"))
+    assert txt2img.main(args) == 3
+    assert txt2img.main(args + ["--overwrite"]) == 0
+    files, _, entries = contents(tmp_path / "job")
+    assert files["000006.png"] != first[0]["000006.png"] and len(entries) == 7
+
+
+def test_two_shards_make_the_same_files_and_manifest_as_the_whole_job(tmp_path, ckpts, seven):
+    import txt2img
+    assert txt2img.main(job_args(ckpts, seven, tmp_path / "whole")[1:]) == 0
+    for i in (0, 1):
+        assert txt2img.main(job_args(ckpts, seven, tmp_path / "split", "--shard", f"{i}/2")[1:]) == 0
+    assert contents(tmp_path / "split") == contents(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_job_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, ckpts, seven, sig):
+    """Killed once 2 images are recorded: no half-written file remains, and the rerun
+    finishes with the files and manifest of a run never interrupted."""
+    import signal
+    import subprocess
+    import time
+    import txt2img
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *job_args(ckpts, seven, out, "--ddim_steps", "40")],
+                            stderr=subprocess.PIPE, text=True)
+    manifest = out / "manifest.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not manifest.exists()
+                                      or len(manifest.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode != 0
+    if sig == "SIGTERM":
+        assert proc.returncode == 143 and err.strip().splitlines()[-1].startswith("terminated:")
+    done = contents(out)
+    assert 2 <= len(done[2]) < 7 and set(done[0]) == {json.loads(e)["file"][8:] for e in done[2]}
+    for p in (out / "samples").iterdir():  # every image there is whole; SIGKILL may
+        if p.name.startswith("."):          # leave a hidden temp file, never a PNG
+            assert sig == "SIGKILL" and p.name.endswith(".png.tmp")
+        else:
+            Image.open(p).verify()
+    assert txt2img.main(job_args(ckpts, seven, out, "--ddim_steps", "40")[1:]) == 0
+    whole40 = tmp_path / "whole40"
+    assert txt2img.main(job_args(ckpts, seven, whole40, "--ddim_steps", "40")[1:]) == 0
+    assert contents(out) == contents(whole40)
