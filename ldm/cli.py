@@ -270,6 +270,7 @@ def check_requests(args, choice, requests):
     """Each JSONL line's sampler, steps, size and guidance against the model, before the
     load; returns {line: (sampler, schedule, eta)}."""
     from ldm.jobs import settings
+    import_torch()
     from ldm.models.diffusion.sampling import resolve_eta, resolve_sampler
     g = choice.geometry
     resolved = {}
@@ -446,10 +447,21 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None):
 
 # ----------------------------------------------------------------------------- the model
 
+def import_torch():
+    """Import torch with Ctrl-C and SIGTERM held until it is done: an interrupt raised
+    inside torch's C++ start-up (a pybind11 callback) aborts the process instead of
+    ending it in one line."""
+    from ldm.util import interrupts_deferred
+    with interrupts_deferred():
+        import torch  # noqa: F401
+
+
 def choose_model(args, task="txt2img"):
     """The model a run will load, resolved and checked without reading weights (or
     importing torch, given a config): a ``ldm.config.ModelChoice``."""
     from ldm.config import choose_model as choose
+    if args.config is None:
+        import_torch()  # the checkpoint may be opened to see its UNet's input channels
     return choose(args.ckpt, args.config, task)
 
 
@@ -461,6 +473,7 @@ def check_safety_checker(args):
 
 def load_pipeline(args, choice):
     """Device, then the weights (the slow part), then one line saying what is used."""
+    import_torch()
     from ldm.config import INPAINTING_HINT, INSTALL_HINT
     from ldm.pipeline import Pipeline, check_compiler, pick_device
     device = pick_device(args.device)
