@@ -21,6 +21,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from ldm.config import SCHEDULES
@@ -397,7 +398,30 @@ def generate_batches(args, out, work, steps_per_batch, make):
     return done
 
 
-def run_job(args, out, manifest, work, steps_per_batch, make, shard=None):
+def add_worker_arguments(p):
+    g = p.add_argument_group("workers (JSONL jobs; PyTorch Lightning's meaning)")
+    g.add_argument("--devices", default=None,
+                   help="processes per machine: a number, a list of GPU ids, or auto "
+                        "(default: one process, no torch.distributed)")
+    g.add_argument("--num_nodes", type=number(int, 1), default=1, help="machines")
+    g.add_argument("--strategy", default="auto", help="e.g. ddp (Lightning's strategies)")
+    g.add_argument("--accelerator", default="auto", help="cpu, gpu, cuda, mps or auto")
+    g.add_argument("--threads", type=number(int, 1), default=None,
+                   help="CPU threads per process (default: all cores, shared among this "
+                        "machine's workers); the count changes float rounding, so jobs "
+                        "meant to match byte for byte use the same threads per process")
+
+
+def become_worker(args, fabric):
+    """This process's part of a job: its device, and quiet unless it is rank 0."""
+    args.device = str(fabric.device)
+    if fabric.global_rank != 0:
+        logging.getLogger().setLevel(logging.ERROR)
+        log.setLevel(logging.ERROR)
+        args.quiet_worker = True
+
+
+def run_job(args, out, manifest, work, steps_per_batch, make, shard=None, fabric=None):
     """A JSONL job: the batches of ``work`` ([(prompts, seeds, request, ks)]; this shard's
     share, ``(i, n)``: every n-th batch from the i-th), skipping images the manifest has,
     each new one saved as OUTDIR/samples/<k>.png and then recorded. A batch with any image
@@ -407,6 +431,7 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None):
     from ldm.jobs import GRID_LIMIT, file_name
     from ldm.util import interrupts_deferred
     from ldm.progress import progress
+    start = time.perf_counter()
     mine = work if shard is None else work[shard[0]::shard[1]]
     total = manifest.total
     made, skipped = [], 0
@@ -416,7 +441,8 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None):
         log.info("%d of this job's %d images are done already (%s): skipping them",
                  skipped, sum(len(b[3]) for b in mine), manifest.path)
     samples = manifest.folder / "samples"
-    with progress(sum(steps_per_batch(b) for b in todo), "sampling") as bar:
+    quiet = getattr(args, "quiet_worker", False)
+    with progress(sum(steps_per_batch(b) for b in todo), "sampling", disable=quiet) as bar:
         for prompts, seeds, request, ks in todo:
             results = make(prompts, seeds, lambda *_: bar.update(), request)
             samples.mkdir(parents=True, exist_ok=True)
@@ -441,7 +467,18 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None):
                           "grid-{:04}.png", {"grid_of": [s.parameters for s in made]})
     elif made and not args.skip_grid and total > GRID_LIMIT:
         log.info("no grid: a job of more than %d images writes none", GRID_LIMIT)
-    print(f"{len(made)} new images, {skipped} done before: {samples}")
+    seconds = time.perf_counter() - start
+    new, before, workers = len(made), skipped, 1
+    if fabric is not None:  # the counts of every worker, on rank 0
+        import torch
+        counts = fabric.all_reduce(torch.tensor([new, before], dtype=torch.float64),
+                                   reduce_op="sum")
+        new, before, workers = int(counts[0]), int(counts[1]), fabric.world_size
+        if fabric.global_rank != 0:
+            return made, skipped
+    rate = f", {new / seconds / workers:.2f} images/s per worker" if new and seconds else ""
+    print(f"{new} new images ({before} done before) in {seconds:.1f} s with {workers} "
+          f"worker{'s' * (workers > 1)}{rate}: {samples}")
     return made, skipped
 
 

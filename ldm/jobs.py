@@ -263,3 +263,36 @@ class Manifest:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
+
+
+# ---------------------------------------------------------------------------------------
+# workers: PyTorch Lightning's Fabric (torch.distributed underneath)
+
+def distributed_requested(args):
+    """Whether a run asks for workers: --devices / --num_nodes, or it was started by
+    torchrun or SLURM with more than one process."""
+    import os
+    if getattr(args, "devices", None) is not None or getattr(args, "num_nodes", 1) > 1:
+        return True
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def start_workers(args):
+    """Launch (or join) the job's processes with Fabric: its ``launch`` starts the other
+    local processes itself (each runs this script again), or joins those torchrun / SLURM
+    started. Returns the Fabric (``global_rank``, ``world_size``, ``device``)."""
+    try:
+        from lightning_fabric import Fabric
+    except ImportError:
+        from ldm.errors import ResourceError
+        raise ResourceError("--devices and --num_nodes run on PyTorch Lightning: "
+                            "pip install -e \".[train]\"") from None
+    fabric = Fabric(accelerator=args.accelerator, devices=args.devices or "auto",
+                    num_nodes=args.num_nodes, strategy=args.strategy)
+    fabric.launch()
+    if fabric.device.type == "cpu" and args.threads is None:  # cores shared among workers
+        import os
+        import torch
+        local = max(1, fabric.world_size // max(1, args.num_nodes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return fabric

@@ -34,6 +34,7 @@ def build_parser():
                    help="JSONL jobs: run every N-th batch from the I-th only (array jobs)")
     p.add_argument("--overwrite", action="store_true",
                    help="JSONL jobs: replace the images of another job in --outdir")
+    cli.add_worker_arguments(p)
     cli.add_model_arguments(p)
     return p
 
@@ -67,8 +68,12 @@ def run(args, job):
     height, width = check(args, choice)
     cli.check_model_files(args)
     cli.draw_seed(args)
+    if getattr(args, "threads", None):
+        cli.import_torch()
+        import torch
+        torch.set_num_threads(args.threads)
     requests = cli.read_job(args)  # a JSONL prompt file, every line checked before the load
-    manifest = shard = None
+    manifest = shard = fabric = None
     if requests:
         from ldm import jobs
         sampling = cli.check_requests(args, choice, requests)
@@ -76,8 +81,22 @@ def run(args, job):
         work = jobs.indexed_batches(images, args, args.n_samples)
         shard = args.shard
         Outputs(args.outdir).check()
+        fabric = jobs.start_workers(args) if jobs.distributed_requested(args) else None
         manifest = jobs.Manifest(args.outdir, jobs.fingerprint(args.from_file, args),
-                                 len(images), args.overwrite).open()
+                                 len(images), args.overwrite)
+        if fabric is None:
+            manifest.open()
+        else:
+            cli.become_worker(args, fabric)
+            if fabric.global_rank == 0:
+                manifest.open()
+            fabric.barrier()
+            if fabric.global_rank != 0:
+                manifest.overwrite = False  # rank 0 started it afresh if asked
+                manifest.open()
+            work = work[fabric.global_rank::fabric.world_size] if shard is None else \
+                work[shard[0]::shard[1]][fabric.global_rank::fabric.world_size]
+            shard = None
     else:
         if args.shard or args.overwrite:
             raise cli.UsageError("--shard and --overwrite are for JSONL prompt files "
@@ -106,7 +125,7 @@ def run(args, job):
         return pipe.num_steps(jobs.settings(request, args)[2], sampling[request.line][1])
     if manifest is not None:
         try:
-            cli.run_job(args, out, manifest, work, steps, make, shard)
+            cli.run_job(args, out, manifest, work, steps, make, shard, fabric)
         finally:
             manifest.close()
         return
