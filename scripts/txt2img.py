@@ -98,9 +98,9 @@ def run(args, job):
                 work[shard[0]::shard[1]][fabric.global_rank::fabric.world_size]
             shard = None
     else:
-        if args.shard or args.overwrite:
-            raise cli.UsageError("--shard and --overwrite are for JSONL prompt files "
-                                 "(--from-file prompts.jsonl)")
+        if args.shard or args.overwrite or args.devices is not None or args.num_nodes > 1:
+            raise cli.UsageError("--shard, --overwrite, --devices and --num_nodes are for "
+                                 "JSONL prompt files (--from-file prompts.jsonl)")
         work = cli.batches(args, cli.prompt_list(args))  # reads --from-file before the load
     out = job.track(Outputs(args.outdir).check())
     pipe = cli.load_pipeline(args, choice)  # the slow part

@@ -198,3 +198,12 @@ def test_two_worker_processes_write_the_files_of_one(tmp_path, ckpts, seven):
     assert contents(tmp_path / "two") == contents(tmp_path / "one")
     assert "7 new images (0 done before)" in two.stdout and "with 2 workers" in two.stdout
     assert two.stdout.count("new images") == 1  # rank 0 speaks for the job
+
+
+@pytest.mark.parametrize("flag", [["--shard", "0/2"], ["--overwrite"], ["--devices", "2"]])
+def test_job_flags_without_a_jsonl_file_are_one_line(tmp_path, ckpts, capsys, flag):
+    import txt2img
+    code = txt2img.main(["--ckpt", str(ckpts["ckpt"]), "--config", str(TINY_CONFIG),
+                         "--device", "cpu", "--outdir", str(tmp_path / "out"), *flag])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "are for JSONL prompt files" in err
