@@ -287,7 +287,10 @@ def start_workers(args):
         from ldm.errors import ResourceError
         raise ResourceError("--devices and --num_nodes run on PyTorch Lightning: "
                             "pip install -e \".[train]\"") from None
-    fabric = Fabric(accelerator=args.accelerator, devices=args.devices or "auto",
+    devices = args.devices or "auto"
+    if devices.lstrip("-").isdigit():
+        devices = int(devices)  # a count (-1: all), as Lightning's own flag parses it
+    fabric = Fabric(accelerator=args.accelerator, devices=devices,
                     num_nodes=args.num_nodes, strategy=args.strategy)
     fabric.launch()
     if fabric.device.type == "cpu" and args.threads is None:  # cores shared among workers
