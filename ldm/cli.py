@@ -251,7 +251,8 @@ def read_prompts(path):
     text = read_prompt_text(path)
     if is_jsonl(path, text):
         raise UsageError(f"--from-file {path} is a JSONL prompt file: this script takes "
-                         "plain text, one prompt a line (JSONL is txt2img's, for now)")
+                         "plain text, one prompt a line (JSONL jobs are txt2img's and "
+                         "img2img's)")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise InputError(f"prompt file {path} has no prompts (one per line)")
@@ -267,9 +268,10 @@ def read_job(args):
     return parse_jsonl(text, args.from_file) if is_jsonl(args.from_file, text) else None
 
 
-def check_requests(args, choice, requests):
+def check_requests(args, choice, requests, size=None):
     """Each JSONL line's sampler, steps, size and guidance against the model, before the
-    load; returns {line: (sampler, schedule, eta)}."""
+    load; returns {line: (sampler, schedule, eta)}. ``size`` (height, width): the run's
+    fixed size (img2img: the init image's), where lines may not set H and W."""
     from ldm.jobs import settings
     import_torch()
     from ldm.models.diffusion.sampling import resolve_eta, resolve_sampler
@@ -278,6 +280,11 @@ def check_requests(args, choice, requests):
     for r in requests:
         negative, sampler, steps, scale, height, width = settings(r, args)
         where = f"{args.from_file} line {r.line}"
+        if size is not None:
+            if r.H is not None or r.W is not None:
+                raise InputError(f"{where}: H and W are txt2img's; here the size is the "
+                                 "init image's (or --H/--W)")
+            height, width = size
         if sampler is None:
             resolved[r.line] = (args.sampler, args.schedule, args.ddim_eta)
         else:
@@ -396,6 +403,79 @@ def generate_batches(args, out, work, steps_per_batch, make):
         out.save_numbered(grid, "grid-{:04}.png", {"grid_of": [s.parameters for s in done]})
     print(f"Your samples are ready and waiting for you here: \n{out.root} \n \nEnjoy.")
     return done
+
+
+def add_job_arguments(p):
+    """--shard, --overwrite and the worker flags, for scripts that run JSONL jobs."""
+    from ldm.jobs import parse_shard
+
+    def shard(text):
+        try:
+            return parse_shard(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    p.add_argument("--shard", type=shard, default=None, metavar="I/N",
+                   help="JSONL jobs: run every N-th batch from the I-th only (array jobs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="JSONL jobs: replace the images of another job in --outdir")
+    add_worker_arguments(p)
+
+
+class JobRun:
+    """A JSONL job ready to run: this process's batches, each line's sampling, the opened
+    manifest, the shard and the Fabric (None for one process)."""
+
+    def __init__(self, args, work, sampling, manifest, shard, fabric):
+        self.args, self.work, self.sampling = args, work, sampling
+        self.manifest, self.shard, self.fabric = manifest, shard, fabric
+
+    def run(self, out, steps, make):
+        try:
+            return run_job(self.args, out, self.manifest, self.work, steps, make, self.shard,
+                           self.fabric)
+        finally:
+            self.manifest.close()
+
+
+def prepare_job(args, choice, extra_fingerprint="", size=None):
+    """For a JSONL --from-file: every line checked, the images planned and batched, the
+    workers started (``--devices``, torchrun, SLURM) and the manifest opened (rank 0
+    first), all before the model loads. None for any other run (whose job-only flags are
+    then refused)."""
+    from ldm import jobs
+    if getattr(args, "threads", None):
+        import_torch()
+        import torch
+        torch.set_num_threads(args.threads)
+    requests = read_job(args)
+    if not requests:
+        if args.shard or args.overwrite or args.devices is not None or args.num_nodes > 1:
+            raise UsageError("--shard, --overwrite, --devices and --num_nodes are for "
+                             "JSONL prompt files (--from-file prompts.jsonl)")
+        return None
+    sampling = check_requests(args, choice, requests, size)
+    images = jobs.plan(requests, args.seed)
+    work = jobs.indexed_batches(images, args, args.n_samples)
+    shard = args.shard
+    from ldm.image_io import Outputs
+    Outputs(args.outdir).check()
+    fabric = jobs.start_workers(args) if jobs.distributed_requested(args) else None
+    manifest = jobs.Manifest(args.outdir, jobs.fingerprint(args.from_file, args,
+                                                           extra_fingerprint),
+                             len(images), args.overwrite)
+    if fabric is None:
+        manifest.open()
+    else:
+        become_worker(args, fabric)
+        if fabric.global_rank == 0:
+            manifest.open()
+        fabric.barrier()
+        if fabric.global_rank != 0:
+            manifest.overwrite = False  # rank 0 started it afresh if asked
+            manifest.open()
+        mine = work if shard is None else work[shard[0]::shard[1]]
+        work, shard = mine[fabric.global_rank::fabric.world_size], None
+    return JobRun(args, work, sampling, manifest, shard, fabric)
 
 
 def add_worker_arguments(p):

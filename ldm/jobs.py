@@ -154,14 +154,15 @@ MANIFEST = "manifest.jsonl"
 JOB_FLAGS = ("ckpt", "config", "precision", "seed", "ddim_steps", "sampler", "schedule",
              "ddim_eta", "scale", "H", "W", "n_samples", "negative_prompt", "lora", "embedding",
              "vae", "clip_skip", "prompt_syntax", "deepcache", "vae_tiling", "compile",
-             "attention_slicing", "safety_checker")
+             "attention_slicing", "safety_checker", "strength")
 
 
-def fingerprint(prompt_file, args):
-    """What fixes a job's files: the prompt file's bytes and the flags that change images
-    (not the output folder, the shard or the grid)."""
+def fingerprint(prompt_file, args, extra=""):
+    """What fixes a job's files: the prompt file's bytes, the flags that change images
+    (not the output folder, the shard or the grid) and ``extra`` (img2img: the init
+    image's hash)."""
     import hashlib
-    h = hashlib.sha256(Path(prompt_file).read_bytes())
+    h = hashlib.sha256(Path(prompt_file).read_bytes() + extra.encode())
     flags = {name: getattr(args, name, None) for name in JOB_FLAGS}
     h.update(json.dumps(flags, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]

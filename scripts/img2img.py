@@ -27,6 +27,7 @@ def build_parser():
     cli.add_sampling_arguments(p, outdir="outputs/img2img-samples", n_samples=2, n_iter=1,
                                scale=5.0)
     cli.add_image_size_arguments(p)
+    cli.add_job_arguments(p)
     cli.add_model_arguments(p)
     return p
 
@@ -43,21 +44,37 @@ def run(args, job):
                    args.vae_tiling)
     cli.check_model_files(args)
     cli.draw_seed(args)
-    work = cli.batches(args, cli.prompt_list(args))
-    out = job.track(Outputs(args.outdir).check())
     image_hash = file_hash(args.init_img, chars=64)
+    # a JSONL --from-file: a job (every line checked, workers started) before the load
+    job_run = cli.prepare_job(args, choice, image_hash, (image.height, image.width))
+    work = cli.batches(args, cli.prompt_list(args)) if job_run is None else job_run.work
+    out = job.track(Outputs(args.outdir).check())
     pipe = cli.load_pipeline(args, choice)  # the slow part
+    from ldm import jobs
     from ldm.models.diffusion.sampling import strength_steps
 
-    def make(prompts, seeds, callback):
-        samples = pipe.img2img(prompts, seeds, image, args.strength, args.negative_prompt,
-                               args.sampler, args.ddim_steps, args.scale, args.ddim_eta,
-                               progress=False, callback=callback, image_hash=image_hash,
-                               schedule=args.schedule)
+    def sampling(request):
+        """(negative prompt, sampler, schedule, eta, steps, scale) of a batch."""
+        if request is None:
+            return (args.negative_prompt, args.sampler, args.schedule, args.ddim_eta,
+                    args.ddim_steps, args.scale)
+        negative, _, steps, scale, _, _ = jobs.settings(request, args)
+        return (negative, *job_run.sampling[request.line], steps, scale)
+
+    def make(prompts, seeds, callback, request=None):
+        negative, sampler, schedule, eta, steps, scale = sampling(request)
+        samples = pipe.img2img(prompts, seeds, image, args.strength, negative, sampler, steps,
+                               scale, eta, progress=False, callback=callback,
+                               image_hash=image_hash, schedule=schedule)
         for s in samples:
             s.parameters["init_image"] = str(args.init_img)
         return samples
-    steps = strength_steps(pipe.num_steps(args.ddim_steps, args.schedule), args.strength)
+
+    def steps(batch):
+        _, _, schedule, _, n, _ = sampling(batch[2] if len(batch) > 2 else None)
+        return strength_steps(pipe.num_steps(n, schedule), args.strength)
+    if job_run is not None:
+        return job_run.run(out, steps, make)
     return cli.generate_batches(args, out, work, steps, make)
 
 

@@ -30,21 +30,9 @@ def build_parser():
                    help="latent channels (default: the model's, 4)")
     p.add_argument("--f", type=number(int, 1), default=None,
                    help="downsampling factor (default: the model's, 8 for SD v1)")
-    p.add_argument("--shard", type=shard, default=None, metavar="I/N",
-                   help="JSONL jobs: run every N-th batch from the I-th only (array jobs)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="JSONL jobs: replace the images of another job in --outdir")
-    cli.add_worker_arguments(p)
+    cli.add_job_arguments(p)
     cli.add_model_arguments(p)
     return p
-
-
-def shard(text):
-    from ldm.jobs import parse_shard
-    try:
-        return parse_shard(text)
-    except ValueError as e:
-        raise cli.argparse.ArgumentTypeError(str(e)) from None
 
 
 def check(args, choice):
@@ -68,40 +56,12 @@ def run(args, job):
     height, width = check(args, choice)
     cli.check_model_files(args)
     cli.draw_seed(args)
-    if getattr(args, "threads", None):
-        cli.import_torch()
-        import torch
-        torch.set_num_threads(args.threads)
-    requests = cli.read_job(args)  # a JSONL prompt file, every line checked before the load
-    manifest = shard = fabric = None
-    if requests:
-        from ldm import jobs
-        sampling = cli.check_requests(args, choice, requests)
-        images = jobs.plan(requests, args.seed)
-        work = jobs.indexed_batches(images, args, args.n_samples)
-        shard = args.shard
-        Outputs(args.outdir).check()
-        fabric = jobs.start_workers(args) if jobs.distributed_requested(args) else None
-        manifest = jobs.Manifest(args.outdir, jobs.fingerprint(args.from_file, args),
-                                 len(images), args.overwrite)
-        if fabric is None:
-            manifest.open()
-        else:
-            cli.become_worker(args, fabric)
-            if fabric.global_rank == 0:
-                manifest.open()
-            fabric.barrier()
-            if fabric.global_rank != 0:
-                manifest.overwrite = False  # rank 0 started it afresh if asked
-                manifest.open()
-            work = work[fabric.global_rank::fabric.world_size] if shard is None else \
-                work[shard[0]::shard[1]][fabric.global_rank::fabric.world_size]
-            shard = None
-    else:
-        if args.shard or args.overwrite or args.devices is not None or args.num_nodes > 1:
-            raise cli.UsageError("--shard, --overwrite, --devices and --num_nodes are for "
-                                 "JSONL prompt files (--from-file prompts.jsonl)")
+    job_run = cli.prepare_job(args, choice)  # a JSONL --from-file: checked, before the load
+    if job_run is None:
         work = cli.batches(args, cli.prompt_list(args))  # reads --from-file before the load
+    else:
+        from ldm import jobs
+        work, sampling = job_run.work, job_run.sampling
     out = job.track(Outputs(args.outdir).check())
     pipe = cli.load_pipeline(args, choice)  # the slow part
     height, width = height or pipe.native_size, width or pipe.native_size
@@ -123,12 +83,8 @@ def run(args, job):
             return pipe.num_steps(args.ddim_steps, args.schedule)
         request = batch[2]
         return pipe.num_steps(jobs.settings(request, args)[2], sampling[request.line][1])
-    if manifest is not None:
-        try:
-            cli.run_job(args, out, manifest, work, steps, make, shard, fabric)
-        finally:
-            manifest.close()
-        return
+    if job_run is not None:
+        return job_run.run(out, steps, make)
     return cli.generate_batches(args, out, work, steps, make)
 
 

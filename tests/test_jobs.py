@@ -91,14 +91,43 @@ def test_a_jsonl_run_applies_each_lines_settings_and_reproduces(tmp_path, ckpts)
     assert [p["index"] for p in params] == [0, 1, 2]
 
 
-def test_img2img_refuses_a_jsonl_file_in_one_line(tmp_path, ckpts, capsys):
+def test_an_img2img_jsonl_job_applies_each_lines_settings(tmp_path, ckpts):
+    """img2img takes JSONL jobs too (the init image's size; a line's H/W is refused); a
+    line's image equals the same settings given as flags; a rerun skips it."""
     import img2img
-    from PIL import Image
+    image = tmp_path / "i.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(image)
+    prompts = write(tmp_path / "p.jsonl", {"prompt": "a red circle", "n": 2},
+                    {"prompt": "a blue square", "seed": 9, "steps": 4, "sampler": "euler"})
+    base = ["--ckpt", str(ckpts["ckpt"]), "--config", str(TINY_CONFIG), "--device", "cpu",
+            "--init-img", str(image), "--ddim_steps", "3", "--n_samples", "2",
+            "--safety_checker", "none", "--strength", "0.5"]
+    assert img2img.main(base + ["--from-file", str(prompts), "--outdir", str(tmp_path / "job")]) == 0
+    files = sorted((tmp_path / "job" / "samples").glob("*.png"))
+    params = [read_parameters(f) for f in files]
+    assert [(p["prompt"], p["seed"], p["steps"], p["sampler"]) for p in params] == [
+        ("a red circle", 42, 3, "ddim"), ("a red circle", 43, 3, "ddim"),
+        ("a blue square", 9, 4, "euler")]
+    assert img2img.main(base + ["--from-file", str(prompts), "--outdir", str(tmp_path / "job")]) == 0
+    assert sorted((tmp_path / "job" / "samples").glob("*.png")) == files
+    assert img2img.main(base + ["--prompt", "a blue square", "--seed", "9", "--steps", "4",
+                                "--sampler", "euler", "--n_samples", "1", "--outdir",
+                                str(tmp_path / "one"), "--skip_grid"]) == 0
+    one = next((tmp_path / "one" / "samples").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(one)), np.asarray(Image.open(files[2])))
+    write(prompts, {"prompt": "a", "H": 64})
+    assert img2img.main(base + ["--from-file", str(prompts), "--outdir", str(tmp_path / "x")]) == 3
+
+
+def test_inpaint_refuses_a_jsonl_file_in_one_line(tmp_path, ckpts, capsys):
+    import inpaint
     Image.new("RGB", (32, 32)).save(tmp_path / "i.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "m.png")
     prompts = write(tmp_path / "p.jsonl", {"prompt": "fine"})
-    code = img2img.main(["--ckpt", str(ckpts["ckpt"]), "--config", str(TINY_CONFIG),
-                         "--device", "cpu", "--from-file", str(prompts), "--init-img",
-                         str(tmp_path / "i.png"), "--outdir", str(tmp_path / "out")])
+    code = inpaint.main(["--ckpt", str(ckpts["ckpt"]), "--config", str(TINY_CONFIG),
+                         "--device", "cpu", "--from-file", str(prompts), "--image",
+                         str(tmp_path / "i.png"), "--mask", str(tmp_path / "m.png"),
+                         "--outdir", str(tmp_path / "out")])
     assert code == 2 and "JSONL" in capsys.readouterr().err
 
 
