@@ -514,7 +514,7 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None, fabric
     start = time.perf_counter()
     mine = work if shard is None else work[shard[0]::shard[1]]
     total = manifest.total
-    made, skipped = [], 0
+    made = []
     todo = [b for b in mine if not all(manifest.finished(k) for k in b[3])]
     skipped = sum(len(b[3]) for b in mine) - sum(len(b[3]) for b in todo)
     if skipped:

@@ -82,21 +82,20 @@ def _vae_blocks(vae):
                    (f"{side}.mid.block_1", f"{side}.mid_block.resnets.0", VAE_RESNET_INNER),
                    (f"{side}.mid.attn_1", f"{side}.mid_block.attentions.0", VAE_ATTENTION_INNER),
                    (f"{side}.mid.block_2", f"{side}.mid_block.resnets.1", VAE_RESNET_INNER)]
-        stages = net.down if side == "encoder" else net.up
+        way = "down" if side == "encoder" else "up"
+        stages = getattr(net, way)
         for i, stage in enumerate(stages):
             # the decoder's up[i] is resolution level i, run last; diffusers counts in run order
             d = i if side == "encoder" else len(stages) - 1 - i
-            theirs = f"{side}.{'down' if side == 'encoder' else 'up'}_blocks.{d}"
+            ours, theirs = f"{side}.{way}.{i}", f"{side}.{way}_blocks.{d}"
             for j in range(len(stage.block)):
-                blocks.append((f"{side}.{'down' if side == 'encoder' else 'up'}.{i}.block.{j}",
-                               f"{theirs}.resnets.{j}", VAE_RESNET_INNER))
+                blocks.append((f"{ours}.block.{j}", f"{theirs}.resnets.{j}", VAE_RESNET_INNER))
             for j in range(len(stage.attn)):
-                blocks.append((f"{side}.{'down' if side == 'encoder' else 'up'}.{i}.attn.{j}",
-                               f"{theirs}.attentions.{j}", VAE_ATTENTION_INNER))
+                blocks.append((f"{ours}.attn.{j}", f"{theirs}.attentions.{j}",
+                               VAE_ATTENTION_INNER))
             for name in ("downsample", "upsample"):
                 if hasattr(stage, name):
-                    blocks.append((f"{side}.{'down' if side == 'encoder' else 'up'}.{i}.{name}",
-                                   f"{theirs}.{name}rs.0", {}))
+                    blocks.append((f"{ours}.{name}", f"{theirs}.{name}rs.0", {}))
     return blocks
 
 
