@@ -422,25 +422,37 @@ def add_job_arguments(p):
 
 
 class JobRun:
-    """A JSONL job ready to run: this process's batches, each line's sampling, the opened
-    manifest, the shard and the Fabric (None for one process)."""
+    """A JSONL job ready to run: this process's batches, each line's sampling, the
+    manifest (read, not yet written), the indices of the images the job (or its shard)
+    holds, the shard and the Fabric (None for one process)."""
 
-    def __init__(self, args, work, sampling, manifest, shard, fabric):
+    def __init__(self, args, work, sampling, manifest, ks, shard, fabric):
         self.args, self.work, self.sampling = args, work, sampling
-        self.manifest, self.shard, self.fabric = manifest, shard, fabric
+        self.manifest, self.ks, self.shard, self.fabric = manifest, ks, shard, fabric
 
     def run(self, out, steps, make):
+        """The job, once the model is loaded: the manifest opened for appending (rank 0
+        first: it starts the manifest), then ``run_job``."""
         try:
+            if self.fabric is None:
+                self.manifest.open()
+            else:
+                if self.fabric.global_rank == 0:
+                    self.manifest.open()
+                self.fabric.barrier()
+                if self.fabric.global_rank != 0:
+                    self.manifest.overwrite = False  # rank 0 started it afresh if asked
+                    self.manifest.open()
             return run_job(self.args, out, self.manifest, self.work, steps, make, self.shard,
-                           self.fabric)
+                           self.fabric, self.ks)
         finally:
             self.manifest.close()
 
 
 def prepare_job(args, choice, extra_fingerprint="", size=None):
     """For a JSONL --from-file: every line checked, the images planned and batched, the
-    workers started (``--devices``, torchrun, SLURM) and the manifest opened (rank 0
-    first), all before the model loads. None for any other run (whose job-only flags are
+    workers started (``--devices``, torchrun, SLURM) and the manifest read (the folder
+    checked; nothing written), all before the model loads. None for any other run (whose job-only flags are
     then refused)."""
     from ldm import jobs
     if getattr(args, "threads", None):
@@ -450,8 +462,13 @@ def prepare_job(args, choice, extra_fingerprint="", size=None):
     requests = read_job(args)
     if not requests:
         if args.shard or args.overwrite or args.devices is not None or args.num_nodes > 1:
+            hint = ""
+            if args.from_file:
+                jsonl = Path(args.from_file).with_suffix(".jsonl")
+                hint = (f"; to make one: jq -Rc 'select(test(\"\\\\S\")) | {{prompt: .}}' "
+                        f"{args.from_file} > {jsonl}")
             raise UsageError("--shard, --overwrite, --devices and --num_nodes are for "
-                             "JSONL prompt files (--from-file prompts.jsonl)")
+                             f"JSONL prompt files (--from-file prompts.jsonl){hint}")
         return None
     sampling = check_requests(args, choice, requests, size)
     images = jobs.plan(requests, args.seed)
@@ -463,19 +480,13 @@ def prepare_job(args, choice, extra_fingerprint="", size=None):
     manifest = jobs.Manifest(args.outdir, jobs.fingerprint(args.from_file, args,
                                                            extra_fingerprint),
                              len(images), args.overwrite)
-    if fabric is None:
-        manifest.open()
-    else:
+    manifest.read()  # a folder of another job refused now; nothing written before the load
+    mine = work if shard is None else work[shard[0]::shard[1]]
+    ks = [k for batch in mine for k in batch[3]]
+    if fabric is not None:
         become_worker(args, fabric)
-        if fabric.global_rank == 0:
-            manifest.open()
-        fabric.barrier()
-        if fabric.global_rank != 0:
-            manifest.overwrite = False  # rank 0 started it afresh if asked
-            manifest.open()
-        mine = work if shard is None else work[shard[0]::shard[1]]
         work, shard = mine[fabric.global_rank::fabric.world_size], None
-    return JobRun(args, work, sampling, manifest, shard, fabric)
+    return JobRun(args, work, sampling, manifest, ks, shard, fabric)
 
 
 def add_worker_arguments(p):
@@ -501,12 +512,14 @@ def become_worker(args, fabric):
         args.quiet_worker = True
 
 
-def run_job(args, out, manifest, work, steps_per_batch, make, shard=None, fabric=None):
+def run_job(args, out, manifest, work, steps_per_batch, make, shard=None, fabric=None,
+            ks=None):
     """A JSONL job: the batches of ``work`` ([(prompts, seeds, request, ks)]; this shard's
     share, ``(i, n)``: every n-th batch from the i-th), skipping images the manifest has,
     each new one saved as OUTDIR/samples/<k>.png and then recorded. A batch with any image
-    missing is run whole, so each image is computed in the batch it always is. Returns
-    (images made, images skipped)."""
+    missing is run whole, so each image is computed in the batch it always is. One bar
+    (rank 0's) counts the images of the whole job, ``ks`` (default: this process's),
+    other workers' as they reach the manifest. Returns (images made, images skipped)."""
     from ldm.image_io import save_png
     from ldm.jobs import GRID_LIMIT, file_name
     from ldm.util import interrupts_deferred
@@ -522,11 +535,20 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None, fabric
                  skipped, sum(len(b[3]) for b in mine), manifest.path)
     samples = manifest.folder / "samples"
     quiet = getattr(args, "quiet_worker", False)
-    with progress(sum(steps_per_batch(b) for b in todo), "sampling", disable=quiet) as bar:
-        for prompts, seeds, request, ks in todo:
-            results = make(prompts, seeds, lambda *_: bar.update(), request)
+    job = _JobCount(manifest, [k for b in mine for k in b[3]] if ks is None else ks)
+    with progress(len(job.ks), "images", unit="image", initial=job.count(),
+                  disable=quiet) as bar:
+        job.bar = bar
+        for i, (prompts, seeds, request, batch_ks) in enumerate(todo, start=1):
+            steps, step = steps_per_batch((prompts, seeds, request, batch_ks)), [0]
+
+            def callback(*_):
+                step[0] += 1
+                bar.set_postfix_str(f"batch {i}/{len(todo)}, step {step[0]}/{steps}")
+                job.poll()
+            results = make(prompts, seeds, callback, request)
             samples.mkdir(parents=True, exist_ok=True)
-            for k, s in zip(ks, results):
+            for k, s in zip(batch_ks, results):
                 if manifest.finished(k):
                     continue
                 name = f"samples/{file_name(k, total)}"
@@ -539,7 +561,14 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None, fabric
                         out.written.append(path)
                     manifest.record(k, name, s.parameters["seed"], s.parameters["prompt"])
                 made.append(s)
-            bar.set_postfix_str(f"{len(made)} images")
+            job.poll(force=True)
+        new, before, workers = len(made), skipped, 1
+        if fabric is not None:  # every worker's counts, once all are done
+            new, before = _sum_over_workers(fabric, [new, before], job.poll)
+            workers = fabric.world_size
+        job.poll(force=True)
+    if fabric is not None and fabric.global_rank != 0:
+        return made, skipped
     if made and not args.skip_grid and total <= GRID_LIMIT and len(made) == total \
             and len({s.image.size for s in made}) == 1:
         from ldm.image_io import make_grid
@@ -548,18 +577,48 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None, fabric
     elif made and not args.skip_grid and total > GRID_LIMIT:
         log.info("no grid: a job of more than %d images writes none", GRID_LIMIT)
     seconds = time.perf_counter() - start
-    new, before, workers = len(made), skipped, 1
-    if fabric is not None:  # the counts of every worker, on rank 0
-        import torch
-        counts = fabric.all_reduce(torch.tensor([new, before], dtype=torch.float64),
-                                   reduce_op="sum")
-        new, before, workers = int(counts[0]), int(counts[1]), fabric.world_size
-        if fabric.global_rank != 0:
-            return made, skipped
     rate = f", {new / seconds / workers:.2f} images/s per worker" if new and seconds else ""
     print(f"{new} new images ({before} done before) in {seconds:.1f} s with {workers} "
           f"worker{'s' * (workers > 1)}{rate}: {samples}")
     return made, skipped
+
+
+class _JobCount:
+    """The job's finished images for its bar: this worker's as it records them, the
+    others' read from the manifest at most once a second."""
+
+    def __init__(self, manifest, ks):
+        self.manifest, self.ks, self.bar, self.last = manifest, set(ks), None, 0.0
+
+    def count(self):
+        return sum(1 for k in self.ks if self.manifest.finished(k))
+
+    def poll(self, force=False):
+        now = time.monotonic()
+        if not force and now - self.last < 1.0:
+            return
+        self.last = now
+        self.manifest.refresh()
+        done = sum(1 for k in self.manifest.done if k in self.ks)
+        if self.bar is not None and done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+
+def _sum_over_workers(fabric, values, wait):
+    """``values`` summed over every worker (ints); ``wait()`` is called about twice a
+    second until the slowest worker is done."""
+    import torch
+    import torch.distributed as dist
+    tensor = torch.tensor(values, dtype=torch.int64, device=fabric.device)
+    if not (dist.is_available() and dist.is_initialized()):
+        tensor = fabric.all_reduce(tensor, reduce_op="sum")
+    else:
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+        while not work.is_completed():
+            wait()
+            time.sleep(0.5)
+        work.wait()
+    return [int(v) for v in tensor.cpu().tolist()]
 
 
 # ----------------------------------------------------------------------------- the model

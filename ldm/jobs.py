@@ -16,6 +16,7 @@ one error naming its line.
 import json
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from ldm.errors import InputError
@@ -150,6 +151,7 @@ def batches(images, args, batch_size):
 # resumable jobs: file names from k, a manifest of finished images, shards
 
 GRID_LIMIT = 64  # a job of more images writes no grid
+WAIT = timedelta(days=7)  # how long workers wait for each other
 MANIFEST = "manifest.jsonl"
 JOB_FLAGS = ("ckpt", "config", "precision", "seed", "ddim_steps", "sampler", "schedule",
              "ddim_eta", "scale", "H", "W", "n_samples", "negative_prompt", "lora", "embedding",
@@ -197,55 +199,90 @@ def file_name(k, total):
 class Manifest:
     """``OUTDIR/manifest.jsonl``: a header line naming the job, then one line per finished
     image ({"k", "file", "sha256", "seed", "prompt"}), each appended whole and synced after
-    its PNG is in place. A line cut short by a kill is dropped when the manifest is read."""
+    its PNG is in place. A line cut short by a kill is dropped when the manifest is read.
+
+    ``read`` checks the folder and learns what is done without writing anything (before
+    the model loads, so a failed load leaves no trace); ``open`` then starts or repairs the
+    manifest for appending (rank 0 first); ``refresh`` reads the lines other workers have
+    appended since."""
 
     def __init__(self, folder, job, total, overwrite=False):
         self.folder, self.job, self.total = Path(folder), job, total
         self.path = self.folder / MANIFEST
         self.done = {}
         self.overwrite = overwrite
+        self._offset = 0
+        self._fd = None
 
-    def open(self):
-        """Read what is done (or start the manifest); InputError for a folder that holds
-        another job's images, unless ``overwrite``."""
-        import os
-        import time
-        for stale in (self.folder / "samples").glob(".*.png.tmp"):
-            # a PNG being written when a run was killed (SIGKILL); a write takes
-            # milliseconds, so one a minute old is no other shard's
-            if time.time() - stale.stat().st_mtime > 60:
-                stale.unlink(missing_ok=True)
+    def _lines(self):
+        """(header, entries, length of the whole lines) of the manifest on disk."""
+        raw = self.path.read_bytes()
+        whole = raw[:raw.rfind(b"\n") + 1]  # a line cut short by a kill is not one
+        lines = [json.loads(line) for line in whole.decode("utf-8").splitlines() if line]
+        return (lines[0] if lines else {}), lines[1:], len(whole)
+
+    def read(self):
+        """What is done; InputError for a folder that holds another job's images, unless
+        ``overwrite``. Writes nothing."""
+        self.done, self._ours = {}, False
         if self.path.exists():
-            raw = self.path.read_bytes()
-            if raw and not raw.endswith(b"\n"):  # a line cut short by a kill
-                raw = raw[:raw.rfind(b"\n") + 1]
-                with open(self.path, "r+b") as f:
-                    f.truncate(len(raw))
-            lines = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line]
-            header = lines[0] if lines else {}
-            if header.get("job") != self.job and not self.overwrite:
+            header, entries, self._offset = self._lines()
+            self._ours = header.get("job") == self.job
+            if self._ours:
+                self.done = {e["k"]: e for e in entries}
+            elif not self.overwrite:
                 raise InputError(
                     f"{self.folder} holds another job's images (a different prompt file or "
                     f"settings): use another --outdir, or --overwrite to replace them")
-            if header.get("job") == self.job:
-                self.done = {e["k"]: e for e in lines[1:]}
-            else:
-                self._start()
         else:
             samples = self.folder / "samples"
             if not self.overwrite and samples.is_dir() and any(samples.glob("*.png")):
                 raise InputError(f"{samples} holds images of another run: use another "
                                  "--outdir, or --overwrite to replace them")
+        return self
+
+    def open(self):
+        """Ready to append: the manifest started (or started afresh with ``overwrite``), a
+        torn last line cut off, PNGs left half-written by a killed run removed."""
+        import os
+        import time
+        for stale in (self.folder / "samples").glob(".*.png.tmp"):
+            # a PNG being written when a run was killed (SIGKILL); a write takes
+            # milliseconds, so one a minute old is no other worker's
+            if time.time() - stale.stat().st_mtime > 60:
+                stale.unlink(missing_ok=True)
+        self.read()
+        if not self._ours:
             self._start()
+        elif self.path.stat().st_size != self._offset:  # a line cut short by a kill
+            with open(self.path, "r+b") as f:
+                f.truncate(self._offset)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         return self
 
     def _start(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"job": self.job, "images": self.total}) + "\n", "utf-8")
+        header = json.dumps({"job": self.job, "images": self.total}) + "\n"
+        tmp.write_text(header, "utf-8")
         tmp.replace(self.path)
-        self.done = {}
+        self.done, self._offset = {}, len(header.encode("utf-8"))
+
+    def refresh(self):
+        """Take in the lines appended since the last read (other workers'). Returns how
+        many images are newly known as done."""
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            raw = f.read()
+        whole = raw[:raw.rfind(b"\n") + 1]
+        self._offset += len(whole)
+        new = 0
+        for line in whole.decode("utf-8").splitlines():
+            if line:
+                e = json.loads(line)
+                new += e["k"] not in self.done
+                self.done[e["k"]] = e
+        return new
 
     def finished(self, k):
         return k in self.done and (self.folder / self.done[k]["file"]).is_file()
@@ -261,7 +298,7 @@ class Manifest:
 
     def close(self):
         import os
-        if getattr(self, "_fd", None) is not None:
+        if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
@@ -293,6 +330,13 @@ def start_workers(args):
         devices = int(devices)  # a count (-1: all), as Lightning's own flag parses it
     fabric = Fabric(accelerator=args.accelerator, devices=devices,
                     num_nodes=args.num_nodes, strategy=args.strategy)
+    from lightning_fabric.strategies import DDPStrategy
+    if type(fabric.strategy) is DDPStrategy:
+        # the job's last step waits for the slowest worker, which may be hours behind (a
+        # resumed job's shares differ): no 30-minute collective timeout, a dead worker
+        # still ends the wait
+        fabric = Fabric(accelerator=args.accelerator, devices=devices,
+                        num_nodes=args.num_nodes, strategy=DDPStrategy(timeout=WAIT))
     fabric.launch()
     if fabric.device.type == "cpu" and args.threads is None:  # cores shared among workers
         import os

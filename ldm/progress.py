@@ -9,9 +9,10 @@ import sys
 import time
 
 
-def progress(total, desc, unit="step", disable=False):
-    """A bar for ``total`` units of work: ``update(n)``, ``set_postfix_str(s)``, ``close()``,
-    usable as a context manager."""
+def progress(total, desc, unit="step", disable=False, initial=0):
+    """A bar for ``total`` units of work, ``initial`` of them done before it starts (not
+    counted in its rate): ``update(n)``, ``set_postfix_str(s)``, ``close()``, usable as a
+    context manager."""
     if disable or total <= 0:
         return NullProgress()
     stream = sys.stderr
@@ -19,8 +20,9 @@ def progress(total, desc, unit="step", disable=False):
         from tqdm import tqdm
         sized = _width(stream) > 0  # a terminal that reports no width gets 80 columns
         return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=sized,
-                    ncols=None if sized else 80)
-    return LogProgress(total, desc, unit, stream)
+                    ncols=None if sized else 80, nrows=None if sized else 24,
+                    initial=initial)
+    return LogProgress(total, desc, unit, stream, initial)
 
 
 def write(message):
@@ -66,9 +68,11 @@ class NullProgress:
 class LogProgress(NullProgress):
     """One line per tenth of the work: ``sampling: 40/100 steps (40%), 12.3 s, 18 s left``."""
 
-    def __init__(self, total, desc, unit, stream):
+    def __init__(self, total, desc, unit, stream, initial=0):
         self.total, self.desc, self.unit, self.stream = total, desc, unit, stream
-        self.start, self.tenths, self.postfix, self.closed = time.monotonic(), 0, "", False
+        self.start, self.postfix, self.closed = time.monotonic(), "", False
+        self.n = self.initial = initial
+        self.tenths = min(10, initial * 10 // total)
 
     def update(self, n=1):
         self.n += n
@@ -82,7 +86,8 @@ class LogProgress(NullProgress):
 
     def _line(self):
         elapsed = time.monotonic() - self.start
-        left = elapsed / self.n * (self.total - self.n) if self.n else 0
+        ran = self.n - self.initial
+        left = elapsed / ran * (self.total - self.n) if ran > 0 else 0
         units = self.unit + ("s" if self.total != 1 else "")
         text = (f"{self.desc}: {self.n}/{self.total} {units} ({100 * self.n // self.total}%), "
                 f"{_duration(elapsed)}" + (f", {_duration(left)} left" if self.n < self.total
@@ -90,7 +95,7 @@ class LogProgress(NullProgress):
         print(text, file=self.stream, flush=True)
 
     def close(self):
-        if not self.closed and 0 < self.n and self.tenths < 10:
+        if not self.closed and self.initial < self.n and self.tenths < 10:
             self._line()  # stopped early: say where
         self.closed = True
 

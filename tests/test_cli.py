@@ -317,15 +317,17 @@ def test_a_log_gets_plain_lines_once_each(tmp_path, ckpts):
         "not checked (turned off)"
 
 
-def test_a_terminal_gets_one_bar_with_messages_above_it(tmp_path, ckpts):
+@pytest.mark.parametrize("rows,columns", [(30, 100), (0, 0)])
+def test_a_terminal_gets_one_bar_with_messages_above_it(tmp_path, ckpts, rows, columns):
     """On a terminal: one tqdm bar (no nested bars moving the cursor up), the warning on a
-    line of its own."""
+    line of its own; a terminal that reports no size (0 x 0: some containers, `script`)
+    gets the bar too, 80 columns wide."""
     import fcntl
     import pty
     import struct
     import termios
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     prompt = " ".join(f"word{i:02d}" for i in range(40))
     p = subprocess.Popen([sys.executable, str(SCRIPT),
                           *map(str, tiny(ckpts, "--outdir", tmp_path / "o", "--n_iter", "2",

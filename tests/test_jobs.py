@@ -227,6 +227,42 @@ def test_two_worker_processes_write_the_files_of_one(tmp_path, ckpts, seven):
     assert contents(tmp_path / "two") == contents(tmp_path / "one")
     assert "7 new images (0 done before)" in two.stdout and "with 2 workers" in two.stdout
     assert two.stdout.count("new images") == 1  # rank 0 speaks for the job
+    # one bar for the whole job, rank 0's, counting the other worker's images too
+    bar = [line for line in two.stderr.splitlines() if line.startswith("images: ")]
+    assert bar and bar[-1].startswith("images: 7/7 images (100%)"), two.stderr
+    assert len(bar) == len(set(bar)) <= 10, two.stderr
+
+
+def test_a_failed_load_leaves_no_trace_of_the_job(tmp_path, ckpts, seven, monkeypatch, capsys):
+    """The folder is checked before the load, but the manifest is written after it."""
+    import txt2img
+    from ldm import pipeline
+    from ldm.errors import InputError
+
+    def fail(*a, **k):
+        raise InputError("cannot read model.ckpt: it is cut short")
+    monkeypatch.setattr(pipeline, "load_model", fail)
+    out = tmp_path / "job"
+    assert txt2img.main(job_args(ckpts, seven, out)[1:]) != 0
+    assert "cut short" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_job_bar_counts_images_done_before(tmp_path, ckpts, seven, capsys):
+    """Batches of 2 over 7 images: shard 0/2 makes images 0, 1, 4, 5; the rerun's bar
+    starts at 4/7 (not counted in its rate) and prints at 6/7 and 7/7."""
+    import txt2img
+    out = tmp_path / "job"
+    assert txt2img.main(job_args(ckpts, seven, out, "--shard", "0/2")[1:]) == 0
+    first = capsys.readouterr()
+    assert "4 new images (0 done before)" in first.out
+    assert [x for x in first.err.splitlines() if x.startswith("images: ")][-1].startswith(
+        "images: 4/4 images (100%)")  # a shard's bar counts the shard's images
+    assert txt2img.main(job_args(ckpts, seven, out)[1:]) == 0
+    again = capsys.readouterr()
+    bar = [x.split(",")[0] for x in again.err.splitlines() if x.startswith("images: ")]
+    assert bar == ["images: 6/7 images (85%)", "images: 7/7 images (100%)"], again.err
+    assert "3 new images (4 done before)" in again.out
 
 
 @pytest.mark.parametrize("flag", [["--shard", "0/2"], ["--overwrite"], ["--devices", "2"]])
@@ -236,3 +272,17 @@ def test_job_flags_without_a_jsonl_file_are_one_line(tmp_path, ckpts, capsys, fl
                          "--device", "cpu", "--outdir", str(tmp_path / "out"), *flag])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "are for JSONL prompt files" in err
+
+
+def test_a_plain_text_prompt_file_with_job_flags_is_told_how_to_convert(tmp_path, ckpts,
+                                                                        capsys):
+    import txt2img
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    code = txt2img.main(["--ckpt", str(ckpts["ckpt"]), "--config", str(TINY_CONFIG),
+                         "--device", "cpu", "--outdir", str(tmp_path / "out"), "--from-file",
+                         str(prompts), "--shard", "0/2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    command = f"jq -Rc 'select(test(\"\\\\S\")) | {{prompt: .}}' {prompts} > {tmp_path / 'p.jsonl'}"
+    assert command in err, err
