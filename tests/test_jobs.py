@@ -233,6 +233,46 @@ def test_two_worker_processes_write_the_files_of_one(tmp_path, ckpts, seven):
     assert len(bar) == len(set(bar)) <= 10, two.stderr
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_processes_started_by_torchrun_or_srun_join_one_job(tmp_path, ckpts, seven):
+    """Lightning's cluster environments: processes that torchrun starts (WORLD_SIZE, RANK,
+    ...) or that srun starts (SLURM_NTASKS, SLURM_PROCID, ...; here two on this machine, as
+    ``srun`` on one node would) join one job, and write the files of one process."""
+    import os
+    import subprocess
+    flags = ["--threads", "1", "--devices", "2", "--accelerator", "cpu", "--strategy", "ddp"]
+    one = subprocess.run([sys.executable, *job_args(ckpts, seven, tmp_path / "one",
+                                                    "--threads", "1")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                               "--nproc_per_node", "2", "--master_port", str(free_port()),
+                               *job_args(ckpts, seven, tmp_path / "torchrun", *flags)],
+                              capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert contents(tmp_path / "torchrun") == contents(tmp_path / "one")
+    assert "with 2 workers" in torchrun.stdout
+    port = str(free_port())
+    tasks = [subprocess.Popen(
+        [sys.executable, *job_args(ckpts, seven, tmp_path / "srun", *flags)],
+        env=dict(os.environ, SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+                 SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NODEID="0",
+                 SLURM_JOB_ID="77", SLURM_JOB_NAME="sd-txt2img", SLURM_NODELIST="localhost",
+                 MASTER_PORT=port),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [t.communicate(timeout=300) for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], outs
+    assert contents(tmp_path / "srun") == contents(tmp_path / "one")
+    assert "7 new images (0 done before)" in outs[0][0] and "with 2 workers" in outs[0][0]
+    assert outs[1][0] == ""  # rank 1 is quiet
+
+
 def test_a_failed_load_leaves_no_trace_of_the_job(tmp_path, ckpts, seven, monkeypatch, capsys):
     """The folder is checked before the load, but the manifest is written after it."""
     import txt2img
