@@ -215,11 +215,14 @@ class Manifest:
         self._fd = None
 
     def _lines(self):
-        """(header, entries, length of the whole lines) of the manifest on disk."""
+        """(header, entries, length of the whole lines) of the manifest on disk. A line cut
+        short (by a crash mid-write) is no entry: at the end it is not yet a line, elsewhere
+        it does not parse."""
         raw = self.path.read_bytes()
-        whole = raw[:raw.rfind(b"\n") + 1]  # a line cut short by a kill is not one
-        lines = [json.loads(line) for line in whole.decode("utf-8").splitlines() if line]
-        return (lines[0] if lines else {}), lines[1:], len(whole)
+        whole = raw[:raw.rfind(b"\n") + 1]
+        lines = [_entry(line) for line in whole.decode("utf-8", "replace").splitlines()]
+        header = lines[0] if lines and lines[0] and "job" in lines[0] else {}
+        return header, [e for e in lines if e and "k" in e], len(whole)
 
     def read(self):
         """What is done; InputError for a folder that holds another job's images, unless
@@ -242,22 +245,29 @@ class Manifest:
         return self
 
     def open(self):
-        """Ready to append: the manifest started (or started afresh with ``overwrite``), a
-        torn last line cut off, PNGs left half-written by a killed run removed."""
+        """Ready to append: the manifest started (or started afresh with ``overwrite``),
+        PNGs left half-written by a killed run removed. Several processes may open one
+        manifest at once (shards of an array job): a lock file makes one of them start it,
+        and nothing is ever cut from it, so no other process's line is lost; a torn last
+        line is ended with a newline instead, and skipped when read."""
         import os
         import time
-        for stale in (self.folder / "samples").glob(".*.png.tmp"):
-            # a PNG being written when a run was killed (SIGKILL); a write takes
-            # milliseconds, so one a minute old is no other worker's
-            if time.time() - stale.stat().st_mtime > 60:
-                stale.unlink(missing_ok=True)
-        self.read()
-        if not self._ours:
-            self._start()
-        elif self.path.stat().st_size != self._offset:  # a line cut short by a kill
-            with open(self.path, "r+b") as f:
-                f.truncate(self._offset)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with _locked(self.folder / ".manifest.lock"):
+            for stale in (self.folder / "samples").glob(".*.png.tmp"):
+                # a PNG being written when a run was killed (SIGKILL); a write takes
+                # milliseconds, so one a minute old is no other worker's
+                if time.time() - stale.stat().st_mtime > 60:
+                    stale.unlink(missing_ok=True)
+            self.read()
+            if not self._ours:
+                self._start()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            with open(self.path, "rb") as f:
+                torn = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 \
+                    and f.read(1) != b"\n"
+            if torn:
+                os.write(self._fd, b"\n")
         return self
 
     def _start(self):
@@ -277,9 +287,9 @@ class Manifest:
         whole = raw[:raw.rfind(b"\n") + 1]
         self._offset += len(whole)
         new = 0
-        for line in whole.decode("utf-8").splitlines():
-            if line:
-                e = json.loads(line)
+        for line in whole.decode("utf-8", "replace").splitlines():
+            e = _entry(line)
+            if e and "k" in e:
                 new += e["k"] not in self.done
                 self.done[e["k"]] = e
         return new
@@ -301,6 +311,40 @@ class Manifest:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _entry(line):
+    """A manifest line's object; None for a line that is none (torn by a crash, empty)."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class _locked:
+    """An exclusive lock on ``path`` (flock) while the block runs; none where the system
+    or file system has no such locks."""
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def __enter__(self):
+        import os
+        try:
+            import fcntl
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = None
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
 
 
 # ---------------------------------------------------------------------------------------

@@ -273,6 +273,64 @@ def test_processes_started_by_torchrun_or_srun_join_one_job(tmp_path, ckpts, sev
     assert outs[1][0] == ""  # rank 1 is quiet
 
 
+def test_a_torn_manifest_line_is_ended_not_cut_and_never_glued_to_the_next(tmp_path):
+    """A crash mid-write can leave a line cut short at the end of the manifest: the next
+    open ends it with a newline (cutting the file could drop a line another shard is
+    appending), and reading skips it."""
+    from ldm.jobs import Manifest
+    folder = tmp_path / "job"
+    m = Manifest(folder, "abc", 3).open()
+    (folder / "samples").mkdir()
+    for k in (0, 1):
+        (folder / "samples" / f"{k:06}.png").write_bytes(b"png %d" % k)
+    m.record(0, "samples/000000.png", 10, "a")
+    m.close()
+    with open(m.path, "ab") as f:
+        f.write(b'{"k": 1, "file": "samples/0000')  # the crash
+    again = Manifest(folder, "abc", 3).open()
+    assert set(again.done) == {0}
+    again.record(1, "samples/000001.png", 11, "b")
+    again.close()
+    lines = m.path.read_text().splitlines()
+    assert lines[2] == '{"k": 1, "file": "samples/0000' and json.loads(lines[3])["k"] == 1
+    assert set(Manifest(folder, "abc", 3).read().done) == {0, 1}
+
+
+def test_processes_opening_one_manifest_lose_no_line(tmp_path):
+    """Shards of an array job open one folder's manifest at any moment: the first starts
+    it, the others append to it, and each sees the others' lines on refresh."""
+    from ldm.jobs import Manifest
+    folder = tmp_path / "job"
+    a = Manifest(folder, "abc", 3).read()
+    b = Manifest(folder, "abc", 3).read()  # both read before either started the manifest
+    a.open()
+    (folder / "samples").mkdir()
+    for k in range(3):
+        (folder / "samples" / f"{k:06}.png").write_bytes(b"png %d" % k)
+    a.record(0, "samples/000000.png", 1, "x")
+    b.open()  # finds a's manifest: no second start, nothing cut
+    a.record(1, "samples/000001.png", 2, "y")
+    b.record(2, "samples/000002.png", 3, "z")
+    assert b.refresh() == 1 and set(b.done) == {0, 1, 2}
+    a.close(), b.close()
+    assert set(Manifest(folder, "abc", 3).read().done) == {0, 1, 2}
+
+
+def test_two_shards_running_at_once_into_one_folder_make_the_whole_job(tmp_path, ckpts, seven):
+    import subprocess
+    shards = [subprocess.Popen([sys.executable, *job_args(ckpts, seven, tmp_path / "split",
+                                                          "--shard", f"{i}/2", "--threads", "1")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i in (0, 1)]
+    outs = [t.communicate(timeout=300) for t in shards]
+    assert [t.returncode for t in shards] == [0, 0], outs
+    whole = subprocess.run([sys.executable, *job_args(ckpts, seven, tmp_path / "whole",
+                                                      "--threads", "1")],
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    assert contents(tmp_path / "split") == contents(tmp_path / "whole")
+
+
 def test_a_failed_load_leaves_no_trace_of_the_job(tmp_path, ckpts, seven, monkeypatch, capsys):
     """The folder is checked before the load, but the manifest is written after it."""
     import txt2img
