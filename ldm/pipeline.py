@@ -27,6 +27,7 @@ from ldm.config import (BUILTIN_DIR, BUILTIN_INPAINTING_DIR, INSTALL_HINT, ROOT,
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
 from ldm.models.diffusion.sampling import (SAMPLERS, resolve_eta, resolve_sampler, sample,
                                            sampler_label, sampling_timesteps, strength_steps)
+from ldm.modules.diffusionmodules.util import set_weight_packing
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,15 @@ def bf16_is_native(device):
         except (AttributeError, RuntimeError):
             return False
     return True
+
+
+def packing_pays(device, dtype):
+    """Whether to run on weights reordered once for oneDNN (``set_weight_packing``): in
+    bfloat16 on a CPU that computes it natively, where the per-call reorder of plain
+    weights is a large part of a UNet step (a SD UNet step at 512x512 about 0.8x the time
+    on an AMX CPU; see the README's speed section). In float32 it did not pay (measured
+    slower on the same CPU) and would double the weights' memory."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and bf16_is_native(device)
 
 
 def check_compiler(device):
@@ -207,6 +217,8 @@ class Pipeline:
                         "--precision bf16 is emulated here and slower than full",
                         self.device.type.upper())
         cast_weights(model, self.dtype)  # once, here: the model is changed in place
+        self.packing = packing_pays(self.device, self.dtype)
+        set_weight_packing(model, self.packing)
         # speed and memory options (``set_options``), off by default
         self.deepcache = None         # UNet feature-cache interval (``UNetModel.caching``)
         self.vae_tile = None          # VAE tiles of this many latent pixels
@@ -348,6 +360,7 @@ class Pipeline:
             self._compile()
         elif self.compiled and not compile:  # back to eager (what nn.Module.compile set)
             self.model.model.diffusion_model._compiled_call_impl = None
+            set_weight_packing(self.model.model.diffusion_model, self.packing)
             self.compiled = False
         return self
 
@@ -360,6 +373,7 @@ class Pipeline:
         them, and changing the module's weights later does not reach it."""
         check_compiler(self.device)
         unet = self.model.model.diffusion_model
+        set_weight_packing(unet, False)  # inductor packs the frozen weights itself
         if self._compiled_impl is None:
             log.info("compiling the UNet (torch.compile): the first step takes a minute or more")
             if self.device.type == "cpu":

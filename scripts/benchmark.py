@@ -90,9 +90,9 @@ class Report:
     def __init__(self):
         self.rows = []
 
-    def add(self, part, setting, ours, theirs=None, gflop=None, peak=None, note=""):
+    def add(self, part, setting, ours, theirs=None, gflop=None, peak=None, note="", paired=None):
         row = dict(part=part, setting=setting, ours=ours, theirs=theirs, gflop=gflop,
-                   peak=peak, note=note)
+                   peak=peak, note=note, paired=paired)
         self.rows.append(row)
         print(self.format(row), flush=True)
 
@@ -103,6 +103,8 @@ class Report:
             cells.append(f"ours {r['ours']:8.3f} s")
         if r["theirs"] is not None:
             cells.append(f"diffusers {r['theirs']:8.3f} s  ratio {r['ours'] / r['theirs']:.3f}")
+        if r.get("paired") is not None:
+            cells.append(f"paired {r['paired']:.3f}")
         if r["gflop"] and r["ours"]:
             rate = r["gflop"] / r["ours"]
             cells.append(f"{r['gflop']:7.1f} GFLOP {rate:6.1f} GFLOP/s"
@@ -136,7 +138,10 @@ def sync(device):
 
 
 def timed(runs, repeats, device, warmup=True):
-    """Median seconds of each of ``runs`` ({name: fn}), alternating after one warm-up each."""
+    """Median seconds of each of ``runs`` ({name: fn}), alternating after one warm-up each;
+    with "ours" and "diffusers" among them, also "paired": the median over the rounds of
+    ours / diffusers within a round, which a machine whose speed drifts (a shared virtual
+    CPU) disturbs less than the ratio of the medians."""
     import torch
     from ldm.compare import time_alternating
 
@@ -148,7 +153,10 @@ def timed(runs, repeats, device, warmup=True):
         return run
     with torch.inference_mode():
         times, _ = time_alternating({k: synced(f) for k, f in runs.items()}, repeats, warmup)
-    return {k: statistics.median(v) for k, v in times.items()}
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    if "ours" in times and "diffusers" in times:
+        medians["paired"] = statistics.median(a / b for a, b in zip(times["ours"], times["diffusers"]))
+    return medians
 
 
 def matmul_peak(device, dtype):
@@ -288,7 +296,7 @@ def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
                            "diffusers": lambda: unet(x.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample},
                           args.repeats, device)
                 report.add("unet", f"{s}x{s} batch 2 {d}", m["ours"], m["diffusers"],
-                           flops["unet", s], peaks.get(d))
+                           flops["unet", s], peaks.get(d), paired=m["paired"])
             if "vae" in parts:
                 z = x[:1]
 
@@ -299,7 +307,7 @@ def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
                            "diffusers": lambda: vae.decode(z.to(dtype) / vae.config.scaling_factor).sample},
                           args.repeats, device)
                 report.add("vae", f"decode {s}x{s} {d}", m["ours"], m["diffusers"],
-                           flops["vae", s], peaks.get(d))
+                           flops["vae", s], peaks.get(d), paired=m["paired"])
             if "denormals" in parts and d == "fp32":
                 def flushed(on):
                     def run():
@@ -320,7 +328,7 @@ def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
                        "diffusers": lambda: theirs.encode_prompt(PROMPT, device, 1, True, "")},
                       args.repeats, device)
             report.add("text", f"prompt + empty {d}", m["ours"], m["diffusers"],
-                       flops["text", 0], peaks.get(d))
+                       flops["text", 0], peaks.get(d), paired=m["paired"])
         if "image" in parts:
             for s in sizes:
                 whole_images(ours, theirs, ddim, pndm, s, d, args, device, report)

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from conftest import build_tiny
+from conftest import build_tiny, rel_err
 from ldm import pipeline as pl
 from ldm.pipeline import NORMS, Pipeline, cast_weights
 
@@ -96,3 +96,103 @@ def test_linear_runs_as_a_convolution_in_cpu_inference_with_the_same_values(monk
     assert torch.equal(layer(x), reference)  # training (grad enabled): F.linear itself
     assert not calls
     assert list(dict(layer.named_parameters())) == ["weight", "bias"]
+
+
+mkldnn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                            reason="weight packing needs oneDNN (mkldnn)")
+
+
+def _reference_conv(layer, x):
+    return torch.nn.functional.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
+
+
+@mkldnn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_packed_convolution_equals_the_plain_one(dtype, stride):
+    from ldm.modules.diffusionmodules import util
+    torch.manual_seed(0)
+    layer = util.Conv2d(32, 48, 3, stride=stride, padding=1).to(dtype)
+    x = torch.randn(2, 32, 12, 12).to(dtype)
+    with torch.no_grad():
+        reference = _reference_conv(layer, x).float()
+        util.set_weight_packing(layer, True)
+        out = layer(x)
+    assert "_packed" in layer.__dict__, "the packed path ran"
+    assert out.dtype == dtype and out.shape == reference.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(out.float(), reference) < tol
+
+
+@mkldnn
+def test_packed_linear_equals_the_plain_one_and_few_rows_stay_plain():
+    from ldm.modules.diffusionmodules import util
+    torch.manual_seed(0)
+    layer = util.set_weight_packing(util.Linear(64, 96).to(torch.bfloat16), True)
+    x = torch.randn(2, 300, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = torch.nn.functional.linear(x, layer.weight, layer.bias).float()
+        assert rel_err(layer(x).float(), reference) < 2e-2
+        assert "_packed" in layer.__dict__
+        few = x[:, :3]
+        assert torch.equal(layer(few), torch.nn.functional.linear(few, layer.weight, layer.bias))
+
+
+@mkldnn
+def test_packed_weights_follow_weight_changes_and_training_takes_the_plain_path():
+    """An in-place write (load_state_dict) and a new tensor (a LoRA merge, param.data = ...)
+    both reach the next call; with grad enabled the layer is the plain nn.Conv2d."""
+    from ldm.modules.diffusionmodules import util
+    torch.manual_seed(0)
+    layer = util.set_weight_packing(util.Conv2d(8, 8, 3, padding=1), True)
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        first = layer.__dict__["_packed"]
+        layer(x)
+        assert layer.__dict__["_packed"] is first, "reordered once, not on every call"
+        layer.load_state_dict({"weight": torch.randn(8, 8, 3, 3), "bias": torch.randn(8)})
+        assert rel_err(layer(x), _reference_conv(layer, x)) < 1e-5
+        for _ in range(3):  # new tensors, old ones freed: never a stale copy
+            layer.weight.data = layer.weight.data + 1
+            assert rel_err(layer(x), _reference_conv(layer, x)) < 1e-5
+    out = layer(x)
+    assert out.requires_grad and torch.equal(out, _reference_conv(layer, x))
+    util.set_weight_packing(layer, False)
+    assert "_packed" not in layer.__dict__
+
+
+@mkldnn
+def test_a_packed_model_copies_and_pickles_without_its_packed_weights():
+    import copy
+    import io
+    from ldm.modules.diffusionmodules import util
+    layer = util.set_weight_packing(util.Conv2d(8, 8, 3, padding=1), True)
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        layer(x)
+    twin = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    assert "_packed" not in twin.__dict__ and twin.packed
+    assert list(layer.state_dict()) == ["weight", "bias"]
+    with torch.no_grad():
+        assert torch.equal(twin(x), layer(x))
+
+
+@mkldnn
+def test_bf16_on_a_native_cpu_packs_the_weights_and_full_precision_does_not(monkeypatch):
+    from ldm.modules.diffusionmodules import util
+    monkeypatch.setattr(pl, "bf16_is_native", lambda device: True)
+    packed = Pipeline(build_tiny(), CPU, "bf16", watermark=False)
+    layers = [m for m in packed.model.modules() if isinstance(m, (util.Conv2d, util.Linear))]
+    assert layers and all(m.packed for m in layers)
+    full = Pipeline(build_tiny(), CPU, "full", watermark=False)
+    assert not any(m.packed for m in full.model.modules() if isinstance(m, util.Conv2d))
+    monkeypatch.setattr(pl, "bf16_is_native", lambda device: False)
+    emulated = Pipeline(build_tiny(), CPU, "bf16", watermark=False)
+    assert not any(m.packed for m in emulated.model.modules() if isinstance(m, util.Conv2d))
+    # the packed model makes the image the plain bf16 model makes, up to bf16 rounding
+    kw = dict(prompts=["a red circle"], seeds=[1], sampler="ddim", steps=6, progress=False)
+    a, b = packed.latents(**kw), emulated.latents(**kw)
+    assert rel_err(a, b) < 0.05

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import Linear, zero_module
+from ldm.modules.diffusionmodules.util import Conv2d, Linear, zero_module
 
 
 class GEGLU(nn.Module):
@@ -139,8 +139,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = Linear(in_channels, inner)
             self.proj_out = zero_module(Linear(inner, in_channels))
         else:
-            self.proj_in = nn.Conv2d(in_channels, inner, 1)
-            self.proj_out = zero_module(nn.Conv2d(inner, in_channels, 1))
+            self.proj_in = Conv2d(in_channels, inner, 1)
+            self.proj_out = zero_module(Conv2d(inner, in_channels, 1))
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, n_heads, d_head, dropout, context_dim,
                                   disable_self_attn=disable_self_attn)

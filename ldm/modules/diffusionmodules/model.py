@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import Conv2d
+
 
 def Normalize(channels, groups=32):
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
@@ -18,12 +20,12 @@ class ResnetBlock(nn.Module):
             raise ValueError("the autoencoder's ResnetBlock takes no timestep embedding")
         out_channels = out_channels or in_channels
         self.norm1 = Normalize(in_channels, norm_groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = Normalize(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, 1)
         else:
             self.nin_shortcut = None
 
@@ -45,10 +47,10 @@ class AttnBlock(nn.Module):
     def __init__(self, in_channels, norm_groups=32):
         super().__init__()
         self.norm = Normalize(in_channels, norm_groups)
-        self.q = nn.Conv2d(in_channels, in_channels, 1)
-        self.k = nn.Conv2d(in_channels, in_channels, 1)
-        self.v = nn.Conv2d(in_channels, in_channels, 1)
-        self.proj_out = nn.Conv2d(in_channels, in_channels, 1)
+        self.q = Conv2d(in_channels, in_channels, 1)
+        self.k = Conv2d(in_channels, in_channels, 1)
+        self.v = Conv2d(in_channels, in_channels, 1)
+        self.proj_out = Conv2d(in_channels, in_channels, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -65,7 +67,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, in_channels, with_conv=True):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(in_channels, in_channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as trained
@@ -74,7 +76,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, in_channels, with_conv=True):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.conv = Conv2d(in_channels, in_channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -93,7 +95,7 @@ class Encoder(nn.Module):
         super().__init__()
         _check_vanilla(attn_type, use_linear_attn, resamp_with_conv)
         resnet = partial(ResnetBlock, dropout=dropout, norm_groups=norm_groups)
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1,) + tuple(ch_mult)
         res = resolution
         self.down = nn.ModuleList()
@@ -116,7 +118,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in, norm_groups)
         self.mid.block_2 = resnet(block_in, block_in)
         self.norm_out = Normalize(block_in, norm_groups)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3,
+        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3,
                                   padding=1)
 
     def forward(self, x):
@@ -143,7 +145,7 @@ class Decoder(nn.Module):
         self.give_pre_end, self.tanh_out = give_pre_end, tanh_out
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = resnet(block_in, block_in)
         self.mid.attn_1 = AttnBlock(block_in, norm_groups)
@@ -165,7 +167,7 @@ class Decoder(nn.Module):
                 res *= 2
             self.up.insert(0, stage)
         self.norm_out = Normalize(block_in, norm_groups)
-        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+        self.conv_out = Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))

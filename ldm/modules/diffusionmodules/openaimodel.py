@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.util import normalization, timestep_embedding, zero_module
+from ldm.modules.diffusionmodules.util import (Conv2d, normalization, timestep_embedding,
+                                                zero_module)
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -33,7 +34,7 @@ class TimestepEmbedSequential(nn.Sequential):
 class Upsample(nn.Module):
     def __init__(self, channels, use_conv=True, out_channels=None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x, output_size=None):
         """Nearest 2x upsampling, or to ``output_size`` (the skip connection's size) so that
@@ -48,7 +49,7 @@ class Upsample(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels, use_conv=True, out_channels=None):
         super().__init__()
-        self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -63,13 +64,13 @@ class ResBlock(nn.Module):
         # Index slots (norm 0, SiLU 1, conv 2 / SiLU 0, Linear 1 / norm 0, SiLU 1, Dropout 2,
         # conv 3) are kept for checkpoint compatibility.
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+            zero_module(Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = (nn.Identity() if out_channels == channels
-                                else nn.Conv2d(channels, out_channels, 1))
+                                else Conv2d(channels, out_channels, 1))
 
     def forward(self, x, emb):
         h = self.in_layers(x)
@@ -127,7 +128,7 @@ class UNetModel(nn.Module):
                                         nn.Linear(emb_dim, emb_dim))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
-            nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+            Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_channels = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -161,7 +162,7 @@ class UNetModel(nn.Module):
 
         # out.1 is the SiLU slot.
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
-                                 zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+                                 zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
 
     @property
     def downsampling_factor(self):
