@@ -123,6 +123,14 @@ def packing_pays(device, dtype):
     return device.type == "cpu" and dtype == torch.bfloat16 and bf16_is_native(device)
 
 
+def channels_last_pays(device, dtype):
+    """Whether to hold the autoencoder's weights channels-last, so that its convolutions run
+    on oneDNN's NHWC kernels: in float32 on a CPU, where a 512x512 decode took about 0.8x
+    the time on an AMX Xeon (the same values up to float rounding). With packed bf16 weights
+    (``packing_pays``) it made no difference, and the UNet in float32 gained nothing."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def check_compiler(device):
     """What ``torch.compile`` (inductor) needs on ``device``: a C++ compiler on the CPU,
     Triton on CUDA. Without it, a one-line ResourceError before anything is loaded rather
@@ -219,6 +227,8 @@ class Pipeline:
         cast_weights(model, self.dtype)  # once, here: the model is changed in place
         self.packing = packing_pays(self.device, self.dtype)
         set_weight_packing(model, self.packing)
+        if channels_last_pays(self.device, self.dtype):
+            model.first_stage_model.to(memory_format=torch.channels_last)
         # speed and memory options (``set_options``), off by default
         self.deepcache = None         # UNet feature-cache interval (``UNetModel.caching``)
         self.vae_tile = None          # VAE tiles of this many latent pixels

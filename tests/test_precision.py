@@ -196,3 +196,23 @@ def test_bf16_on_a_native_cpu_packs_the_weights_and_full_precision_does_not(monk
     kw = dict(prompts=["a red circle"], seeds=[1], sampler="ddim", steps=6, progress=False)
     a, b = packed.latents(**kw), emulated.latents(**kw)
     assert rel_err(a, b) < 0.05
+
+
+def test_float32_on_a_cpu_holds_the_autoencoder_channels_last_with_the_same_images():
+    def channels_last(module):
+        convs = [m.weight for m in module.modules()  # 1x1 kernels are both layouts at once
+                 if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+        return convs and all(w.is_contiguous(memory_format=torch.channels_last)
+                             and not w.is_contiguous() for w in convs)
+    full = Pipeline(build_tiny(), CPU, "full", watermark=False)
+    assert channels_last(full.model.first_stage_model)
+    assert not channels_last(full.model.model)  # the UNet gained nothing from it
+    assert not channels_last(Pipeline(build_tiny(), CPU, "bf16", watermark=False)
+                             .model.first_stage_model)
+    plain = build_tiny()  # the same weights (build_tiny is seeded), default layout
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert rel_err(full.model.decode_first_stage(z), plain.decode_first_stage(z)) < 1e-5
+        assert rel_err(full.model.first_stage_model.encode(image).mean,
+                       plain.first_stage_model.encode(image).mean) < 1e-5
