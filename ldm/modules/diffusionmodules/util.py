@@ -136,8 +136,8 @@ class Linear(_Packable, nn.Linear):
     many rows. When ``packed``: oneDNN's matmul on a weight reordered once
     (``PackedWeight``; the bfloat16 fast path, AMX on recent Intel CPUs). Otherwise a 1x1
     convolution over a channels-last view of its input: oneDNN's convolution is 1.2-1.8x
-    faster than the BLAS matmul behind ``F.linear`` in float32 on an AVX-512 CPU, and up to
-    1.2x in bfloat16 (shapes of the SD UNet's attention and feed-forward layers; see the
+    faster than the BLAS matmul behind ``F.linear`` in float32 on AMD Zen 4 (level with it
+    on an AMX Xeon), and up to 1.2x in bfloat16 (shapes of the SD UNet's attention and feed-forward layers; see the
     README's speed section). The values are the same up to float rounding. Training, other
     devices and few rows take ``F.linear``."""
 
