@@ -137,9 +137,9 @@ class Linear(_Packable, nn.Linear):
     (``PackedWeight``; the bfloat16 fast path, AMX on recent Intel CPUs). Otherwise a 1x1
     convolution over a channels-last view of its input: oneDNN's convolution is 1.2-1.8x
     faster than the BLAS matmul behind ``F.linear`` in float32 on AMD Zen 4 (level with it
-    on an AMX Xeon), and up to 1.2x in bfloat16 (shapes of the SD UNet's attention and feed-forward layers; see the
-    README's speed section). The values are the same up to float rounding. Training, other
-    devices and few rows take ``F.linear``."""
+    on an AMX Xeon), and up to 1.2x in bfloat16 (shapes of the SD UNet's attention and
+    feed-forward layers; see the README's speed section). The values are the same up to
+    float rounding. Training, other devices and few rows take ``F.linear``."""
 
     MIN_ROWS = 256
 
