@@ -254,6 +254,29 @@ def normalize_keys(sd):
     return out
 
 
+def not_a_model(sd, source):
+    """One line for a file that holds an add-on rather than a model (a LoRA, a
+    textual-inversion embedding, an autoencoder alone), saying which flag takes it; None
+    for anything else."""
+    keys = list(sd)
+    lora = [k for k in keys if any(m in k for m in (".lora_down.", ".lora_up.", ".lora_A.",
+                                                     ".lora_B.", ".hada_w", ".lokr_w",
+                                                     "lora.down.", "lora.up."))]
+    if lora and not any(k.startswith("model.diffusion_model.") for k in keys):
+        return (f"{source} is a LoRA ({len(lora)} LoRA weights), not a model: pass it with "
+                f"--lora (and a model with --ckpt)")
+    if keys and set(keys) <= {"emb_params", "string_to_param", "string_to_token", "name",
+                              "step", "sd_checkpoint", "sd_checkpoint_name", "clip_l",
+                              "clip_g"} | {k for k in keys if k.startswith("<")}:
+        return (f"{source} is a textual-inversion embedding, not a model: pass it with "
+                f"--embedding (and a model with --ckpt)")
+    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+                    for k in keys):
+        return (f"{source} is an autoencoder (VAE) alone, not a whole model: pass it with "
+                f"--vae (and a model with --ckpt)")
+    return None
+
+
 def guess_architecture(sd):
     """A hint naming the likely right config for a checkpoint that does not fit."""
     keys = set(sd)
@@ -323,6 +346,9 @@ def load_model_weights(model, sd, source="checkpoint", dtype=torch.float32):
     A model built on the ``meta`` device takes the checkpoint's tensors (cast to ``dtype``)
     without first allocating random weights. ``sd`` is consumed (emptied)."""
     from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+    what = not_a_model(sd, source)
+    if what:
+        raise CheckpointError(what)
     source_dict, sd = sd, dict(normalize_keys(sd))
     source_dict.clear()  # consume the caller's dict, so tensors can be freed one by one below
     check_schedule(model, sd)

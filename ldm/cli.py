@@ -24,11 +24,11 @@ import threading
 import time
 from pathlib import Path
 
+from ldm import request as req
 from ldm.config import SCHEDULES
 from ldm.errors import InputError, LdmError, ResourceError, UsageError
+from ldm.request import FLAGS, SEED_MAX
 
-SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed takes an unsigned 64-bit seed
-RANDOM_SEED_RANGE = 2 ** 32  # a drawn seed (--seed -1) is below this, as A1111 draws them
 INTERRUPTED = 130            # 128 + SIGINT, what a shell reports for Ctrl-C
 TERMINATED = 143             # 128 + SIGTERM
 
@@ -45,22 +45,29 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def number(kind=float, lo=None, hi=None):
-    """An argparse type: a finite ``kind`` (int or float) in [lo, hi] (either may be None)."""
+    """An argparse type: a finite ``kind`` (int or float) in [lo, hi] (either may be None),
+    checked by ``ldm.request.check_number``, as the library checks its values."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bound = (f"must be in [{lo}, {hi}]" if lo is not None and hi is not None else
-                     f"must be at least {lo}" if lo is not None else f"must be at most {hi}")
-            raise argparse.ArgumentTypeError(f"{text} is out of range: {bound}")
-        return value
+            try:  # "1.5" for an int: the library's message ("1.5 is not an integer")
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        try:
+            return req.check_number(value, kind, lo, hi)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def field(key):
+    """The argparse type of a request's numeric field (``ldm.request.LIMITS``)."""
+    limit = req.LIMITS[key]
+    return number(limit.kind, limit.lo, limit.hi)
 
 
 def seed(text):
@@ -68,11 +75,19 @@ def seed(text):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value != -1 and not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: seeds are 0 to 2**64 - 1 "
-                                         "(or -1 for a random one)")
-    return value
+        try:  # "1.5": the library's message ("1.5 is not an integer")
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    try:
+        return req.check_seed(value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def plural(count, noun):
+    """"1 image", "2 images"."""
+    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def nonempty(text):
@@ -83,9 +98,8 @@ def nonempty(text):
 
 def draw_seed(args):
     """``--seed -1``: a random seed, said once and recorded in every image like any other."""
-    if args.seed == -1:
-        import secrets
-        args.seed = secrets.randbelow(RANDOM_SEED_RANGE)
+    if args.seed == req.RANDOM_SEED:
+        args.seed = req.draw_seed()
         log.info("seed: %d (drawn at random; --seed %d makes these images again)",
                  args.seed, args.seed)
     return args.seed
@@ -98,7 +112,7 @@ def check_seed_span(first, count):
                          f"--seed + k, which must stay below 2**64")
 
 
-def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=None):
+def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=7.5, jsonl=False):
     """The flags every generating script has, with CompVis' names (and per-script
     defaults where CompVis' scripts differ)."""
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="",
@@ -107,17 +121,18 @@ def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=None):
     p.add_argument("--outdir", type=nonempty, default=outdir, help="dir to write results to")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
-    p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=number(int, 1, 1000),
-                   default=50, help="number of sampling steps")
+    p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=field("steps"),
+                   default=None, help="number of sampling steps (default: the model's, 50)")
     p.add_argument("--sampler", default=None, metavar="NAME",
-                   help="sampler, by id or A1111 name: ddim (default), plms, ddpm, euler, "
+                   help="sampler, by id or A1111 name (default: the model's, ddim): ddim, "
+                        "plms, ddpm, euler, "
                         "euler_a, heun, dpm_2, dpm_2_a, dpmpp_2s_a, dpmpp_2m, dpmpp_sde, "
                         "dpmpp_2m_sde, lms, unipc; e.g. \"DPM++ 2M Karras\", \"Euler a\"")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="noise schedule of the sigma samplers (default: discrete, the "
                         "model's own timesteps, or the one the sampler's name says)")
     p.add_argument("--plms", action="store_true", help="use PLMS sampling (= --sampler plms)")
-    p.add_argument("--ddim_eta", type=number(float, 0, 1),
+    p.add_argument("--ddim_eta", type=field("eta"),
                    default=None,
                    help="DDIM eta in [0, 1] (default 0: deterministic), or the noise of the "
                         "ancestral and SDE samplers (default 1)")
@@ -126,12 +141,15 @@ def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=None):
                    help="batch size: images per prompt per iteration")
     p.add_argument("--n_rows", type=number(int, 0), default=0,
                    help="images per grid row (default: n_samples)")
-    p.add_argument("--scale", type=number(float, 0, 100), default=scale,
-                   help="classifier-free guidance scale in [0, 100] (default: "
-                        + (f"{scale}" if scale is not None else "7.5, or the model config's "
-                           "own `sampling: scale:`, as the built-in model has") + ")")
+    p.add_argument("--scale", type=field("scale"), default=None,
+                   help="classifier-free guidance scale in [0, 100] (default: the model "
+                        f"config's own `sampling: scale:`, as the built-in model has, else "
+                        f"{scale})")
     p.add_argument("--from-file", "--from_file", dest="from_file", type=nonempty,
-                   help="a text file with one prompt per line")
+                   help="a text file with one prompt per line, or a JSONL job (.jsonl: one "
+                        "JSON object a line, with \"prompt\" and any of negative_prompt, "
+                        "seed, steps, scale, sampler, H, W, n; see the README)"
+                   if jsonl else "a text file with one prompt per line")
     p.add_argument("--seed", type=seed, default=42,
                    help="seed of image 0; image k uses seed + k; -1 draws one")
 
@@ -202,6 +220,10 @@ def lora_spec(text):
         try:
             weight = float(tail)
         except ValueError:
+            if Path(path).is_file() and not Path(text).exists():
+                raise argparse.ArgumentTypeError(
+                    f"{text}: the weight {tail!r} is not a number (FILE:WEIGHT, e.g. "
+                    f"{path}:0.8)") from None
             path = text
         else:
             if not math.isfinite(weight):
@@ -270,11 +292,12 @@ def read_job(args):
 
 def check_requests(args, choice, requests, size=None):
     """Each JSONL line's sampler, steps, size and guidance against the model, before the
-    load; returns {line: (sampler, schedule, eta)}. ``size`` (height, width): the run's
-    fixed size (img2img: the init image's), where lines may not set H and W."""
-    from ldm.jobs import settings
+    load (``ldm.request.sampling``, as every request is checked); returns {line: (sampler,
+    schedule, eta)}. ``size`` (height, width): the run's fixed size (img2img: the init
+    image's), where lines may not set H and W."""
+    from ldm.jobs import NAMES, settings
     import_torch()
-    from ldm.models.diffusion.sampling import resolve_eta, resolve_sampler
+    info = req.ModelInfo.of_choice(choice)
     g = choice.geometry
     resolved = {}
     for r in requests:
@@ -285,20 +308,15 @@ def check_requests(args, choice, requests, size=None):
                 raise InputError(f"{where}: H and W are txt2img's; here the size is the "
                                  "init image's (or --H/--W)")
             height, width = size
-        if sampler is None:
-            resolved[r.line] = (args.sampler, args.schedule, args.ddim_eta)
-        else:
-            try:
-                name, schedule = resolve_sampler(sampler)
-                resolved[r.line] = (name, schedule, resolve_eta(name, None))
-            except ValueError as e:
-                raise InputError(f"{where}: {str(e).split(';')[0]}") from None
-        if steps > g.timesteps:
-            raise InputError(f"{where}: steps {steps} is more than the model's "
-                             f"{g.timesteps} timesteps")
-        scale = choice.defaults.get("scale", 7.5) if scale is None else scale
-        if scale == 1.0 and negative:
-            raise InputError(f"{where}: a negative prompt has no effect at scale 1")
+        own = sampler is not None  # the line's own sampler, at its own schedule and eta
+        try:
+            values = req.sampling("txt2img" if size is None else "img2img", info,
+                                  bool(negative), sampler if own else args.sampler,
+                                  None if own else args.schedule,
+                                  None if own else args.ddim_eta, steps, scale, NAMES)
+        except UsageError as e:
+            raise InputError(f"{where}: {str(e).split(';')[0]}") from None
+        resolved[r.line] = (values["sampler"], values["schedule"], values["eta"])
         try:
             check_size(g, height or g.native_size, width or g.native_size, args.n_samples,
                        args.device, args.vae_tiling)
@@ -325,31 +343,38 @@ def read_prompt_text(path):
 
 
 def add_image_size_arguments(p):
-    """--H/--W/--resize-mode for scripts that start from an image."""
+    """--H/--W/--resize-mode/--full-size for scripts that start from an image."""
     from ldm.image_io import RESIZE_MODES
-    p.add_argument("--H", type=number(int, 1), default=None,
+    p.add_argument("--H", type=field("height"), default=None,
                    help="height to sample at (default: the image's, down to a multiple of the "
                         "model's factor)")
-    p.add_argument("--W", type=number(int, 1), default=None, help="width to sample at")
+    p.add_argument("--W", type=field("width"), default=None, help="width to sample at")
     p.add_argument("--resize-mode", "--resize_mode", dest="resize_mode", choices=RESIZE_MODES,
                    default="resize", help="with --H/--W: resize (stretch), crop (scale to "
                    "cover, crop the centre) or fill (scale to fit, fill with the edges)")
+    p.add_argument("--full-size", "--full_size", dest="full_size", action="store_true",
+                   help=f"keep an image of more than {req.LARGE_INPUT_AREA}x the model's "
+                        "own area at its size (by default it is sampled at the model's own "
+                        "area, as the work grows with the area: a 12-megapixel photo would "
+                        "take hours)")
 
 
-def read_image(path, args, factor, what="image"):
-    """An input image at the size to sample: ``--H``/``--W`` and ``--resize-mode`` if given,
-    else its own size down to multiples of ``factor`` (said in one line)."""
-    from ldm.image_io import fit_image, load_image
+def read_image(path, args, info, what="image"):
+    """(image, (width, height)): an input image as a person brings it (``load_image``), and
+    the size it is sampled at (``ldm.request.working_size``: ``--H``/``--W``, else its own
+    down to multiples of the model's factor, or the model's own area for a very large
+    image unless --full-size), said in one line when it changes."""
+    from ldm.image_io import load_image
     image = load_image(path, what)
-    if args.H is not None or args.W is not None:
-        for flag, value in (("--H", args.H), ("--W", args.W)):
-            if value is not None and value % factor:
-                raise UsageError(f"{flag} {value} is not a multiple of {factor}, this model's "
-                                 "factor")
-    image, note = fit_image(image, factor, args.W, args.H, args.resize_mode)
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value is not None and value % info.factor:
+            raise UsageError(f"{flag} {value} is not a multiple of {info.factor}, this "
+                             "model's factor")
+    size, note = req.working_size(image.size, info.factor, info.native_size, args.H, args.W,
+                                  args.full_size, FLAGS)
     if note:
         log.warning(note)
-    return image
+    return image, size
 
 
 def prompt_list(args):
@@ -395,7 +420,7 @@ def generate_batches(args, out, work, steps_per_batch, make):
                 if not args.skip_save:
                     out.save_numbered(s.image, "{:05}.png", s.parameters, "samples")
             done.extend(samples)
-            bar.set_postfix_str(f"{len(done)} images")
+            bar.set_postfix_str(plural(len(done), "image"))
     if not args.skip_grid and len({s.image.size for s in done}) > 1:
         log.info("no grid: the images are of different sizes")
     elif not args.skip_grid and done:
@@ -436,6 +461,8 @@ class JobRun:
         try:
             if self.fabric is None:
                 self.manifest.open()
+                if self.manifest.started:
+                    out.written.append(self.manifest.path)
             else:
                 if self.fabric.global_rank == 0:
                     self.manifest.open()
@@ -479,7 +506,8 @@ def prepare_job(args, choice, extra_fingerprint="", size=None):
     fabric = jobs.start_workers(args) if jobs.distributed_requested(args) else None
     manifest = jobs.Manifest(args.outdir, jobs.fingerprint(args.from_file, args,
                                                            extra_fingerprint),
-                             len(images), args.overwrite)
+                             len(images), args.overwrite,
+                             jobs.job_settings(args.from_file, args, extra_fingerprint))
     manifest.read()  # a folder of another job refused now; nothing written before the load
     mine = work if shard is None else work[shard[0]::shard[1]]
     ks = [k for batch in mine for k in batch[3]]
@@ -578,8 +606,8 @@ def run_job(args, out, manifest, work, steps_per_batch, make, shard=None, fabric
         log.info("no grid: a job of more than %d images writes none", GRID_LIMIT)
     seconds = time.perf_counter() - start
     rate = f", {new / seconds / workers:.2f} images/s per worker" if new and seconds else ""
-    print(f"{new} new images ({before} done before) in {seconds:.1f} s with {workers} "
-          f"worker{'s' * (workers > 1)}{rate}: {samples}")
+    print(f"{plural(new, 'new image')} ({before} done before) in {seconds:.1f} s with "
+          f"{plural(workers, 'worker')}{rate}: {samples}")
     return made, skipped
 
 
@@ -676,40 +704,55 @@ def load_pipeline(args, choice):
     return pipe
 
 
-def resolve_sampling(args):
-    """--sampler / --plms / --schedule / --ddim_eta -> args.sampler (an id), args.schedule
-    and args.ddim_eta resolved (``ldm.models.diffusion.sampling.resolve_sampler``)."""
-    from ldm.models.diffusion.sampling import resolve_eta, resolve_sampler
+def resolve_sampling(args, info=None, task="txt2img"):
+    """--sampler / --plms / --schedule / --ddim_eta / --ddim_steps checked with the model's
+    defaults (``ldm.request.sampling``, in flag words) and written back resolved:
+    args.sampler (an id), args.schedule, args.ddim_eta, args.ddim_steps. ``info``: the
+    model's ``ModelInfo`` (None: SD's defaults). Returns the guidance scale."""
+    info = info or req.ModelInfo(8, 512)
     name = getattr(args, "sampler", None)
-    try:
-        sampler, schedule = resolve_sampler(name or ("plms" if args.plms else "ddim"),
-                                            getattr(args, "schedule", None))
-        eta = resolve_eta(sampler, args.ddim_eta)
-    except ValueError as e:
-        raise UsageError(str(e).replace("eta must be 0", "drop --ddim_eta")) from None
-    if args.plms and sampler != "plms":
-        raise UsageError(f"--plms and --sampler {name!r} disagree: drop one")
-    args.sampler, args.schedule, args.ddim_eta = sampler, schedule, eta
+    if args.plms:
+        if name is not None and req.resolve_sampling(name, None, None, names_of(FLAGS))[0] != "plms":
+            raise UsageError(f"--plms and --sampler {name!r} disagree: drop one")
+        name = "plms"
+    values = req.sampling(task, info, bool(getattr(args, "negative_prompt", "")), name,
+                          getattr(args, "schedule", None), args.ddim_eta,
+                          getattr(args, "ddim_steps", None), getattr(args, "scale", None),
+                          FLAGS)
+    args.sampler, args.schedule, args.ddim_eta = (values["sampler"], values["schedule"],
+                                                  values["eta"])
+    args.ddim_steps = values["steps"]
+    return values["scale"]
 
 
-def check_sampling(args, choice, inpainting=False):
+def names_of(names):
+    return lambda key: names.get(key, key)
+
+
+def check_sampling(args, choice, task="txt2img"):
     """The sampling flags against each other and the model's config; the guidance scale.
     A dedicated inpainting model (9-channel UNet) serves inpainting only."""
     g = choice.geometry
-    if not inpainting and g.is_inpainting:
+    if task != "inpaint" and g.is_inpainting:
         raise UsageError(f"{choice.ckpt} is an inpainting model ({g.unet_in_channels}-channel "
                          "UNet): use scripts/inpaint.py")
     if args.skip_save and args.skip_grid:
         raise UsageError("--skip_save with --skip_grid would write nothing: drop one")
-    resolve_sampling(args)
-    if args.ddim_steps > g.timesteps:
-        raise UsageError(f"--ddim_steps {args.ddim_steps} is more than the model's "
-                         f"{g.timesteps} timesteps")
-    scale = choice.defaults.get("scale", 7.5) if args.scale is None else args.scale
-    if scale == 1.0 and args.negative_prompt:
-        raise UsageError("--negative-prompt has no effect at --scale 1 (no guidance): "
-                         "raise --scale or drop --negative-prompt")
-    return scale
+    return resolve_sampling(args, req.ModelInfo.of_choice(choice), task)
+
+
+def build_request(args, info, task, prompts, seeds, **values):
+    """The ``Request`` of one batch, from the flags (``values`` override them: a JSONL
+    line's settings, the image and mask), in flag words."""
+    fields = dict(negative_prompts=args.negative_prompt, sampler=args.sampler,
+                  schedule=args.schedule, eta=args.ddim_eta, steps=args.ddim_steps,
+                  scale=args.scale, height=getattr(args, "H", None),
+                  width=getattr(args, "W", None))
+    if task != "txt2img":
+        fields.update(strength=args.strength, resize_mode=args.resize_mode,
+                      full_size=args.full_size)
+    fields.update(values)
+    return req.Request.build(task, info, prompts, seeds, names=FLAGS, **fields)
 
 
 def check_size(geometry, height, width, batch, device_name="auto", vae_tile=None):
@@ -721,36 +764,7 @@ def check_size(geometry, height, width, batch, device_name="auto", vae_tile=None
     if f and (height % f or width % f):
         raise UsageError(f"--H and --W must be positive multiples of {f} for this model "
                          f"(got {height}x{width}); e.g. {geometry.native_size}")
-    check_memory(geometry, height, width, batch, device_name, vae_tile)
-
-
-def check_memory(geometry, height, width, batch, device_name="auto", vae_tile=None):
-    """Refuse up front a size whose activations alone exceed the memory there is; when the
-    autoencoder's decode is what does not fit, say that --vae_tiling would."""
-    need = geometry.activation_bytes(height, width, batch, vae_tile)
-    have = available_memory(device_name)
-    if have is not None and need > have:
-        tiling = (" or add --vae_tiling" if not vae_tile and geometry.activation_bytes(
-            height, width, batch, 64) <= have else "")
-        raise ResourceError(
-            f"{width}x{height} with --n_samples {batch} needs at least {need / 2**30:.0f} GiB "
-            f"for activations and this machine has {have / 2**30:.0f} GiB free: lower --H/--W "
-            f"(the model's own size is {geometry.native_size}) or --n_samples{tiling}")
-
-
-def available_memory(device_name="auto"):
-    """Bytes free for the run: system memory for the CPU (Linux), None when unknown (GPUs
-    are checked when they allocate: their out-of-memory error gets the same advice)."""
-    if device_name not in ("auto", "cpu"):
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    req.check_memory(geometry, height, width, batch, device_name, vae_tile, FLAGS)
 
 
 # ----------------------------------------------------------------------------- running
@@ -774,8 +788,12 @@ class Job:
         files = self.written
         if not files:
             return "nothing was written"
-        folders = sorted({str(p.parent) for p in files})
-        return f"{len(files)} finished file{'s' * (len(files) != 1)} kept in {', '.join(folders)}"
+        images = [p for p in files if p.suffix == ".png"]
+        if not images:  # a JSONL job's manifest, started
+            return (f"no image was finished ({', '.join(str(p) for p in files)} started: a "
+                    "rerun resumes the job)")
+        folders = sorted({str(p.parent) for p in images})
+        return f"{plural(len(images), 'finished file')} kept in {', '.join(folders)}"
 
 
 class _OncePerRun(logging.Filter):
@@ -838,20 +856,27 @@ def _say(line):
 
 def main(build_parser, run, argv=None):
     """Parse, run, and turn whatever ends the run into one line and an exit status."""
+    from ldm.util import InterruptWatchdog
     job, saved = Job(), None
     previous_handler = signal.getsignal(signal.SIGINT)
     previous_term = signal.getsignal(signal.SIGTERM)
+    # an interrupt that a long call into C++ holds ends the process all the same
+    watchdog = InterruptWatchdog(lambda signum: _stop_line(signum == signal.SIGTERM, job),
+                                 lambda signum: TERMINATED if signum == signal.SIGTERM
+                                 else INTERRUPTED)
     try:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)  # a job scheduler's stop: as Ctrl-C
+        watchdog.start()
         saved = _install_logging()
         args = build_parser().parse_args(argv)
         run(args, job)
         return 0
     except KeyboardInterrupt as e:
+        watchdog.handled()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: still one line
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _say(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {job.summary()}")
+        _say(_stop_line(isinstance(e, Terminated), job))
         return TERMINATED if isinstance(e, Terminated) else INTERRUPTED
     except LdmError as e:
         _say(f"error: {e}")
@@ -869,11 +894,16 @@ def main(build_parser, run, argv=None):
         _say(f"error: {e.strerror or e}{where}")
         return 1
     finally:
+        watchdog.stop()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
             signal.signal(signal.SIGTERM, previous_term)
         if saved is not None:
             _restore_logging(saved)
+
+
+def _stop_line(terminated, job):
+    return f"{'terminated' if terminated else 'interrupted'}: {job.summary()}"
 
 
 class Terminated(KeyboardInterrupt):

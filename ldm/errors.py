@@ -18,6 +18,12 @@ class UsageError(LdmError, ValueError):
     exit_status = 2
 
 
+class WrongType(LdmError, TypeError):
+    """An argument of the wrong kind (a number where a list of seeds goes, None for an
+    image): a library caller's mistake, reported in the library's words."""
+    exit_status = 2
+
+
 class InputError(LdmError, ValueError):
     """A file given as input that cannot be used: checkpoint, config, image, prompt file."""
     exit_status = 3

@@ -275,10 +275,10 @@ def to_rgb(im, background=(255, 255, 255)):
     return im.convert("RGB")
 
 
-RESIZE_MODES = ("resize", "crop", "fill")
+from ldm.request import RESIZE_MODES  # noqa: E402 (light: no torch, no PIL)
 
 
-def fit_image(image, factor, width=None, height=None, mode="resize"):
+def fit_image(image, factor, width=None, height=None, mode="resize", resample=Image.LANCZOS):
     """(image, note) with sides the model takes. Without ``width``/``height``: the sides are
     resized (Lanczos) down to the nearest multiple of ``factor``, with a note saying so. With
     them, as A1111: "resize" stretches to the size, "crop" scales to cover it and crops the
@@ -291,7 +291,7 @@ def fit_image(image, factor, width=None, height=None, mode="resize"):
                                   f"under {factor} pixels)")
         if (tw, th) == (w, h):
             return image, None
-        return (image.resize((tw, th), Image.LANCZOS),
+        return (image.resize((tw, th), resample),
                 f"resized the {w}x{h} image to {tw}x{th} (sides must be multiples of {factor})")
     tw, th = width or w, height or h
     if mode not in RESIZE_MODES:
@@ -300,17 +300,17 @@ def fit_image(image, factor, width=None, height=None, mode="resize"):
         return image, None
     note = f"{mode} {w}x{h} to {tw}x{th}"
     if mode == "resize":
-        return image.resize((tw, th), Image.LANCZOS), note
+        return image.resize((tw, th), resample), note
     if mode == "crop":
         k = max(tw / w, th / h)
         sw, sh = max(tw, round(w * k)), max(th, round(h * k))
-        big = image.resize((sw, sh), Image.LANCZOS)
+        big = image.resize((sw, sh), resample)
         left, top = (sw - tw) // 2, (sh - th) // 2
         return big.crop((left, top, left + tw, top + th)), note
     k = min(tw / w, th / h)
     sw, sh = max(1, round(w * k)), max(1, round(h * k))
-    out = image.resize((tw, th), Image.LANCZOS)  # the stretched image behind the fitted one
-    out.paste(image.resize((sw, sh), Image.LANCZOS), ((tw - sw) // 2, (th - sh) // 2))
+    out = image.resize((tw, th), resample)  # the stretched image behind the fitted one
+    out.paste(image.resize((sw, sh), resample), ((tw - sw) // 2, (th - sh) // 2))
     return out, note
 
 

@@ -20,15 +20,28 @@ from datetime import timedelta
 from pathlib import Path
 
 from ldm.errors import InputError
+from ldm.request import LIMITS, SEED_MAX
 
-SEED_MAX = 2 ** 64 - 1
+# how a line's keys are named in messages about the request they make
+NAMES = {"negative_prompts": "negative_prompt", "eta": "eta"}
+
+
+def _in(key, kind):
+    """(type check, description) of a request's numeric field (``ldm.request.LIMITS``)."""
+    lim = LIMITS[key]
+    def ok(v):
+        return ((_is_int(v) if kind == "an integer" else _is_number(v))
+                and lim.lo <= v <= lim.hi)
+    return (ok, f"{kind} in [{lim.lo}, {lim.hi}]")
+
+
 # key: (type check, description)
 KEYS = {
     "prompt": (lambda v: isinstance(v, str), "a string"),
     "negative_prompt": (lambda v: isinstance(v, str), "a string"),
     "seed": (lambda v: _is_int(v) and 0 <= v <= SEED_MAX, "an integer in [0, 2**64 - 1]"),
-    "steps": (lambda v: _is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
-    "scale": (lambda v: _is_number(v) and 0 <= v <= 100, "a number in [0, 100]"),
+    "steps": _in("steps", "an integer"),
+    "scale": _in("scale", "a number"),
     "sampler": (lambda v: isinstance(v, str) and v.strip() != "", "a sampler name"),
     "H": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "W": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
@@ -165,9 +178,37 @@ def fingerprint(prompt_file, args, extra=""):
     image's hash)."""
     import hashlib
     h = hashlib.sha256(Path(prompt_file).read_bytes() + extra.encode())
-    flags = {name: getattr(args, name, None) for name in JOB_FLAGS}
-    h.update(json.dumps(flags, sort_keys=True, default=str).encode())
+    h.update(json.dumps(job_flags(args), sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def job_flags(args):
+    return {name: getattr(args, name, None) for name in JOB_FLAGS}
+
+
+def job_settings(prompt_file, args, extra=""):
+    """What ``fingerprint`` hashes, readable: kept in the manifest's header so that a
+    changed job is refused naming what changed."""
+    import hashlib
+    settings = {"prompt file": hashlib.sha256(Path(prompt_file).read_bytes()).hexdigest()[:16]}
+    if extra:
+        settings["init image"] = extra[:16]
+    flags = json.loads(json.dumps(job_flags(args), default=str))
+    return {**settings, **{f"--{k}": v for k, v in flags.items()}}
+
+
+def first_difference(old, new):
+    """'--ddim_steps was 20, now 30' for the first setting that differs, else None."""
+    for key in new:
+        if key in old and old[key] != new[key]:
+            if key in ("prompt file", "init image"):
+                return f"the {key} changed"
+            return f"{key} was {_shown(old[key])}, now {_shown(new[key])}"
+    return None
+
+
+def _shown(value):
+    return "unset" if value is None else json.dumps(value)
 
 
 def parse_shard(text):
@@ -206,8 +247,10 @@ class Manifest:
     manifest for appending (rank 0 first); ``refresh`` reads the lines other workers have
     appended since."""
 
-    def __init__(self, folder, job, total, overwrite=False):
+    def __init__(self, folder, job, total, overwrite=False, settings=None):
         self.folder, self.job, self.total = Path(folder), job, total
+        self.settings = settings  # what made ``job``, named (``job_settings``)
+        self.started = False      # whether this run started the manifest file
         self.path = self.folder / MANIFEST
         self.done = {}
         self.overwrite = overwrite
@@ -234,9 +277,11 @@ class Manifest:
             if self._ours:
                 self.done = {e["k"]: e for e in entries}
             elif not self.overwrite:
+                changed = first_difference(header.get("settings") or {}, self.settings or {})
                 raise InputError(
-                    f"{self.folder} holds another job's images (a different prompt file or "
-                    f"settings): use another --outdir, or --overwrite to replace them")
+                    f"{self.folder} holds another job's images ("
+                    + (f"{changed}" if changed else "a different prompt file or settings")
+                    + "): use another --outdir, or --overwrite to replace them")
         else:
             samples = self.folder / "samples"
             if not self.overwrite and samples.is_dir() and any(samples.glob("*.png")):
@@ -273,10 +318,14 @@ class Manifest:
     def _start(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        header = json.dumps({"job": self.job, "images": self.total}) + "\n"
+        head = {"job": self.job, "images": self.total}
+        if self.settings:
+            head["settings"] = self.settings
+        header = json.dumps(head, ensure_ascii=False) + "\n"
         tmp.write_text(header, "utf-8")
         tmp.replace(self.path)
         self.done, self._offset = {}, len(header.encode("utf-8"))
+        self.started = True
 
     def refresh(self):
         """Take in the lines appended since the last read (other workers'). Returns how

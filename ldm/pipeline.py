@@ -7,26 +7,36 @@
 
 Bad values raise the errors of ``ldm.errors`` (the scripts print them in one line).
 
+Every call builds one ``ldm.request.Request`` (validated once; the scripts build the same)
+and ``Pipeline.run`` makes its images. Arguments left out take the model's defaults, the
+same as the scripts' (``ModelInfo.default``).
+
 Reproducibility contract: the image made with seed ``s`` starts from
 ``torch.randn([C, H // f, W // f], generator=torch.Generator("cpu").manual_seed(s))``, moved
 to the device, and any further noise (DDIM with eta > 0) comes from the same generator, so an
-image is the same alone or in any batch, on any device (up to float rounding).
+image is the same alone or in any batch, on any device, up to float rounding: the matrix
+kernels may round a batch of 2 differently from a batch of 1 (a few pixel values off by one;
+each image records its ``batch_size``).
 """
 import logging
 import shutil
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ldm.config import (BUILTIN_DIR, BUILTIN_INPAINTING_DIR, INSTALL_HINT, ROOT,  # noqa: F401
                         SD_CKPT, SD_CONFIG, ModelChoice, build_error, choose_model, load_config,
                         sampling_defaults)
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
-from ldm.models.diffusion.sampling import (SAMPLERS, resolve_eta, resolve_sampler, sample,
-                                           sampler_label, sampling_timesteps, strength_steps)
+from ldm.image_io import (fit_image, fit_mask, image_sha256, paste_back, pil_to_tensor,
+                          tensor_to_pil)
+from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
+                                           sampling_timesteps, strength_steps)
+from ldm.request import ModelInfo, Request, check_field, check_memory, check_size, working_size
 from ldm.modules.diffusionmodules.util import set_weight_packing
 
 log = logging.getLogger(__name__)
@@ -214,8 +224,9 @@ class Pipeline:
                  watermark=True, model_name="model", checkpoint_hash=None, defaults=None,
                  safety_note="not checked (no safety checker weights)"):
         self.model = model
-        # sampling defaults: CompVis' unless the model's config has a `sampling:` section
-        self.defaults = {"scale": 7.5, **(defaults or {})}
+        # the model config's own sampling defaults (its `sampling:` section); what it does
+        # not say comes from ``ModelInfo.default``
+        self.defaults = dict(defaults or {})
         self.device = device or model.device
         self.precision = precision
         self.dtype = compute_dtype(self.device, precision)
@@ -246,6 +257,7 @@ class Pipeline:
         self.checkpoint_hash = checkpoint_hash
         self.factor = model.latent_downsampling_factor
         self.native_size = model.image_size * self.factor
+        self.geometry = geometry_of(model)
         self._warned = set()  # prompts whose truncation was already reported
 
     @classmethod
@@ -441,11 +453,23 @@ class Pipeline:
                   "offload": True if self.offload else None}
         return {k: v for k, v in record.items() if v is not None}
 
-    def check_size(self, height, width):
-        f = self.factor
-        if height % f or width % f or height < f or width < f:
-            raise UsageError(f"--H and --W must be positive multiples of {f} for this model "
-                             f"(got {height}x{width}); e.g. {self.native_size}")
+    # -- the request's model facts and defaults ------------------------------------------
+    @property
+    def info(self):
+        """What requests are checked against and completed from (``ldm.request.ModelInfo``):
+        the factor, native size, timesteps and the config's sampling defaults."""
+        return ModelInfo(self.factor, self.native_size, self.model.num_timesteps,
+                         self.defaults, self.is_inpainting_model)
+
+    @property
+    def is_inpainting_model(self):
+        """A dedicated inpainting model (9-channel UNet, ``conditioning_key: hybrid``)."""
+        return self.model.model.conditioning_key == "hybrid"
+
+    def request(self, task, prompts, seeds, **values):
+        """A validated ``Request`` for this model (``Request.build``; ``values``: any of
+        its fields by keyword)."""
+        return Request.build(task, self.info, prompts, seeds, **values)
 
     def num_steps(self, steps, schedule="discrete"):
         """How many denoising steps ``steps`` sampling steps run: ``steps`` on the Karras
@@ -456,6 +480,11 @@ class Pipeline:
         return len(sampling_timesteps(steps, self.model.num_timesteps,
                                       self.defaults.get("timestep_spacing", "uniform")))
 
+    def steps_run(self, request):
+        """The denoising steps ``request`` runs (image-to-image: its share of them)."""
+        n = self.num_steps(request.steps, request.schedule)
+        return n if request.task == "txt2img" else strength_steps(n, request.strength)
+
     def initial_noise(self, seeds, height, width):
         """The reproducibility contract: one CPU generator per image, seeded with its seed."""
         c = self.model.channels
@@ -464,58 +493,160 @@ class Pipeline:
                                      generator=g) for g in gens])
         return x.to(self.device), gens
 
-    def _requests(self, prompts, seeds, negative_prompts, scale):
-        """Lists of prompts, seeds and negative prompts of one length (a single string or
-        seed is repeated to the length of the other); scale resolved to the default."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
-        if len(prompts) == 1 and len(seeds) > 1:
-            prompts = prompts * len(seeds)
-        if len(prompts) != len(seeds):
-            raise UsageError(f"give one seed per prompt ({len(prompts)} prompts, "
-                             f"{len(seeds)} seeds)")
-        if negative_prompts is None or isinstance(negative_prompts, str):
-            negative_prompts = [negative_prompts or ""] * len(prompts)
-        negative_prompts = list(negative_prompts)
-        if len(negative_prompts) != len(prompts):
-            raise UsageError("give one negative prompt per prompt (or one for all)")
-        scale = self.defaults["scale"] if scale is None else float(scale)
-        if scale == 1.0 and any(negative_prompts):
-            raise UsageError("a negative prompt has no effect at guidance scale 1 (no "
-                             "guidance): raise --scale or drop --negative-prompt")
-        return prompts, seeds, negative_prompts, scale
-
     def _warn_truncated(self, texts):
         new = [t for t in dict.fromkeys(texts) if t not in self._warned]
         self._warned.update(new)
         self.model.cond_stage_model.warn_truncated(new)
 
-    @property
-    def is_inpainting_model(self):
-        """A dedicated inpainting model (9-channel UNet, ``conditioning_key: hybrid``)."""
-        return self.model.model.conditioning_key == "hybrid"
+    # -- the three tasks -------------------------------------------------------------------
+    def generate(self, prompts, seeds, *, progress=True, callback=None, **values):
+        """Text to image: finished images with their reproduction parameters, one per prompt
+        and seed. ``prompts`` may be one string (repeated for every seed), ``seeds`` one int
+        (-1: drawn at random, and recorded). ``values``: ``negative_prompts``, ``sampler``
+        (any name of ``ldm.models.diffusion.sampling.SAMPLERS``, A1111's too), ``schedule``,
+        ``steps``, ``scale``, ``eta``, ``height``, ``width`` (``Request.build``); None or
+        left out: the model's defaults, the same as the scripts'."""
+        return self.run(self.request("txt2img", prompts, seeds, **values),
+                        progress=progress, callback=callback)
 
-    def resolve(self, sampler, schedule=None, eta=None):
-        """(sampler id, schedule, eta) for what a caller asked: any name
-        ``resolve_sampler`` takes ("plms", "DPM++ 2M Karras", "euler_a"), the schedule (None:
-        the name's or "discrete") and eta (None: the sampler's default). Bad ones are
-        UsageErrors."""
-        try:
-            sampler, schedule = resolve_sampler(sampler, schedule)
-            return sampler, schedule, resolve_eta(sampler, eta)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+    def img2img(self, prompts, seeds, image, *, progress=True, callback=None, **values):
+        """Image to image: ``image`` (PIL, a path or a numpy array) encoded, noised to the
+        first of the last ``strength`` share of the sampling steps (at least one for a
+        strength above 0) and denoised over them. The size: ``height``/``width`` with
+        ``resize_mode``, else the image's own down to multiples of the factor, or the
+        model's own area for an image of more than 4 times it (``full_size=True`` keeps
+        it). ``image_hash`` is recorded (default: the pixels' SHA-256)."""
+        return self.run(self.request("img2img", prompts, seeds, image=image, **values),
+                        progress=progress, callback=callback)
+
+    def inpaint(self, prompts, seeds, image, mask, *, progress=True, callback=None,
+                **values):
+        """Inpainting: repaint where ``mask`` is white (binarised at 0.5 for the model), with
+        a dedicated inpainting model or any text-to-image one (latent blending). The images
+        come back at the input's size, sampled at the nearest size the model takes; with
+        ``paste_back`` the pixels outside the mask are ``image``'s own exactly, the seam
+        feathered inwards by ``mask_blur`` pixels (``ldm.image_io.paste_back``).
+
+        ``latent_blend``: after every step the latents outside the mask are the image's own,
+        noised to that step. A text-to-image model needs it; an inpainting model gets it too
+        by default, as ComfyUI's InpaintModelConditioning does (``noise_mask``): the
+        known region then cannot drift, and the repainted one is made to fit it (on the
+        built-in inpainting model: see models/ldm/shapes-inpainting/README.md). False gives
+        diffusers' StableDiffusionInpaintPipeline for an inpainting model."""
+        return self.run(self.request("inpaint", prompts, seeds, image=image, mask=mask,
+                                     **values), progress=progress, callback=callback)
+
+    __call__ = generate
 
     @torch.no_grad()
-    def latents(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                scale=None, eta=None, height=None, width=None, progress=True, callback=None,
-                init=None, strength=1.0, mask=None, masked=None, latent_blend=False,
-                schedule=None):
-        """Denoised latents [B, C, h, w] for prompts and their seeds, for all three tasks
-        (``sampler``: any name of ``ldm.models.diffusion.sampling.SAMPLERS``, A1111's too;
-        ``schedule``: "discrete", "karras" or "exponential" for the sigma samplers;
-        ``scale``: the guidance scale, None for the model's default; ``eta``: None for the
-        sampler's default). ``callback(i, x, pred_x0)`` is called after every step.
+    def run(self, request, *, progress=True, callback=None):
+        """The images a ``Request`` asks for, each with its reproduction parameters, in the
+        same steps for the three tasks. ``callback(i, x, pred_x0)`` after every step."""
+        # 1. the task against the model
+        self.check_task(request)
+        # 2. the input image (and mask) at the size to sample; the memory that size needs
+        image = mask = None
+        if request.task != "txt2img":
+            image, mask = self.prepare(request)
+            height, width = image.height, image.width
+        else:
+            height, width = request.height, request.width
+        check_memory(self.geometry, height, width, request.batch_size, self.device.type,
+                     self.vae_tile)
+        # 3. the latents to start from: the init image's, the mask's, the masked image's
+        init = small = masked = None
+        if mask is not None:
+            small, full = self.latent_mask(mask)
+            if not full.any():
+                raise UsageError("the mask is empty (all black): nothing to repaint")
+            if full.all():
+                log.warning("the mask covers the whole image: everything is repainted")
+            if self.is_inpainting_model:
+                masked = self.encode_pixels(pil_to_tensor([image]) * (1 - full))
+        if image is not None and (mask is None or request.latent_blend
+                                  or request.strength < 1.0):
+            init = self.encode([image])  # noised (img2img, strength < 1) or blended back
+        # 4. denoising
+        z = self._denoise(request, height, width, init=init, mask=small, masked=masked,
+                          progress=progress, callback=callback)
+        # 5. decoding, the safety check, the watermark
+        images, notes = self.finish(self.decode(z))
+        # 6. inpainting: the input's size, every pixel outside the mask the input's own
+        if request.task == "inpaint":
+            images = [self.restore(im, request) for im in images]
+        # 7. the parameters that make each image again
+        return [Sample(im, self.record(request, i, height, width, note))
+                for i, (im, note) in enumerate(zip(images, notes))]
+
+    def check_task(self, request):
+        if request.task == "txt2img" and self.is_inpainting_model:
+            raise UsageError("this is an inpainting model (9-channel UNet): it takes an image "
+                             "and a mask (scripts/inpaint.py, Pipeline.inpaint)")
+        if request.task == "img2img" and self.is_inpainting_model:
+            raise UsageError("this is an inpainting model (9-channel UNet): it takes a mask "
+                             "too (scripts/inpaint.py, Pipeline.inpaint)")
+        if request.task == "inpaint" and not (request.latent_blend or self.is_inpainting_model):
+            raise UsageError("a text-to-image model inpaints by latent blending only; "
+                             "latent_blend=False needs an inpainting model")
+
+    def prepare(self, request):
+        """The request's image (and mask) at the size to sample (``working_size``), each
+        change said in one line."""
+        (w, h), note = working_size(request.image.size, self.factor, self.native_size,
+                                    request.height, request.width, request.full_size,
+                                    request.names)
+        image, fitted = fit_image(request.image, self.factor, w, h, request.resize_mode)
+        if note or fitted:
+            log.warning(note or fitted)
+        check_size(self.info, image.height, image.width, request.names)
+        mask = None
+        if request.mask is not None:
+            mask, note = fit_mask(request.mask, request.image.size)
+            if note:
+                log.warning(note)
+            mask, _ = fit_image(mask, self.factor, w, h, request.resize_mode, Image.BILINEAR)
+        return image, mask
+
+    def restore(self, generated, request):
+        """An inpainted image at the input's size: resized back if it was sampled at
+        another, then pasted onto the input outside the mask (``paste_back``)."""
+        original = request.image
+        if generated.size != original.size:
+            generated = generated.resize(original.size, Image.LANCZOS)
+        if not request.paste_back:
+            return generated
+        mask, _ = fit_mask(request.mask, original.size)
+        return paste_back(generated, original, mask, request.mask_blur)
+
+    def record(self, request, i, height, width, note):
+        """Image ``i``'s parameters: the request's values, the model and options."""
+        r = request
+        params = {"prompt": r.prompts[i], "negative_prompt": r.negative_prompts[i],
+                  "seed": r.seeds[i], "sampler": r.sampler, "schedule": r.schedule,
+                  "sampler_name": sampler_label(r.sampler, r.schedule), "steps": r.steps,
+                  "scale": r.scale, "eta": r.eta, "width": width, "height": height,
+                  "batch_size": r.batch_size, "model": self.model_name,
+                  "checkpoint_hash": self.checkpoint_hash, "precision": self.precision,
+                  **self.options_record()}
+        if r.task == "img2img":
+            params.update(task="img2img", strength=r.strength,
+                          init_image_sha256=r.image_hash or image_sha256(r.image))
+        elif r.task == "inpaint":
+            params.update(task="inpaint", strength=r.strength,
+                          inpainting_model=self.is_inpainting_model,
+                          init_image_sha256=r.image_hash or image_sha256(r.image),
+                          mask_sha256=r.mask_hash or image_sha256(r.mask),
+                          mask_blur=r.mask_blur if r.paste_back else None,
+                          paste_back=r.paste_back, latent_blend=r.latent_blend)
+            if r.image.size != (width, height):
+                params["output_size"] = f"{r.image.width}x{r.image.height}"
+        return {**params, **note}
+
+    @torch.no_grad()
+    def latents(self, prompts, seeds, *, init=None, strength=None, mask=None, masked=None,
+                latent_blend=False, progress=True, callback=None, **values):
+        """Denoised latents [B, C, h, w] for prompts and their seeds, the core of the three
+        tasks (``values``: the sampling fields of ``Request.build``).
 
         Image-to-image: ``init``, the init image's latents ([1 or B, C, h, w]), noised to the
         first of the last ``strength_steps(n, strength)`` steps, which are then run.
@@ -524,33 +655,44 @@ class Pipeline:
         gets the mask and ``masked`` (the masked image's latents) as its extra input, and the
         blending too when ``latent_blend`` is true (a text-to-image model is always
         blended). Strength 1 starts inpainting from pure noise."""
-        prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
-                                                                 negative_prompts, scale)
-        sampler, schedule, eta = self.resolve(sampler, schedule, eta)
         if init is not None:
-            height, width = init.shape[-2] * self.factor, init.shape[-1] * self.factor
-        height, width = height or self.native_size, width or self.native_size
-        self.check_size(height, width)
+            values.update(height=init.shape[-2] * self.factor,
+                          width=init.shape[-1] * self.factor)
+        task = "txt2img" if init is None and mask is None else (
+            "inpaint" if mask is not None else "img2img")
+        info = self.info
+        request = Request.build("txt2img", replace(info, inpainting=False), prompts, seeds,
+                                **values)
+        if task != "txt2img":
+            strength = check_field("strength", info.default("strength", task)
+                                      if strength is None else strength)
+            request = request.with_(task=task, strength=strength, latent_blend=latent_blend)
         if self.is_inpainting_model and (mask is None or masked is None):
             raise UsageError("this is an inpainting model (9-channel UNet): it takes an image "
                              "and a mask (scripts/inpaint.py)")
-        noise, gens = self.initial_noise(seeds, height, width)
-        b = len(seeds)
+        return self._denoise(request, request.height, request.width, init=init, mask=mask,
+                             masked=masked, progress=progress, callback=callback)
+
+    def _denoise(self, request, height, width, init=None, mask=None, masked=None,
+                 progress=True, callback=None):
+        r = request
+        noise, gens = self.initial_noise(r.seeds, height, width)
+        b = r.batch_size
         spacing = self.defaults.get("timestep_spacing", "uniform")
-        n = self.num_steps(steps, schedule)
-        run = n if init is None else strength_steps(n, strength)
+        n = self.num_steps(r.steps, r.schedule)
+        run = n if init is None else strength_steps(n, r.strength)
         start, known, concat = None, None, None
         if init is not None:
             init = init.to(self.device).expand(b, -1, -1, -1)
             if run == 0:
-                return init  # nothing to denoise: the autoencoder round trip
-            if not (mask is not None and strength >= 1.0):
+                return init  # strength 0: the autoencoder round trip
+            if not (mask is not None and r.strength >= 1.0):
                 start = init     # noised to the first step run; inpainting at 1: pure noise
         if mask is not None:
             mask = mask.to(self.device).expand(b, -1, -1, -1)
             if self.is_inpainting_model:
                 concat = self.model.inpainting_concat(mask, masked.to(self.device).expand(b, -1, -1, -1))
-            if latent_blend or not self.is_inpainting_model:
+            if r.latent_blend or not self.is_inpainting_model:
                 known = init
             else:
                 mask = None
@@ -558,45 +700,34 @@ class Pipeline:
         def fresh_noise(shape):
             return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
 
+        prompts, negatives = list(r.prompts), list(r.negative_prompts)
         with self.autocast:
-            self._warn_truncated(prompts + negative_prompts)
+            self._warn_truncated(prompts + negatives)
             with self.on_device("cond_stage_model"):
                 cond = self.model.get_learned_conditioning(prompts)
-                uncond = (self.model.get_learned_conditioning(negative_prompts)
-                          if scale != 1.0 else None)
+                uncond = (self.model.get_learned_conditioning(negatives)
+                          if r.scale != 1.0 else None)
                 cond, uncond = self.model.cond_stage_model.equalize(cond, uncond)
             unet = self.model.model.diffusion_model
             with self.on_device("model"), unet.caching(self.deepcache or 1):
-                z = sample(self.model, sampler, noise, steps, cond, uncond, scale, eta=eta,
-                           noise=fresh_noise, disable=not progress, callback=callback,
-                           spacing=spacing, run_steps=run, concat=concat, schedule=schedule,
-                           init=start, mask=mask, known=known)
+                z = sample(self.model, r.sampler, noise, r.steps, cond, uncond, r.scale,
+                           eta=r.eta, noise=fresh_noise, disable=not progress,
+                           callback=callback, spacing=spacing, run_steps=run, concat=concat,
+                           schedule=r.schedule, init=start, mask=mask, known=known)
         return z
 
+    # -- the autoencoder and the finishing steps ------------------------------------------
     @torch.no_grad()
     def encode(self, images):
         """PIL images (sides multiples of the factor) -> latents [B, C, h, w]: the posterior
         mean times scale_factor, one image at a time."""
-        from ldm.image_io import pil_to_tensor
-        out = []
-        for image in images:
-            with self.autocast, self.on_device("first_stage_model"):
-                out.append(self.model.encode_image(pil_to_tensor([image]).to(self.device),
-                                                   self.vae_tile).float())
-        return torch.cat(out)
+        return torch.cat([self.encode_pixels(pil_to_tensor([image])) for image in images])
 
-    def prepare(self, image, mask=None):
-        """The image (and mask) at sides this model takes: ``ldm.image_io.fit_image``, with
-        one line logged when something was resized."""
-        from ldm.image_io import fit_image, fit_mask, to_rgb
-        image, note = fit_image(to_rgb(image), self.factor)
-        if note:
-            log.warning(note)
-        if mask is not None:
-            mask, note = fit_mask(mask.convert("L"), image.size)
-            if note:
-                log.warning(note)
-        return image, mask
+    @torch.no_grad()
+    def encode_pixels(self, x):
+        """[1, 3, H, W] pixels in [-1, 1] -> latents (the posterior mean, scaled)."""
+        with self.autocast, self.on_device("first_stage_model"):
+            return self.model.encode_image(x.to(self.device), self.vae_tile).float()
 
     def latent_mask(self, mask):
         """A PIL mask (white = repaint) -> [1, 1, h, w] in {0, 1}: binarised at 0.5, then
@@ -607,7 +738,6 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, z):
-        from ldm.image_io import tensor_to_pil
         images = []
         for i in range(z.shape[0]):  # one at a time: the decoder's peak memory is per image
             with self.autocast, self.on_device("first_stage_model"):
@@ -633,106 +763,19 @@ class Pipeline:
             notes.append(note)
         return images, notes
 
-    def generate(self, prompts, seeds, negative_prompts=None, sampler="plms", steps=50,
-                 scale=None, eta=None, height=None, width=None, progress=True, callback=None,
-                 schedule=None):
-        """Text to image: finished images with their reproduction parameters, one per prompt
-        and seed. ``prompts`` may be one string (repeated for every seed), ``seeds`` one int.
-        ``sampler`` and ``schedule`` as ``latents`` takes them."""
-        return self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
-                             height, width, progress, callback, {}, schedule=schedule)
 
-    def img2img(self, prompts, seeds, image, strength=0.75, negative_prompts=None,
-                sampler="plms", steps=50, scale=None, eta=None, progress=True, callback=None,
-                image_hash=None, schedule=None):
-        """Image to image: ``image`` (PIL; resized down to multiples of the factor if need
-        be) encoded, noised to the first of the last ``int(steps * strength)`` timesteps
-        and denoised over them. ``image_hash`` is recorded (default: the pixels' SHA-256)."""
-        from ldm.image_io import image_sha256
-        if not 0.0 <= strength <= 1.0:
-            raise UsageError(f"strength must be in [0, 1], got {strength}")
-        image, _ = self.prepare(image)
-        record = {"task": "img2img", "strength": strength,
-                  "init_image_sha256": image_hash or image_sha256(image)}
-        return self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
-                             None, None, progress, callback, record, init=self.encode([image]),
-                             strength=strength, schedule=schedule)
-
-    def inpaint(self, prompts, seeds, image, mask, strength=1.0, negative_prompts=None,
-                sampler="plms", steps=50, scale=None, eta=None, progress=True, callback=None,
-                mask_blur=4, paste_back=True, latent_blend=True, image_hash=None, mask_hash=None,
-                schedule=None):
-        """Inpainting: repaint where ``mask`` is white (binarised at 0.5 for the model), with
-        a dedicated inpainting model or any text-to-image one (latent blending). With
-        ``paste_back`` the pixels outside the mask are ``image``'s own exactly, the seam
-        feathered inwards by ``mask_blur`` pixels (``ldm.image_io.paste_back``).
-
-        ``latent_blend``: after every step the latents outside the mask are the image's own,
-        noised to that step. A text-to-image model needs it; an inpainting model gets it too
-        by default, as ComfyUI's InpaintModelConditioning does (``noise_mask``): the
-        known region then cannot drift, and the repainted one is made to fit it (on the
-        built-in inpainting model: see models/ldm/shapes-inpainting/README.md). False gives
-        diffusers' StableDiffusionInpaintPipeline for an inpainting model."""
-        from ldm.image_io import image_sha256, paste_back as paste
-        if not 0.0 <= strength <= 1.0:
-            raise UsageError(f"strength must be in [0, 1], got {strength}")
-        image, mask = self.prepare(image, mask)
-        small, full = self.latent_mask(mask)
-        if not full.any():
-            raise UsageError("the mask is empty (all black): nothing to repaint")
-        if full.all():
-            log.warning("the mask covers the whole image: everything is repainted")
-        init = masked = None
-        if not (latent_blend or self.is_inpainting_model):
-            raise UsageError("a text-to-image model inpaints by latent blending only; "
-                             "latent_blend=False needs an inpainting model")
-        if latent_blend or strength < 1.0:
-            init = self.encode([image])  # blended back (4 channels), or noised (strength < 1)
-        if self.is_inpainting_model:
-            from ldm.image_io import pil_to_tensor
-            masked_pixels = pil_to_tensor([image]) * (1 - full)  # masked pixels are 0
-            with torch.no_grad(), self.autocast, self.on_device("first_stage_model"):
-                masked = self.model.encode_image(masked_pixels.to(self.device),
-                                                 self.vae_tile).float()
-        record = {"task": "inpaint", "strength": strength,
-                  "inpainting_model": self.is_inpainting_model,
-                  "init_image_sha256": image_hash or image_sha256(image),
-                  "mask_sha256": mask_hash or image_sha256(mask),
-                  "mask_blur": mask_blur if paste_back else None, "paste_back": paste_back,
-                  "latent_blend": bool(latent_blend)}
-        width, height = image.size
-        samples = self._samples(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
-                                height, width, progress, callback, record, init=init,
-                                strength=strength, mask=small, masked=masked,
-                                latent_blend=latent_blend, schedule=schedule)
-        if paste_back:
-            for s in samples:
-                s.image = paste(s.image, image, mask, mask_blur)
-        return samples
-
-    def _samples(self, prompts, seeds, negative_prompts, sampler, steps, scale, eta, height,
-                 width, progress, callback, record, schedule=None, **task):
-        prompts, seeds, negative_prompts, scale = self._requests(prompts, seeds,
-                                                                 negative_prompts, scale)
-        sampler, schedule, eta = self.resolve(sampler, schedule, eta)
-        z = self.latents(prompts, seeds, negative_prompts, sampler, steps, scale, eta,
-                         height, width, progress, callback, schedule=schedule, **task)
-        height, width = z.shape[-2] * self.factor, z.shape[-1] * self.factor
-        images, notes = self.finish(self.decode(z))
-        out = []
-        for image, note, prompt, negative, seed in zip(images, notes, prompts,
-                                                       negative_prompts, seeds):
-            params = {"prompt": prompt, "negative_prompt": negative, "seed": int(seed),
-                      "sampler": sampler, "schedule": schedule,
-                      "sampler_name": sampler_label(sampler, schedule), "steps": steps,
-                      "scale": scale, "eta": eta,
-                      "width": width, "height": height, "model": self.model_name,
-                      "checkpoint_hash": self.checkpoint_hash, "precision": self.precision,
-                      **self.options_record(), **record, **note}
-            out.append(Sample(image, params))
-        return out
-
-    __call__ = generate
+def geometry_of(model):
+    """The ``ldm.config.Geometry`` of a built model (what the memory check needs)."""
+    from ldm.config import Geometry
+    unet = model.model.diffusion_model
+    decoder = getattr(model.first_stage_model, "decoder", None)
+    return Geometry(factor=model.latent_downsampling_factor, channels=model.channels,
+                    latent_size=model.image_size, timesteps=model.num_timesteps,
+                    unet_in_channels=getattr(unet, "in_channels", None),
+                    model_channels=getattr(unet, "model_channels", None),
+                    decoder_channels=(decoder.conv_out.in_channels
+                                      if decoder is not None and hasattr(decoder, "conv_out")
+                                      else None))
 
 
 Txt2Img = Pipeline  # the name of the text-to-image API before img2img and inpainting

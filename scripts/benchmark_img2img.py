@@ -49,7 +49,7 @@ def main():
     image = Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8))
     prompt = "a photograph of an astronaut riding a horse"
     runs = {
-        "ours": lambda: ours.img2img(prompt, [1], image, args.strength, sampler="ddim",
+        "ours": lambda: ours.img2img(prompt, [1], image, strength=args.strength, sampler="ddim",
                                      steps=args.steps, scale=7.5, progress=False)[0].image,
         "diffusers": lambda: theirs(prompt, image=image, strength=args.strength,
                                     num_inference_steps=args.steps, guidance_scale=7.5,

@@ -130,7 +130,7 @@ def run(args, job):
                        scale=args.scale)
     summary = {"checkpoint": str(ckpt), "sampler": sampler, "schedule": schedule,
                "steps": args.ddim_steps,
-               "scale": pipe.defaults["scale"] if args.scale is None else args.scale,
+               "scale": pipe.info.default("scale") if args.scale is None else args.scale,
                "seed": args.seed}
     for kind, r in results.items():
         acc = r["accuracy"]
@@ -150,7 +150,7 @@ def run(args, job):
               "  ".join(f"{k} {v:6.1%}" for k, v in acc.items()) + f"  mse {mse:.4f}")
     if args.probe:
         from ldm.evaluation import first_step_placement, word_gaps
-        scale = pipe.defaults["scale"] if args.scale is None else args.scale
+        scale = pipe.info.default("scale") if args.scale is None else args.scale
         spacing = pipe.defaults.get("timestep_spacing", "uniform")
         first = first_step_placement(pipe.model, scale, args.ddim_steps, spacing)
         gaps = word_gaps(pipe.model)

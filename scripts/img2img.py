@@ -12,7 +12,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from ldm import cli  # noqa: E402  (standard library only: nothing slow before main)
-from ldm.cli import number  # noqa: E402
 
 
 def build_parser():
@@ -21,11 +20,11 @@ def build_parser():
                    help="the prompt to render")
     p.add_argument("--init-img", "--init_img", dest="init_img", type=cli.nonempty,
                    required=True, help="the image to start from (any format Pillow reads)")
-    p.add_argument("--strength", type=number(float, 0, 1), default=0.75,
+    p.add_argument("--strength", type=cli.field("strength"), default=0.75,
                    help="how much to change the image, in [0, 1]: the share of the sampling "
-                        "steps run (0: the image itself, 1: all steps)")
+                        "steps run, at least one above 0 (0: the image itself, 1: all steps)")
     cli.add_sampling_arguments(p, outdir="outputs/img2img-samples", n_samples=2, n_iter=1,
-                               scale=5.0)
+                               scale=5.0, jsonl=True)
     cli.add_image_size_arguments(p)
     cli.add_job_arguments(p)
     cli.add_model_arguments(p)
@@ -35,44 +34,43 @@ def build_parser():
 def run(args, job):
     from ldm.checkpoint import file_hash
     from ldm.image_io import Outputs
+    from ldm.request import ModelInfo
 
     choice = cli.choose_model(args)  # the config is read and checked; no weights yet
-    cli.check_sampling(args, choice)
-    g = choice.geometry
-    image = cli.read_image(args.init_img, args, g.factor or 8, "init image")
-    cli.check_size(g, image.height, image.width, args.n_samples, args.device,
+    cli.check_sampling(args, choice, "img2img")
+    image, (width, height) = cli.read_image(args.init_img, args, ModelInfo.of_choice(choice),
+                                            "init image")
+    cli.check_size(choice.geometry, height, width, args.n_samples, args.device,
                    args.vae_tiling)
     cli.check_model_files(args)
     cli.draw_seed(args)
     image_hash = file_hash(args.init_img, chars=64)
     # a JSONL --from-file: a job (every line checked, workers started) before the load
-    job_run = cli.prepare_job(args, choice, image_hash, (image.height, image.width))
+    job_run = cli.prepare_job(args, choice, image_hash, (height, width))
     work = cli.batches(args, cli.prompt_list(args)) if job_run is None else job_run.work
     out = job.track(Outputs(args.outdir).check())
     pipe = cli.load_pipeline(args, choice)  # the slow part
     from ldm import jobs
-    from ldm.models.diffusion.sampling import strength_steps
 
-    def sampling(request):
-        """(negative prompt, sampler, schedule, eta, steps, scale) of a batch."""
-        if request is None:
-            return (args.negative_prompt, args.sampler, args.schedule, args.ddim_eta,
-                    args.ddim_steps, args.scale)
-        negative, _, steps, scale, _, _ = jobs.settings(request, args)
-        return (negative, *job_run.sampling[request.line], steps, scale)
+    def request(prompts, seeds, line=None):
+        """The request of a batch: the flags', or a JSONL line's settings over them."""
+        values = {}
+        if line is not None:
+            negative, _, steps, scale, _, _ = jobs.settings(line, args)
+            sampler, schedule, eta = job_run.sampling[line.line]
+            values = dict(negative_prompts=negative, sampler=sampler, schedule=schedule,
+                          eta=eta, steps=steps, scale=scale)
+        return cli.build_request(args, pipe.info, "img2img", prompts, seeds, image=image,
+                                 image_hash=image_hash, **values)
 
-    def make(prompts, seeds, callback, request=None):
-        negative, sampler, schedule, eta, steps, scale = sampling(request)
-        samples = pipe.img2img(prompts, seeds, image, args.strength, negative, sampler, steps,
-                               scale, eta, progress=False, callback=callback,
-                               image_hash=image_hash, schedule=schedule)
+    def make(prompts, seeds, callback, line=None):
+        samples = pipe.run(request(prompts, seeds, line), progress=False, callback=callback)
         for s in samples:
             s.parameters["init_image"] = str(args.init_img)
         return samples
 
     def steps(batch):
-        _, _, schedule, _, n, _ = sampling(batch[2] if len(batch) > 2 else None)
-        return strength_steps(pipe.num_steps(n, schedule), args.strength)
+        return pipe.steps_run(request(*batch[:2], batch[2] if len(batch) > 2 else None))
     if job_run is not None:
         return job_run.run(out, steps, make)
     return cli.generate_batches(args, out, work, steps, make)

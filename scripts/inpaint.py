@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from ldm import cli  # noqa: E402  (standard library only: nothing slow before main)
-from ldm.cli import number  # noqa: E402
 
 
 def build_parser():
@@ -29,9 +28,9 @@ def build_parser():
                    help="a folder of NAME.png + NAME_mask.png pairs (the CompVis batch form); "
                         "results go to OUTDIR/NAME.png")
     p.add_argument("--prompt", type=str, default="", help="what to paint in the mask")
-    p.add_argument("--strength", type=number(float, 0, 1), default=1.0,
+    p.add_argument("--strength", type=cli.field("strength"), default=1.0,
                    help="how much to change the masked part, in [0, 1] (1: from pure noise)")
-    p.add_argument("--mask-blur", "--mask_blur", dest="mask_blur", type=number(int, 0, 256),
+    p.add_argument("--mask-blur", "--mask_blur", dest="mask_blur", type=cli.field("mask_blur"),
                    default=4, help="feather the paste-back inwards by this many pixels "
                                    "(outside the mask every pixel stays the input's; the "
                                    "model sees the hard mask)")
@@ -52,22 +51,21 @@ def build_parser():
 
 
 def read_mask(path, args, size):
+    """The mask at the image's ``size`` (inverted with --invert-mask); InputError when it
+    is empty (nothing to repaint). The pipeline says when it covers the whole image."""
     from PIL import ImageOps
     from ldm.image_io import fit_mask, load_mask
     mask = load_mask(path)
     if args.invert_mask:
         mask = ImageOps.invert(mask)
-    mask, note = fit_mask(mask, size)
+    fitted, note = fit_mask(mask, size)
     if note:
         cli.log.warning(note)
-    values = mask.point(lambda v: 255 if v >= 128 else 0).getextrema()
-    if values == (0, 0):
+    if fitted.point(lambda v: 255 if v >= 128 else 0).getextrema() == (0, 0):
         raise cli.InputError(f"the mask {path} is empty (all black"
                              f"{' once inverted' if args.invert_mask else ''}): nothing to "
                              "repaint; paint the part to change in white")
-    if values == (255, 255):
-        cli.log.warning("the mask %s covers the whole image: everything is repainted", path)
-    return mask
+    return fitted
 
 
 def pairs(indir):
@@ -115,26 +113,33 @@ def check_form(args):
 def run(args, job):
     from ldm.checkpoint import file_hash
     from ldm.image_io import Outputs
-    from ldm.models.diffusion.sampling import strength_steps
+    from ldm.request import ModelInfo
 
     check_form(args)
     choice = cli.choose_model(args, task="inpaint")  # no weights yet
-    cli.check_sampling(args, choice, inpainting=True)
+    cli.check_sampling(args, choice, "inpaint")
     g = choice.geometry
     if not args.latent_blend and not g.is_inpainting:
         raise cli.UsageError(f"--no-latent-blend is for an inpainting model; {choice.name} is "
                              f"a text-to-image model, which inpaints by latent blending only")
-    factor = g.factor or 8
+    info = ModelInfo.of_choice(choice)
     jobs = []  # (name, image, mask, image hash, mask hash)
     for image_path, mask_path in (pairs(args.indir) if args.indir else
                                   [(Path(args.image), Path(args.mask))]):
-        image = cli.read_image(image_path, args, factor)
-        mask = read_mask(mask_path, args, image.size)
+        image, (width, height) = cli.read_image(image_path, args, info)
+        try:
+            mask = read_mask(mask_path, args, image.size)
+        except cli.InputError as e:
+            if not args.indir:
+                raise
+            cli.log.warning("%s: skipped", e)  # one bad pair does not stop the others
+            continue
+        cli.check_size(g, height, width, 1 if args.indir else args.n_samples, args.device,
+                       args.vae_tiling)
         jobs.append((image_path.stem, image, mask, file_hash(image_path, chars=64),
                      file_hash(mask_path, chars=64)))
-    for _, image, *_ in jobs:
-        cli.check_size(g, image.height, image.width, 1 if args.indir else args.n_samples,
-                       args.device, args.vae_tiling)
+    if not jobs:
+        raise cli.InputError(f"--indir {args.indir}: no pair has a mask to repaint")
     cli.check_model_files(args)
     cli.draw_seed(args)
     out = job.track(Outputs(args.outdir).check())
@@ -149,30 +154,33 @@ def run(args, job):
     else:
         work = cli.batches(args, cli.prompt_list(args))
     pipe = cli.load_pipeline(args, choice)  # the slow part
-    steps = strength_steps(pipe.num_steps(args.ddim_steps, args.schedule), args.strength)
+
+    def request(item, prompts, seeds):
+        _, image, mask, image_hash, mask_hash = item
+        return cli.build_request(args, pipe.info, "inpaint", prompts, seeds, image=image,
+                                 mask=mask, mask_blur=args.mask_blur,
+                                 paste_back=args.paste_back, latent_blend=args.latent_blend,
+                                 image_hash=image_hash, mask_hash=mask_hash)
 
     def maker(item):
-        name, image, mask, image_hash, mask_hash = item
-
         def make(prompts, seeds, callback):
-            return pipe.inpaint(prompts, seeds, image, mask, args.strength,
-                                args.negative_prompt, args.sampler, args.ddim_steps,
-                                args.scale, args.ddim_eta, progress=False, callback=callback,
-                                mask_blur=args.mask_blur, paste_back=args.paste_back,
-                                latent_blend=args.latent_blend, image_hash=image_hash,
-                                mask_hash=mask_hash, schedule=args.schedule)
+            return pipe.run(request(item, prompts, seeds), progress=False, callback=callback)
         return make
     if work is not None:
+        steps = pipe.steps_run(request(jobs[0], *work[0]))
         return cli.generate_batches(args, out, work, steps, maker(jobs[0]))
 
     # the CompVis batch form: one image per pair, seed --seed + its index among all pairs
     from ldm.progress import progress
     done = []
-    with progress(len(todo) * steps, "inpainting") as bar:
+    total = sum(pipe.steps_run(request(item, [args.prompt], [args.seed + k]))
+                for k, item in todo)
+    with progress(total, "sampling") as bar:
         for k, item in todo:
             s = maker(item)([args.prompt], [args.seed + k], lambda *_: bar.update())[0]
             out.save(s.image, f"{item[0]}.png", s.parameters)
             done.append(s)
+            bar.set_postfix_str(f"{len(done)} image{'s' * (len(done) != 1)}")
     print(f"Your inpainted images are in {out.root}")
     return done
 

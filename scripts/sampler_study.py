@@ -88,7 +88,7 @@ def main(argv=None):
     common = dict(height=size, width=size, scale=args.scale, progress=False)
     decode = args.model == "builtin"
     results["setup"] = {"model": args.model, "size": size, "seeds": seeds, "prompts": prompts,
-                        "scale": args.scale if args.scale is not None else pipe.defaults["scale"],
+                        "scale": args.scale if args.scale is not None else pipe.info.default("scale"),
                         "reference": f"DDIM, {args.reference_steps} steps",
                         "threads": torch.get_num_threads()}
 

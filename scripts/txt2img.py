@@ -18,14 +18,16 @@ def build_parser():
     p = cli.ArgumentParser(description="Generate images from text with Stable Diffusion.")
     p.add_argument("--prompt", type=str, default="a painting of a virus monster playing guitar",
                    help="the prompt to render")
-    cli.add_sampling_arguments(p, outdir="outputs/txt2img-samples", n_samples=3, n_iter=2)
+    cli.add_sampling_arguments(p, outdir="outputs/txt2img-samples", n_samples=3, n_iter=2,
+                               jsonl=True)
     p.add_argument("--laion400m", action="store_true", help=cli.argparse.SUPPRESS)
     p.add_argument("--fixed_code", action="store_true",
                    help="reuse one batch of start codes: image j of every batch starts from "
                         "the noise of seed + j")
-    p.add_argument("--H", type=number(int, 1), default=None,
+    p.add_argument("--H", type=cli.field("height"), default=None,
                    help="image height (default: the model's, 512 for SD v1)")
-    p.add_argument("--W", type=number(int, 1), default=None, help="image width (default: the model's)")
+    p.add_argument("--W", type=cli.field("width"), default=None,
+                   help="image width (default: the model's)")
     p.add_argument("--C", type=number(int, 1), default=None,
                    help="latent channels (default: the model's, 4)")
     p.add_argument("--f", type=number(int, 1), default=None,
@@ -64,25 +66,24 @@ def run(args, job):
         work, sampling = job_run.work, job_run.sampling
     out = job.track(Outputs(args.outdir).check())
     pipe = cli.load_pipeline(args, choice)  # the slow part
-    height, width = height or pipe.native_size, width or pipe.native_size
-    pipe.check_size(height, width)
 
-    def make(prompts, seeds, callback, request=None):
-        if request is None:
-            return pipe.generate(prompts, seeds, args.negative_prompt, args.sampler,
-                                 args.ddim_steps, args.scale, args.ddim_eta, height, width,
-                                 progress=False, callback=callback, schedule=args.schedule)
-        negative, _, steps, scale, h, w = jobs.settings(request, args)
-        sampler, schedule, eta = sampling[request.line]
-        return pipe.generate(prompts, seeds, negative, sampler, steps, scale, eta,
-                             h or height, w or width, progress=False, callback=callback,
-                             schedule=schedule)
+    def request(prompts, seeds, line=None):
+        """The request of a batch: the flags', or a JSONL line's settings over them."""
+        if line is None:
+            return cli.build_request(args, pipe.info, "txt2img", prompts, seeds,
+                                     height=height, width=width)
+        negative, _, steps, scale, h, w = jobs.settings(line, args)
+        sampler, schedule, eta = sampling[line.line]
+        return cli.build_request(args, pipe.info, "txt2img", prompts, seeds,
+                                 negative_prompts=negative, sampler=sampler,
+                                 schedule=schedule, eta=eta, steps=steps, scale=scale,
+                                 height=h or height, width=w or width)
+
+    def make(prompts, seeds, callback, line=None):
+        return pipe.run(request(prompts, seeds, line), progress=False, callback=callback)
 
     def steps(batch):
-        if len(batch) == 2:
-            return pipe.num_steps(args.ddim_steps, args.schedule)
-        request = batch[2]
-        return pipe.num_steps(jobs.settings(request, args)[2], sampling[request.line][1])
+        return pipe.steps_run(request(*batch[:2], batch[2] if len(batch) > 2 else None))
     if job_run is not None:
         return job_run.run(out, steps, make)
     return cli.generate_batches(args, out, work, steps, make)

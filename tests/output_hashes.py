@@ -120,7 +120,7 @@ out["lib-generate"] = h(pipe.generate("a red circle", [1, 2], sampler="plms", st
 out["lib-generate-dpm"] = h(pipe.generate(["a", "b"], [5, 6], sampler="dpmpp_2m",
                                           schedule="karras", steps=6, scale=5.0,
                                           height=64, width=96, progress=False))
-out["lib-img2img"] = h(pipe.img2img("a blue square", [3], photo, 0.5, sampler="ddim",
+out["lib-img2img"] = h(pipe.img2img("a blue square", [3], photo, strength=0.5, sampler="ddim",
                                     steps=10, scale=4.0, progress=False))
 ip = Pipeline.load(task="inpaint", safety=False)
 out["lib-inpaint"] = h(ip.inpaint("a circle", [4], photo, mask, sampler="ddim", steps=8,

@@ -9,8 +9,10 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, TINY_CONFIG, V1_CONFIG
 from ldm.image_io import read_parameters
@@ -368,3 +370,78 @@ def test_the_end_says_where_the_samples_are_only_when_they_were_written(tmp_path
     r = run_script(tiny(ckpts, "--outdir", tmp_path / "o", "--skip_save"), environment(tmp_path))
     assert r.returncode == 0 and "ready and waiting" in r.stdout
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["grid-0000.png"]
+
+
+# ------------------------------------------------------- big photos and long single calls
+
+IMG2IMG = ROOT / "scripts" / "img2img.py"
+
+
+def photo_file(path, width, height):
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (height // 50 + 1, width // 50 + 1, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((width, height), Image.BICUBIC).save(path, quality=90)
+    return path
+
+
+def test_a_big_photo_is_sampled_at_the_model_area_with_one_line(tmp_path):
+    """A 12-megapixel phone photo on the built-in model (64x64): sampled at 72x56 (its
+    aspect, the model's area), said once, in seconds."""
+    photo = photo_file(tmp_path / "photo.jpg", 4000, 3000)
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, str(IMG2IMG), "--init-img", str(photo),
+                        "--ddim_steps", "4", "--n_samples", "1", "--outdir", str(out),
+                        "--safety_checker", "none"], capture_output=True, text=True,
+                       timeout=240, env=environment(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert time.perf_counter() - start < 60
+    said = [line for line in r.stderr.splitlines() if "4000x3000" in line]
+    assert said == ["warning: the 4000x3000 image is 2930x the model's 64x64 area: sampling "
+                    "at 72x56 (--H/--W choose the size, --full-size keeps 4000x3000)"]
+    assert Image.open(out / "samples" / "00000.png").size == (72, 56)
+
+
+def start_long_encode(tmp_path):
+    """img2img with --full-size on a 2000x1500 photo: the autoencoder's attention over
+    187,500 latent pixels is one call into C++ that runs for a minute or more. Returns the
+    process once that call has started, and the lines it wrote so far."""
+    import threading
+    photo = photo_file(tmp_path / "photo.jpg", 2000, 1500)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, str(IMG2IMG), "--init-img", str(photo),
+                          "--full-size", "--ddim_steps", "2", "--n_samples", "1",
+                          "--outdir", str(out), "--safety_checker", "none"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=environment(tmp_path), preexec_fn=as_from_a_terminal)
+    lines, loaded = [], threading.Event()
+
+    def read():
+        for line in p.stderr:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("using "):
+                loaded.set()
+    threading.Thread(target=read, daemon=True).start()
+    assert loaded.wait(120), lines
+    time.sleep(8)  # the full-size convolutions done, well into the attention
+    assert p.poll() is None, lines
+    return p, lines, out
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGINT, signal.SIGINT],
+                                     [signal.SIGTERM]], ids=["ctrl-c", "ctrl-c-twice", "term"])
+def test_an_interrupt_ends_a_long_single_call_within_seconds(tmp_path, signals):
+    p, lines, out = start_long_encode(tmp_path)
+    start = time.perf_counter()
+    for s in signals:
+        p.send_signal(s)
+        time.sleep(0.2)
+    p.wait(timeout=60)
+    took = time.perf_counter() - start
+    time.sleep(0.2)  # the reader takes the last line
+    assert took < (1.5 if len(signals) > 1 else 6), f"{took:.1f} s"
+    terminated = signals[0] == signal.SIGTERM
+    assert p.returncode == (143 if terminated else 130)
+    assert lines[-1] == f"{'terminated' if terminated else 'interrupted'}: nothing was written"
+    assert not any("Traceback" in line for line in lines)
+    assert not out.exists()

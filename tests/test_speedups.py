@@ -339,11 +339,11 @@ def test_compile_matches_eager_keeps_the_keys_and_returns_to_eager():
 def test_a_size_only_a_tiled_decode_fits_says_so(monkeypatch):
     """SD v1 at 4096x4096: the decoder's activations (a floor of 48 GiB) do not fit in 24
     GiB; tiled, the UNet's (10 GiB) set the floor, and the run may go ahead."""
-    from ldm import cli
+    from ldm import cli, request
     from ldm.config import SD_CONFIG, geometry, load_config
     from ldm.errors import ResourceError
     g = geometry(load_config(SD_CONFIG))
-    monkeypatch.setattr(cli, "available_memory", lambda device="auto": 24 * 2**30)
+    monkeypatch.setattr(request, "available_memory", lambda device="auto": 24 * 2**30)
     with pytest.raises(ResourceError, match="or add --vae_tiling$"):
         cli.check_size(g, 4096, 4096, 1, "cpu")
     cli.check_size(g, 4096, 4096, 1, "cpu", vae_tile=64)

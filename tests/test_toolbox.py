@@ -500,7 +500,7 @@ def test_a_long_weighted_prompt_samples_end_to_end(tiny_model):
     from ldm.pipeline import Pipeline
     pipe = Pipeline(fresh_tiny(), torch.device("cpu"), "full", watermark=False)
     pipe.set_text_options(prompt_syntax="a1111")
-    z = pipe.latents(["(red:1.2) circle, " * 30], [1], ["blue"], "ddim", 3, height=32, width=32,
+    z = pipe.latents(["(red:1.2) circle, " * 30], [1], negative_prompts=["blue"], sampler="ddim", steps=3, height=32, width=32,
                      progress=False)
     assert z.shape == (1, 4, 8, 8) and torch.isfinite(z).all()
     assert pipe.options_record()["prompt_syntax"] == "a1111"
@@ -668,7 +668,7 @@ def test_unbalanced_brackets_and_prompt_lora_tags_are_warned_once(caplog):
     pipe = Pipeline(fresh_tiny(), torch.device("cpu"), "full", watermark=False)
     pipe.set_text_options(prompt_syntax="a1111")
     with caplog.at_level("WARNING"):
-        pipe.latents(["a (red circle <lora:x:1>"], [1], None, "ddim", 2, height=32, width=32,
+        pipe.latents(["a (red circle <lora:x:1>"], [1], sampler="ddim", steps=2, height=32, width=32,
                      progress=False)
     text = caplog.text
     assert "unbalanced '('" in text and "--lora FILE:WEIGHT" in text

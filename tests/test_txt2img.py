@@ -200,14 +200,14 @@ def test_pickle_that_runs_code_is_refused(tmp_path, capsys):
 
 def test_ctrl_c_keeps_finished_images(tmp_path, capsys, ckpts, monkeypatch):
     from ldm.pipeline import Txt2Img
-    real, calls = Txt2Img.generate, []
+    real, calls = Txt2Img.run, []
 
     def generate(self, *a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(self, *a, **k)
-    monkeypatch.setattr(Txt2Img, "generate", generate)
+    monkeypatch.setattr(Txt2Img, "run", generate)
     out = tmp_path / "o"
     rc, _, err = run(capsys, *base_args(ckpts["ckpt"], out, "--n_samples", 1, "--n_iter", 3))
     assert rc == 130 and "interrupted" in err and "Traceback" not in err
@@ -274,7 +274,7 @@ def test_out_of_memory_while_sampling_is_one_line(tmp_path, capsys, ckpts, monke
     def generate(self, *a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
                            "can't allocate memory: you tried to allocate 274877906944 bytes.")
-    monkeypatch.setattr(Pipeline, "generate", generate)
+    monkeypatch.setattr(Pipeline, "run", generate)
     rc, _, err = run(capsys, *base_args(ckpts["ckpt"], tmp_path / "o"))
     one_line_error(rc, err, "out of memory (an allocation of 256.0 GiB failed)", "lower --H/--W")
     assert rc == 5 and not (tmp_path / "o").exists()

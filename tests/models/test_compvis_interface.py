@@ -27,7 +27,7 @@ def test_compvis_txt2img_calls_give_the_pipelines_latents(tiny_model, cls, name)
                                              verbose=False, unconditional_guidance_scale=7.5,
                                              unconditional_conditioning=uc, eta=0.0,
                                              x_T=start.clone())
-    ours = pipe.latents(["a red circle", "a blue square"], [7, 8], None, name, 8, 7.5,
+    ours = pipe.latents(["a red circle", "a blue square"], [7, 8], sampler=name, steps=8, scale=7.5,
                         height=32, width=32, progress=False)
     assert torch.allclose(samples, ours, atol=1e-6) and len(inter["x_inter"]) >= 2
 
@@ -113,6 +113,6 @@ def test_runway_style_hybrid_conditioning_matches_the_pipeline():
         S=6, conditioning={"c_concat": [cat], "c_crossattn": [c]}, batch_size=2,
         shape=[4, 8, 8], verbose=False, unconditional_guidance_scale=7.5,
         unconditional_conditioning={"c_concat": [cat], "c_crossattn": [uc]}, x_T=start.clone())
-    ours = pipe.latents(["a red circle", "a blue square"], [7, 8], None, "ddim", 6, 7.5,
+    ours = pipe.latents(["a red circle", "a blue square"], [7, 8], sampler="ddim", steps=6, scale=7.5,
                         height=32, width=32, progress=False, mask=mask, masked=masked)
     assert torch.allclose(samples, ours, atol=1e-6)

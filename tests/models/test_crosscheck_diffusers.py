@@ -20,7 +20,7 @@ def ddim_latents_both(ours, theirs, prompts, seeds=(7, 8)):
     """32x32 latents of ``prompts`` from our Txt2Img and a diffusers pipeline, from the same
     noise: DDIM 10 steps, scale 7.5."""
     x, _ = ours.initial_noise(list(seeds), 32, 32)
-    z_ours = ours.latents(prompts, list(seeds), None, "ddim", 10, 7.5, height=32, width=32,
+    z_ours = ours.latents(prompts, list(seeds), sampler="ddim", steps=10, scale=7.5, height=32, width=32,
                           progress=False)
     z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=7.5, height=32, width=32,
                       latents=x.clone(), output_type="latent").images
@@ -180,7 +180,7 @@ def test_whole_txt2img_matches_diffusers_pipeline(request, tmp_path, tiny_model,
     ours = Txt2Img(tiny_model, torch.device("cpu"), "full")
     prompts, seeds = ["a red circle", "two blue squares"], [7, 8]
     x, _ = ours.initial_noise(seeds, 32, 32)
-    z_ours = ours.latents(prompts, seeds, ["", "green"], "ddim", 10, 7.5, height=32, width=32,
+    z_ours = ours.latents(prompts, seeds, negative_prompts=["", "green"], sampler="ddim", steps=10, scale=7.5, height=32, width=32,
                           progress=False)
     z_theirs = theirs(prompts, negative_prompt=["", "green"], num_inference_steps=10,
                       guidance_scale=7.5, height=32, width=32, latents=x.clone(),
@@ -323,7 +323,7 @@ def _both(ours_pipe, theirs_cls, model, config, folder, task, strength, sampler=
     theirs.set_progress_bar_config(disable=True)
     prompts, seeds = ["a red circle", "a blue square"], [7, 8]
     ours_steps, theirs_steps = [], []
-    z_ours = ours_pipe.latents(prompts, seeds, ["", "green"], sampler, 10, 7.5, progress=False,
+    z_ours = ours_pipe.latents(prompts, seeds, negative_prompts=["", "green"], sampler=sampler, steps=10, scale=7.5, progress=False,
                                strength=strength, height=32, width=32,
                                callback=lambda i, x, x0: ours_steps.append(x.clone()), **task)
 

@@ -241,11 +241,14 @@ def sampling_timesteps(steps, num_timesteps=1000, spacing="uniform"):
 def strength_steps(n, strength):
     """How many of a schedule's ``n`` steps image-to-image runs at ``strength`` in [0, 1]:
     k = min(int(n * strength), n), as diffusers (the last k steps; the init latent is noised
-    to the first of them). CompVis noises to one step above where it starts denoising; we
-    do not."""
+    to the first of them), but at least 1 for a strength above 0, as A1111: a small
+    strength makes the smallest change there is, where diffusers refuses it and CompVis
+    returns the input. Strength 0 runs none (the autoencoder's round trip). CompVis noises
+    to one step above where it starts denoising; we do not."""
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    return min(int(n * strength), n)
+    k = min(int(n * strength), n)
+    return max(k, 1) if strength > 0 and n > 0 else k
 
 
 def latent_blend(mask, x0, noise, alphas_cumprod):
