@@ -113,6 +113,32 @@ def restore_metrics(run):
         aside.unlink()
 
 
+# Lightning's warnings that are not true of these runs (each checked), kept out of the log
+QUIET = [
+    # metrics.csv is set aside and merged back whole on --resume (set_metrics_aside)
+    r"Experiment logs directory .* exists and is not empty",
+    # a resumed run's own checkpoints/ folder
+    r"Checkpoint directory .* exists and is not empty",
+    # the frozen autoencoder and text encoder of stage 2 are in eval mode on purpose
+    r"Found \d+ module\(s\) in eval mode",
+    # no validation data is the configs' choice
+    r"Total length of `list` across ranks is zero",
+    # Lightning's own use of a deprecated torch API: nothing for a user to do
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+]
+
+
+def quiet_lightning():
+    import warnings
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+
+    class NoTips(logging.Filter):  # an advertisement in every run's log
+        def filter(self, record):
+            return "Tip:" not in record.getMessage()
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(NoTips())
+
+
 def trainer_kwargs(config, args):
     kw = dict(config.get("lightning", {}).get("trainer", {}) or {})
     if args.gpus is not None:  # CompVis: --gpus 0, means the GPU with index 0
@@ -123,12 +149,16 @@ def trainer_kwargs(config, args):
     if args.devices is not None:
         kw["devices"] = ([int(d) for d in args.devices.split(",") if d] if "," in args.devices
                          else int(args.devices) if args.devices.isdigit() else args.devices)
+    steps = kw.get("max_steps") or 0
+    if 0 < steps < kw.get("log_every_n_steps", 50):  # a short run logs its metrics too
+        kw["log_every_n_steps"] = steps
     return kw
 
 
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_lightning()
     try:
         import pytorch_lightning as pl
     except ImportError:
@@ -168,6 +198,10 @@ def main(argv=None):
                             **OmegaConf.to_container(config.get("training", {}) or {}))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    except (KeyError, TypeError, ImportError, AttributeError) as e:
+        raise SystemExit(f"error: the config's model does not build ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}): is --base the whole config (for "
+                         "a partial one, give the config it extends first)?") from None
     rank_zero = is_rank_zero()
     if rank_zero:
         (run / "configs").mkdir(parents=True, exist_ok=True)
@@ -183,7 +217,10 @@ def main(argv=None):
                                   monitor="step", mode="max", auto_insert_metric_name=False,
                                   enable_version_counter=False)  # a resumed run keeps last.ckpt
     kwargs = trainer_kwargs(config, args)
-    bars = [progress_bar()] if kwargs.get("enable_progress_bar", True) else []
+    bars = []
+    if kwargs.get("enable_progress_bar", True):
+        bars = [progress_bar()]  # a bar on a terminal, plain lines in a log
+        kwargs["enable_progress_bar"] = isinstance(bars[0], pl.callbacks.ProgressBar)
     trainer = pl.Trainer(default_root_dir=run, callbacks=[checkpoints, *bars],
                          logger=CSVLogger(run, name="", version=""), **kwargs)
     print(f"run folder: {run}" + (f" (resuming from {ckpt})" if ckpt else ""), flush=True)

@@ -29,6 +29,7 @@ from ldm.config import SCHEDULES
 from ldm.errors import InputError, LdmError, ResourceError, UsageError
 from ldm.request import FLAGS, SEED_MAX
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 INTERRUPTED = 130            # 128 + SIGINT, what a shell reports for Ctrl-C
 TERMINATED = 143             # 128 + SIGTERM
 
@@ -765,6 +766,7 @@ def check_size(geometry, height, width, batch, device_name="auto", vae_tile=None
         raise UsageError(f"--H and --W must be positive multiples of {f} for this model "
                          f"(got {height}x{width}); e.g. {geometry.native_size}")
     req.check_memory(geometry, height, width, batch, device_name, vae_tile, FLAGS)
+    req.check_work(geometry, height, width, vae_tile, FLAGS)
 
 
 # ----------------------------------------------------------------------------- running
@@ -779,6 +781,16 @@ class Job:
     def track(self, outputs):
         self.outputs.append(outputs)
         return outputs
+
+    def outdir(self, folder):
+        """The run's output folder (``ldm.image_io.Outputs``), checked without creating it,
+        and tracked. A folder named like an image file (``--outdir out.png``) is said in one
+        line: it becomes a folder, and the images go inside it."""
+        from ldm.image_io import Outputs
+        if Path(folder).suffix.lower() in IMAGE_SUFFIXES and not Path(folder).is_dir():
+            log.warning("--outdir %s names a folder (the images go inside it), though it "
+                        "looks like a file name", folder)
+        return self.track(Outputs(folder).check())
 
     @property
     def written(self):

@@ -7,6 +7,7 @@ model is the attribute ``model``; the Lightning checkpoint's ``state_dict`` ther
 inference checkpoint in the official layout.
 """
 import logging
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -31,26 +32,78 @@ def images_from_batch(batch, key="image"):
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
-    """CompVis' data section: ``train`` / ``validation`` dataset configs and a batch size."""
+    """CompVis' data section: ``train`` / ``validation`` dataset configs and a batch size.
+    The training data is shuffled in an order fixed by ``shuffle_seed``, and resumes
+    mid-epoch where it stopped (``StreamOrder``, ``ResumableLoader``)."""
 
-    def __init__(self, batch_size, train, validation=None, num_workers=0):
+    def __init__(self, batch_size, train, validation=None, num_workers=0, shuffle_seed=None):
         super().__init__()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.train_config, self.validation_config = train, validation
+        # the data order follows the run's seed (lightning.seed, --seed) unless given
+        self.shuffle_seed = (int(os.environ.get("PL_GLOBAL_SEED", 0)) if shuffle_seed is None
+                             else shuffle_seed)
 
     def _loader(self, config, shuffle):
         dataset = instantiate_from_config(config)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, drop_last=shuffle,
-                          persistent_workers=self.num_workers > 0)
+        if shuffle:
+            order = StreamOrder(len(dataset), self.batch_size, self.shuffle_seed,
+                                self._batches_trained)
+            return ResumableLoader(dataset, batch_size=self.batch_size, sampler=order,
+                                   drop_last=True, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self):
         return self._loader(self.train_config, shuffle=True)
+
+    def _batches_trained(self):
+        trainer = self.trainer
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed if trainer else 0
 
     def val_dataloader(self):
         if self.validation_config is None:
             return []
         return self._loader(self.validation_config, shuffle=False)
+
+
+class StreamOrder(torch.utils.data.Sampler):
+    """The training order as one stream of shuffled passes over ``n`` indices, pass k a
+    permutation fixed by ``(seed, k)`` and cut to whole batches. Each iteration starts
+    where training stands (``position()``: the batches trained on so far, which Lightning
+    restores on ``--resume``) and runs to the end of that pass, so a resumed run reads
+    exactly what the uninterrupted one would have."""
+
+    def __init__(self, n, batch_size, seed=0, position=lambda: 0):
+        if n < batch_size:
+            raise ValueError(f"the training set has {n} items, fewer than a batch "
+                             f"({batch_size})")
+        self.n, self.batch_size, self.seed, self.position = n, batch_size, seed, position
+
+    def __iter__(self):
+        per_pass = self.n // self.batch_size
+        k, done = divmod(self.position(), per_pass)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        order = torch.randperm(self.n, generator=g)[:per_pass * self.batch_size]
+        return iter(order[done * self.batch_size:].tolist())
+
+    def __len__(self):
+        return self.n // self.batch_size * self.batch_size
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch (its order is a ``StreamOrder``), and
+    seen as such by Lightning (``state_dict``/``load_state_dict``), which otherwise warns
+    that a run resumed mid-epoch restarts the epoch's order. (Its ``__init__`` is
+    DataLoader's, so Lightning can rebuild it, e.g. with a distributed sampler.)"""
+
+    def state_dict(self):
+        order = self.sampler
+        return {"batches": order.position()} if isinstance(order, StreamOrder) else {}
+
+    def load_state_dict(self, state):
+        pass  # the order reads its position from the trainer's own restored count
 
 
 def edge_mask(x, threshold=0.1):
@@ -438,6 +491,44 @@ class TQDMStepBar(_ResumedTotal, pl.callbacks.TQDMProgressBar):
 
 
 def progress_bar():
-    """Lightning's default bar (Rich if installed, else tqdm), counting a resumed run right."""
+    """On a terminal, Lightning's default bar (Rich if installed, else tqdm), counting a
+    resumed run right; for a log file or a pipe, plain lines (``LogLines``)."""
+    import sys
     from pytorch_lightning.utilities.imports import _RICH_AVAILABLE
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return LogLines()
     return RichStepBar() if _RICH_AVAILABLE else TQDMStepBar()
+
+
+class LogLines(pl.Callback):
+    """Progress as plain lines, for a log file or a pipe, where a bar is one endless line
+    of carriage returns: the step, the rate, the time left and the latest losses, at every
+    tenth of the run and at least once a minute."""
+
+    def __init__(self, stream=None, every_seconds=60.0):
+        import sys
+        self.stream = stream or sys.stderr
+        self.every_seconds = every_seconds
+
+    def on_train_start(self, trainer, pl_module):
+        import time
+        self.total = (trainer.max_steps if trainer.max_steps and trainer.max_steps > 0
+                      else trainer.num_training_batches * max(trainer.max_epochs or 1, 1))
+        self.first = trainer.global_step
+        self.start = self.last = time.monotonic()
+        self.tenth = max(1, (self.total - self.first) // 10)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+        step, now = trainer.global_step, time.monotonic()
+        if not ((step - self.first) % self.tenth == 0 or step >= self.total
+                or now - self.last >= self.every_seconds):
+            return
+        self.last = now
+        rate = (step - self.first) / max(now - self.start, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else 0.0
+        losses = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(
+            trainer.callback_metrics.items()) if k.startswith("train/"))
+        print(f"step {step}/{self.total} ({100 * step // max(self.total, 1)}%), "
+              f"{rate:.2f} steps/s, {left:.0f} s left" + (f", {losses}" if losses else ""),
+              file=self.stream, flush=True)

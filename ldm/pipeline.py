@@ -36,7 +36,8 @@ from ldm.image_io import (fit_image, fit_mask, image_sha256, paste_back, pil_to_
                           tensor_to_pil)
 from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
                                            sampling_timesteps, strength_steps)
-from ldm.request import ModelInfo, Request, check_field, check_memory, check_size, working_size
+from ldm.request import (ModelInfo, Request, check_field, check_memory, check_size,
+                         check_work, working_size)
 from ldm.modules.diffusionmodules.util import set_weight_packing
 
 log = logging.getLogger(__name__)
@@ -552,7 +553,8 @@ class Pipeline:
         else:
             height, width = request.height, request.width
         check_memory(self.geometry, height, width, request.batch_size, self.device.type,
-                     self.vae_tile)
+                     self.vae_tile, request.names)
+        check_work(self.geometry, height, width, self.vae_tile, request.names)
         # 3. the latents to start from: the init image's, the mask's, the masked image's
         init = small = masked = None
         if mask is not None:

@@ -366,6 +366,31 @@ def check_memory(geometry, height, width, batch, device="cpu", vae_tile=None, na
             f"{n('batch')}{tiling}")
 
 
+# The autoencoder's middle block attends over all latent pixels at once: one call whose work
+# grows with the square of the area. Past this many times the model's own latent area it
+# is said (minutes of one uninterruptible-looking computation; memory is not the limit, as
+# the attention is fused), with the flag that splits it.
+LONG_ATTENTION_AREA = 16
+
+
+def check_work(geometry, height, width, vae_tile=None, names=None):
+    """One line (a warning) when the autoencoder's attention over a ``height`` x ``width``
+    image is one very long computation, saying that VAE tiling splits it. Returns the line,
+    or None."""
+    n = _namer(names)
+    if vae_tile or not (geometry.factor and geometry.latent_size):
+        return None
+    tokens = (height // geometry.factor) * (width // geometry.factor)
+    if tokens <= LONG_ATTENTION_AREA * geometry.latent_size ** 2:
+        return None
+    line = (f"the autoencoder attends over all {tokens:,} latent pixels of a {width}x{height} "
+            f"image at once, {tokens ** 2 / geometry.latent_size ** 4:,.0f}x the work at the "
+            f"model's own size: one computation of minutes or more; {n('vae_tiling')} splits "
+            "it into tiles")
+    log.warning(line)
+    return line
+
+
 def available_memory(device="cpu"):
     """Bytes free for a run on ``device`` (a name or type): system memory for the CPU
     (Linux), None when unknown (GPUs are checked when they allocate)."""

@@ -69,9 +69,8 @@ def run_editing(args, job):
     """--task inpaint / img2img: each editing task for the dedicated inpainting model and
     the text-to-image model side by side, a labelled grid of each."""
     from ldm.evaluation import evaluate_editing, labelled_grid
-    from ldm.image_io import Outputs
     from ldm.pipeline import BUILTIN_DIR, Pipeline, choose_model
-    out = job.track(Outputs(args.outdir).check())
+    out = job.outdir(args.outdir)
     dedicated = args.ckpt or INPAINTING_DIR / "model.safetensors"
     runs = ([("replace", None), ("add", None)] if args.task == "inpaint" else
             [("recolour", 0.5), ("recolour", 0.75)])
@@ -114,11 +113,10 @@ def run(args, job):
     if args.task != "txt2img":
         return run_editing(args, job)
     from ldm.evaluation import evaluate, labelled_grid
-    from ldm.image_io import Outputs
     from ldm.pipeline import BUILTIN_DIR, Pipeline, choose_model
 
     cli.draw_seed(args)
-    out = job.track(Outputs(args.outdir).check())
+    out = job.outdir(args.outdir)
     ckpt = args.ckpt or next(iter(sorted(BUILTIN_DIR.glob("*.safetensors"))), None)
     if ckpt is None:
         raise cli.InputError(f"no built-in model in {BUILTIN_DIR}; pass --ckpt")

@@ -33,7 +33,6 @@ def build_parser():
 
 def run(args, job):
     from ldm.checkpoint import file_hash
-    from ldm.image_io import Outputs
     from ldm.request import ModelInfo
 
     choice = cli.choose_model(args)  # the config is read and checked; no weights yet
@@ -48,7 +47,7 @@ def run(args, job):
     # a JSONL --from-file: a job (every line checked, workers started) before the load
     job_run = cli.prepare_job(args, choice, image_hash, (height, width))
     work = cli.batches(args, cli.prompt_list(args)) if job_run is None else job_run.work
-    out = job.track(Outputs(args.outdir).check())
+    out = job.outdir(args.outdir)
     pipe = cli.load_pipeline(args, choice)  # the slow part
     from ldm import jobs
 

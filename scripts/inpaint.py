@@ -112,7 +112,6 @@ def check_form(args):
 
 def run(args, job):
     from ldm.checkpoint import file_hash
-    from ldm.image_io import Outputs
     from ldm.request import ModelInfo
 
     check_form(args)
@@ -142,7 +141,7 @@ def run(args, job):
         raise cli.InputError(f"--indir {args.indir}: no pair has a mask to repaint")
     cli.check_model_files(args)
     cli.draw_seed(args)
-    out = job.track(Outputs(args.outdir).check())
+    out = job.outdir(args.outdir)
     if args.indir:
         todo = [(k, j) for k, j in enumerate(jobs) if not (out.root / f"{j[0]}.png").exists()]
         if len(todo) < len(jobs):

@@ -52,7 +52,6 @@ def check(args, choice):
 
 
 def run(args, job):
-    from ldm.image_io import Outputs
 
     choice = cli.choose_model(args)  # the config is read and checked; no weights yet
     height, width = check(args, choice)
@@ -64,7 +63,7 @@ def run(args, job):
     else:
         from ldm import jobs
         work, sampling = job_run.work, job_run.sampling
-    out = job.track(Outputs(args.outdir).check())
+    out = job.outdir(args.outdir)
     pipe = cli.load_pipeline(args, choice)  # the slow part
 
     def request(prompts, seeds, line=None):

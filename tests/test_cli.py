@@ -445,3 +445,32 @@ def test_an_interrupt_ends_a_long_single_call_within_seconds(tmp_path, signals):
     assert lines[-1] == f"{'terminated' if terminated else 'interrupted'}: nothing was written"
     assert not any("Traceback" in line for line in lines)
     assert not out.exists()
+
+
+def test_the_small_things_a_new_user_hit(tmp_path, ckpts, capsys):
+    """A LoRA's weight that is not a number, a LoRA given as the model, an output folder
+    named like a file, and the --from-file help."""
+    from safetensors.torch import save_file
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import txt2img
+    from conftest import build_tiny
+    from test_toolbox import kohya_lora
+    lora = tmp_path / "style.safetensors"
+    save_file(kohya_lora(build_tiny()), lora)
+
+    def one_line(*argv):
+        rc = txt2img.main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip()
+        assert rc != 0 and len(err.splitlines()) == 1, err
+        return err
+    assert one_line(*tiny(ckpts, "--lora", f"{lora}:abc")) == (
+        f"error: argument --lora: {lora}:abc: the weight 'abc' is not a number (FILE:WEIGHT, "
+        f"e.g. {lora}:0.8) (see --help)")
+    err = one_line("--ckpt", lora, "--config", TINY_CONFIG, "--outdir", tmp_path / "o")
+    assert err.startswith(f"error: {lora} is a LoRA (") and err.endswith(
+        " LoRA weights), not a model: pass it with --lora (and a model with --ckpt)")
+    rc = txt2img.main([str(a) for a in tiny(ckpts, "--outdir", tmp_path / "out.png")])
+    assert rc == 0 and (tmp_path / "out.png" / "samples").is_dir()
+    assert ("warning: --outdir " + str(tmp_path / "out.png") + " names a folder (the images "
+            "go inside it), though it looks like a file name") in capsys.readouterr().err
+    assert "JSONL" in txt2img.build_parser().format_help()

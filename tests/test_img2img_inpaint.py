@@ -347,3 +347,33 @@ def test_a_mask_of_another_size_is_resized_with_one_line(tmp_path, ckpts):
     assert r.returncode == 0, r.stderr
     assert "warning: resized the 16x16 mask to the image's 32x32" in r.stderr.splitlines()
     assert Image.open(tmp_path / "o" / "samples" / "00000.png").size == (32, 32)
+
+
+def test_indir_skips_a_pair_whose_mask_is_empty_and_says_things_once(tmp_path, ckpts):
+    """One empty mask among the pairs is skipped with a line (as an orphan image would not
+    stop the batch); a full mask is warned about once; the progress is labelled as with
+    --image."""
+    indir = tmp_path / "in"
+    indir.mkdir()
+    masks = {"a": box_mask(), "b": Image.new("L", (32, 32), 0), "c": Image.new("L", (32, 32), 255)}
+    for name, mask in masks.items():
+        scene(seed=ord(name)).save(indir / f"{name}.png")
+        mask.save(indir / f"{name}_mask.png")
+    r = run_script("inpaint.py", *tiny_args(ckpts["ckpt"]), "--indir", indir, "--outdir",
+                   tmp_path / "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    lines = r.stderr.splitlines()
+    assert [line for line in lines if "b_mask" in line] == [
+        f"warning: the mask {indir / 'b_mask.png'} is empty (all black): nothing to repaint; "
+        "paint the part to change in white: skipped"]
+    assert sum("covers the whole image" in line for line in lines) == 1
+    assert any(line.startswith("sampling: ") for line in lines), lines
+    image = tmp_path / "c.png"
+    scene().save(image)
+    r = run_script("inpaint.py", *tiny_args(ckpts["ckpt"]), "--image", image, "--mask",
+                   indir / "c_mask.png", "--n_iter", "2", "--outdir", tmp_path / "o2",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("covers the whole image") == 1
+    assert any(line.startswith("sampling: ") for line in r.stderr.splitlines())

@@ -384,3 +384,34 @@ def test_a_plain_text_prompt_file_with_job_flags_is_told_how_to_convert(tmp_path
     assert code == 2 and err.count("\n") == 1, err
     command = f"jq -Rc 'select(test(\"\\\\S\")) | {{prompt: .}}' {prompts} > {tmp_path / 'p.jsonl'}"
     assert command in err, err
+
+
+def test_a_changed_job_is_refused_naming_what_changed(tmp_path, ckpts, seven, capsys):
+    import txt2img
+    args = job_args(ckpts, seven, tmp_path / "job")[1:]
+    assert txt2img.main(args) == 0
+    capsys.readouterr()
+    assert txt2img.main(args + ["--ddim_steps", "4"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'job'} holds another job's images (--ddim_steps was "
+                   "3, now 4): use another --outdir, or --overwrite to replace them")
+    seven.write_text(seven.read_text().replace("a ring", "a cross"))
+    assert txt2img.main(args) == 3
+    assert "(the prompt file changed)" in capsys.readouterr().err
+
+
+def test_an_interrupted_job_says_its_manifest_was_started(tmp_path, ckpts, capsys,
+                                                          monkeypatch):
+    import txt2img
+    from ldm.pipeline import Pipeline
+
+    def run(self, *args, **kwargs):
+        raise KeyboardInterrupt
+    one = write(tmp_path / "one.jsonl", {"prompt": "a red circle"})
+    assert txt2img.main(job_args(ckpts, one, tmp_path / "a")[1:]) == 0
+    assert "1 new image (0 done before)" in capsys.readouterr().out
+    monkeypatch.setattr(Pipeline, "run", run)
+    assert txt2img.main(job_args(ckpts, one, tmp_path / "b")[1:]) == 130
+    manifest = tmp_path / "b" / "manifest.jsonl"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: no image was finished ({manifest} started: a rerun resumes the job)")

@@ -195,3 +195,15 @@ def test_a_big_input_is_sampled_at_the_model_area_unless_asked(caplog):
 def test_the_batch_size_is_recorded(pipe):
     samples = pipe.generate("a red circle", [1, 2], steps=2, progress=False)
     assert [s.parameters["batch_size"] for s in samples] == [2, 2]
+
+
+def test_a_long_autoencoder_attention_is_said_with_what_splits_it():
+    from ldm.config import SD_CONFIG, geometry, load_config
+    from ldm.request import FLAGS, check_work
+    sd = geometry(load_config(SD_CONFIG))
+    assert check_work(sd, 2048, 2048) is None  # 16x the area of 512x512: said from past it
+    line = check_work(sd, 3000, 4000, names=FLAGS)
+    assert line.startswith("the autoencoder attends over all 187,500 latent pixels of a "
+                           "4000x3000 image at once, 2,095x the work at the model's own size")
+    assert line.endswith("--vae_tiling splits it into tiles")
+    assert check_work(sd, 3000, 4000, vae_tile=64) is None
