@@ -15,17 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ldm.errors import InputError
+from ldm import source
+from ldm.errors import CheckpointError, InputError, UnsafeCheckpointError  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be used; the message says what to do."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    pass
 
 
 # (module, name) pairs a tensor checkpoint legitimately needs; all are data constructors.
@@ -177,19 +170,7 @@ def _load_safetensors(path):
 def safetensors_metadata(path):
     """The ``__metadata__`` strings of a .safetensors file's header ({} when it has none,
     or is not a safetensors file)."""
-    import json
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8 or head[:2] == b"PK" or head[:1] == b"\x80":
-                return {}
-            n = int.from_bytes(head, "little")
-            if n > 100 << 20:
-                return {}
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        return {}
-    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+    return source.metadata(path)
 
 
 def load_state_dict_file(path):
@@ -198,16 +179,14 @@ def load_state_dict_file(path):
     Lightning checkpoints keep the weights under ``state_dict``; other entries (optimizer
     states, callbacks, hyper-parameters) are ignored.
     """
-    from ldm.config import sniff_checkpoint
     path = Path(path)
     try:
-        sniff_checkpoint(path)  # missing, a folder, empty, a text file: said plainly
+        kind = source.sniff(path)  # missing, a folder, empty, a text file: said plainly
     except InputError as e:
         raise CheckpointError(str(e)) from None
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if path.suffix == ".safetensors" or (len(head) == 8 and head[:2] != b"PK"
-                                         and head[:1] != b"\x80"):
+    if kind == "diffusers":
+        raise CheckpointError(f"{path} is a diffusers folder: give one of its weight files")
+    if kind == "safetensors":
         sd = _load_safetensors(path)
     else:
         sd = _load_pickle(path)
@@ -223,13 +202,31 @@ def file_hash(path, chars=10):
     hashing reads the file once; a 4 GB file takes a few seconds). A diffusers folder's
     hash is over its three weight files (``ldm.convert.folder_weights_hash``)."""
     if Path(path).is_dir():
-        from ldm.convert import folder_weights_hash
         return folder_weights_hash(path)[:chars]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()[:chars]
+
+
+def folder_weights_hash(folder):
+    """A short hash of a diffusers folder's three weight files (as one checkpoint's hash)."""
+    h = hashlib.sha256()
+    for c in source.WEIGHT_FILES:
+        for path in source.component_files(folder, c):
+            h.update(file_hash(path, 64).encode())
+    return h.hexdigest()[:10]
+
+
+def checkpoint_shapes(path):
+    """{key: shape} of a single-file checkpoint: a safetensors file's from its header alone,
+    a pickle's by loading it through the restricted unpickler (memory-mapped when it is a
+    zip, as torch saves them). CheckpointError when it cannot be read."""
+    shapes = source.header_shapes(path)
+    if shapes is not None:
+        return shapes
+    return {k: tuple(v.shape) for k, v in load_state_dict_file(path).items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,54 +251,24 @@ def normalize_keys(sd):
     return out
 
 
-def not_a_model(sd, source):
+def not_a_model(sd, name):
     """One line for a file that holds an add-on rather than a model (a LoRA, a
     textual-inversion embedding, an autoencoder alone), saying which flag takes it; None
     for anything else."""
-    keys = list(sd)
-    lora = [k for k in keys if any(m in k for m in (".lora_down.", ".lora_up.", ".lora_A.",
-                                                     ".lora_B.", ".hada_w", ".lokr_w",
-                                                     "lora.down.", "lora.up."))]
-    if lora and not any(k.startswith("model.diffusion_model.") for k in keys):
-        return (f"{source} is a LoRA ({len(lora)} LoRA weights), not a model: pass it with "
-                f"--lora (and a model with --ckpt)")
-    if keys and set(keys) <= {"emb_params", "string_to_param", "string_to_token", "name",
-                              "step", "sd_checkpoint", "sd_checkpoint_name", "clip_l",
-                              "clip_g"} | {k for k in keys if k.startswith("<")}:
-        return (f"{source} is a textual-inversion embedding, not a model: pass it with "
-                f"--embedding (and a model with --ckpt)")
-    if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
-                    for k in keys):
-        return (f"{source} is an autoencoder (VAE) alone, not a whole model: pass it with "
-                f"--vae (and a model with --ckpt)")
-    return None
+    from ldm.families import addon
+    what = addon(list(sd))
+    return f"{name} is {what} (and a model with --ckpt)" if what else None
 
 
 def guess_architecture(sd):
-    """A hint naming the likely right config for a checkpoint that does not fit."""
-    keys = set(sd)
-    w = sd.get("model.diffusion_model.input_blocks.0.0.weight")
-    attn = sd.get("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-    if any(k.startswith("conditioner.embedders") for k in keys):
-        return "an SDXL checkpoint, which this project does not support"
-    if any(k.startswith("cond_stage_model.model.") for k in keys) or (
-            attn is not None and attn.shape[1] == 1024):
-        return "an SD 2.x checkpoint (OpenCLIP text encoder), which the v1 config cannot load"
-    if w is not None and w.shape[1] == 9:
-        return ("an inpainting checkpoint (9 input channels): use scripts/inpaint.py, with "
-                "configs/stable-diffusion/v1-inpainting-inference.yaml (chosen by itself "
-                "when --config is not given)")
-    if w is not None and w.shape[1] == 8:
-        return "an instruct-pix2pix/depth checkpoint (8 input channels)"
-    if any(k.startswith(("down_blocks.", "unet.", "mid_block.")) for k in keys):
-        return ("weights in the diffusers folder layout; use the single-file original "
-                "checkpoint (.ckpt/.safetensors) instead")
-    if w is not None and w.shape[0] != 320:
-        return (f"a model with {w.shape[0]} base channels (not SD v1's 320): "
-                "pass the config it was trained with (--config)")
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        return "not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)"
-    return None
+    """A phrase naming what a checkpoint that does not fit its config is (its family and
+    variant, or what ``ldm.families.describe`` recognises), or None."""
+    from ldm.families import describe, detect, shapes_of
+    shapes = shapes_of(sd)
+    found = detect(shapes)
+    if found is not None:
+        return found.phrase
+    return describe(shapes)
 
 
 def _preview(keys, n=3):

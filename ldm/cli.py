@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ldm import request as req
-from ldm.config import SCHEDULES
+from ldm.samplers import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 from ldm.errors import InputError, LdmError, ResourceError, UsageError
 from ldm.request import FLAGS, SEED_MAX
 
@@ -125,10 +125,9 @@ def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=7.5, jsonl=Fa
     p.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=field("steps"),
                    default=None, help="number of sampling steps (default: the model's, 50)")
     p.add_argument("--sampler", default=None, metavar="NAME",
-                   help="sampler, by id or A1111 name (default: the model's, ddim): ddim, "
-                        "plms, ddpm, euler, "
-                        "euler_a, heun, dpm_2, dpm_2_a, dpmpp_2s_a, dpmpp_2m, dpmpp_sde, "
-                        "dpmpp_2m_sde, lms, unipc; e.g. \"DPM++ 2M Karras\", \"Euler a\"")
+                   help=f"sampler, by id or A1111 name (default: the model's, "
+                        f"{DEFAULT_SAMPLER}): {', '.join(SAMPLERS)}; e.g. "
+                        f"\"DPM++ 2M Karras\", \"Euler a\"")
     p.add_argument("--schedule", choices=SCHEDULES, default=None,
                    help="noise schedule of the sigma samplers (default: discrete, the "
                         "model's own timesteps, or the one the sampler's name says)")

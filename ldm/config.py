@@ -9,12 +9,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm.errors import ConfigError, InputError, ModelNotFound
+from ldm import source
+from ldm.errors import CheckpointError, ConfigError, ModelNotFound
+from ldm.samplers import SCHEDULES, TIMESTEP_SPACINGS as TIMESTEP_SPACING_NAMES  # noqa: F401
 
 SAMPLING_KEYS = ("scale", "timestep_spacing")
-TIMESTEP_SPACING_NAMES = ("uniform", "trailing")  # ldm.modules.diffusionmodules.util
-# the sigma samplers' noise schedules (ldm.models.diffusion.sampling.sigma_schedule)
-SCHEDULES = ("discrete", "karras", "exponential")
 
 
 def load_config(path):
@@ -191,12 +190,15 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 @dataclass
 class ModelChoice:
-    """A checkpoint and the config that describes it, checked without reading weights."""
+    """A checkpoint and the config that describes it, checked without reading weights.
+    ``family``: the ``ldm.families.Family`` detected from the checkpoint (None when its
+    config was given or found beside it and detection was not needed or found none)."""
     ckpt: Path
     config_path: Path
     config: object
     name: str
     builtin: bool = False
+    family: object = None
 
     @property
     def geometry(self):
@@ -204,7 +206,9 @@ class ModelChoice:
 
     @property
     def defaults(self):
-        return sampling_defaults(self.config, self.config_path)
+        """The sampling defaults: the family's, overridden by the config's ``sampling:``."""
+        family = dict(self.family.defaults) if self.family is not None else {}
+        return {**family, **sampling_defaults(self.config, self.config_path)}
 
 
 def choose_model(ckpt=None, config=None, task="txt2img"):
@@ -212,11 +216,13 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
 
     No ``ckpt``: SD v1 at ``SD_CKPT`` if present (for ``task="inpaint"``, SD's inpainting
     model at ``SD_INPAINTING_CKPT`` first, then the built-in inpainting model), else the
-    built-in model; a ``config`` given
-    alone must then be the built-in model's (or SD's, with SD installed): any other says
-    which checkpoint it needs. The config defaults to ``config.yaml`` beside the
-    checkpoint, else SD v1's inpainting config for a checkpoint whose UNet takes 9
-    channels, else SD v1's."""
+    built-in model; a ``config`` given alone must then be the built-in model's (or SD's,
+    with SD installed): any other says which checkpoint it needs. The config: ``config``,
+    else ``config.yaml`` beside the checkpoint, else the one of the family and variant
+    detected from the checkpoint's keys and shapes (``ldm.families``). A file that clearly
+    is no model this project runs (an SDXL checkpoint, a LoRA) is refused in one line
+    here, before any weights are read; one of no known kind gets SD v1's config (or its
+    inpainting config for a 9-channel UNet), and the strict load says what does not fit."""
     builtin = False
     inpainting_builtin = sorted(BUILTIN_INPAINTING_DIR.glob("*.safetensors"))
     if ckpt is None:
@@ -238,7 +244,8 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
                     f"built-in model has its own config)")
     else:
         ckpt, name = Path(ckpt), str(ckpt)
-        sniff_checkpoint(ckpt)
+        source.sniff(ckpt)
+    family = None
     if config is None:
         beside = Path(ckpt).parent / "config.yaml"
         if Path(ckpt).is_dir():
@@ -246,38 +253,67 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
         if beside.exists():
             config = beside
         else:
-            config = SD_INPAINTING_CONFIG if unet_in_channels(ckpt) == 9 else SD_CONFIG
+            family, config = identify(ckpt)
     config = Path(config)
     loaded = load_config(config)
     check_targets(loaded, config)
-    choice = ModelChoice(Path(ckpt), config, loaded, name, builtin)
+    choice = ModelChoice(Path(ckpt), config, loaded, name, builtin, family)
     choice.defaults  # noqa: B018 - a bad `sampling:` section is reported now
     return choice
 
 
-def unet_in_channels(path):
-    """The input channels of a checkpoint's UNet (its first convolution), or None. Reads a
-    .safetensors header only; a pickle is opened memory-mapped by the safe loader."""
-    import json
-    path = Path(path)
-    if path.is_dir():  # a diffusers folder: its UNet's config says
-        from ldm.convert import folder_kind
-        return 9 if folder_kind(path)["inpainting"] else 4
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) == 8 and head[:2] != b"PK" and head[:1] != b"\x80":
-            n = int.from_bytes(head, "little")
-            try:
-                header = json.loads(f.read(min(n, 100 << 20)))
-                return header.get(UNET_INPUT_KEY, {}).get("shape", [None, None])[1]
-            except (ValueError, AttributeError, IndexError, TypeError):
-                return None  # the loader says what is wrong with it
-    from ldm.checkpoint import CheckpointError, load_state_dict_file
+def identify(ckpt):
+    """(family, config path) of a checkpoint file or diffusers folder, detected from its
+    keys and shapes or JSON files (``ldm.families``); (None, SD v1's config, or its
+    inpainting config for a 9-channel UNet) for one of no known kind, whose strict load
+    will say what does not fit; a CheckpointError in one line for one that clearly is no
+    model this project runs."""
+    import ldm.families as families
+    path = Path(ckpt)
+    if source.is_diffusers_folder(path):
+        configs = source.folder_configs(path)
+        found = families.detect_folder(*configs)
+        if found is None:
+            what = families.describe_folder(*configs)
+            if what:
+                raise CheckpointError(f"{path} is {what}: this project runs "
+                                      f"{families.runs()} pipelines")
+        return _found(found, configs[1].get("in_channels"))
+    from ldm.checkpoint import checkpoint_shapes
     try:
-        w = load_state_dict_file(path).get(UNET_INPUT_KEY)
+        shapes = checkpoint_shapes(path)
+    except CheckpointError:
+        return None, SD_CONFIG  # the loader says what is wrong with it
+    found = families.detect(shapes)
+    if found is not None:
+        return _found(found)
+    what = families.foreign(shapes)
+    if what:
+        refusal = (f"{path} is {what}" if "pass it with" in what else
+                   f"{path} is {what}: this project runs {families.runs()} checkpoints; "
+                   f"pass --config if it is one")
+        raise CheckpointError(refusal)
+    conv_in = shapes.get(UNET_INPUT_KEY) or ()
+    return _found(None, conv_in[1] if len(conv_in) == 4 else None)
+
+
+def _found(detected, in_channels=None):
+    if detected is not None:
+        return detected.family, detected.config
+    return None, SD_INPAINTING_CONFIG if in_channels == 9 else SD_CONFIG
+
+
+def unet_in_channels(path):
+    """The input channels of a checkpoint's UNet (its first convolution), or None."""
+    path = Path(path)
+    if source.is_diffusers_folder(path):
+        return source.folder_configs(path)[1].get("in_channels", 4)
+    from ldm.checkpoint import checkpoint_shapes
+    try:
+        conv_in = checkpoint_shapes(path).get(UNET_INPUT_KEY) or ()
     except CheckpointError:
         return None
-    return None if w is None or w.dim() != 4 else w.shape[1]
+    return conv_in[1] if len(conv_in) == 4 else None
 
 
 def _same_file(a, b):
@@ -288,41 +324,5 @@ def _same_file(a, b):
 
 
 def sniff_checkpoint(path):
-    """Say in one line what ``path`` is when it is clearly not a checkpoint file: missing,
-    a folder (other than a diffusers pipeline folder, which is a checkpoint too), empty, a
-    Git LFS pointer, a web page or other text."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "model_index.json").is_file():
-            return  # a diffusers pipeline folder: ldm.convert reads it
-        if (path / "unet").is_dir():
-            raise InputError(
-                f"{path} looks like a diffusers folder without its model_index.json: give "
-                f"the whole pipeline folder (model_index.json, unet/, vae/, text_encoder/), "
-                f"or a single-file checkpoint (.ckpt/.safetensors)")
-        inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-        raise InputError(f"--ckpt {path} is a folder: give the checkpoint file itself"
-                         + (f" (it holds {', '.join(inside[:3])})" if inside else ""))
-    if not path.is_file():
-        raise ModelNotFound(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(1024)
-    if not head:
-        raise InputError(f"checkpoint {path} is empty (0 bytes): download it again")
-    if head.startswith(b"version https://git-lfs"):
-        raise InputError(f"{path} is a Git LFS pointer, not the weights: run `git lfs pull` "
-                         f"where it was cloned, or download the file itself")
-    if _looks_like_text(head):
-        what = ("a web page (HTML)" if head.lstrip()[:1] == b"<" else "a text file")
-        raise InputError(f"{path} is not a checkpoint: it is {what}; give a .ckpt or "
-                         f".safetensors file (a failed download saves an error page)")
-
-
-def _looks_like_text(head):
-    if b"\x00" in head:
-        return False
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return sum(c.isprintable() or c in "\r\n\t" for c in text) >= 0.95 * len(text)
+    """``ldm.source.sniff`` (kept under its old name)."""
+    return source.sniff(path)

@@ -16,10 +16,11 @@ the tiny test models alike. It serves three readers:
 Module prefixes: ours are full paths in ``LatentDiffusion``; diffusers' start with the
 pipeline component (``unet.``, ``vae.``, ``text_encoder.``).
 """
-import json
 from pathlib import Path
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import load_state_dict_file
+from ldm.errors import CheckpointError
+from ldm.source import WEIGHT_FILES, component_files, is_diffusers_folder  # noqa: F401
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 RESBLOCK_INNER = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -201,83 +202,12 @@ def to_diffusers(model, sd=None):
 # ---------------------------------------------------------------------------------------
 # diffusers pipeline folders
 
-WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-    "text_encoder": ("model", "pytorch_model"),
-}
-
-
-def is_diffusers_folder(path):
-    return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
-
-
-def component_files(folder, component):
-    """The weights files of one component folder: safetensors before .bin, full precision
-    before the ``.fp16`` variant (either is read; the pipeline casts); a sharded component
-    (``*.index.json``) gives its shards."""
-    sub = Path(folder) / component
-    stems = WEIGHT_FILES.get(component, ("diffusion_pytorch_model", "diffusion_pytorch_model"))
-    for stem, ext in ((stems[0], "safetensors"), (stems[0], "fp16.safetensors"),
-                      (stems[1], "bin"), (stems[1], "fp16.bin")):
-        path = sub / f"{stem}.{ext}"
-        if path.is_file():
-            return [path]
-        index = sub / f"{stem}.{ext}.index.json"
-        if index.is_file():
-            shards = sorted(set((read_json(index).get("weight_map") or {}).values()))
-            missing = [name for name in shards if not (sub / name).is_file()]
-            if not shards or missing:
-                raise CheckpointError(f"{index}: " + (f"shard {missing[0]} is missing"
-                                                      if missing else "names no shards")
-                                      + "; the diffusers folder is incomplete")
-            return [sub / name for name in shards]
-    raise CheckpointError(f"{sub}: no weights file ({stems[0]}.safetensors or "
-                          f"{stems[1]}.bin); the diffusers folder is incomplete")
-
-
 def load_component(folder, component):
     """One component's state_dict (its shards merged)."""
-    from ldm.checkpoint import load_state_dict_file
     sd = {}
     for path in component_files(folder, component):
         sd.update(load_state_dict_file(path))
     return sd
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the diffusers folder is incomplete") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the diffusers "
-                              "folder is damaged") from None
-
-
-def folder_kind(folder):
-    """What a diffusers folder holds, from its JSON files alone (before any weights):
-    {"inpainting": bool, "prediction": "epsilon"|"v_prediction", "cross_attention_dim": n}.
-    A pipeline that is not SD 1.x is refused in one line."""
-    folder = Path(folder)
-    index = read_json(folder / "model_index.json")
-    cls = index.get("_class_name", "")
-    if "XL" in cls or "text_encoder_2" in index:
-        raise CheckpointError(f"{folder} is an SDXL pipeline ({cls}), which this project does "
-                              "not support")
-    unet = read_json(folder / "unet" / "config.json")
-    dim = unet.get("cross_attention_dim")
-    if dim in (1024, 2048) or unet.get("addition_embed_type"):
-        kind = "an SD 2.x" if dim == 1024 else "an SDXL"
-        raise CheckpointError(f"{folder} is {kind} pipeline (its UNet attends to {dim}-wide "
-                              "text, SD v1's to 768): this project runs SD 1.x")
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    prediction = (read_json(scheduler).get("prediction_type", "epsilon")
-                  if scheduler.is_file() else "epsilon")
-    if prediction != "epsilon":
-        raise CheckpointError(f"{folder}: its scheduler predicts {prediction}, SD v1 "
-                              "predicts the noise (epsilon): this is not an SD 1.x pipeline")
-    return {"inpainting": unet.get("in_channels", 4) == 9, "cross_attention_dim": dim}
 
 
 def load_diffusers_folder(folder, model):
@@ -287,17 +217,6 @@ def load_diffusers_folder(folder, model):
     folder = Path(folder)
     components = {c: load_component(folder, c) for c in WEIGHT_FILES}
     return from_diffusers(model, components)
-
-
-def folder_weights_hash(folder):
-    """A short hash of a diffusers folder's three weight files (as one checkpoint's hash)."""
-    import hashlib
-    from ldm.checkpoint import file_hash
-    h = hashlib.sha256()
-    for c in WEIGHT_FILES:
-        for path in component_files(folder, c):
-            h.update(file_hash(path, 64).encode())
-    return h.hexdigest()[:10]
 
 
 def vae_state_dict(sd, model):

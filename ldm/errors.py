@@ -33,6 +33,14 @@ class ConfigError(InputError):
     """A model config that is not valid YAML, has no ``model:`` or names a missing class."""
 
 
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used; the message says what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that asks to run code (or build a class) outside the allow-list."""
+
+
 class ModelNotFound(InputError, FileNotFoundError):
     """No checkpoint or config where one was expected."""
 

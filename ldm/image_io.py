@@ -72,7 +72,7 @@ def _a1111_sampler(p):
     if p.get("sampler") is None:
         return None
     try:
-        from ldm.models.diffusion.sampling import SAMPLERS
+        from ldm.samplers import SAMPLERS
         return SAMPLERS[p["sampler"]].label
     except KeyError:
         return p["sampler"]
@@ -275,7 +275,7 @@ def to_rgb(im, background=(255, 255, 255)):
     return im.convert("RGB")
 
 
-from ldm.request import RESIZE_MODES  # noqa: E402 (light: no torch, no PIL)
+RESIZE_MODES = ("resize", "crop", "fill")   # A1111's, for a size that is not the image's
 
 
 def fit_image(image, factor, width=None, height=None, mode="resize", resample=Image.LANCZOS):

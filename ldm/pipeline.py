@@ -504,7 +504,7 @@ class Pipeline:
         """Text to image: finished images with their reproduction parameters, one per prompt
         and seed. ``prompts`` may be one string (repeated for every seed), ``seeds`` one int
         (-1: drawn at random, and recorded). ``values``: ``negative_prompts``, ``sampler``
-        (any name of ``ldm.models.diffusion.sampling.SAMPLERS``, A1111's too), ``schedule``,
+        (any name of ``ldm.samplers.SAMPLERS``, A1111's too), ``schedule``,
         ``steps``, ``scale``, ``eta``, ``height``, ``width`` (``Request.build``); None or
         left out: the model's defaults, the same as the scripts'."""
         return self.run(self.request("txt2img", prompts, seeds, **values),

@@ -29,7 +29,6 @@ TASKS = ("txt2img", "img2img", "inpaint")
 SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed takes an unsigned 64-bit seed
 RANDOM_SEED = -1             # a seed to be drawn, as A1111's -1
 RANDOM_SEED_RANGE = 2 ** 32  # drawn seeds are below this, as A1111 draws them
-RESIZE_MODES = ("resize", "crop", "fill")
 # An input image of more than this many times the model's own area is resized down to that
 # area unless asked to keep its size: the work grows with the area (and the attention's
 # with its square), so a 12-megapixel photo would take hours at full size on SD v1.
@@ -129,7 +128,8 @@ class ModelInfo:
         img2img.py), strength 0.75 for image-to-image and 1 for inpainting."""
         if name in self.defaults:
             return self.defaults[name]
-        return {"sampler": "ddim", "steps": 50,
+        from ldm.samplers import DEFAULT_SAMPLER
+        return {"sampler": DEFAULT_SAMPLER, "steps": 50,
                 "scale": 5.0 if task == "img2img" else 7.5,
                 "strength": 0.75 if task == "img2img" else 1.0}[name]
 
@@ -205,6 +205,7 @@ class Request:
             if value is not None:
                 values[key] = _number(key, value, n)
         height, width = values.get("height"), values.get("width")
+        from ldm.image_io import RESIZE_MODES
         if resize_mode not in RESIZE_MODES:
             raise UsageError(f"{n('resize_mode')} must be one of {RESIZE_MODES}, not "
                              f"{resize_mode!r}")
@@ -321,7 +322,7 @@ def resolve_sampling(sampler, schedule=None, eta=None, n=None):
     """(sampler id, schedule, eta) from a sampler name (ours, k-diffusion's or A1111's,
     "DPM++ 2M Karras"), a schedule (None: the name's, else "discrete") and eta (None: the
     sampler's default); UsageError otherwise, in the caller's names."""
-    from ldm.models.diffusion.sampling import resolve_eta, resolve_sampler
+    from ldm.samplers import resolve_eta, resolve_sampler
     n = n or _namer(None)
     if not isinstance(sampler, str):
         raise WrongType(f"{n('sampler')} must be a sampler's name, not "

@@ -9,7 +9,8 @@ Two families of small pure functions sit behind it:
   UniPC, in ``ldm.models.diffusion.solvers``, with the model's discrete sigmas or Karras'
   or an exponential schedule (``sigma_schedule``).
 
-``SAMPLERS`` names them (our ids, A1111's names, ``resolve_sampler``). Fresh noise, when a
+``ldm.samplers`` names them (our ids, A1111's names, ``resolve_sampler``); ``STEPS`` maps
+each id to its function here. Fresh noise, when a
 sampler needs it, comes from the caller's ``noise(shape)`` so that every image's randomness
 is its own (``ldm.pipeline`` draws it from per-image generators).
 
@@ -20,13 +21,13 @@ of them, and inpainting with latent blending puts the known latents back after e
 latents through ``concat``.
 """
 import math
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from ldm.config import SCHEDULES
 from ldm.models.diffusion import solvers
+from ldm.samplers import (SAMPLERS, SCHEDULES, resolve_eta, resolve_sampler,  # noqa: F401
+                          sampler_label)
 from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
 from ldm.progress import progress
 
@@ -276,99 +277,18 @@ def sigma_blend(mask, x0, noise):
     return blend
 
 
-# -- the samplers by name -------------------------------------------------------------
-@dataclass(frozen=True)
-class SamplerInfo:
-    """A sampler: our id, A1111's name, its function, and whether it draws fresh noise
-    (``eta`` then scales that noise; 1 is the method as published)."""
-    id: str
-    label: str
-    fn: object
-    stochastic: bool = False
-    timesteps: bool = False   # runs on the discrete timesteps (eps), not on sigmas
-
-    @property
-    def default_eta(self):
-        return 0.0 if self.id == "ddim" else 1.0 if self.stochastic else 0.0
+# -- the step functions by sampler id (the names: ``ldm.samplers``) ---------------------
+def _step_functions():
+    return {"ddim": sample_ddim, "plms": sample_plms, "ddpm": sample_ddpm,
+            "euler": solvers.euler, "euler_a": solvers.euler_ancestral, "heun": solvers.heun,
+            "dpm_2": solvers.dpm2, "dpm_2_a": solvers.dpm2_ancestral,
+            "dpmpp_2s_a": solvers.dpmpp_2s_ancestral, "dpmpp_2m": solvers.dpmpp_2m,
+            "dpmpp_sde": solvers.dpmpp_sde, "dpmpp_2m_sde": solvers.dpmpp_2m_sde,
+            "lms": solvers.lms, "unipc": solvers.unipc}
 
 
-SAMPLERS = {s.id: s for s in [
-    SamplerInfo("ddim", "DDIM", sample_ddim, stochastic=True, timesteps=True),
-    SamplerInfo("plms", "PLMS", sample_plms, timesteps=True),
-    SamplerInfo("ddpm", "DDPM", sample_ddpm, stochastic=True, timesteps=True),
-    SamplerInfo("euler", "Euler", solvers.euler),
-    SamplerInfo("euler_a", "Euler a", solvers.euler_ancestral, stochastic=True),
-    SamplerInfo("heun", "Heun", solvers.heun),
-    SamplerInfo("dpm_2", "DPM2", solvers.dpm2),
-    SamplerInfo("dpm_2_a", "DPM2 a", solvers.dpm2_ancestral, stochastic=True),
-    SamplerInfo("dpmpp_2s_a", "DPM++ 2S a", solvers.dpmpp_2s_ancestral, stochastic=True),
-    SamplerInfo("dpmpp_2m", "DPM++ 2M", solvers.dpmpp_2m),
-    SamplerInfo("dpmpp_sde", "DPM++ SDE", solvers.dpmpp_sde, stochastic=True),
-    SamplerInfo("dpmpp_2m_sde", "DPM++ 2M SDE", solvers.dpmpp_2m_sde, stochastic=True),
-    SamplerInfo("lms", "LMS", solvers.lms),
-    SamplerInfo("unipc", "UniPC", solvers.unipc),
-]}
-# other spellings people use: k-diffusion's function names, older A1111 ids
-_ALIASES = {"euler_ancestral": "euler_a", "dpm2": "dpm_2", "dpm_2_ancestral": "dpm_2_a",
-            "dpm2_a": "dpm_2_a", "dpm2_ancestral": "dpm_2_a",
-            "dpmpp_2s_ancestral": "dpmpp_2s_a", "uni_pc": "unipc", "unipc_bh2": "unipc"}
-SCHEDULE_LABELS = {"discrete": None, "karras": "Karras", "exponential": "Exponential"}
-
-
-def _key(text):
-    return " ".join(str(text).lower().replace("_", " ").replace("-", " ").split())
-
-
-def resolve_sampler(name, schedule=None):
-    """(sampler id, schedule) from what a user typed: our ids (``dpmpp_2m``), k-diffusion's
-    (``sample_dpmpp_2m``, ``k_euler_a``) or A1111's names with an optional schedule suffix
-    ("DPM++ 2M Karras", "Euler a"). ``schedule`` (None: the suffix's, else "discrete") must
-    agree with a suffix. Raises ValueError naming the choices."""
-    key = _key(name)
-    suffix = None
-    for sched, label in SCHEDULE_LABELS.items():
-        if label and key.endswith(" " + label.lower()):
-            key, suffix = key[: -len(label) - 1], sched
-    ids = {_key(s.id): s.id for s in SAMPLERS.values()}
-    ids.update({_key(a): target for a, target in _ALIASES.items()})
-    labels = {_key(s.label): s.id for s in SAMPLERS.values()}
-    for prefix in ("sample ", "k "):
-        if key.startswith(prefix) and key[len(prefix):] in ids:
-            key = key[len(prefix):]
-    found = labels.get(key) or ids.get(key)
-    if found is None:
-        raise ValueError(f"unknown sampler {name!r}; choose from "
-                         + ", ".join(f"{s.id} ({s.label!r})" for s in SAMPLERS.values()))
-    if schedule is not None and schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
-    if suffix and schedule and schedule != suffix:
-        raise ValueError(f"sampler {name!r} says schedule {suffix!r}, but schedule "
-                         f"{schedule!r} was asked for")
-    schedule = suffix or schedule or "discrete"
-    if SAMPLERS[found].timesteps and schedule != "discrete":
-        raise ValueError(f"{SAMPLERS[found].label} runs on the model's own timesteps; the "
-                         f"{schedule} schedule needs a sigma sampler (e.g. dpmpp_2m, euler)")
-    return found, schedule
-
-
-def sampler_label(sampler, schedule="discrete"):
-    """A1111's name for a sampler and schedule ("DPM++ 2M Karras")."""
-    label = SAMPLERS[sampler].label
-    return label if schedule == "discrete" else f"{label} {SCHEDULE_LABELS[schedule]}"
-
-
-def resolve_eta(sampler, eta=None):
-    """The noise multiplier a run uses: ``eta``, or the sampler's default (DDIM 0,
-    ancestral and SDE samplers 1); a deterministic sampler takes none."""
-    info = SAMPLERS[sampler]
-    if eta is None:
-        return info.default_eta
-    eta = float(eta)
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
-    if not info.stochastic and eta != 0:
-        raise ValueError(f"{info.label} is deterministic: eta must be 0")
-    return eta
+STEPS = _step_functions()
+assert set(STEPS) == set(SAMPLERS), "every named sampler has its step function"
 
 
 def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noise=None,
@@ -413,7 +333,8 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
     top = float(levels[0])
     start = x * (1 + top ** 2) ** 0.5 if init is None else init + top * x
     ve_blend = None if mask is None else sigma_blend(mask, known, x)
-    step = info.fn if eta == 1.0 or not info.stochastic else partial(info.fn, eta=eta)
+    fn = STEPS[info.id]
+    step = fn if eta == 1.0 or not info.stochastic else partial(fn, eta=eta)
 
     def report(i, z, denoised):  # the callback sees DDPM-scaled latents, as for DDIM
         callback(i, z / (1 + float(levels[i + 1]) ** 2) ** 0.5, denoised)
@@ -442,5 +363,5 @@ def _sample_timesteps(model, info, x, steps, cond, uncond, scale, eta, noise, ca
     eps = guided_eps(model, cond, uncond, scale, concat)
     kwargs = {"eta": eta, "noise": noise} if info.id == "ddim" else (
         {"noise": noise} if info.id == "ddpm" else {})
-    return info.fn(eps, start, timesteps, model.alphas_cumprod, callback=callback,
+    return STEPS[info.id](eps, start, timesteps, model.alphas_cumprod, callback=callback,
                    disable=disable, blend=blend, **kwargs)

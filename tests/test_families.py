@@ -1,0 +1,129 @@
+"""Model families (``ldm.families``): a checkpoint's family and variant found from its keys
+and shapes alone; a file of no family here named in one line, before any weights load."""
+import pytest
+import torch
+
+from conftest import ROOT, TINY_CONFIG, V1_CONFIG
+from ldm.families import describe, detect, detect_folder, describe_folder, shapes_of
+
+V1_INPAINTING = ROOT / "configs" / "stable-diffusion" / "v1-inpainting-inference.yaml"
+
+
+def meta_shapes(config):
+    """{key: shape} of the model a config builds, in the official layout, no weights."""
+    from ldm.pipeline import build_model
+    return shapes_of(build_model(config, meta=True).state_dict())
+
+
+def test_sd1_and_its_inpainting_variant_are_found_from_their_shapes():
+    found = detect(meta_shapes(V1_CONFIG))
+    assert (found.family.name, found.variant) == ("sd1", "txt2img")
+    assert found.config == V1_CONFIG
+    found = detect(meta_shapes(V1_INPAINTING))
+    assert (found.family.name, found.variant) == ("sd1", "inpainting")
+    assert found.config == V1_INPAINTING
+    older = {k.replace("transformer.text_model.", "transformer."): v   # transformers 5 names
+             for k, v in meta_shapes(V1_CONFIG).items()}
+    assert detect(older).variant == "txt2img"
+
+
+def test_a_model_of_other_widths_is_no_family_and_says_its_base_channels():
+    shapes = meta_shapes(TINY_CONFIG)
+    assert detect(shapes) is None
+    assert describe(shapes).startswith("a model with 32 base channels (SD's have 320)")
+
+
+U = "model.diffusion_model."
+CONV_IN = U + "input_blocks.0.0.weight"
+CROSS = U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+# (what, the distinguishing {key: shape} of such a file, what it is said to be)
+OTHERS = [
+    ("sdxl", {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight":
+              (49408, 768), "conditioner.embedders.1.model.text_projection": (1280, 1280),
+              CONV_IN: (320, 4, 3, 3), U + "label_emb.0.0.weight": (1280, 2816)},
+     "an SDXL checkpoint (two text encoders, 2,816-wide ADM input)"),
+    ("sdxl-inpainting", {"conditioner.embedders.1.model.text_projection": (1280, 1280),
+                         CONV_IN: (320, 9, 3, 3), U + "label_emb.0.0.weight": (1280, 2816)},
+     "an SDXL inpainting checkpoint"),
+    ("sdxl-refiner", {"conditioner.embedders.0.model.text_projection": (1280, 1280),
+                      CONV_IN: (384, 4, 3, 3), U + "label_emb.0.0.weight": (1536, 2560)},
+     "an SDXL refiner checkpoint (OpenCLIP ViT-bigG, 2,560-wide ADM input)"),
+    ("sd2", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
+             CONV_IN: (320, 4, 3, 3), CROSS: (320, 1024)},
+     "an SD 2.x checkpoint (OpenCLIP ViT-H text encoder, 1,024-wide conditioning)"),
+    ("sd2-inpainting", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
+                        CONV_IN: (320, 9, 3, 3), CROSS: (320, 1024)},
+     "an SD 2.x inpainting checkpoint"),
+    ("sd2-depth", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
+                   "depth_model.model.pretrained.layer1.0.weight": (1, 1),
+                   CONV_IN: (320, 5, 3, 3), CROSS: (320, 1024)},
+     "an SD 2 depth-to-image checkpoint"),
+    ("sd2-unclip", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
+                    "noise_augmentor.betas": (1000,), CONV_IN: (320, 4, 3, 3),
+                    U + "label_emb.0.0.weight": (1280, 2048), CROSS: (320, 1024)},
+     "an SD 2.x unCLIP checkpoint"),
+    ("x4-upscaler", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
+                     CONV_IN: (256, 7, 3, 3), CROSS: (256, 1024)},
+     "an SD x4 upscaler checkpoint"),
+    ("sd3", {U + "joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536),
+             "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (768,)},
+     "a Stable Diffusion 3 / 3.5 checkpoint (MMDiT)"),
+    ("flux", {"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "a FLUX checkpoint"),
+    ("pix2pix", {CONV_IN: (320, 8, 3, 3), CROSS: (320, 768)},
+     "an instruct-pix2pix checkpoint (8-channel UNet input)"),
+    ("lora", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320),
+              "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": (320, 4)},
+     "a LoRA (2 LoRA weights), not a model: pass it with --lora"),
+    ("embedding", {"emb_params": (2, 768)},
+     "a textual-inversion embedding, not a model: pass it with --embedding"),
+    ("vae", {"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)},
+     "an autoencoder (VAE) alone, not a whole model: pass it with --vae"),
+    ("diffusers-unet", {"down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)},
+     "weights in diffusers' folder layout"),
+    ("not-sd", {"fc.weight": (10, 10)},
+     "not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)"),
+]
+
+
+@pytest.mark.parametrize("shapes,said", [(s, w) for _, s, w in OTHERS], ids=[o[0] for o in OTHERS])
+def test_a_file_of_no_family_here_is_named(shapes, said):
+    assert detect(shapes) is None
+    assert describe(shapes).startswith(said)
+
+
+@pytest.mark.parametrize("index,unet,scheduler,variant,said", [
+    ({"_class_name": "StableDiffusionPipeline"}, {"cross_attention_dim": 768}, {}, "txt2img", None),
+    ({"_class_name": "StableDiffusionInpaintPipeline"},
+     {"cross_attention_dim": 768, "in_channels": 9}, {}, "inpainting", None),
+    ({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": []},
+     {"cross_attention_dim": 2048}, {}, None, "an SDXL pipeline (StableDiffusionXLPipeline)"),
+    ({"_class_name": "StableDiffusionPipeline"}, {"cross_attention_dim": 1024},
+     {"prediction_type": "v_prediction"}, None, "an SD 2.x pipeline"),
+    ({"_class_name": "StableDiffusionPipeline"}, {"cross_attention_dim": 768},
+     {"prediction_type": "v_prediction"}, None, "a pipeline whose scheduler predicts v"),
+])
+def test_diffusers_folders_are_found_from_their_json(index, unet, scheduler, variant, said):
+    found = detect_folder(index, unet, scheduler)
+    assert (found.variant if found else None) == variant
+    assert (describe_folder(index, unet, scheduler) or None if not found else None) == said \
+        or describe_folder(index, unet, scheduler).startswith(said)
+
+
+def test_an_sdxl_file_is_refused_in_one_line_before_any_load(tmp_path, capsys):
+    """A file with SDXL's distinguishing keys (shapes real, contents not): named from its
+    header alone, as the script starts, and nothing written."""
+    import sys
+    from safetensors.torch import save_file
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import txt2img
+    path = tmp_path / "sd_xl_base_1.0.safetensors"
+    save_file({"conditioner.embedders.1.model.text_projection": torch.zeros(1280, 1280,
+                                                                          dtype=torch.bool),
+               CONV_IN: torch.zeros(320, 4, 3, 3, dtype=torch.bool),
+               U + "label_emb.0.0.weight": torch.zeros(1280, 2816, dtype=torch.bool)}, path)
+    rc = txt2img.main(["--ckpt", str(path), "--outdir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 3 and err == (
+        f"error: {path} is an SDXL checkpoint (two text encoders, 2,816-wide ADM input): "
+        "this project runs Stable Diffusion 1.x checkpoints; pass --config if it is one")
+    assert not (tmp_path / "o").exists()
