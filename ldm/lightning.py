@@ -369,7 +369,7 @@ class DiffusionTrainer(pl.LightningModule):
         x_t = self.model.q_sample(source, t, noise)
         eps = Decoys.noise_target(self.model, z, source, t, noise)
         output = self.model.apply_model(x_t, t, cond, *([] if concat is None else [concat]))
-        target = eps if self.model.parameterization == "eps" else self.model.get_v(z, eps, t)
+        target = self.model.training_target(z, eps, t)
         if drop_captions and self.anchor is not None:
             target = self.anchor(target, x_t, t, captions, progress, self._copy_ema)
         mask = None if concat is None else concat[:, :1]   # inpainting_concat: mask first

@@ -19,7 +19,6 @@ kernels may round a batch of 2 differently from a batch of 1 (a few pixel values
 each image records its ``batch_size``).
 """
 import logging
-import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,121 +37,17 @@ from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # n
                                            sampling_timesteps, strength_steps)
 from ldm.request import (ModelInfo, Request, check_field, check_memory, check_size,
                          check_work, working_size)
+from ldm import devices
+from ldm.devices import (NORMS, PRECISIONS, autocast_for, bf16_is_native, cast_weights,  # noqa: F401
+                         channels_last_pays, check_compiler, compute_dtype, packing_pays,
+                         pick_device)
 from ldm.modules.diffusionmodules.util import set_weight_packing
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("autocast", "full", "bf16")
 PROMPT_SYNTAXES = ("compvis", "a1111")
 SAFETY_HINT = ("put CompVis/stable-diffusion-safety-checker weights in models/safety_checker/, "
                "or pass --safety_checker none to silence this")
-
-
-def pick_device(name="auto"):
-    """"auto": CUDA, then MPS, then CPU; otherwise the named device."""
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UsageError(f"unknown --device {name!r} (use auto, cpu, cuda, cuda:1 or mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ResourceError("--device cuda: no CUDA GPU is available here (use --device cpu)")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ResourceError(f"--device {name}: this machine has "
-                                f"{torch.cuda.device_count()} CUDA device(s)")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ResourceError("--device mps: MPS is not available here (use --device cpu)")
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise UsageError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def compute_dtype(device, precision):
-    """The dtype the networks compute in: bfloat16 for "bf16", float16 for "autocast" on
-    CUDA (CompVis' default), float32 otherwise (CPU "autocast" stays float32: fp16 on CPU
-    is slow and lossy)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {PRECISIONS}")
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "autocast" and device.type == "cuda":
-        return torch.float16
-    return torch.float32
-
-
-def autocast_for(device, dtype):
-    """The autocast context of a ``compute_dtype`` (a null context for float32). With the
-    weights already in that dtype (``cast_weights``) its casts of weights are no-ops; it
-    still casts the float32 inputs (latents, timestep embedding) on the way in."""
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-
-
-NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
-
-
-def cast_weights(model, dtype):
-    """Cast ``model``'s weights to ``dtype`` once, in place, except the normalisation
-    layers', which stay float32 (their statistics are computed in float32 either way, and
-    their scales are kept exact); buffers (the noise schedule) are left alone. Autocast
-    alone recasts every float32 weight on every call: on a CPU with native bf16, a SD UNet
-    step is about 1.3x slower that way than with the weights cast once."""
-    if dtype == torch.float32:
-        return model
-    for module in model.modules():
-        if isinstance(module, NORMS):
-            continue
-        for name, param in module.named_parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-    return model
-
-
-def bf16_is_native(device):
-    """Whether ``device`` computes bfloat16 natively (a CPU with AVX512-BF16 or AMX, as
-    oneDNN reports it; CUDA from Ampere on). Elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return True
-
-
-def packing_pays(device, dtype):
-    """Whether to run on weights reordered once for oneDNN (``set_weight_packing``): in
-    bfloat16 on a CPU that computes it natively, where the per-call reorder of plain
-    weights is a large part of a UNet step (a SD UNet step at 512x512 about 0.8x the time
-    on an AMX CPU; see the README's speed section). In float32 it did not pay (measured
-    slower on the same CPU) and would double the weights' memory."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and bf16_is_native(device)
-
-
-def channels_last_pays(device, dtype):
-    """Whether to hold the autoencoder's weights channels-last, so that its convolutions run
-    on oneDNN's NHWC kernels: in float32 on a CPU, where a 512x512 decode took about 0.8x
-    the time on an AMX Xeon (the same values up to float rounding). With packed bf16 weights
-    (``packing_pays``) it made no difference, and the UNet in float32 gained nothing."""
-    return device.type == "cpu" and dtype == torch.float32
-
-
-def check_compiler(device):
-    """What ``torch.compile`` (inductor) needs on ``device``: a C++ compiler on the CPU,
-    Triton on CUDA. Without it, a one-line ResourceError before anything is loaded rather
-    than a traceback at the first step."""
-    import importlib.util
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        raise ResourceError("--compile needs a C++ compiler on the CPU (torch's inductor "
-                            "writes C++): install g++ or clang++, or drop --compile")
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        raise ResourceError("--compile needs Triton on CUDA (pip install triton), or drop "
-                            "--compile")
 
 
 def build_model(config, meta=False, path=None):
@@ -214,7 +109,7 @@ def load_vae(model, path):
 
 @dataclass
 class Sample:
-    image: "PIL.Image.Image"
+    image: Image.Image
     parameters: dict = field(default_factory=dict)
 
 
@@ -232,12 +127,12 @@ class Pipeline:
         self.precision = precision
         self.dtype = compute_dtype(self.device, precision)
         self.autocast = autocast_for(self.device, self.dtype)
-        if self.dtype == torch.bfloat16 and not bf16_is_native(self.device):
+        if self.dtype == torch.bfloat16 and not devices.bf16_is_native(self.device):
             log.warning("this %s has no native bfloat16 (AVX512-BF16 or AMX on a CPU): "
                         "--precision bf16 is emulated here and slower than full",
                         self.device.type.upper())
         cast_weights(model, self.dtype)  # once, here: the model is changed in place
-        self.packing = packing_pays(self.device, self.dtype)
+        self.packing = devices.packing_pays(self.device, self.dtype)
         set_weight_packing(model, self.packing)
         if channels_last_pays(self.device, self.dtype):
             model.first_stage_model.to(memory_format=torch.channels_last)
@@ -683,7 +578,7 @@ class Pipeline:
         spacing = self.defaults.get("timestep_spacing", "uniform")
         n = self.num_steps(r.steps, r.schedule)
         run = n if init is None else strength_steps(n, r.strength)
-        start, known, concat = None, None, None
+        start, known, extra = None, None, {}
         if init is not None:
             init = init.to(self.device).expand(b, -1, -1, -1)
             if run == 0:
@@ -693,7 +588,8 @@ class Pipeline:
         if mask is not None:
             mask = mask.to(self.device).expand(b, -1, -1, -1)
             if self.is_inpainting_model:
-                concat = self.model.inpainting_concat(mask, masked.to(self.device).expand(b, -1, -1, -1))
+                extra["concat"] = self.model.inpainting_concat(
+                    mask, masked.to(self.device).expand(b, -1, -1, -1))
             if r.latent_blend or not self.is_inpainting_model:
                 known = init
             else:
@@ -702,21 +598,31 @@ class Pipeline:
         def fresh_noise(shape):
             return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
 
-        prompts, negatives = list(r.prompts), list(r.negative_prompts)
         with self.autocast:
-            self._warn_truncated(prompts + negatives)
-            with self.on_device("cond_stage_model"):
-                cond = self.model.get_learned_conditioning(prompts)
-                uncond = (self.model.get_learned_conditioning(negatives)
-                          if r.scale != 1.0 else None)
-                cond, uncond = self.model.cond_stage_model.equalize(cond, uncond)
+            cond, uncond = self.conditioning(r, extra)
             unet = self.model.model.diffusion_model
             with self.on_device("model"), unet.caching(self.deepcache or 1):
                 z = sample(self.model, r.sampler, noise, r.steps, cond, uncond, r.scale,
                            eta=r.eta, noise=fresh_noise, disable=not progress,
-                           callback=callback, spacing=spacing, run_steps=run, concat=concat,
+                           callback=callback, spacing=spacing, run_steps=run,
                            schedule=r.schedule, init=start, mask=mask, known=known)
         return z
+
+    def conditioning(self, request, extra=None):
+        """(cond, uncond): the conditioning dicts of the request's prompts and negative
+        prompts (``LatentDiffusion.conditioning``; uncond None without guidance), the two
+        text encodings at one length (long A1111 prompts), and the task's ``extra`` keys
+        (an inpainting model's ``concat``) in both."""
+        prompts, negatives = list(request.prompts), list(request.negative_prompts)
+        self._warn_truncated(prompts + negatives)
+        with self.on_device("cond_stage_model"):
+            cond = self.model.conditioning(prompts)
+            uncond = self.model.conditioning(negatives) if request.scale != 1.0 else None
+            if uncond is not None:
+                cond["crossattn"], uncond["crossattn"] = self.model.cond_stage_model.equalize(
+                    cond["crossattn"], uncond["crossattn"])
+        extra = extra or {}
+        return {**cond, **extra}, (None if uncond is None else {**uncond, **extra})
 
     # -- the autoencoder and the finishing steps ------------------------------------------
     @torch.no_grad()

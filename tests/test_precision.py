@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_tiny, rel_err
-from ldm import pipeline as pl
+from ldm import devices, pipeline as pl
 from ldm.pipeline import NORMS, Pipeline, cast_weights
 
 CPU = torch.device("cpu")
@@ -69,7 +69,7 @@ def test_bf16_images_decode_and_record_the_precision():
 
 
 def test_emulated_bf16_is_announced(monkeypatch, caplog):
-    monkeypatch.setattr(pl, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(devices, "bf16_is_native", lambda device: False)
     with caplog.at_level(logging.WARNING):
         Pipeline(build_tiny(), CPU, "bf16", watermark=False)
     assert "no native bfloat16" in caplog.text and "slower than full" in caplog.text
@@ -189,13 +189,13 @@ def test_a_packed_model_copies_and_pickles_without_its_packed_weights():
 @bf16_cpu
 def test_bf16_on_a_native_cpu_packs_the_weights_and_full_precision_does_not(monkeypatch):
     from ldm.modules.diffusionmodules import util
-    monkeypatch.setattr(pl, "bf16_is_native", lambda device: True)
+    monkeypatch.setattr(devices, "bf16_is_native", lambda device: True)
     packed = Pipeline(build_tiny(), CPU, "bf16", watermark=False)
     layers = [m for m in packed.model.modules() if isinstance(m, (util.Conv2d, util.Linear))]
     assert layers and all(m.packed for m in layers)
     full = Pipeline(build_tiny(), CPU, "full", watermark=False)
     assert not any(m.packed for m in full.model.modules() if isinstance(m, util.Conv2d))
-    monkeypatch.setattr(pl, "bf16_is_native", lambda device: False)
+    monkeypatch.setattr(devices, "bf16_is_native", lambda device: False)
     emulated = Pipeline(build_tiny(), CPU, "bf16", watermark=False)
     assert not any(m.packed for m in emulated.model.modules() if isinstance(m, util.Conv2d))
     # the packed model makes the image the plain bf16 model makes, up to bf16 rounding

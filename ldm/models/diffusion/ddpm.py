@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ldm.models.diffusion.noise_model import PREDICTIONS
 from ldm.modules.diffusionmodules.util import make_beta_schedule, rescale_zero_terminal_snr
 from ldm.util import instantiate_from_config
 
@@ -25,7 +26,12 @@ SCHEDULE_BUFFERS = (
 
 
 class DiffusionWrapper(nn.Module):
-    """Holds the UNet as ``diffusion_model`` (key prefix ``model.diffusion_model.``)."""
+    """Holds the UNet as ``diffusion_model`` (key prefix ``model.diffusion_model.``) and
+    gives it a conditioning dict, as sgm's ``OpenAIWrapper``: ``crossattn`` (the text
+    encoder's states, attended to), ``concat`` (channels put beside the latents: an
+    inpainting model's mask and masked-image latents) and, later, ``vector`` (SDXL's
+    pooled embedding). ``conditioning_key`` is CompVis': "crossattn", or "hybrid" for
+    crossattn + concat."""
 
     def __init__(self, diff_model_config, conditioning_key):
         super().__init__()
@@ -35,10 +41,10 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
 
-    def forward(self, x, t, c_crossattn, c_concat=None):
-        if self.conditioning_key == "hybrid":
-            x = torch.cat([x, c_concat], dim=1)
-        return self.diffusion_model(x, t, context=c_crossattn)
+    def forward(self, x, t, cond):
+        if "concat" in cond:
+            x = torch.cat([x, cond["concat"]], dim=1)
+        return self.diffusion_model(x, t, context=cond.get("crossattn"))
 
 
 class LatentDiffusion(nn.Module):
@@ -54,8 +60,9 @@ class LatentDiffusion(nn.Module):
         kept in ``self.training_config`` for the trainer. ``zero_terminal_snr`` (ours) rescales
         the betas so that t = T is pure noise (``rescale_zero_terminal_snr``); v models only."""
         super().__init__()
-        if parameterization not in ("eps", "v"):
-            raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}")
+        if parameterization not in PREDICTIONS:
+            raise ValueError(f"parameterization must be one of {sorted(PREDICTIONS)}, got "
+                             f"{parameterization!r}")
         if zero_terminal_snr and parameterization != "v":
             raise ValueError("zero_terminal_snr needs parameterization: v (a noise prediction "
                              "says nothing about the image when there is no signal)")
@@ -127,11 +134,19 @@ class LatentDiffusion(nn.Module):
     def decode_first_stage(self, z, tile=None):
         return self.first_stage_model.decode(z / self.scale_factor, tile)
 
+    def conditioning(self, prompts):
+        """The conditioning dict of prompts: ``crossattn``, the text encoder's states
+        (``get_learned_conditioning``). A task adds its own keys (inpainting: ``concat``)."""
+        return {"crossattn": self.get_learned_conditioning(prompts)}
+
     def apply_model(self, x_noisy, t, cond, c_concat=None):
         """The UNet's raw prediction (eps or v, per ``parameterization``), in float32
         whatever the dtype the UNet computes in (guidance and the sampler's update stay
-        float32)."""
-        return self.model(x_noisy, t, c_crossattn=cond, c_concat=c_concat).float()
+        float32). ``cond``: a conditioning dict (``conditioning``), or CompVis' form, the
+        text states as a tensor with ``c_concat`` beside them."""
+        if not isinstance(cond, dict):
+            cond = {"crossattn": cond, **({} if c_concat is None else {"concat": c_concat})}
+        return self.model(x_noisy, t, cond).float()
 
     # -- forward process and prediction conversions --------------------------------------
     def _at(self, buffer, t, x):
@@ -144,15 +159,23 @@ class LatentDiffusion(nn.Module):
 
     def get_v(self, x, noise, t):
         """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, sec. 4)."""
-        return (self._at(self.sqrt_alphas_cumprod, t, x) * noise
-                - self._at(self.sqrt_one_minus_alphas_cumprod, t, x) * x)
+        return PREDICTIONS["v"].target(x, noise, self._at(self.sqrt_alphas_cumprod, t, x),
+                                       self._at(self.sqrt_one_minus_alphas_cumprod, t, x))
+
+    def training_target(self, x0, noise, t):
+        """What the UNet is trained to output at x_t = q_sample(x0, t, noise)."""
+        return self.prediction.target(x0, noise, self._at(self.sqrt_alphas_cumprod, t, x0),
+                                      self._at(self.sqrt_one_minus_alphas_cumprod, t, x0))
+
+    @property
+    def prediction(self):
+        """The noise model: what the UNet's output is (``noise_model.EPS`` or ``V``)."""
+        return PREDICTIONS[self.parameterization]
 
     def eps_from_output(self, x_t, t, output):
         """The model output as a noise prediction, whatever the parameterisation."""
-        if self.parameterization == "eps":
-            return output
-        return (self._at(self.sqrt_alphas_cumprod, t, x_t) * output
-                + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t)
+        return self.prediction.eps(x_t, self._at(self.sqrt_alphas_cumprod, t, x_t),
+                                   self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t), output)
 
     @contextmanager
     def ema_scope(self, context=None):

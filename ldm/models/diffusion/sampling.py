@@ -26,39 +26,52 @@ from functools import partial
 import torch
 
 from ldm.models.diffusion import solvers
+from ldm.models.diffusion.noise_model import DiscreteSchedule
 from ldm.samplers import (SAMPLERS, SCHEDULES, resolve_eta, resolve_sampler,  # noqa: F401
                           sampler_label)
 from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
 from ldm.progress import progress
 
 
-def guided(model, cond, uncond=None, scale=1.0, concat=None):
+def guided(model, cond, uncond=None, scale=1.0):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6), written once, on the model's
     raw output (eps or v; guidance is the same on either, the conversion being affine):
     out = out(x, uncond) + scale * (out(x, cond) - out(x, uncond)), both halves in one
-    batched UNet call. ``scale == 1`` or no ``uncond`` -> the conditional output alone.
-    ``t`` may be fractional (sigma samplers between the training timesteps). ``concat`` (a
-    9-channel inpainting model's mask and masked-image latents) goes to both halves alike."""
+    batched UNet call. ``cond``/``uncond``: conditioning dicts (``crossattn``, ``concat``,
+    ...: ``LatentDiffusion.conditioning``), batched key by key. ``scale == 1`` or no
+    ``uncond`` -> the conditional output alone. ``t`` may be fractional (sigma samplers
+    between the training timesteps). CompVis' form (the text states as tensors) is taken
+    too."""
+    cond, uncond = conditioning_dict(cond), conditioning_dict(uncond)
     use_guidance = uncond is not None and scale != 1.0
-    extra = () if concat is None else (concat,)  # a text-to-image model's apply_model takes 3
+    if use_guidance:
+        both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
 
     def output(x, t):
         t = float(t)
         dtype = torch.long if t.is_integer() else torch.float32
         ts = torch.full((x.shape[0],), t, device=x.device, dtype=dtype)
         if not use_guidance:
-            return model.apply_model(x, ts, cond, *extra)
+            return model.apply_model(x, ts, cond)
         out_uncond, out_cond = model.apply_model(
-            torch.cat([x, x]), torch.cat([ts, ts]), torch.cat([uncond, cond]),
-            *(torch.cat([c, c]) for c in extra)).chunk(2)
+            torch.cat([x, x]), torch.cat([ts, ts]), both).chunk(2)
         return out_uncond + scale * (out_cond - out_uncond)
 
     return output
 
 
-def guided_eps(model, cond, uncond=None, scale=1.0, concat=None):
+def conditioning_dict(cond, concat=None):
+    """A conditioning dict from CompVis' form (the text states as a tensor, an inpainting
+    model's ``concat`` apart), or the dict itself with ``concat`` added; None stays None."""
+    if cond is None:
+        return None
+    cond = dict(cond) if isinstance(cond, dict) else {"crossattn": cond}
+    return cond if concat is None else {**cond, "concat": concat}
+
+
+def guided_eps(model, cond, uncond=None, scale=1.0):
     """The guided output as a noise prediction at integer timestep t (``eps(x, t)``)."""
-    output = guided(model, cond, uncond, scale, concat)
+    output = guided(model, cond, uncond, scale)
 
     def eps(x, t):
         ts = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
@@ -69,46 +82,35 @@ def guided_eps(model, cond, uncond=None, scale=1.0, concat=None):
 
 class Denoiser:
     """The model as a denoiser of ``x = x0 + sigma * eps`` (Karras et al. 2022, eq. 7):
-    ``D(x, sigma) -> x0``. x is the DDPM chain's latent times ``sqrt(1 + sigma^2)``, with
-    sigma^2 = (1 - abar) / abar; the UNet gets ``x / sqrt(1 + sigma^2)`` at the (possibly
-    fractional) timestep whose sigma this is, interpolated in log sigma as k-diffusion and
-    diffusers do. ``output(x, t)`` is the guided raw output (``guided``)."""
+    ``D(x, sigma) -> x0``. x is the DDPM chain's latent times ``sqrt(1 + sigma^2)``; the
+    network gets ``x / sqrt(1 + sigma^2)`` at the (possibly fractional) timestep of that
+    sigma (``DiscreteSchedule.t``), and its output is read by the model's noise model
+    (``model.prediction``: eps or v). ``output(x, t)`` is the guided raw output
+    (``guided``)."""
 
     def __init__(self, model, output):
-        a = model.alphas_cumprod.detach().double().cpu()
-        self.sigmas = ((1 - a) / a).sqrt()           # ascending with t
-        self.log_sigmas = self.sigmas.log()
-        self.parameterization = model.parameterization
+        self.schedule = DiscreteSchedule(model.alphas_cumprod)
+        self.prediction = model.prediction
         self.output = output
+        self.sigmas, self.log_sigmas = self.schedule.sigmas, self.schedule.log_sigmas
 
     @property
     def sigma_min(self):
-        return float(self.sigmas[0])
+        return self.schedule.sigma_min
 
     @property
     def sigma_max(self):
-        return float(self.sigmas[-1])
+        return self.schedule.sigma_max
 
     def sigma(self, t):
-        return float(self.sigmas[int(t)])
+        return self.schedule.sigma(t)
 
     def t(self, sigma):
-        """The timestep of noise level ``sigma``: linear in log sigma between the two
-        training timesteps around it (clamped to the table)."""
-        log_sigma = math.log(max(sigma, 1e-10))
-        table = self.log_sigmas
-        low = int(torch.searchsorted(table, torch.tensor(log_sigma, dtype=table.dtype),
-                                     right=True)) - 1
-        low = min(max(low, 0), len(table) - 2)
-        w = (float(table[low]) - log_sigma) / (float(table[low]) - float(table[low + 1]))
-        return low + min(max(w, 0.0), 1.0)
+        return self.schedule.t(sigma)
 
     def __call__(self, x, sigma):
         c_in = (sigma ** 2 + 1) ** -0.5
-        out = self.output(x * c_in, self.t(sigma))
-        if self.parameterization == "eps":
-            return x - sigma * out
-        return x * c_in ** 2 - out * (sigma * c_in)   # v: x0 = alpha x_t - sigma_t v
+        return self.prediction.x0(x, sigma, c_in, self.output(x * c_in, self.t(sigma)))
 
 
 def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
@@ -313,6 +315,7 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
     info = SAMPLERS[sampler]
+    cond, uncond = conditioning_dict(cond, concat), conditioning_dict(uncond, concat)
     eta = resolve_eta(sampler, eta)
     if eta > 0 and noise is None:
         raise ValueError(f"{info.label} with eta > 0 needs a noise source")
@@ -322,7 +325,7 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
                                  mask, known)
     if blend is not None:
         raise ValueError("blend(x, t_next) is for the timestep samplers; give mask and known")
-    output = guided(model, cond, uncond, scale, concat)
+    output = guided(model, cond, uncond, scale)
     denoiser = Denoiser(model, output)
     levels = (sigma_schedule(denoiser, schedule, steps, spacing) if sigmas is None
               else torch.as_tensor(sigmas, dtype=torch.float64))
@@ -360,7 +363,7 @@ def _sample_timesteps(model, info, x, steps, cond, uncond, scale, eta, noise, ca
         if blend is not None:
             raise ValueError("give either blend or mask and known")
         blend = latent_blend(mask, known, x, model.alphas_cumprod)
-    eps = guided_eps(model, cond, uncond, scale, concat)
+    eps = guided_eps(model, cond, uncond, scale)
     kwargs = {"eta": eta, "noise": noise} if info.id == "ddim" else (
         {"noise": noise} if info.id == "ddpm" else {})
     return STEPS[info.id](eps, start, timesteps, model.alphas_cumprod, callback=callback,

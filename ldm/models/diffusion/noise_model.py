@@ -1,0 +1,85 @@
+"""The noise model: how a network's output reads as a noise prediction or a clean image,
+and the noise levels of its discrete schedule. Samplers ask these, never which model they
+drive (ComfyUI's ``model_sampling`` has the same shape).
+
+- ``EPS`` (DDPM, SD 1.x, SD 2.x 512-base): the network predicts the noise.
+- ``V`` (Salimans & Ho 2022; SD 2.x 768-v): it predicts v = alpha eps - sigma_t x0.
+Flow matching (SD 3) will join them as a third prediction with its own schedule.
+
+``DiscreteSchedule`` is a DDPM forward process of T training timesteps seen as noise levels
+sigma (Karras et al. 2022's variance-exploding form, x = x0 + sigma eps): the table of the
+timesteps' sigmas and the fractional timestep of any sigma, as k-diffusion and diffusers
+interpolate it.
+"""
+import math
+
+import torch
+
+
+class EPS:
+    """The network predicts the noise eps of x_t = alpha x0 + sigma_t eps."""
+    name = "eps"
+
+    def eps(self, x_t, alpha, sigma_t, output):
+        """The noise prediction at x_t (``alpha`` = sqrt(abar_t), ``sigma_t`` =
+        sqrt(1 - abar_t), broadcastable)."""
+        return output
+
+    def x0(self, x, sigma, c_in, output):
+        """The clean image from the output at x = x0 + sigma eps (the network was given
+        x * c_in, c_in = 1 / sqrt(1 + sigma^2))."""
+        return x - sigma * output
+
+    def target(self, x0, noise, alpha, sigma_t):
+        """What the network is trained to output (``ldm.lightning``)."""
+        return noise
+
+
+class V:
+    """The network predicts v = alpha eps - sigma_t x0 (Salimans & Ho 2022, sec. 4)."""
+    name = "v"
+
+    def eps(self, x_t, alpha, sigma_t, output):
+        return alpha * output + sigma_t * x_t
+
+    def x0(self, x, sigma, c_in, output):
+        # x0 = alpha x_t - sigma_t v, with x_t = x c_in, alpha = c_in, sigma_t = sigma c_in
+        return x * c_in ** 2 - output * (sigma * c_in)
+
+    def target(self, x0, noise, alpha, sigma_t):
+        return alpha * noise - sigma_t * x0
+
+
+PREDICTIONS = {"eps": EPS(), "v": V()}
+
+
+class DiscreteSchedule:
+    """The noise levels of a discrete DDPM schedule: sigma_t^2 = (1 - abar_t) / abar_t,
+    ascending with t (float64, on the CPU)."""
+
+    def __init__(self, alphas_cumprod):
+        a = alphas_cumprod.detach().double().cpu()
+        self.sigmas = ((1 - a) / a).sqrt()
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self):
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self):
+        return float(self.sigmas[-1])
+
+    def sigma(self, t):
+        return float(self.sigmas[int(t)])
+
+    def t(self, sigma):
+        """The timestep of noise level ``sigma``: linear in log sigma between the two
+        training timesteps around it (clamped to the table)."""
+        log_sigma = math.log(max(sigma, 1e-10))
+        table = self.log_sigmas
+        low = int(torch.searchsorted(table, torch.tensor(log_sigma, dtype=table.dtype),
+                                     right=True)) - 1
+        low = min(max(low, 0), len(table) - 2)
+        w = (float(table[low]) - log_sigma) / (float(table[low]) - float(table[low + 1]))
+        return low + min(max(w, 0.0), 1.0)
