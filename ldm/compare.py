@@ -39,20 +39,48 @@ def to_diffusers(model, config, drop_pos_emb=False):
     vcfg["norm_num_groups"] = ddconfig.get("norm_groups", 32)
     vae = diffusers.AutoencoderKL(**vcfg)
     vae.load_state_dict(su.convert_ldm_vae_checkpoint(sd, vcfg), strict=True)
-    text = model.cond_stage_model.transformer.config
-    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=text.vocab_size, hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
-        max_position_embeddings=text.max_position_embeddings, hidden_act=text.hidden_act,
-        attn_implementation="eager"))
-    clip_sd = su.convert_ldm_clip_checkpoint(sd)
+    clip, clip_sd = _text_encoder(model.cond_stage_model, sd, transformers, su)
     if not any(k.startswith("text_model.") for k in clip.state_dict()):  # transformers >= 5
         clip_sd = {k.removeprefix("text_model."): v for k, v in clip_sd.items()}
     missing, unexpected = clip.load_state_dict(clip_sd, strict=False)
     if unexpected or any("position_ids" not in k for k in missing):
         raise RuntimeError(f"CLIP conversion: missing {missing}, unexpected {unexpected}")
     return unet.eval(), vae.eval(), clip.eval()
+
+
+def _text_encoder(encoder, sd, transformers, su):
+    """(transformers CLIPTextModel, its converted weights): SD v1's CLIP as is; SD 2.x's
+    OpenCLIP as diffusers converts it (``convert_open_clip_checkpoint``): a CLIPTextModel
+    of the layers the config's ``layer`` (and the clip skip) runs, whose last hidden state
+    (final norm applied) is what SD 2 conditions on."""
+    if hasattr(encoder, "transformer"):
+        text = encoder.transformer.config
+        config = dict(vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+                      intermediate_size=text.intermediate_size,
+                      num_hidden_layers=text.num_hidden_layers,
+                      num_attention_heads=text.num_attention_heads,
+                      max_position_embeddings=text.max_position_embeddings,
+                      hidden_act=text.hidden_act)
+        converted = su.convert_ldm_clip_checkpoint(sd)
+    else:
+        tower = encoder.model
+        width = tower.token_embedding.weight.shape[1]
+        layers = encoder.layers - (encoder.clip_skip - 1)   # what ``encode_ids`` runs
+        config = dict(vocab_size=tower.token_embedding.weight.shape[0], hidden_size=width,
+                      intermediate_size=tower.transformer.resblocks[0].mlp.c_fc.out_features,
+                      num_hidden_layers=layers,
+                      num_attention_heads=tower.transformer.resblocks[0].attn.heads,
+                      max_position_embeddings=tower.positional_embedding.shape[0],
+                      hidden_act="gelu")
+        prefix = "cond_stage_model.model."
+        dropped = tuple(f"{prefix}transformer.resblocks.{i}." for i in range(layers, tower.layers))
+        kept = {k: v for k, v in sd.items() if not k.startswith(dropped)}
+        converted = su.convert_open_clip_checkpoint(
+            transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)), kept, prefix)
+        converted = {k: v for k, v in converted.items() if not k.startswith("text_projection")}
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        **config, attn_implementation="eager"))
+    return clip, converted
 
 
 def write_clip_tokenizer_files(folder):
@@ -73,8 +101,10 @@ def diffusers_components(model, config, folder, drop_pos_emb=False):
     unet, vae, clip = to_diffusers(model, config, drop_pos_emb)
     folder.mkdir(parents=True, exist_ok=True)
     write_clip_tokenizer_files(folder)
+    # SD 2's tokenizer pads with "!" (id 0), as OpenCLIP's; SD v1's with the end token
+    pad = "!" if getattr(model.cond_stage_model, "pad_id", None) == 0 else "<|endoftext|>"
     tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                           pad_token="<|endoftext|>",
+                                           pad_token=pad,
                                            model_max_length=model.cond_stage_model.max_length)
     params = config.model.params
     trailing = (config.get("sampling") or {}).get("timestep_spacing") == "trailing"

@@ -255,6 +255,9 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
         else:
             family, config = identify(ckpt)
     config = Path(config)
+    if family is None:
+        import ldm.families as families
+        family = families.of_config(config)
     loaded = load_config(config)
     check_targets(loaded, config)
     choice = ModelChoice(Path(ckpt), config, loaded, name, builtin, family)

@@ -198,7 +198,7 @@ class Pipeline:
         "compvis" (plain text, cut at 77 tokens) or "a1111" (weights, BREAK, any length:
         ``ldm.modules.encoders.prompts``)."""
         encoder = self.model.cond_stage_model
-        layers = len(encoder.transformer.text_model.encoder.layers)
+        layers = encoder.layers
         if not 1 <= int(clip_skip) <= layers:
             raise UsageError(f"--clip-skip must be in [1, {layers}] for this text encoder "
                              f"({layers} layers), got {clip_skip}")

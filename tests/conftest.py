@@ -25,9 +25,9 @@ def randomize(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name and name.endswith("weight"):
+            if p.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1:
+            elif p.dim() <= 1:  # biases, OpenCLIP's scalar logit_scale
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
             else:
                 fan_in = p[0].numel()

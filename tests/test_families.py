@@ -15,6 +15,17 @@ def meta_shapes(config):
     return shapes_of(build_model(config, meta=True).state_dict())
 
 
+@pytest.mark.parametrize("config,family,variant", [
+    ("v2-inference.yaml", "sd2", "txt2img"),
+    ("v2-inference-v.yaml", "sd2", "txt2img"),   # the same keys: a file is taken as eps
+    ("v2-inpainting-inference.yaml", "sd2", "inpainting")])
+def test_sd2_variants_are_found_from_their_shapes(config, family, variant):
+    found = detect(meta_shapes(ROOT / "configs" / "stable-diffusion" / config))
+    assert (found.family.name, found.variant) == (family, variant)
+    assert found.config.name == ("v2-inpainting-inference.yaml" if variant == "inpainting"
+                                 else "v2-inference.yaml")
+
+
 def test_sd1_and_its_inpainting_variant_are_found_from_their_shapes():
     found = detect(meta_shapes(V1_CONFIG))
     assert (found.family.name, found.variant) == ("sd1", "txt2img")
@@ -48,12 +59,6 @@ OTHERS = [
     ("sdxl-refiner", {"conditioner.embedders.0.model.text_projection": (1280, 1280),
                       CONV_IN: (384, 4, 3, 3), U + "label_emb.0.0.weight": (1536, 2560)},
      "an SDXL refiner checkpoint (OpenCLIP ViT-bigG, 2,560-wide ADM input)"),
-    ("sd2", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
-             CONV_IN: (320, 4, 3, 3), CROSS: (320, 1024)},
-     "an SD 2.x checkpoint (OpenCLIP ViT-H text encoder, 1,024-wide conditioning)"),
-    ("sd2-inpainting", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
-                        CONV_IN: (320, 9, 3, 3), CROSS: (320, 1024)},
-     "an SD 2.x inpainting checkpoint"),
     ("sd2-depth", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
                    "depth_model.model.pretrained.layer1.0.weight": (1, 1),
                    CONV_IN: (320, 5, 3, 3), CROSS: (320, 1024)},
@@ -98,7 +103,12 @@ def test_a_file_of_no_family_here_is_named(shapes, said):
     ({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": []},
      {"cross_attention_dim": 2048}, {}, None, "an SDXL pipeline (StableDiffusionXLPipeline)"),
     ({"_class_name": "StableDiffusionPipeline"}, {"cross_attention_dim": 1024},
-     {"prediction_type": "v_prediction"}, None, "an SD 2.x pipeline"),
+     {"prediction_type": "v_prediction"}, "v", None),
+    ({"_class_name": "StableDiffusionPipeline"}, {"cross_attention_dim": 1024}, {},
+     "txt2img", None),
+    ({"_class_name": "StableDiffusionDepth2ImgPipeline"},
+     {"cross_attention_dim": 1024, "in_channels": 5}, {}, None,
+     "an SD 2 depth-to-image pipeline"),
     ({"_class_name": "StableDiffusionPipeline"}, {"cross_attention_dim": 768},
      {"prediction_type": "v_prediction"}, None, "a pipeline whose scheduler predicts v"),
 ])
@@ -125,5 +135,27 @@ def test_an_sdxl_file_is_refused_in_one_line_before_any_load(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 3 and err == (
         f"error: {path} is an SDXL checkpoint (two text encoders, 2,816-wide ADM input): "
-        "this project runs Stable Diffusion 1.x checkpoints; pass --config if it is one")
+        "this project runs Stable Diffusion 1.x and Stable Diffusion 2.x checkpoints; pass "
+        "--config if it is one")
     assert not (tmp_path / "o").exists()
+
+
+def test_an_sd2_file_gets_stabilitys_config_and_the_familys_defaults(tmp_path):
+    """From the header alone: SD 2's config (512 eps unless --config says v), guidance 9 as
+    Stability's scripts; a config given wins."""
+    from safetensors.torch import save_file
+    from ldm.config import choose_model
+    from ldm.request import ModelInfo
+    path = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    save_file({"cond_stage_model.model.token_embedding.weight": torch.zeros(49408, 1024,
+                                                                           dtype=torch.bool),
+               CONV_IN: torch.zeros(320, 4, 3, 3, dtype=torch.bool),
+               CROSS: torch.zeros(320, 1024, dtype=torch.bool)}, path)
+    choice = choose_model(path)
+    assert choice.family.name == "sd2" and choice.config_path.name == "v2-inference.yaml"
+    info = ModelInfo.of_choice(choice)
+    assert (info.native_size, info.default("scale"), info.default("sampler")) == (512, 9.0, "ddim")
+    v = ROOT / "configs" / "stable-diffusion" / "v2-inference-v.yaml"
+    choice = choose_model(path, v)
+    assert choice.config_path == v and choice.family.name == "sd2"
+    assert (ModelInfo.of_choice(choice).native_size, choice.defaults["scale"]) == (768, 9.0)

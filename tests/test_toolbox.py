@@ -101,7 +101,8 @@ def test_a_diffusers_folder_of_another_family_is_refused_in_one_line(tmp_path):
     from ldm.checkpoint import CheckpointError
     from ldm.config import choose_model
     for name, unet, index, says in [
-            ("sd2", {"cross_attention_dim": 1024}, {}, "SD 2.x"),
+            ("sd2-depth", {"cross_attention_dim": 1024, "in_channels": 5},
+             {"_class_name": "StableDiffusionDepth2ImgPipeline"}, "SD 2 depth-to-image"),
             ("sdxl", {"cross_attention_dim": 2048}, {"text_encoder_2": []}, "SDXL")]:
         folder = tmp_path / name
         (folder / "unet").mkdir(parents=True)

@@ -14,10 +14,10 @@ Nothing here imports torch or any other ``ldm`` module.
 """
 from typing import Optional
 
-from ldm.families import known, sd1
+from ldm.families import known, sd1, sd2
 from ldm.families.base import CONFIGS, Detected, Family  # noqa: F401
 
-FAMILIES = (sd1.FAMILY,)   # asked in this order
+FAMILIES = (sd1.FAMILY, sd2.FAMILY)   # asked in this order
 
 
 def detect(shapes) -> Optional[Detected]:
@@ -59,14 +59,28 @@ def foreign(shapes):
 
 
 def runs():
-    """"Stable Diffusion 1.x" (the labels of the families here, for messages)."""
-    return ", ".join(f.label for f in FAMILIES)
+    """"Stable Diffusion 1.x and Stable Diffusion 2.x" (the families here, for messages)."""
+    labels = [f.label for f in FAMILIES]
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
 
 
 def addon(keys):
     """"a LoRA (...), not a model: pass it with --lora" for the keys of an add-on file (a
     LoRA, a textual-inversion embedding, an autoencoder alone), else None."""
     return known.addon(keys)
+
+
+def of_config(path):
+    """The family whose config ``path`` is (one of ours, or an upstream copy of the same
+    file name: Stability's ``v2-inference-v.yaml``), else None."""
+    from pathlib import Path
+    path = Path(path)
+    for family in FAMILIES:
+        for variant in family.configs:
+            ours = family.config(variant)
+            if path.name == ours.name or path.resolve() == ours.resolve():
+                return family
+    return None
 
 
 def by_name(name):

@@ -43,7 +43,7 @@ class Detected:
     @property
     def phrase(self):
         """What it is, for a message: "an SD 1.x inpainting checkpoint (config ...)"."""
-        kind = "" if self.variant == "txt2img" else f"{self.variant} "
+        kind = {"txt2img": "", "v": "v-prediction "}.get(self.variant, f"{self.variant} ")
         return (f"a {self.family.label} {kind}checkpoint, whose config is "
                 f"{self.config.relative_to(CONFIGS.parent)} (chosen by itself when --config "
                 f"is not given)")

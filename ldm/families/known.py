@@ -94,6 +94,10 @@ def describe_folder(index, unet, scheduler):
         return f"an SDXL pipeline ({cls or 'its UNet attends to 2,048-wide text'})"
     if "3" in cls and "transformer" in index:
         return f"a Stable Diffusion 3 pipeline ({cls})"
+    if "Depth" in cls:
+        return f"an SD 2 depth-to-image pipeline ({cls})"
+    if "UnCLIP" in cls:
+        return f"an SD 2.x unCLIP pipeline ({cls})"
     if dim == 1024:
         return "an SD 2.x pipeline (its UNet attends to 1,024-wide text, SD 1.x's to 768)"
     prediction = scheduler.get("prediction_type", "epsilon")

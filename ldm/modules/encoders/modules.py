@@ -1,4 +1,6 @@
-"""Text conditioning: SD v1's CLIP ViT-L/14 text encoder (``cond_stage_model.*`` keys)."""
+"""Text conditioning: SD v1's CLIP ViT-L/14 text encoder (``cond_stage_model.transformer.*``
+keys) and SD 2.x's OpenCLIP ViT-H/14 (``cond_stage_model.model.*``), with one prompt
+machinery (A1111 weighting and long prompts, truncation warnings, textual inversion)."""
 import logging
 
 import torch
@@ -24,6 +26,7 @@ class FrozenCLIPEmbedder(nn.Module):
         super().__init__()
         self.max_length = max_length
         self.clip_skip = 1  # 2: the penultimate layer's output (A1111's clip skip)
+        self.pad_id, self.html = None, False  # SD v1's tokenizer: EOS padding, no unescape
         self.syntax = "compvis"  # or "a1111": weights, BREAK, any length (prompts.py)
         self.added = {}  # textual-inversion tokens -> their ids (``add_embedding``)
         self.transformer = CLIPTextModel(CLIPTextConfig(
@@ -34,9 +37,14 @@ class FrozenCLIPEmbedder(nn.Module):
             self.freeze()
 
     def freeze(self):
-        self.transformer.eval()
+        self.eval()
         for p in self.parameters():
             p.requires_grad = False
+
+    @property
+    def layers(self):
+        """How many layers ``clip_skip`` can count back over."""
+        return len(self.transformer.text_model.encoder.layers)
 
     @staticmethod
     def tokenize(texts, max_length=77, added=None):
@@ -50,7 +58,7 @@ class FrozenCLIPEmbedder(nn.Module):
             return self.warn_syntax(texts)
         from ldm.modules.encoders.tokenizer import truncation
         for text in dict.fromkeys(texts):
-            dropped = truncation(text, self.max_length, self.added)
+            dropped = truncation(text, self.max_length, self.added, self.html)
             if dropped is not None:
                 log.warning("prompt is longer than %d tokens and was cut; dropped: %r "
                             "(--prompt-syntax a1111 takes prompts of any length)",
@@ -89,10 +97,10 @@ class FrozenCLIPEmbedder(nn.Module):
         """One prompt in A1111's syntax -> its weighted chunks [n, 77, width]."""
         from ldm.modules.encoders.prompts import chunk_prompt, parse_attention, weight_chunks
         from ldm.modules.encoders.tokenizer import get_tokenizer
-        tok = get_tokenizer()
+        tok = get_tokenizer(self.html)
         pieces, _ = parse_attention(text)
         chunks = chunk_prompt(pieces, lambda t: tok.units(t, self.added), tok.bos_id,
-                              tok.eos_id, tok.encoder[",</w>"])
+                              tok.eos_id, tok.encoder[",</w>"], self.pad_id)
         ids = torch.tensor([c.ids for c in chunks], device=self.token_embedding.weight.device)
         z = self.encode_ids(ids)
         return weight_chunks(z, [c.weights for c in chunks]).to(z.dtype)
@@ -134,3 +142,49 @@ class FrozenCLIPEmbedder(nn.Module):
         table.num_embeddings = grown.shape[0]
         self.added = {**self.added, token: list(range(first, first + vectors.shape[0]))}
         return self.added[token]
+
+
+class FrozenOpenCLIPEmbedder(FrozenCLIPEmbedder):
+    """SD 2.x's text encoder: prompts -> OpenCLIP ViT-H/14's hidden states [B, 77, 1024]
+    after all blocks (``layer: last``) or all but the last (``layer: penultimate``, SD 2's
+    configs), with the final layer norm, as Stability's ``FrozenOpenCLIPEmbedder``.
+    OpenCLIP's tokenisation: the same BPE, HTML entities unescaped, padded with 0.
+    ``clip_skip`` N > 1 stops N - 1 blocks before the config's layer.
+
+    Built from the config alone, never downloaded: ``arch`` and ``version`` are accepted
+    for compatibility with Stability's configs; the sizes default to ViT-H/14's and can be
+    overridden (tiny test models)."""
+
+    LAYERS = {"last": 0, "penultimate": 1}
+
+    def __init__(self, arch="ViT-H-14", version="laion2b_s32b_b79k", device=None,
+                 max_length=77, freeze=True, layer="last", vocab_size=49408, width=1024,
+                 layers=24, heads=16, embed_dim=None):
+        nn.Module.__init__(self)
+        from ldm.modules.encoders.open_clip import OpenCLIPTextModel
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {sorted(self.LAYERS)}, not {layer!r}")
+        self.max_length, self.layer, self.layer_idx = max_length, layer, self.LAYERS[layer]
+        self.clip_skip = 1
+        self.syntax = "compvis"
+        self.added = {}
+        self.pad_id, self.html = 0, True
+        self.model = OpenCLIPTextModel(vocab_size, width, layers, heads, max_length,
+                                       embed_dim or width)
+        if freeze:
+            self.freeze()
+
+    @property
+    def layers(self):
+        return self.model.layers - self.layer_idx
+
+    def tokenize(self, texts, max_length=77, added=None):
+        from ldm.modules.encoders.tokenizer import tokenize
+        return tokenize(list(texts), max_length, added, pad_id=0, html=True)
+
+    @property
+    def token_embedding(self):
+        return self.model.token_embedding
+
+    def encode_ids(self, ids):
+        return self.model(ids, self.model.layers - self.layer_idx - (self.clip_skip - 1))

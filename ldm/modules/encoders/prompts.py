@@ -93,17 +93,19 @@ class Chunk:
     weights: list = field(default_factory=list)
 
 
-def chunk_prompt(pieces, units, bos, eos, comma):
+def chunk_prompt(pieces, units, bos, eos, comma, pad=None):
     """[Chunk] of a parsed prompt: ``units(text)`` gives a piece's tokens grouped as
     ``CLIPTokenizer.units`` does (an embedding's ids together); ``comma`` is the id of
-    ``,``."""
+    ``,``; ``pad`` the id after a chunk's end (EOS when None; OpenCLIP's 0, as A1111's
+    ``id_pad``)."""
+    pad_id = eos if pad is None else pad
     chunks, ids, weights = [], [], []
     last_comma = -1
 
     def close():
         nonlocal ids, weights, last_comma
-        pad = CHUNK - len(ids)
-        chunks.append(Chunk([bos] + ids + [eos] * pad + [eos], [1.0] + weights + [1.0] * pad
+        n = CHUNK - len(ids)
+        chunks.append(Chunk([bos] + ids + [eos] + [pad_id] * n, [1.0] + weights + [1.0] * n
                             + [1.0]))
         ids, weights, last_comma = [], [], -1
 

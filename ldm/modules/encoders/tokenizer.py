@@ -37,13 +37,21 @@ def bytes_to_unicode():
     return chars
 
 
-def _clean(text):
+def _clean(text, html=False):
     import ftfy
-    return regex.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
+    text = ftfy.fix_text(text)
+    if html:  # OpenAI's and OpenCLIP's own tokenizers; transformers' slow one did not
+        import html as html_module
+        text = html_module.unescape(html_module.unescape(text))
+    return regex.sub(r"\s+", " ", text).strip().lower()
 
 
 class CLIPTokenizer:
-    def __init__(self, bpe_path=BPE_PATH):
+    """``html``: unescape HTML entities first ("&amp;" -> "&"), as OpenCLIP's tokenizer
+    (SD 2.x) does and SD v1's did not."""
+
+    def __init__(self, bpe_path=BPE_PATH, html=False):
+        self.html = html
         with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")[1:N_MERGES + 1]
         merges = [tuple(line.split()) for line in lines]
@@ -88,7 +96,7 @@ class CLIPTokenizer:
             if piece in (BOS, EOS):
                 out.append(piece)
                 continue
-            for word in _PATTERN.findall(_clean(piece)):
+            for word in _PATTERN.findall(_clean(piece, self.html)):
                 out.extend(self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
         return out
 
@@ -121,12 +129,15 @@ class CLIPTokenizer:
         raw = bytearray(self.byte_decoder[c] for c in text.replace("</w>", self.byte_encoder[32]))
         return raw.decode("utf-8", errors="replace").replace("\x00", "").strip()
 
-    def __call__(self, texts, context_length=77, added=None):
-        """``[B, context_length]`` ids: BOS, at most context_length - 2 tokens, EOS, EOS padding."""
+    def __call__(self, texts, context_length=77, added=None, pad_id=None):
+        """``[B, context_length]`` ids: BOS, at most context_length - 2 tokens, EOS, then
+        padding: EOS (SD v1's tokenizer), or ``pad_id`` (OpenCLIP's: 0)."""
+        pad = self.eos_id if pad_id is None else pad_id
         rows = []
         for text in texts:
             ids = self.encode(text, added)[:context_length - 2]
-            rows.append([self.bos_id] + ids + [self.eos_id] * (context_length - 1 - len(ids)))
+            rows.append([self.bos_id] + ids + [self.eos_id]
+                        + [pad] * (context_length - 2 - len(ids)))
         return rows
 
 
@@ -143,24 +154,25 @@ def _lookup(added, piece):
     return next(t for t in added if t.lower() == piece.lower())
 
 
-@functools.lru_cache(1)
-def get_tokenizer():
-    return CLIPTokenizer()
+@functools.lru_cache(2)
+def get_tokenizer(html=False):
+    return CLIPTokenizer(html=html)
 
 
-def tokenize(texts, context_length=77, added=None):
+def tokenize(texts, context_length=77, added=None, pad_id=None, html=False):
     """SD v1 token ids for a list of texts, as a ``LongTensor[B, context_length]``
-    (``added``: see ``CLIPTokenizer.encode``)."""
+    (``added``: see ``CLIPTokenizer.encode``); with ``pad_id=0, html=True``, OpenCLIP's."""
     import torch
     if isinstance(texts, str):
         texts = [texts]
-    return torch.tensor(get_tokenizer()(list(texts), context_length, added), dtype=torch.long)
+    return torch.tensor(get_tokenizer(html)(list(texts), context_length, added, pad_id),
+                        dtype=torch.long)
 
 
-def truncation(text, context_length=77, added=None):
+def truncation(text, context_length=77, added=None, html=False):
     """The words of ``text`` (as the user wrote them) that do not fit in ``context_length``
     tokens, or None when it all fits. A word cut in the middle counts as dropped."""
-    tok = get_tokenizer()
+    tok = get_tokenizer(html)
     keep = context_length - 2
     if len(tok.encode(text, added)) <= keep:
         return None

@@ -1,0 +1,141 @@
+"""Stable Diffusion 2.x through the family seam: Stability's configs build our modules in
+the official key layout (committed manifest, diffusers' converters as the referee), the
+OpenCLIP text tower equals transformers' CLIPTextModel as diffusers converts it, and
+text-to-image (eps and v) equals diffusers' pipeline on identical tiny SD-2-shaped weights."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, randomize, rel_err
+from ldm.pipeline import build_model
+
+su = pytest.importorskip("diffusers.loaders.single_file_utils")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+SD2 = ROOT / "configs" / "stable-diffusion"
+TINY_SD2 = ROOT / "configs" / "tiny" / "tiny-sd2-inference.yaml"
+MANIFEST = ROOT / "tests" / "manifests" / "sd-v2.txt"
+
+
+@pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v", "v2-inpainting-inference"])
+def test_sd2_configs_build_the_committed_key_manifest(name):
+    """One manifest for the three: the v model's keys are the eps model's, and the
+    inpainting model differs in its first convolution's input channels only."""
+    model = build_model(SD2 / f"{name}.yaml", meta=True)
+    got = [f"{k} {list(v.shape)}" for k, v in model.state_dict().items()]
+    want = MANIFEST.read_text().splitlines()
+    if name == "v2-inpainting-inference":
+        want = [line.replace("input_blocks.0.0.weight [320, 4, 3, 3]",
+                             "input_blocks.0.0.weight [320, 9, 3, 3]") for line in want]
+    assert got == want
+    assert model.parameterization == ("v" if name.endswith("-v") else "eps")
+    assert model.image_size * model.latent_downsampling_factor == (
+        768 if name.endswith("-v") else 512)
+
+
+def test_full_size_sd2_layout_is_what_diffusers_converters_expect():
+    """diffusers' converters of the original layout accept our full-size SD 2 state_dict and
+    give exactly the keys of its own models: the UNet's, the VAE's, and the text encoder's
+    (a 23-layer CLIPTextModel: SD 2 conditions on the penultimate of OpenCLIP's 24)."""
+    from ldm.compare import _text_encoder
+    model = build_model(SD2 / "v2-inference-v.yaml", meta=True)
+    sd = model.state_dict()
+    original = OmegaConf.to_container(OmegaConf.load(SD2 / "v2-inference-v.yaml"))
+    ucfg = su.create_unet_diffusers_config_from_ldm(original, sd)
+    ucfg["attention_head_dim"] = [5, 10, 20, 20]   # 64-wide heads, as diffusers' SD 2 folders
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**ucfg)
+    converted = su.convert_ldm_unet_checkpoint(sd, ucfg)
+    assert set(converted) == set(unet.state_dict())
+    assert all(converted[k].shape == v.shape for k, v in unet.state_dict().items())
+    with torch.device("meta"):
+        clip, clip_sd = _text_encoder(model.cond_stage_model, sd, transformers, su)
+    assert clip.config.num_hidden_layers == 23 and clip.config.hidden_size == 1024
+    own = {k.removeprefix("text_model.") for k in clip.state_dict() if "position_ids" not in k}
+    assert {k.removeprefix("text_model.") for k in clip_sd} == own
+    ignored = set(su.SD_2_TEXT_ENCODER_KEYS_TO_IGNORE)
+    assert ignored <= set(sd)   # the keys diffusers drops are the official ones we hold
+
+
+@pytest.fixture(scope="module")
+def tiny_sd2():
+    config = OmegaConf.load(TINY_SD2)
+    from ldm.util import instantiate_from_config
+    return randomize(instantiate_from_config(config.model), 11).eval(), config
+
+
+@torch.no_grad()
+def test_openclip_text_tower_matches_transformers(tiny_sd2):
+    """Penultimate layer with the final norm (SD 2's conditioning), and clip skip 2 (one
+    block less), against transformers' CLIPTextModel holding diffusers' conversion."""
+    from ldm.compare import _text_encoder
+    model, _ = tiny_sd2
+    encoder = model.cond_stage_model
+    ids = encoder.tokenize(["a red circle", "two blue squares &amp; a tree"], 77)
+    for skip in (1, 2):
+        encoder.clip_skip = skip
+        clip, clip_sd = _text_encoder(encoder, model.state_dict(), transformers, su)
+        if not any(k.startswith("text_model.") for k in clip.state_dict()):
+            clip_sd = {k.removeprefix("text_model."): v for k, v in clip_sd.items()}
+        clip.load_state_dict(clip_sd, strict=False)
+        clip.eval()
+        ours = encoder.encode_ids(ids)
+        theirs = clip(input_ids=ids).last_hidden_state
+        assert clip.config.num_hidden_layers == 3 - skip
+        assert ours.abs().max() > 0.1 and rel_err(ours, theirs) < 1e-5
+    encoder.clip_skip = 1
+
+
+def test_openclip_tokens_pad_with_zero_and_unescape_html(tmp_path, tiny_sd2):
+    """OpenCLIP's tokenisation (diffusers' SD 2 tokenizer pads with "!", id 0)."""
+    from ldm.compare import write_clip_tokenizer_files
+    model, _ = tiny_sd2
+    write_clip_tokenizer_files(tmp_path)
+    theirs = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"),
+                                        str(tmp_path / "merges.txt"), pad_token="!")
+    prompts = ["a red circle", "a photo of an astronaut riding a horse on mars"]
+    ids = model.cond_stage_model.tokenize(prompts, 77)
+    want = theirs(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+    assert ids.tolist() == want and ids[0, 5:].eq(0).all() and ids[0, 4] == 49407
+    escaped = model.cond_stage_model.tokenize(["cats &amp; dogs"], 77)
+    assert escaped.tolist() == model.cond_stage_model.tokenize(["cats & dogs"], 77).tolist()
+
+
+@torch.no_grad()
+def test_a1111_syntax_of_a_plain_prompt_is_the_plain_encoding(tiny_sd2):
+    """The weighted path pads its chunk as the plain one does (0 after the end token)."""
+    model, _ = tiny_sd2
+    encoder = model.cond_stage_model
+    plain = encoder.encode(["a red circle"])
+    encoder.syntax = "a1111"
+    try:
+        weighted = encoder.encode(["a red circle"])
+    finally:
+        encoder.syntax = "compvis"
+    assert torch.equal(plain, weighted)
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_tiny_sd2_txt2img_matches_diffusers_pipeline(tmp_path, parameterization):
+    """Our Pipeline and diffusers' StableDiffusionPipeline on the same tiny SD 2 weights
+    (OpenCLIP converted by diffusers' converter), the same noise: DDIM 10 steps, scale 9."""
+    from ldm.compare import save_diffusers_pipeline
+    from ldm.pipeline import Pipeline
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(TINY_SD2)
+    config.model.params.parameterization = parameterization
+    model = randomize(instantiate_from_config(config.model), 12).eval()
+    theirs = save_diffusers_pipeline(model, config, tmp_path / "pipe")
+    theirs.set_progress_bar_config(disable=True)
+    assert theirs.scheduler.config.prediction_type == (
+        "v_prediction" if parameterization == "v" else "epsilon")
+    ours = Pipeline(model, torch.device("cpu"), "full")
+    prompts, seeds = ["a red circle", "two blue squares"], [7, 8]
+    x, _ = ours.initial_noise(seeds, 32, 32)
+    z_ours = ours.latents(prompts, seeds, sampler="ddim", steps=10, scale=9.0, height=32,
+                          width=32, progress=False)
+    z_theirs = theirs(prompts, num_inference_steps=10, guidance_scale=9.0, height=32,
+                      width=32, latents=x.clone(), output_type="latent").images
+    assert z_ours.abs().max() > 0.1
+    assert rel_err(z_ours, z_theirs) < 1e-4
