@@ -258,7 +258,7 @@ class Anchor(torch.nn.Module):
             return target
         cond = self.text.encode([captions[i] for i in chosen.tolist()])
         target = target.clone()
-        target[chosen] = self.unet(x_t[chosen], t[chosen], c_crossattn=cond)
+        target[chosen] = self.unet(x_t[chosen], t[chosen], {"crossattn": cond})
         return target
 
     @staticmethod

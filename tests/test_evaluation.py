@@ -139,6 +139,7 @@ def place_stub(rows_heard=True, cols_heard=True):
         return out
 
     def unet(x, t, cond):
+        cond = cond["crossattn"] if isinstance(cond, dict) else cond  # a conditioning dict
         h, w = x.shape[-2:]
         ys = (torch.arange(h) + 0.5) / h * 3 - 0.5   # the grid's row/column at each pixel
         xs = (torch.arange(w) + 0.5) / w * 3 - 0.5

@@ -159,3 +159,15 @@ def test_an_sd2_file_gets_stabilitys_config_and_the_familys_defaults(tmp_path):
     choice = choose_model(path, v)
     assert choice.config_path == v and choice.family.name == "sd2"
     assert (ModelInfo.of_choice(choice).native_size, choice.defaults["scale"]) == (768, 9.0)
+
+
+def test_an_sd2_diffusers_folder_is_refused_in_one_line_until_it_loads(tmp_path):
+    import json
+    from ldm.config import choose_model
+    from ldm.errors import CheckpointError
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 1024}))
+    with pytest.raises(CheckpointError, match="Stable Diffusion 2.x pipeline folder, which "
+                                              "does not load yet"):
+        choose_model(tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_tiny, rel_err
-from ldm import devices, pipeline as pl
+from ldm import devices
 from ldm.pipeline import NORMS, Pipeline, cast_weights
 
 CPU = torch.device("cpu")

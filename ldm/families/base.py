@@ -25,6 +25,7 @@ class Family:
     vae_shift: float = 0.0
     text_width: int = 768        # a textual-inversion vector's width
     lora_prefixes: tuple = ()    # kohya-ss key prefixes of its LoRAs
+    loads_folders: bool = True   # whether its diffusers folders convert to our layout yet
 
     def config(self, variant):
         return CONFIGS / self.configs[variant]
