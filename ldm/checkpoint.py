@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ldm import source
+from ldm import families, source
 from ldm.errors import CheckpointError, InputError, UnsafeCheckpointError  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,6 @@ def _load_safetensors(path):
     return out
 
 
-def safetensors_metadata(path):
-    """The ``__metadata__`` strings of a .safetensors file's header ({} when it has none,
-    or is not a safetensors file)."""
-    return source.metadata(path)
-
-
 def load_state_dict_file(path):
     """A checkpoint file (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``) -> {key: tensor}.
 
@@ -255,20 +249,16 @@ def not_a_model(sd, name):
     """One line for a file that holds an add-on rather than a model (a LoRA, a
     textual-inversion embedding, an autoencoder alone), saying which flag takes it; None
     for anything else."""
-    from ldm.families import addon
-    what = addon(list(sd))
+    what = families.addon(list(sd))
     return f"{name} is {what} (and a model with --ckpt)" if what else None
 
 
 def guess_architecture(sd):
     """A phrase naming what a checkpoint that does not fit its config is (its family and
     variant, or what ``ldm.families.describe`` recognises), or None."""
-    from ldm.families import describe, detect, shapes_of
-    shapes = shapes_of(sd)
-    found = detect(shapes)
-    if found is not None:
-        return found.phrase
-    return describe(shapes)
+    shapes = families.shapes_of(sd)
+    found = families.detect(shapes)
+    return found.phrase if found is not None else families.describe(shapes)
 
 
 def _preview(keys, n=3):

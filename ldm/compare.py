@@ -61,26 +61,27 @@ def _text_encoder(encoder, sd, transformers, su):
                       num_attention_heads=text.num_attention_heads,
                       max_position_embeddings=text.max_position_embeddings,
                       hidden_act=text.hidden_act)
-        converted = su.convert_ldm_clip_checkpoint(sd)
-    else:
-        tower = encoder.model
-        width = tower.token_embedding.weight.shape[1]
-        layers = encoder.layers - (encoder.clip_skip - 1)   # what ``encode_ids`` runs
-        config = dict(vocab_size=tower.token_embedding.weight.shape[0], hidden_size=width,
-                      intermediate_size=tower.transformer.resblocks[0].mlp.c_fc.out_features,
-                      num_hidden_layers=layers,
-                      num_attention_heads=tower.transformer.resblocks[0].attn.heads,
-                      max_position_embeddings=tower.positional_embedding.shape[0],
-                      hidden_act="gelu")
-        prefix = "cond_stage_model.model."
-        dropped = tuple(f"{prefix}transformer.resblocks.{i}." for i in range(layers, tower.layers))
-        kept = {k: v for k, v in sd.items() if not k.startswith(dropped)}
-        converted = su.convert_open_clip_checkpoint(
-            transformers.CLIPTextModel(transformers.CLIPTextConfig(**config)), kept, prefix)
-        converted = {k: v for k, v in converted.items() if not k.startswith("text_projection")}
-    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        return _clip(transformers, config), su.convert_ldm_clip_checkpoint(sd)
+    tower = encoder.model
+    width = tower.token_embedding.weight.shape[1]
+    layers = encoder.layers - (encoder.clip_skip - 1)   # what ``encode_ids`` runs
+    config = dict(vocab_size=tower.token_embedding.weight.shape[0], hidden_size=width,
+                  intermediate_size=tower.transformer.resblocks[0].mlp.c_fc.out_features,
+                  num_hidden_layers=layers,
+                  num_attention_heads=tower.transformer.resblocks[0].attn.heads,
+                  max_position_embeddings=tower.positional_embedding.shape[0],
+                  hidden_act="gelu")
+    clip = _clip(transformers, config)
+    prefix = "cond_stage_model.model."
+    dropped = tuple(f"{prefix}transformer.resblocks.{i}." for i in range(layers, tower.layers))
+    kept = {k: v for k, v in sd.items() if not k.startswith(dropped)}
+    converted = su.convert_open_clip_checkpoint(clip, kept, prefix)
+    return clip, {k: v for k, v in converted.items() if not k.startswith("text_projection")}
+
+
+def _clip(transformers, config):
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
         **config, attn_implementation="eager"))
-    return clip, converted
 
 
 def write_clip_tokenizer_files(folder):

@@ -268,8 +268,8 @@ def peft_alphas(path):
     (``lora_adapter_metadata``: per component ``lora_alpha``, ``alpha_pattern``,
     ``use_rslora``), as {component: settings}; {} without them (then alpha = rank)."""
     import json
-    from ldm.checkpoint import safetensors_metadata
-    raw = safetensors_metadata(path).get("lora_adapter_metadata")
+    from ldm.source import metadata
+    raw = metadata(path).get("lora_adapter_metadata")
     try:
         meta = json.loads(raw) if raw else {}
     except ValueError:

@@ -52,8 +52,9 @@ def sniff(path):
         what = ("a web page (HTML)" if head.lstrip()[:1] == b"<" else "a text file")
         raise InputError(f"{path} is not a checkpoint: it is {what}; give a .ckpt or "
                          f".safetensors file (a failed download saves an error page)")
-    return "safetensors" if is_safetensors_head(head) or path.suffix == ".safetensors" \
-        else "pickle"
+    if path.suffix == ".safetensors" or is_safetensors_head(head):
+        return "safetensors"
+    return "pickle"
 
 
 def is_safetensors_head(head):

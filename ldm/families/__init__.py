@@ -52,10 +52,10 @@ def describe_folder(index, unet, scheduler):
     return known.describe_folder(index, unet, scheduler)
 
 
-def foreign(shapes):
-    """What a checkpoint is when it clearly is no model this project runs (an add-on, or a
-    generation no family here runs), for a refusal before loading; else None."""
-    return known.addon(list(shapes)) or known.generation(shapes)
+def generation(shapes):
+    """The model generation no family here runs that a checkpoint belongs to ("an SDXL
+    checkpoint (...)"), for a refusal before loading; else None."""
+    return known.generation(shapes)
 
 
 def runs():

@@ -80,7 +80,7 @@ def guided_eps(model, cond, uncond=None, scale=1.0):
     return eps
 
 
-class Denoiser:
+class Denoiser(DiscreteSchedule):
     """The model as a denoiser of ``x = x0 + sigma * eps`` (Karras et al. 2022, eq. 7):
     ``D(x, sigma) -> x0``. x is the DDPM chain's latent times ``sqrt(1 + sigma^2)``; the
     network gets ``x / sqrt(1 + sigma^2)`` at the (possibly fractional) timestep of that
@@ -89,24 +89,9 @@ class Denoiser:
     (``guided``)."""
 
     def __init__(self, model, output):
-        self.schedule = DiscreteSchedule(model.alphas_cumprod)
+        super().__init__(model.alphas_cumprod)
         self.prediction = model.prediction
         self.output = output
-        self.sigmas, self.log_sigmas = self.schedule.sigmas, self.schedule.log_sigmas
-
-    @property
-    def sigma_min(self):
-        return self.schedule.sigma_min
-
-    @property
-    def sigma_max(self):
-        return self.schedule.sigma_max
-
-    def sigma(self, t):
-        return self.schedule.sigma(t)
-
-    def t(self, sigma):
-        return self.schedule.t(sigma)
 
     def __call__(self, x, sigma):
         c_in = (sigma ** 2 + 1) ** -0.5
@@ -280,16 +265,12 @@ def sigma_blend(mask, x0, noise):
 
 
 # -- the step functions by sampler id (the names: ``ldm.samplers``) ---------------------
-def _step_functions():
-    return {"ddim": sample_ddim, "plms": sample_plms, "ddpm": sample_ddpm,
-            "euler": solvers.euler, "euler_a": solvers.euler_ancestral, "heun": solvers.heun,
-            "dpm_2": solvers.dpm2, "dpm_2_a": solvers.dpm2_ancestral,
-            "dpmpp_2s_a": solvers.dpmpp_2s_ancestral, "dpmpp_2m": solvers.dpmpp_2m,
-            "dpmpp_sde": solvers.dpmpp_sde, "dpmpp_2m_sde": solvers.dpmpp_2m_sde,
-            "lms": solvers.lms, "unipc": solvers.unipc}
-
-
-STEPS = _step_functions()
+STEPS = {"ddim": sample_ddim, "plms": sample_plms, "ddpm": sample_ddpm,
+         "euler": solvers.euler, "euler_a": solvers.euler_ancestral, "heun": solvers.heun,
+         "dpm_2": solvers.dpm2, "dpm_2_a": solvers.dpm2_ancestral,
+         "dpmpp_2s_a": solvers.dpmpp_2s_ancestral, "dpmpp_2m": solvers.dpmpp_2m,
+         "dpmpp_sde": solvers.dpmpp_sde, "dpmpp_2m_sde": solvers.dpmpp_2m_sde,
+         "lms": solvers.lms, "unipc": solvers.unipc}
 assert set(STEPS) == set(SAMPLERS), "every named sampler has its step function"
 
 

@@ -24,17 +24,23 @@ class FrozenCLIPEmbedder(nn.Module):
                  freeze=True, vocab_size=49408, width=768, layers=12, heads=12,
                  intermediate_size=None, hidden_act="quick_gelu"):
         super().__init__()
-        self.max_length = max_length
-        self.clip_skip = 1  # 2: the penultimate layer's output (A1111's clip skip)
-        self.pad_id, self.html = None, False  # SD v1's tokenizer: EOS padding, no unescape
-        self.syntax = "compvis"  # or "a1111": weights, BREAK, any length (prompts.py)
-        self.added = {}  # textual-inversion tokens -> their ids (``add_embedding``)
+        self.prompt_state(max_length)
         self.transformer = CLIPTextModel(CLIPTextConfig(
             vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
             num_attention_heads=heads, intermediate_size=intermediate_size or 4 * width,
             max_position_embeddings=max_length, hidden_act=hidden_act))
         if freeze:
             self.freeze()
+
+    def prompt_state(self, max_length, pad_id=None, html=False):
+        """The prompt settings every text encoder here has (``pad_id``/``html``: SD v1's
+        tokenizer pads with EOS and does not unescape HTML; OpenCLIP's pads with 0 and
+        does)."""
+        self.max_length = max_length
+        self.clip_skip = 1  # 2: the penultimate layer's output (A1111's clip skip)
+        self.syntax = "compvis"  # or "a1111": weights, BREAK, any length (prompts.py)
+        self.added = {}  # textual-inversion tokens -> their ids (``add_embedding``)
+        self.pad_id, self.html = pad_id, html
 
     def freeze(self):
         self.eval()
@@ -164,11 +170,8 @@ class FrozenOpenCLIPEmbedder(FrozenCLIPEmbedder):
         from ldm.modules.encoders.open_clip import OpenCLIPTextModel
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {sorted(self.LAYERS)}, not {layer!r}")
-        self.max_length, self.layer, self.layer_idx = max_length, layer, self.LAYERS[layer]
-        self.clip_skip = 1
-        self.syntax = "compvis"
-        self.added = {}
-        self.pad_id, self.html = 0, True
+        self.prompt_state(max_length, pad_id=0, html=True)
+        self.layer, self.layer_idx = layer, self.LAYERS[layer]
         self.model = OpenCLIPTextModel(vocab_size, width, layers, heads, max_length,
                                        embed_dim or width)
         if freeze:
@@ -180,7 +183,7 @@ class FrozenOpenCLIPEmbedder(FrozenCLIPEmbedder):
 
     def tokenize(self, texts, max_length=77, added=None):
         from ldm.modules.encoders.tokenizer import tokenize
-        return tokenize(list(texts), max_length, added, pad_id=0, html=True)
+        return tokenize(list(texts), max_length, added, self.pad_id, self.html)
 
     @property
     def token_embedding(self):
