@@ -868,7 +868,7 @@ def _say(line):
 def main(build_parser, run, argv=None):
     """Parse, run, and turn whatever ends the run into one line and an exit status."""
     from ldm.util import InterruptWatchdog
-    job, saved = Job(), None
+    job, saved, interrupted = Job(), None, False
     previous_handler = signal.getsignal(signal.SIGINT)
     previous_term = signal.getsignal(signal.SIGTERM)
     # an interrupt that a long call into C++ holds ends the process all the same
@@ -885,6 +885,7 @@ def main(build_parser, run, argv=None):
         return 0
     except KeyboardInterrupt as e:
         watchdog.handled()
+        interrupted = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: still one line
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _say(_stop_line(isinstance(e, Terminated), job))
@@ -906,7 +907,10 @@ def main(build_parser, run, argv=None):
         return 1
     finally:
         watchdog.stop()
-        if threading.current_thread() is threading.main_thread():
+        # after an interrupt the process is ending: the handlers stay ignoring, so that a
+        # second Ctrl-C on the way out cannot turn the clean exit into a traceback or a
+        # death by signal
+        if threading.current_thread() is threading.main_thread() and not interrupted:
             signal.signal(signal.SIGINT, previous_handler)
             signal.signal(signal.SIGTERM, previous_term)
         if saved is not None:

@@ -92,7 +92,10 @@ class LogProgress(NullProgress):
         text = (f"{self.desc}: {self.n}/{self.total} {units} ({100 * self.n // self.total}%), "
                 f"{_duration(elapsed)}" + (f", {_duration(left)} left" if self.n < self.total
                                             else "") + (f", {self.postfix}" if self.postfix else ""))
-        print(text, file=self.stream, flush=True)
+        # one write with its newline, so that a line written from another thread (the
+        # interrupt watchdog's) never lands in the middle of it
+        self.stream.write(text + "\n")
+        self.stream.flush()
 
     def close(self):
         if not self.closed and self.initial < self.n and self.tenths < 10:

@@ -75,3 +75,14 @@ def ckpts(tmp_path_factory, tiny_model):
     save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous()
                for k, v in sd.items()}, st)
     return {"ckpt": ckpt, "safetensors": st}
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A script's main() that was interrupted leaves Ctrl-C ignored (its process is
+    ending); in this process the next test gets the handlers back."""
+    import signal
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
