@@ -9,9 +9,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm import source
+from ldm import families, source
 from ldm.errors import CheckpointError, ConfigError, ModelNotFound
-from ldm.samplers import SCHEDULES, TIMESTEP_SPACINGS as TIMESTEP_SPACING_NAMES  # noqa: F401
+from ldm.samplers import TIMESTEP_SPACINGS as TIMESTEP_SPACING_NAMES
 
 SAMPLING_KEYS = ("scale", "timestep_spacing")
 
@@ -185,7 +185,6 @@ INSTALL_HINT = ("for Stable Diffusion, put an SD v1.x .ckpt/.safetensors at "
                 "models/ldm/stable-diffusion-v1/model.ckpt or pass --ckpt")
 INPAINTING_HINT = ("for Stable Diffusion inpainting, put sd-v1-5-inpainting at "
                    "models/ldm/stable-diffusion-v1/inpainting.ckpt or pass --ckpt")
-CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -199,6 +198,7 @@ class ModelChoice:
     name: str
     builtin: bool = False
     family: object = None
+    variant: str = None       # the family's variant, when detection chose the config
 
     @property
     def geometry(self):
@@ -245,7 +245,7 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
     else:
         ckpt, name = Path(ckpt), str(ckpt)
         source.sniff(ckpt)
-    family = None
+    family = variant = None
     if config is None:
         beside = Path(ckpt).parent / "config.yaml"
         if Path(ckpt).is_dir():
@@ -253,25 +253,23 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
         if beside.exists():
             config = beside
         else:
-            family, config = identify(ckpt)
+            family, variant, config = identify(ckpt)
     config = Path(config)
     if family is None:
-        import ldm.families as families
         family = families.of_config(config)
     loaded = load_config(config)
     check_targets(loaded, config)
-    choice = ModelChoice(Path(ckpt), config, loaded, name, builtin, family)
+    choice = ModelChoice(Path(ckpt), config, loaded, name, builtin, family, variant)
     choice.defaults  # noqa: B018 - a bad `sampling:` section is reported now
     return choice
 
 
 def identify(ckpt):
-    """(family, config path) of a checkpoint file or diffusers folder, detected from its
-    keys and shapes or JSON files (``ldm.families``); (None, SD v1's config, or its
+    """(family, variant, config path) of a checkpoint file or diffusers folder, detected from its
+    keys and shapes or JSON files (``ldm.families``); (None, None, SD v1's config, or its
     inpainting config for a 9-channel UNet) for one of no known kind, whose strict load
     will say what does not fit; a CheckpointError in one line for one that clearly is no
     model this project runs."""
-    import ldm.families as families
     path = Path(ckpt)
     if source.is_diffusers_folder(path):
         configs = source.folder_configs(path)
@@ -290,24 +288,25 @@ def identify(ckpt):
     try:
         shapes = checkpoint_shapes(path)
     except CheckpointError:
-        return None, SD_CONFIG  # the loader says what is wrong with it
+        return None, None, SD_CONFIG  # the loader says what is wrong with it
     found = families.detect(shapes)
     if found is not None:
         return _found(found)
-    what = families.foreign(shapes)
-    if what:
-        refusal = (f"{path} is {what}" if "pass it with" in what else
-                   f"{path} is {what}: this project runs {families.runs()} checkpoints; "
-                   f"pass --config if it is one")
-        raise CheckpointError(refusal)
+    addon = families.addon(list(shapes))
+    if addon:
+        raise CheckpointError(f"{path} is {addon}")
+    generation = families.generation(shapes)
+    if generation:
+        raise CheckpointError(f"{path} is {generation}: this project runs {families.runs()} "
+                              f"checkpoints; pass --config if it is one")
     conv_in = shapes.get(UNET_INPUT_KEY) or ()
     return _found(None, conv_in[1] if len(conv_in) == 4 else None)
 
 
 def _found(detected, in_channels=None):
     if detected is not None:
-        return detected.family, detected.config
-    return None, SD_INPAINTING_CONFIG if in_channels == 9 else SD_CONFIG
+        return detected.family, detected.variant, detected.config
+    return None, None, SD_INPAINTING_CONFIG if in_channels == 9 else SD_CONFIG
 
 
 def unet_in_channels(path):
@@ -329,7 +328,3 @@ def _same_file(a, b):
     except OSError:
         return False
 
-
-def sniff_checkpoint(path):
-    """``ldm.source.sniff`` (kept under its old name)."""
-    return source.sniff(path)
