@@ -77,6 +77,30 @@ def load_model(ckpt, config, device="cpu"):
     return model.eval().requires_grad_(False).to(device)
 
 
+def settle_prediction(choice, model):
+    """For a checkpoint whose keys cannot tell its prediction type (SD 2.x's 512 eps model
+    and 768 v model), detected rather than given a config: the type its UNet makes
+    (``fitting_prediction``), and, when that is the other variant's, the model switched to
+    that variant's config (its prediction and native size: the weights are the same) with
+    one line saying so. Returns the ``ModelChoice`` now true."""
+    from ldm.models.diffusion.noise_model import fitting_prediction
+    family = choice.family
+    options = family.prediction_variants.get(choice.variant) if family else None
+    if not options:
+        return choice
+    variant = options[fitting_prediction(model)]
+    if variant == choice.variant:
+        return choice
+    path = family.config(variant)
+    config = load_config(path)
+    params = config.model.params
+    model.parameterization = params.get("parameterization", "eps")
+    model.image_size = params.image_size
+    log.warning("%s predicts %s: using %s (give --config to choose)", choice.name,
+                model.parameterization, path.relative_to(ROOT))
+    return replace(choice, config_path=path, config=config, variant=variant)
+
+
 def load_vae(model, path):
     """Replace ``model``'s autoencoder weights with those of ``path``: a VAE file in
     CompVis' layout (``encoder.*``/``decoder.*``, e.g. vae-ft-mse-840000-ema-pruned.ckpt),
@@ -172,6 +196,7 @@ class Pipeline:
         device = pick_device(device) if isinstance(device, str) else device
         choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
         model = load_model(choice.ckpt, choice.config, "cpu")
+        choice = settle_prediction(choice, model)
         vae_record = load_vae(model, vae) if vae is not None else None
         model.to("cpu" if offload else device)
         checker, note = None, "not checked (turned off)"

@@ -2,6 +2,8 @@
 the official key layout (committed manifest, diffusers' converters as the referee), the
 OpenCLIP text tower equals transformers' CLIPTextModel as diffusers converts it, and
 text-to-image (eps and v) equals diffusers' pipeline on identical tiny SD-2-shaped weights."""
+from pathlib import Path
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -139,3 +141,78 @@ def test_tiny_sd2_txt2img_matches_diffusers_pipeline(tmp_path, parameterization)
                       width=32, latents=x.clone(), output_type="latent").images
     assert z_ours.abs().max() > 0.1
     assert rel_err(z_ours, z_theirs) < 1e-4
+
+
+def train_tiny_sd2(parameterization, steps, seed=0):
+    """A tiny SD-2-shaped model whose UNet learned to predict ``parameterization`` on
+    latents drawn around four fixed patterns (what the probe needs: a model that has
+    learned its target; random weights predict neither)."""
+    import torch.nn.functional as F
+    from ldm.util import instantiate_from_config
+    torch.manual_seed(seed)
+    config = OmegaConf.load(TINY_SD2)
+    config.model.params.parameterization = parameterization
+    model = instantiate_from_config(config.model)
+    unet = model.model.diffusion_model.train().requires_grad_(True)
+    patterns = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)).sign() * 0.9
+    with torch.no_grad():
+        cond = {"crossattn": model.conditioning([""])["crossattn"].expand(8, -1, -1)}
+    opt = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x0 = patterns[torch.randint(0, 4, (8,))] + 0.2 * torch.randn(8, 4, 8, 8)
+        noise, t = torch.randn_like(x0), torch.randint(0, 1000, (8,))
+        out = model.apply_model(model.q_sample(x0, t, noise), t, cond)
+        loss = F.mse_loss(out, model.training_target(x0, noise, t))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval().requires_grad_(False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return {"eps": train_tiny_sd2("eps", 60), "v": train_tiny_sd2("v", 120)}
+
+
+def test_the_prediction_type_is_told_from_one_unet_call(trained):
+    """SD 2's 512 (eps) and 768 (v) checkpoints have the same keys: ``fitting_prediction``
+    tells models trained either way apart. (On random weights the cosine it measures is
+    about 0 whatever the parameterisation: random weights cannot tell them apart.)"""
+    from ldm.models.diffusion.noise_model import fitting_prediction
+    for kind, model in trained.items():
+        assert fitting_prediction(model) == kind
+        model.parameterization = "v" if kind == "eps" else "eps"   # the config's claim
+        assert fitting_prediction(model) == kind                   # reads the weights only
+        model.parameterization = kind
+
+
+def test_a_detected_sd2_file_that_predicts_v_is_switched_to_the_v_config(trained, caplog):
+    """After loading, a file detected as SD 2's 512 model whose UNet predicts v gets the
+    768-v config's prediction and size, in one line; one that predicts the noise keeps
+    its choice; a config given (no variant detected) is never second-guessed."""
+    import dataclasses
+    import logging
+    from ldm.config import ModelChoice, load_config
+    from ldm.families import by_name
+    from ldm.pipeline import settle_prediction
+    sd2 = by_name("sd2")
+    base = SD2 / "v2-inference.yaml"
+    choice = ModelChoice(Path("v2-1_768.safetensors"), base, load_config(base),
+                         "v2-1_768.safetensors", family=sd2, variant="txt2img")
+    model = trained["v"]
+    model.parameterization, size = "eps", model.image_size
+    try:
+        with caplog.at_level(logging.WARNING):
+            settled = settle_prediction(choice, model)
+        assert settled.variant == "v" and settled.config_path == SD2 / "v2-inference-v.yaml"
+        assert model.parameterization == "v" and model.image_size == 96
+        assert caplog.text.strip().endswith("v2-1_768.safetensors predicts v: using "
+                                            "configs/stable-diffusion/v2-inference-v.yaml "
+                                            "(give --config to choose)")
+        assert settle_prediction(choice, trained["eps"]) is choice
+        given = dataclasses.replace(choice, variant=None)
+        model.parameterization = "eps"
+        assert settle_prediction(given, model) is given and model.parameterization == "eps"
+    finally:
+        model.parameterization, model.image_size = "v", size

@@ -3,8 +3,9 @@ penultimate layer), a 320-wide UNet with linear projections and 64-wide heads, S
 autoencoder. Variants: the 512-base model predicting the noise ("txt2img",
 ``v2-inference.yaml``), the 768 model predicting v ("v", ``v2-inference-v.yaml``: 768-v-ema,
 v2-1_768-ema-pruned) and inpainting (9 input channels). The two text-to-image variants
-have identical keys and shapes: a single file is taken as the 512 eps model unless
-``--config`` says otherwise; a diffusers folder's scheduler says which it is. Depth-to-image
+have identical keys and shapes: for a single file one UNet call after loading tells them
+apart (``prediction_variants``), unless ``--config`` says which; a diffusers folder's
+scheduler says which it is. Depth-to-image
 and unCLIP checkpoints (also OpenCLIP, other inputs) are not this family
 (``known.generation`` names them). Configs are Stability's."""
 from ldm.families.base import Family
@@ -57,5 +58,6 @@ FAMILY = Family(
     prefixes={"unet": UNET, "vae": "first_stage_model.", "text": "cond_stage_model.model."},
     native_size=512, prediction="eps", vae_scale=0.18215, text_width=1024,
     lora_prefixes=("lora_unet_", "lora_te_"),
-    loads_folders=False,   # its text encoder's diffusers form (23 CLIP layers) is not read yet
+    loads_folders=False,
+    prediction_variants={"txt2img": {"eps": "txt2img", "v": "v"}},   # its text encoder's diffusers form (23 CLIP layers) is not read yet
 )
