@@ -2,6 +2,7 @@
 the official key layout (committed manifest, diffusers' converters as the referee), the
 OpenCLIP text tower equals transformers' CLIPTextModel as diffusers converts it, and
 text-to-image (eps and v) equals diffusers' pipeline on identical tiny SD-2-shaped weights."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 SD2 = ROOT / "configs" / "stable-diffusion"
 TINY_SD2 = ROOT / "configs" / "tiny" / "tiny-sd2-inference.yaml"
 MANIFEST = ROOT / "tests" / "manifests" / "sd-v2.txt"
+sys.path.insert(0, str(ROOT / "tests" / "models"))   # the SD 1.x cross-checks' helpers
 
 
 @pytest.mark.parametrize("name", ["v2-inference", "v2-inference-v", "v2-inpainting-inference"])
@@ -216,3 +218,59 @@ def test_a_detected_sd2_file_that_predicts_v_is_switched_to_the_v_config(trained
         assert settle_prediction(given, model) is given and model.parameterization == "eps"
     finally:
         model.parameterization, model.image_size = "v", size
+
+
+def tiny_sd2_variant(parameterization="eps", inpainting=False, seed=13):
+    """(model, config): the tiny SD 2 config as the v model or the 9-channel inpainting
+    model (the changes Stability's v2-inference-v / v2-inpainting-inference make)."""
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(TINY_SD2)
+    params = config.model.params
+    params.parameterization = parameterization
+    if inpainting:
+        config.model.target = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
+        params.conditioning_key = "hybrid"
+        params.unet_config.params.in_channels = 9
+    return randomize(instantiate_from_config(config.model), seed).eval(), config
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_tiny_sd2_img2img_matches_diffusers_step_by_step(tmp_path, parameterization, sampler):
+    """StableDiffusionImg2ImgPipeline on the same tiny SD 2 weights: every step and the
+    result (strength 0.6)."""
+    from test_crosscheck_diffusers import _both, _image_and_mask
+    from ldm.pipeline import Pipeline
+    model, config = tiny_sd2_variant(parameterization)
+    ours = Pipeline(model, torch.device("cpu"), "full")
+    image, _ = _image_and_mask()
+    init = ours.encode([image])
+    z_ours, z_theirs, a, b = _both(ours, diffusers.StableDiffusionImg2ImgPipeline, model,
+                                   config, tmp_path, {"init": init}, 0.6, sampler,
+                                   image=init.expand(2, -1, -1, -1).clone())
+    assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
+    assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-5
+
+
+@pytest.mark.parametrize("strength", [0.7, 1.0])
+def test_tiny_sd2_nine_channel_inpainting_matches_diffusers_step_by_step(tmp_path, strength):
+    """SD 2's inpainting model (UNet input [x, mask, masked-image latents]) against
+    StableDiffusionInpaintPipeline on the same tiny weights, DDIM."""
+    from test_crosscheck_diffusers import _both, _image_and_mask
+    from ldm.image_io import pil_to_tensor
+    from ldm.pipeline import Pipeline
+    model, config = tiny_sd2_variant(inpainting=True)
+    ours = Pipeline(model, torch.device("cpu"), "full")
+    assert ours.is_inpainting_model
+    image, mask = _image_and_mask()
+    init = ours.encode([image])
+    small, full = ours.latent_mask(mask)
+    masked = model.encode_image(pil_to_tensor([image]) * (1 - full))
+    task = {"init": init if strength < 1 else None, "mask": small, "masked": masked}
+    z_ours, z_theirs, a, b = _both(
+        ours, diffusers.StableDiffusionInpaintPipeline, model, config, tmp_path, task, strength,
+        "ddim", image=init.expand(2, -1, -1, -1).clone(),
+        mask_image=full.expand(2, -1, -1, -1).clone(),
+        masked_image_latents=masked.expand(2, -1, -1, -1).clone(), height=32, width=32)
+    assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
+    assert rel_err(z_ours, z_theirs) < 1e-5
