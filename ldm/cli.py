@@ -145,6 +145,10 @@ def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=7.5, jsonl=Fa
                    help="classifier-free guidance scale in [0, 100] (default: the model "
                         f"config's own `sampling: scale:`, as the built-in model has, else "
                         f"{scale})")
+    p.add_argument("--rescale", type=field("rescale"), default=None,
+                   help="guidance rescale in [0, 1] (Lin et al. 2023; diffusers' "
+                        "guidance_rescale, 0.7 for zero-terminal-SNR v models; default 0: "
+                        "none)")
     p.add_argument("--from-file", "--from_file", dest="from_file", type=nonempty,
                    help="a text file with one prompt per line, or a JSONL job (.jsonl: one "
                         "JSON object a line, with \"prompt\" and any of negative_prompt, "
@@ -747,7 +751,7 @@ def build_request(args, info, task, prompts, seeds, **values):
     fields = dict(negative_prompts=args.negative_prompt, sampler=args.sampler,
                   schedule=args.schedule, eta=args.ddim_eta, steps=args.ddim_steps,
                   scale=args.scale, height=getattr(args, "H", None),
-                  width=getattr(args, "W", None))
+                  width=getattr(args, "W", None), rescale=getattr(args, "rescale", None))
     if task != "txt2img":
         fields.update(strength=args.strength, resize_mode=args.resize_mode,
                       full_size=args.full_size)

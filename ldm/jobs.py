@@ -182,8 +182,16 @@ def fingerprint(prompt_file, args, extra=""):
     return h.hexdigest()[:16]
 
 
+# flags added since jobs began: in a job's settings only when given, so that the jobs
+# started before them keep their fingerprint
+LATER_JOB_FLAGS = ("rescale",)
+
+
 def job_flags(args):
-    return {name: getattr(args, name, None) for name in JOB_FLAGS}
+    flags = {name: getattr(args, name, None) for name in JOB_FLAGS}
+    flags.update({name: getattr(args, name) for name in LATER_JOB_FLAGS
+                  if getattr(args, name, None) is not None})
+    return flags
 
 
 def job_settings(prompt_file, args, extra=""):

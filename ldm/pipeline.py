@@ -178,6 +178,7 @@ class Pipeline:
         self.factor = model.latent_downsampling_factor
         self.native_size = model.image_size * self.factor
         self.geometry = geometry_of(model)
+        self.family = None   # the ``ldm.families.Family`` detected (``load``), recorded
         self._warned = set()  # prompts whose truncation was already reported
 
     @classmethod
@@ -212,6 +213,7 @@ class Pipeline:
         if offload:
             pipe.offload_to(device)
         pipe.checkpoint = choice.ckpt
+        pipe.family = choice.family
         pipe.vae = vae_record
         return pipe
 
@@ -548,7 +550,8 @@ class Pipeline:
                   "sampler_name": sampler_label(r.sampler, r.schedule), "steps": r.steps,
                   "scale": r.scale, "eta": r.eta, "width": width, "height": height,
                   "batch_size": r.batch_size, "model": self.model_name,
-                  "checkpoint_hash": self.checkpoint_hash, "precision": self.precision,
+                  "checkpoint_hash": self.checkpoint_hash,
+                  "prediction": self.model.parameterization, "precision": self.precision,
                   **self.options_record()}
         if r.task == "img2img":
             params.update(task="img2img", strength=r.strength,
@@ -562,6 +565,10 @@ class Pipeline:
                           paste_back=r.paste_back, latent_blend=r.latent_blend)
             if r.image.size != (width, height):
                 params["output_size"] = f"{r.image.width}x{r.image.height}"
+        if self.family is not None:
+            params["family"] = self.family.name
+        if r.rescale:
+            params["rescale"] = r.rescale
         return {**params, **note}
 
     @torch.no_grad()
@@ -630,7 +637,8 @@ class Pipeline:
                 z = sample(self.model, r.sampler, noise, r.steps, cond, uncond, r.scale,
                            eta=r.eta, noise=fresh_noise, disable=not progress,
                            callback=callback, spacing=spacing, run_steps=run,
-                           schedule=r.schedule, init=start, mask=mask, known=known)
+                           schedule=r.schedule, init=start, mask=mask, known=known,
+                           rescale=r.rescale)
         return z
 
     def conditioning(self, request, extra=None):

@@ -47,6 +47,7 @@ LIMITS = {
     "steps": Limit(int, 1, 1000),
     "scale": Limit(float, 0, 100),
     "eta": Limit(float, 0, 1),
+    "rescale": Limit(float, 0, 1),
     "strength": Limit(float, 0, 1),
     "height": Limit(int, 1, None),
     "width": Limit(int, 1, None),
@@ -54,6 +55,7 @@ LIMITS = {
 }
 # how the scripts name each field (their flags); the library uses the keys themselves
 FLAGS = {"steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta",
+         "rescale": "--rescale",
          "strength": "--strength", "height": "--H", "width": "--W", "mask_blur": "--mask-blur",
          "seeds": "--seed", "prompts": "--prompt", "negative_prompts": "--negative-prompt",
          "sampler": "--sampler", "schedule": "--schedule", "image": "--init-img",
@@ -125,13 +127,14 @@ class ModelInfo:
     def default(self, name, task="txt2img"):
         """The one place for sampling defaults: the model config's own (``sampling:``),
         else CompVis': DDIM, 50 steps, guidance 7.5 (5.0 for image-to-image, as CompVis'
-        img2img.py), strength 0.75 for image-to-image and 1 for inpainting."""
+        img2img.py), strength 0.75 for image-to-image and 1 for inpainting, no guidance
+        rescale."""
         if name in self.defaults:
             return self.defaults[name]
         from ldm.samplers import DEFAULT_SAMPLER
         return {"sampler": DEFAULT_SAMPLER, "steps": 50,
                 "scale": 5.0 if task == "img2img" else 7.5,
-                "strength": 0.75 if task == "img2img" else 1.0}[name]
+                "strength": 0.75 if task == "img2img" else 1.0, "rescale": 0.0}[name]
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class Request:
     latent_blend: bool = True
     image_hash: str = None
     mask_hash: str = None
+    rescale: float = 0.0          # guidance rescale (Lin et al. 2023, eq. 16), 0: none
     names: dict = field(default=None, compare=False, repr=False)  # its caller's words
 
     @property
@@ -174,7 +178,7 @@ class Request:
               schedule=None, eta=None, steps=None, scale=None, height=None, width=None,
               image=None, mask=None, strength=None, resize_mode="resize", full_size=False,
               mask_blur=4, paste_back=True, latent_blend=True, image_hash=None,
-              mask_hash=None, names=None):
+              mask_hash=None, rescale=None, names=None):
         """A valid ``Request`` for ``task`` on ``model`` (a ``ModelInfo``), None fields
         completed from the model's defaults, -1 seeds drawn; else UsageError or WrongType
         naming the field in ``names`` (default: the keywords here). ``image`` and
@@ -197,7 +201,8 @@ class Request:
             raise UsageError(f"give one {n('negative_prompts')} per prompt (or one for all)")
         values = sampling(task, model, any(negative_prompts), sampler, schedule, eta, steps,
                           scale, names)
-        for key, value in (("strength", strength), ("mask_blur", mask_blur)):
+        for key, value in (("strength", strength), ("mask_blur", mask_blur),
+                           ("rescale", rescale)):
             if value is None:
                 value = model.default(key, task) if key != "mask_blur" else 4
             values[key] = _number(key, value, n)
@@ -227,7 +232,7 @@ class Request:
                    values["scale"], height, width, image,
                    mask, values["strength"] if task != "txt2img" else None, resize_mode,
                    bool(full_size), values["mask_blur"], bool(paste_back), bool(latent_blend),
-                   image_hash, mask_hash, names)
+                   image_hash, mask_hash, values["rescale"], names)
 
 
 def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None, steps=None,

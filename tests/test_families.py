@@ -171,3 +171,22 @@ def test_an_sd2_diffusers_folder_is_refused_in_one_line_until_it_loads(tmp_path)
     with pytest.raises(CheckpointError, match="Stable Diffusion 2.x pipeline folder, which "
                                               "does not load yet"):
         choose_model(tmp_path)
+
+
+def test_each_image_records_its_family_and_prediction(tmp_path):
+    """The family comes from detection (SD 1.x here: the tiny checkpoint's is none, so it
+    is left out), the prediction from the model."""
+    from conftest import build_tiny
+    from ldm.families import by_name
+    from ldm.pipeline import Pipeline
+    pipe = Pipeline(build_tiny(), torch.device("cpu"), "full", watermark=False)
+    kw = dict(steps=2, progress=False)
+    p = pipe.generate("a red circle", [1], **kw)[0].parameters
+    assert p["prediction"] == "eps" and "family" not in p
+    pipe.family = by_name("sd2")
+    pipe.model.parameterization = "v"
+    try:
+        p = pipe.generate("a red circle", [1], **kw)[0].parameters
+    finally:
+        pipe.model.parameterization = "eps"
+    assert (p["family"], p["prediction"]) == ("sd2", "v")

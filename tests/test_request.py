@@ -39,6 +39,8 @@ BAD_VALUES = [
     ("txt2img", "scale", "101", 101, "101 is out of range: must be in [0, 100]"),
     ("txt2img", "eta", "5", 5, "5 is out of range: must be in [0, 1]"),
     ("txt2img", "eta", "nan", math.nan, "nan is not a finite number"),
+    ("txt2img", "rescale", "1.5", 1.5, "1.5 is out of range: must be in [0, 1]"),
+    ("txt2img", "rescale", "nan", math.nan, "nan is not a finite number"),
     ("txt2img", "steps", "0", 0, "0 is out of range: must be in [1, 1000]"),
     ("txt2img", "steps", "1001", 1001, "1001 is out of range: must be in [1, 1000]"),
     ("txt2img", "steps", "2.5", 2.5, "2.5 is not an integer"),

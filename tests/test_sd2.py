@@ -274,3 +274,28 @@ def test_tiny_sd2_nine_channel_inpainting_matches_diffusers_step_by_step(tmp_pat
         masked_image_latents=masked.expand(2, -1, -1, -1).clone(), height=32, width=32)
     assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
     assert rel_err(z_ours, z_theirs) < 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_guidance_rescale_matches_diffusers(tmp_path, sampler):
+    """``rescale`` (diffusers' ``guidance_rescale``, 0.7) on the tiny SD 2 v model: the
+    same latents as diffusers' pipeline, and not those without it."""
+    from test_crosscheck_diffusers import EDIT_SAMPLERS
+    from ldm.compare import save_diffusers_pipeline
+    from ldm.pipeline import Pipeline
+    model, config = tiny_sd2_variant("v", seed=14)
+    theirs = save_diffusers_pipeline(model, config, tmp_path / "pipe")
+    theirs.scheduler = getattr(diffusers, EDIT_SAMPLERS[sampler]).from_config(
+        theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    ours = Pipeline(model, torch.device("cpu"), "full")
+    prompts, seeds = ["a red circle", "two blue squares"], [7, 8]
+    x, _ = ours.initial_noise(seeds, 32, 32)
+    kw = dict(sampler=sampler, steps=8, scale=9.0, height=32, width=32, progress=False)
+    z_ours = ours.latents(prompts, seeds, rescale=0.7, **kw)
+    z_plain = ours.latents(prompts, seeds, **kw)
+    z_theirs = theirs(prompts, num_inference_steps=8, guidance_scale=9.0, height=32, width=32,
+                      guidance_rescale=0.7, latents=x.clone(),
+                      output_type="latent").images
+    err = rel_err(z_ours, z_theirs)
+    assert err < 1e-4 and rel_err(z_plain, z_theirs) > 100 * err

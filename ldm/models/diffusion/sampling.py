@@ -33,7 +33,7 @@ from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
 from ldm.progress import progress
 
 
-def guided(model, cond, uncond=None, scale=1.0):
+def guided(model, cond, uncond=None, scale=1.0, rescale=0.0):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6), written once, on the model's
     raw output (eps or v; guidance is the same on either, the conversion being affine):
     out = out(x, uncond) + scale * (out(x, cond) - out(x, uncond)), both halves in one
@@ -41,7 +41,10 @@ def guided(model, cond, uncond=None, scale=1.0):
     ...: ``LatentDiffusion.conditioning``), batched key by key. ``scale == 1`` or no
     ``uncond`` -> the conditional output alone. ``t`` may be fractional (sigma samplers
     between the training timesteps). CompVis' form (the text states as tensors) is taken
-    too."""
+    too. ``rescale`` (Lin et al. 2023, eq. 15-16, diffusers' ``guidance_rescale``): the
+    guided output rescaled to the conditional output's standard deviation per image, mixed
+    in at that weight; it keeps high guidance from over-exposing zero-terminal-SNR
+    models."""
     cond, uncond = conditioning_dict(cond), conditioning_dict(uncond)
     use_guidance = uncond is not None and scale != 1.0
     if use_guidance:
@@ -55,9 +58,18 @@ def guided(model, cond, uncond=None, scale=1.0):
             return model.apply_model(x, ts, cond)
         out_uncond, out_cond = model.apply_model(
             torch.cat([x, x]), torch.cat([ts, ts]), both).chunk(2)
-        return out_uncond + scale * (out_cond - out_uncond)
+        out = out_uncond + scale * (out_cond - out_uncond)
+        return out if not rescale else rescaled(out, out_cond, rescale)
 
     return output
+
+
+def rescaled(out, out_cond, weight):
+    """``out`` with the per-image standard deviation of ``out_cond``, mixed in at
+    ``weight`` (Lin et al. 2023, eq. 15-16)."""
+    dims = list(range(1, out.dim()))
+    ratio = out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+    return weight * (out * ratio) + (1 - weight) * out
 
 
 def conditioning_dict(cond, concat=None):
@@ -69,9 +81,9 @@ def conditioning_dict(cond, concat=None):
     return cond if concat is None else {**cond, "concat": concat}
 
 
-def guided_eps(model, cond, uncond=None, scale=1.0):
+def guided_eps(model, cond, uncond=None, scale=1.0, rescale=0.0):
     """The guided output as a noise prediction at integer timestep t (``eps(x, t)``)."""
-    output = guided(model, cond, uncond, scale)
+    output = guided(model, cond, uncond, scale, rescale)
 
     def eps(x, t):
         ts = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
@@ -276,7 +288,8 @@ assert set(STEPS) == set(SAMPLERS), "every named sampler has its step function"
 
 def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noise=None,
            callback=None, disable=False, spacing="uniform", run_steps=None, blend=None,
-           concat=None, schedule="discrete", init=None, mask=None, known=None, sigmas=None):
+           concat=None, schedule="discrete", init=None, mask=None, known=None, sigmas=None,
+           rescale=0.0):
     """Run ``sampler`` (an id of ``SAMPLERS``) for ``steps`` steps and return the final
     latents.
 
@@ -301,12 +314,12 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
     if eta > 0 and noise is None:
         raise ValueError(f"{info.label} with eta > 0 needs a noise source")
     if info.timesteps:
-        return _sample_timesteps(model, info, x, steps, cond, uncond, scale, eta, noise,
-                                 callback, disable, spacing, run_steps, blend, concat, init,
-                                 mask, known)
+        return _sample_timesteps(model, info, x, steps, cond, uncond, scale, rescale, eta,
+                                 noise, callback, disable, spacing, run_steps, blend, concat,
+                                 init, mask, known)
     if blend is not None:
         raise ValueError("blend(x, t_next) is for the timestep samplers; give mask and known")
-    output = guided(model, cond, uncond, scale)
+    output = guided(model, cond, uncond, scale, rescale)
     denoiser = Denoiser(model, output)
     levels = (sigma_schedule(denoiser, schedule, steps, spacing) if sigmas is None
               else torch.as_tensor(sigmas, dtype=torch.float64))
@@ -329,8 +342,8 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
     return out if last == 0 else out / (1 + last ** 2) ** 0.5
 
 
-def _sample_timesteps(model, info, x, steps, cond, uncond, scale, eta, noise, callback,
-                      disable, spacing, run_steps, blend, concat, init, mask, known):
+def _sample_timesteps(model, info, x, steps, cond, uncond, scale, rescale, eta, noise,
+                      callback, disable, spacing, run_steps, blend, concat, init, mask, known):
     timesteps = sampling_timesteps(steps, model.num_timesteps, spacing)
     if run_steps is not None:
         timesteps = timesteps[:run_steps]
@@ -344,7 +357,7 @@ def _sample_timesteps(model, info, x, steps, cond, uncond, scale, eta, noise, ca
         if blend is not None:
             raise ValueError("give either blend or mask and known")
         blend = latent_blend(mask, known, x, model.alphas_cumprod)
-    eps = guided_eps(model, cond, uncond, scale)
+    eps = guided_eps(model, cond, uncond, scale, rescale)
     kwargs = {"eta": eta, "noise": noise} if info.id == "ddim" else (
         {"noise": noise} if info.id == "ddpm" else {})
     return STEPS[info.id](eps, start, timesteps, model.alphas_cumprod, callback=callback,
