@@ -131,12 +131,13 @@ def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False,
     return pipe
 
 
-def random_sd(seed=0):
-    """(model, config): our SD v1 ``LatentDiffusion`` with seeded random weights, in eval
-    mode, its zero-initialised output layers filled with N(0, 0.02) too (else the UNet's
-    output would be 0 and every comparison vacuous). Benchmarks and studies only."""
+def random_sd(seed=0, config_path=None):
+    """(model, config): our SD ``LatentDiffusion`` (v1, or the model of ``config_path``:
+    SD 2's) with seeded random weights, in eval mode, its zero-initialised output layers
+    filled with N(0, 0.02) too (else the UNet's output would be 0 and every comparison
+    vacuous). Benchmarks and studies only."""
     from ldm.pipeline import SD_CONFIG, build_model, load_config
-    config = load_config(SD_CONFIG)
+    config = load_config(config_path or SD_CONFIG)
     torch.manual_seed(seed)
     model = build_model(config).eval().requires_grad_(False)
     with torch.no_grad():

@@ -65,12 +65,17 @@ def build_parser():
     p.add_argument("--dtypes", default=None, help="default: fp32,bf16 (CPU), fp32,bf16,fp16 (CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each component")
     p.add_argument("--image_repeats", type=int, default=1, help="timed runs of each whole image")
+    p.add_argument("--image_steps", type=int, default=50,
+                   help="steps of the DDIM / DDIM whole-image pair")
     p.add_argument("--options", default="all",
                    help="for the options part: comma-separated of deepcache2, deepcache3, "
                         "slicing, compile, or all")
     p.add_argument("--image_pairs", default="ddim,recommended",
                    help="whole-image pairs: ddim (DDIM 50 on both sides), recommended (ours "
                         "2M Karras 20 against diffusers' PNDM 50)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the random model's config for unet, vae, text and image (default: "
+                        "SD v1's; e.g. configs/stable-diffusion/v2-inference-v.yaml)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--flush_denormal", action="store_true",
@@ -188,12 +193,12 @@ def count_gflop(fn):
 
 
 def sd_flops(config, sizes):
-    """{(part, size): GFLOP} for the SD v1 networks, counted on the meta device."""
+    """{(part, size): GFLOP} for the SD networks, counted on the meta device."""
     import torch
     from ldm.pipeline import build_model
     meta = build_model(config, meta=True)
     out = {}
-    ctx = torch.empty(2, 77, 768, device="meta")
+    ctx = torch.empty(2, 77, context_width(config), device="meta")
     for s in sizes:
         h = s // 8
         x = torch.empty(2, 4, h, h, device="meta")
@@ -202,8 +207,12 @@ def sd_flops(config, sizes):
         z = torch.empty(1, 4, h, h, device="meta")
         out["vae", s] = count_gflop(lambda: meta.first_stage_model.decode(z))
     ids = torch.zeros(2, 77, dtype=torch.long, device="meta")
-    out["text", 0] = count_gflop(lambda: meta.cond_stage_model.transformer(ids))
+    out["text", 0] = count_gflop(lambda: meta.cond_stage_model.encode_ids(ids))
     return out
+
+
+def context_width(config):
+    return config.model.params.unet_config.params.context_dim
 
 
 def main(argv=None):
@@ -264,7 +273,7 @@ def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
     from ldm.compare import diffusers_components, random_sd
     from ldm.pipeline import Pipeline
 
-    model, config = random_sd()
+    model, config = random_sd(config_path=args.config)
     flops = sd_flops(config, sizes)
     tmp = tempfile.TemporaryDirectory()
     components = diffusers_components(model, config, Path(tmp.name) / "tokenizer")
@@ -275,10 +284,10 @@ def sd_parts(args, parts, device, dtypes, sizes, peaks, report):
     pndm = diffusers.PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)
     model.to(device)
     gen = torch.Generator("cpu").manual_seed(0)
-    ctx = torch.randn(2, 77, 768, generator=gen).to(device)
+    ctx = torch.randn(2, 77, context_width(config), generator=gen).to(device)
     for d in dtypes:  # fp32 first: the casts below are one way
         dtype = getattr(torch, DTYPES[d])
-        ours = Pipeline(model, device, PRECISION[d], watermark=False, model_name="random SD v1")
+        ours = Pipeline(model, device, PRECISION[d], watermark=False, model_name="random SD")
         if ours.dtype != dtype:
             sys.exit(f"--dtypes {d}: our --precision {PRECISION[d]} computes in {ours.dtype} "
                      f"on {device.type}")
@@ -363,9 +372,10 @@ def whole_images(ours, theirs, ddim, pndm, size, d, args, device, report, label=
     setting = f"{label}{size}x{size} {d}"
     pairs = getattr(args, "image_pairs", "ddim,recommended").split(",")
     if "ddim" in pairs:
-        m = timed({"ours": ours_run(sampler="ddim", steps=50), "diffusers": theirs_run(ddim)},
+        n = getattr(args, "image_steps", 50)
+        m = timed({"ours": ours_run(sampler="ddim", steps=n), "diffusers": theirs_run(ddim, n)},
                   args.image_repeats, device, warmup=False)
-        report.add("image", f"{setting} DDIM 50 / DDIM 50", m["ours"], m["diffusers"])
+        report.add("image", f"{setting} DDIM {n} / DDIM {n}", m["ours"], m["diffusers"])
     if "recommended" in pairs:
         m = timed({"ours": ours_run(**RECOMMENDED), "diffusers": theirs_run(pndm)},
                   args.image_repeats, device, warmup=False)
@@ -400,23 +410,26 @@ def builtin_part(args, device, dtypes, report):
 
 
 def memory_part(args, dtypes, report):
-    """Peak RSS of fresh processes (benchmark_memory's runs), 512x512, 2 steps."""
+    """Peak RSS of fresh processes (benchmark_memory's runs), 2 steps, at the first of
+    --sizes for --config's model (SD v1 and 512 by default)."""
     import tempfile
 
     from benchmark_memory import DIFFUSERS_RUN, make_weights, peak_rss_gib
-    ckpt, folder = make_weights(args.cache)
+    ckpt, folder = make_weights(args.cache, args.config)
+    size = int(args.sizes.split(",")[0])
+    config = ["--config", args.config] if args.config else []
     for d in dtypes:
         if d == "fp16":
             continue  # CPU peak memory only
         with tempfile.TemporaryDirectory() as tmp:
             ours, _ = peak_rss_gib([sys.executable, ROOT / "scripts" / "txt2img.py", "--ckpt",
-                                    ckpt, "--H", 512, "--W", 512, "--n_samples", 1,
+                                    ckpt, *config, "--H", size, "--W", size, "--n_samples", 1,
                                     "--n_iter", 1, "--ddim_steps", 2, "--precision",
                                     PRECISION[d], "--outdir", Path(tmp) / "ours",
                                     "--skip_grid", "--safety_checker", "none"])
             theirs, _ = peak_rss_gib([sys.executable, "-c", DIFFUSERS_RUN, folder, 2,
-                                      Path(tmp) / "theirs.png", DTYPES[d]])
-        report.add("memory", f"peak RSS 512x512 {d}", None,
+                                      Path(tmp) / "theirs.png", DTYPES[d], size])
+        report.add("memory", f"peak RSS {size}x{size} {d}", None,
                    note=f"ours {ours:.2f} GiB, diffusers {theirs:.2f} GiB, "
                         f"ratio {ours / theirs:.2f}")
 

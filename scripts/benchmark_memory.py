@@ -22,9 +22,10 @@ import sys, torch
 from diffusers import StableDiffusionPipeline
 folder, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 dtype = getattr(torch, sys.argv[4] if len(sys.argv) > 4 else "float32")
+size = int(sys.argv[5]) if len(sys.argv) > 5 else 512
 pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=dtype)
 image = pipe("a painting of a virus monster playing guitar", num_inference_steps=steps,
-             height=512, width=512, generator=torch.Generator().manual_seed(42)).images[0]
+             height=size, width=size, generator=torch.Generator().manual_seed(42)).images[0]
 image.save(out)
 """
 
@@ -44,14 +45,17 @@ def peak_rss_gib(cmd):
     return int(kib) / 2**20, float(seconds)
 
 
-def make_weights(cache):
+def make_weights(cache, config_path=None):
+    """A random checkpoint (fp16 safetensors) and its diffusers folder, of SD v1 or of the
+    model ``config_path`` describes (e.g. SD 2's v2-inference-v.yaml)."""
     from safetensors.torch import save_file
-    ckpt, folder = cache / "sd-v1-random.safetensors", cache / "sd-v1-random-diffusers"
+    stem = "sd-v1" if config_path is None else Path(config_path).stem
+    ckpt, folder = cache / f"{stem}-random.safetensors", cache / f"{stem}-random-diffusers"
     if ckpt.exists() and (folder / "model_index.json").exists():
         return ckpt, folder
     cache.mkdir(parents=True, exist_ok=True)
     from ldm.compare import random_sd, save_diffusers_pipeline
-    model, config = random_sd()
+    model, config = random_sd(config_path=config_path)
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, ckpt)
     save_diffusers_pipeline(model, config, folder)
     return ckpt, folder
