@@ -279,10 +279,6 @@ def identify(ckpt):
             if what:
                 raise CheckpointError(f"{path} is {what}: this project runs "
                                       f"{families.runs()} pipelines")
-        if found is not None and not found.family.loads_folders:
-            raise CheckpointError(f"{path} is a {found.family.label} pipeline folder, which "
-                                  f"does not load yet: give the single-file checkpoint "
-                                  f"(.safetensors/.ckpt)")
         return _found(found, configs[1].get("in_channels"))
     from ldm.checkpoint import checkpoint_shapes
     try:

@@ -1,5 +1,5 @@
-"""SD v1 weights in the diffusers layout and in ours (CompVis'): the one place that knows
-how the two name the same modules.
+"""SD weights in the diffusers layout and in ours (CompVis', Stability's): the one place
+that knows how the two name the same modules.
 
 Our modules carry the original checkpoint's names (``model.diffusion_model.input_blocks.1.1
 ...``); diffusers renames them (``unet.down_blocks.0.attentions.0...``). The map is read off
@@ -10,19 +10,32 @@ the tiny test models alike. It serves three readers:
 - a diffusers pipeline folder given as ``--ckpt`` (``load_diffusers_folder``), converted
   to our keys on load: the reverse of diffusers' single-file converter;
 - a VAE file in the diffusers layout (``--vae``);
-- LoRA files, whose module names are diffusers' (kohya-ss trains SD 1.x on diffusers'
-  UNet) or ours (``module_names``).
+- LoRA files, whose module names are diffusers' (kohya-ss trains SD 1.x and 2.x on
+  diffusers' UNet and transformers' CLIPTextModel) or ours (``module_names``).
+
+SD 2's text encoder is OpenCLIP's tower in its own names (``ldm.modules.encoders.open_clip``);
+diffusers holds it as a transformers ``CLIPTextModel`` (``convert_open_clip_checkpoint``): one
+attention input projection ``in_proj_weight`` [3w, w] is three (``q_proj``, ``k_proj``,
+``v_proj``), and its folders keep only the blocks SD 2 runs (23 of 24) and no
+``text_projection``. ``OPENCLIP_BLOCK`` and ``qkv_slices`` say how the two name it.
 
 Module prefixes: ours are full paths in ``LatentDiffusion``; diffusers' start with the
 pipeline component (``unet.``, ``vae.``, ``text_encoder.``).
 """
 from pathlib import Path
 
+import torch
+
 from ldm.checkpoint import load_state_dict_file
 from ldm.errors import CheckpointError
 from ldm.source import WEIGHT_FILES, component_files, is_diffusers_folder  # noqa: F401
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPENCLIP = "cond_stage_model.model."
+OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj",
+                  "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+CLIP_LAYERS = "text_encoder.text_model.encoder.layers."
+QKV = ("q_proj", "k_proj", "v_proj")
 RESBLOCK_INNER = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                   "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 VAE_RESNET_INNER = {"nin_shortcut": "conv_shortcut"}
@@ -122,11 +135,37 @@ def module_names(model):
                     key = f"{ours}.{name}" if name else ours
                     out[ours_root + key] = theirs_root + (f"{theirs}.{_rename(name, inner)}"
                                                           if name else theirs)
-    text = model.cond_stage_model.transformer
-    for name, sub in text.named_modules():
-        if name and any(True for _ in sub.parameters(recurse=False)):
-            out[TEXT + name] = "text_encoder." + name
+    out.update(_text_modules(model.cond_stage_model))
     return out
+
+
+def _text_modules(encoder):
+    """{our module path: diffusers'} for the text encoder: SD v1's is transformers'
+    CLIPTextModel already; OpenCLIP's (SD 2) as diffusers converts it, less the attention
+    input projections (``qkv_slices``) and the position embedding (a bare parameter)."""
+    if hasattr(encoder, "transformer"):
+        return {TEXT + name: "text_encoder." + name
+                for name, sub in encoder.transformer.named_modules()
+                if name and any(True for _ in sub.parameters(recurse=False))}
+    out = {OPENCLIP + "token_embedding": "text_encoder.text_model.embeddings.token_embedding",
+           OPENCLIP + "ln_final": "text_encoder.text_model.final_layer_norm"}
+    for i in range(encoder.model.layers):
+        for ours, theirs in OPENCLIP_BLOCK.items():
+            out[f"{OPENCLIP}transformer.resblocks.{i}.{ours}"] = f"{CLIP_LAYERS}{i}.{theirs}"
+    return out
+
+
+def qkv_slices(model):
+    """{diffusers module path ("text_encoder...layers.N.self_attn.q_proj"): (our module
+    path, its parameter holding all three, first row, end row)} for a model whose text
+    encoder is OpenCLIP's (SD 2), else {}."""
+    encoder = model.cond_stage_model
+    if hasattr(encoder, "transformer"):
+        return {}
+    width = encoder.model.token_embedding.weight.shape[1]
+    return {f"{CLIP_LAYERS}{i}.self_attn.{proj}":
+            (f"{OPENCLIP}transformer.resblocks.{i}.attn", "in_proj", n * width, (n + 1) * width)
+            for i in range(encoder.model.layers) for n, proj in enumerate(QKV)}
 
 
 def parameter_names(model):
@@ -137,15 +176,51 @@ def parameter_names(model):
         module, _, param = key.rpartition(".")
         if module in modules:
             out[f"{modules[module]}.{param}"] = key
+    if qkv_slices(model):   # OpenCLIP's bare parameters; in_proj_* stand for q/k/v (_merge_qkv)
+        out["text_encoder.text_model.embeddings.position_embedding.weight"] = (
+            OPENCLIP + "positional_embedding")
+        for i in range(model.cond_stage_model.model.layers):
+            for param in ("weight", "bias"):
+                out[f"{CLIP_LAYERS}{i}.self_attn.in_proj_{param}"] = (
+                    f"{OPENCLIP}transformer.resblocks.{i}.attn.in_proj_{param}")
     return out
+
+
+def _merge_qkv(sd):
+    """A CLIPTextModel state_dict (keys from ``text_model.``) with each layer's q, k and v
+    projections stacked into one ``self_attn.in_proj_{weight,bias}``, as OpenCLIP holds them."""
+    out = dict(sd)
+    for key in sd:
+        head, sep, tail = key.partition(".self_attn.q_proj.")
+        if not sep:
+            continue
+        parts = [out.pop(f"{head}.self_attn.{proj}.{tail}", None) for proj in QKV]
+        if any(p is None for p in parts):
+            raise CheckpointError(f"the text encoder's {head} lacks some of q_proj, k_proj, v_proj")
+        out[f"{head}.self_attn.in_proj_{tail}"] = torch.cat(parts)
+    return out
+
+
+def unused_openclip(model):
+    """Our keys of the parts of SD 2's OpenCLIP tower that SD 2 never runs and diffusers'
+    folders leave out: the blocks after the layer the config conditions on, and
+    ``text_projection``/``logit_scale`` (none for SD v1's CLIP)."""
+    encoder = model.cond_stage_model
+    if hasattr(encoder, "transformer"):
+        return []
+    unused = tuple(f"{OPENCLIP}transformer.resblocks.{i}."
+                   for i in range(encoder.model.layers - encoder.layer_idx, encoder.model.layers))
+    return [k for k in model.state_dict() if k.startswith(unused)
+            or k in (OPENCLIP + "text_projection", OPENCLIP + "logit_scale")]
 
 
 def from_diffusers(model, components):
     """Our state_dict from diffusers-layout ones: ``components`` maps "unet", "vae",
     "text_encoder" to their state_dicts (any may be missing). The VAE's 1x1 attention
     projections are Linear weights in diffusers and 1x1 convolutions here; its older
-    attention names (``query``, ``proj_attn``) are read too. Keys left over, or ours not
-    filled for a given component, raise CheckpointError naming a few."""
+    attention names (``query``, ``proj_attn``) are read too; SD 2's text encoder gets its
+    q/k/v stacked and its unused parts as zeros (``unused_openclip``). Keys left over, or
+    ours not filled for a given component, raise CheckpointError naming a few."""
     names = parameter_names(model)
     own = model.state_dict()
     out, left = {}, []
@@ -153,6 +228,8 @@ def from_diffusers(model, components):
         if component == "text_encoder":
             sd = {(k if k.startswith("text_model.") else "text_model." + k): v
                   for k, v in sd.items() if not k.endswith("position_ids")}
+            if qkv_slices(model):
+                sd = _merge_qkv(sd)
         for key, value in sd.items():
             theirs = f"{component}.{key}"
             ours = names.get(theirs) or names.get(_modern_vae_name(theirs))
@@ -162,6 +239,11 @@ def from_diffusers(model, components):
             if value.dim() == 2 and own[ours].dim() == 4:
                 value = value[:, :, None, None]
             out[ours] = value
+    if "text_encoder" in components:
+        # a block of zeros is the identity, so even a ``layer: last`` config conditions on
+        # what the folder's CLIPTextModel gives
+        out.update({k: torch.zeros(own[k].shape) for k in unused_openclip(model)
+                    if k not in out})
     missing = [ours for theirs, ours in names.items()
                if theirs.split(".")[0] in components and ours not in out]
     if left or missing:
@@ -184,17 +266,24 @@ def _modern_vae_name(key):
 
 def to_diffusers(model, sd=None):
     """The reverse: {component: state_dict} in diffusers' layout from our ``sd`` (default:
-    ``model``'s own), for saving a diffusers folder from our weights."""
+    ``model``'s own), for saving a diffusers folder from our weights (SD 2: the blocks of
+    OpenCLIP that it runs, as diffusers' folders hold them)."""
     names = {ours: theirs for theirs, ours in parameter_names(model).items()}
     own = model.state_dict()
     sd = own if sd is None else sd
+    unused = set(unused_openclip(model))
     out = {}
     for key, value in sd.items():
-        if key not in names:
+        if key not in names or key in unused:
             continue
         component, _, theirs = names[key].partition(".")
         if component == "vae" and value.dim() == 4 and ".attentions." in theirs:
             value = value[:, :, 0, 0]
+        head, sep, param = theirs.partition(".self_attn.in_proj_")
+        if sep:   # OpenCLIP's stacked q/k/v, as CLIPTextModel's three
+            for proj, part in zip(QKV, value.chunk(3)):
+                out.setdefault(component, {})[f"{head}.self_attn.{proj}.{param}"] = part
+            continue
         out.setdefault(component, {})[theirs] = value
     return out
 
@@ -211,7 +300,7 @@ def load_component(folder, component):
 
 
 def load_diffusers_folder(folder, model):
-    """Our state_dict for ``model`` from a diffusers SD 1.x pipeline folder (``unet/``,
+    """Our state_dict for ``model`` from a diffusers SD 1.x or 2.x pipeline folder (``unet/``,
     ``vae/``, ``text_encoder/``; safetensors or .bin through the safe unpickler, fp16 or
     fp32)."""
     folder = Path(folder)

@@ -84,9 +84,10 @@ def settle_prediction(choice, model):
     that variant's config (its prediction and native size: the weights are the same) with
     one line saying so. Returns the ``ModelChoice`` now true."""
     from ldm.models.diffusion.noise_model import fitting_prediction
+    from ldm.source import is_diffusers_folder
     family = choice.family
     options = family.prediction_variants.get(choice.variant) if family else None
-    if not options:
+    if not options or is_diffusers_folder(choice.ckpt):   # a folder's scheduler said which
         return choice
     variant = options[fitting_prediction(model)]
     if variant == choice.variant:

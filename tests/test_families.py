@@ -161,16 +161,22 @@ def test_an_sd2_file_gets_stabilitys_config_and_the_familys_defaults(tmp_path):
     assert (ModelInfo.of_choice(choice).native_size, choice.defaults["scale"]) == (768, 9.0)
 
 
-def test_an_sd2_diffusers_folder_is_refused_in_one_line_until_it_loads(tmp_path):
+@pytest.mark.parametrize("prediction, variant", [("epsilon", "txt2img"),
+                                                 ("v_prediction", "v")])
+def test_an_sd2_diffusers_folder_chooses_its_config_from_its_scheduler(tmp_path, prediction,
+                                                                      variant):
     import json
     from ldm.config import choose_model
-    from ldm.errors import CheckpointError
     (tmp_path / "unet").mkdir()
+    (tmp_path / "scheduler").mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 1024}))
-    with pytest.raises(CheckpointError, match="Stable Diffusion 2.x pipeline folder, which "
-                                              "does not load yet"):
-        choose_model(tmp_path)
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"prediction_type": prediction}))
+    choice = choose_model(tmp_path)
+    assert (choice.family.name, choice.variant) == ("sd2", variant)
+    assert choice.config_path == ROOT / "configs" / "stable-diffusion" / (
+        "v2-inference-v.yaml" if variant == "v" else "v2-inference.yaml")
 
 
 def test_each_image_records_its_family_and_prediction(tmp_path):

@@ -299,3 +299,88 @@ def test_guidance_rescale_matches_diffusers(tmp_path, sampler):
                       output_type="latent").images
     err = rel_err(z_ours, z_theirs)
     assert err < 1e-4 and rel_err(z_plain, z_theirs) > 100 * err
+
+
+# ------------------------------------------------------------------ diffusers folders
+
+def test_full_size_sd2_map_covers_every_weight_as_diffusers_folders_name_it():
+    """On SD 2's own shapes (meta tensors): our map gives every weight diffusers' name, the
+    text encoder's as a 23-layer CLIPTextModel holds it (q/k/v apart, no projection); what
+    the map leaves out is the unused last block, text_projection and logit_scale."""
+    from ldm import convert
+    from ldm.compare import _text_encoder
+    model = build_model(SD2 / "v2-inference-v.yaml", meta=True)
+    sd = model.state_dict()
+    original = OmegaConf.to_container(OmegaConf.load(SD2 / "v2-inference-v.yaml"))
+    ucfg = su.create_unet_diffusers_config_from_ldm(original, sd)
+    vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
+    with torch.device("meta"):
+        clip, clip_sd = _text_encoder(model.cond_stage_model, sd, transformers, su)
+    ours = convert.to_diffusers(model)
+    want = {"unet": su.convert_ldm_unet_checkpoint(sd, ucfg),
+            "vae": su.convert_ldm_vae_checkpoint(sd, vcfg),
+            "text_encoder": {k if k.startswith("text_model.") else "text_model." + k: v
+                             for k, v in clip_sd.items()}}
+    for part, theirs in want.items():
+        assert set(ours[part]) == set(theirs), part
+        assert all(ours[part][k].shape == v.shape
+                   for k, v in theirs.items()), part
+    unused = set(convert.unused_openclip(model))
+    assert len(unused) == 12 + 2 and {"cond_stage_model.model.text_projection"} < unused
+    assert all(".resblocks.23." in k for k in unused - {"cond_stage_model.model.text_projection",
+                                                         "cond_stage_model.model.logit_scale"})
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_an_sd2_diffusers_folder_loads_to_the_same_model(tmp_path, variant):
+    """A folder diffusers' save_pretrained wrote from tiny SD 2 weights (its text encoder a
+    CLIPTextModel of the 2 blocks run, of 3) loads, given as --ckpt, to exactly those
+    weights; the block never run comes back as zeros, and the text encoder, the UNet and a
+    whole image are as before. fp16: the weights rounded to fp16."""
+    from ldm.compare import save_diffusers_pipeline
+    from ldm.config import choose_model
+    from ldm.convert import unused_openclip
+    from ldm.pipeline import Pipeline, load_model
+    model, config = tiny_sd2_variant("v", seed=15)
+    folder = tmp_path / "pipe"
+    pipe = save_diffusers_pipeline(model, config, folder)
+    if variant == "fp16":
+        import shutil
+        shutil.rmtree(folder)
+        pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    assert transformers.CLIPTextConfig.from_pretrained(folder / "text_encoder").num_hidden_layers == 2
+    config_path = tmp_path / "tiny-sd2-v.yaml"
+    OmegaConf.save(config, config_path)
+    choice = choose_model(folder, config_path)
+    loaded = load_model(choice.ckpt, choice.config)
+    want, got = model.state_dict(), loaded.state_dict()
+    unused = set(unused_openclip(model))
+    assert unused and all(not got[k].any() for k in unused)
+    for k, v in want.items():
+        if k not in unused:
+            expected = v.half().float() if variant == "fp16" and v.is_floating_point() else v
+            if k.endswith("alphas_cumprod") or "sqrt" in k or "posterior" in k or k.endswith(
+                    ("betas", "alphas_cumprod_prev")):
+                expected = v
+            assert torch.equal(got[k], expected), k
+    if variant == "fp32":
+        prompts, seeds = ["a red circle"], [3]
+        kw = dict(sampler="ddim", steps=4, scale=9.0, height=32, width=32, progress=False)
+        a = Pipeline(model, torch.device("cpu"), "full").latents(prompts, seeds, **kw)
+        b = Pipeline(loaded, torch.device("cpu"), "full").latents(prompts, seeds, **kw)
+        assert a.abs().max() > 0.1 and torch.equal(a, b)
+        loaded.cond_stage_model.layer_idx = 0   # layer: last, through the zero block
+        assert torch.equal(loaded.cond_stage_model.encode(prompts),
+                           model.cond_stage_model.encode(prompts))
+
+
+def test_an_sd2_folder_missing_a_block_it_runs_is_refused_in_one_line(tmp_path):
+    from ldm.checkpoint import CheckpointError
+    from ldm.convert import from_diffusers, to_diffusers
+    model, _ = tiny_sd2_variant("eps", seed=16)
+    parts = to_diffusers(model)
+    parts["text_encoder"] = {k: v for k, v in parts["text_encoder"].items()
+                             if ".layers.1." not in k}
+    with pytest.raises(CheckpointError, match=r"missing \(cond_stage_model.model.transformer"
+                                              r".resblocks.1"):
+        from_diffusers(model, parts)

@@ -25,7 +25,6 @@ class Family:
     vae_shift: float = 0.0
     text_width: int = 768        # a textual-inversion vector's width
     lora_prefixes: tuple = ()    # kohya-ss key prefixes of its LoRAs
-    loads_folders: bool = True   # whether its diffusers folders convert to our layout yet
     # variants whose prediction type the keys cannot tell: {variant: {prediction: variant}},
     # settled after loading by one UNet call (``noise_model.fitting_prediction``)
     prediction_variants: dict = field(default_factory=dict)

@@ -58,6 +58,5 @@ FAMILY = Family(
     prefixes={"unet": UNET, "vae": "first_stage_model.", "text": "cond_stage_model.model."},
     native_size=512, prediction="eps", vae_scale=0.18215, text_width=1024,
     lora_prefixes=("lora_unet_", "lora_te_"),
-    loads_folders=False,
-    prediction_variants={"txt2img": {"eps": "txt2img", "v": "v"}},   # its text encoder's diffusers form (23 CLIP layers) is not read yet
+    prediction_variants={"txt2img": {"eps": "txt2img", "v": "v"}},
 )
