@@ -21,10 +21,6 @@ import torch
 
 from ldm.checkpoint import CheckpointError, _load_pickle, _load_safetensors, file_hash
 
-WIDTH_FAMILIES = {1024: "SD 2.x (OpenCLIP ViT-H, 1024 wide)",
-                  1280: "SDXL's second text encoder (1280 wide)"}
-
-
 class EmbeddingError(CheckpointError):
     """An embedding that cannot be added; nothing of it was added."""
 
@@ -98,9 +94,9 @@ def check_embedding(embedding, encoder):
     width = encoder.token_embedding.weight.shape[1]
     got = embedding.vectors.shape[1]
     if got != width:
-        family = WIDTH_FAMILIES.get(got)
-        raise EmbeddingError(f"embedding {embedding.path} is {got} wide, this text encoder "
-                             f"{width}" + (f": it is for {family}" if family else ""))
+        from ldm.families import of_text_width
+        raise EmbeddingError(f"embedding {embedding.path} is {got} wide, for "
+                             f"{of_text_width(got)}; this model's text encoder is {width} wide")
     token = embedding.token
     if not token.strip() or any(c.isspace() for c in token):
         raise EmbeddingError(f"embedding token {token!r} must be one word without spaces "

@@ -5,8 +5,10 @@ A LoRA file holds, for some of the model's Linear and convolution layers, a low-
 becomes ``W + w * delta W``. The layouts read (``read_lora``):
 
 - kohya-ss (``lora_unet_*``, ``lora_te_*`` with ``.lora_down``, ``.lora_up``, ``.alpha``):
-  module names are diffusers' with ``_`` for ``.`` (kohya trains SD 1.x on diffusers'
-  UNet), or ours (CompVis', ``lora_unet_input_blocks_1_1_...``); LoCon/LyCORIS adds the
+  module names are diffusers' with ``_`` for ``.`` (kohya trains SD 1.x and 2.x on
+  diffusers' UNet and transformers' CLIPTextModel: for SD 2's OpenCLIP tower a
+  ``q_proj``/``k_proj``/``v_proj`` update goes to its third of ``in_proj_weight``, as
+  A1111 merges them), or ours (CompVis', ``lora_unet_input_blocks_1_1_...``); LoCon/LyCORIS adds the
   ResBlocks' 3x3 convolutions (down ``[r, in, 3, 3]``, up ``[out, r, 1, 1]``); LyCORIS'
   LoHa (``hada_w1_a`` ...) and LoKr (``lokr_w1``, ``lokr_w2_a`` ...) in the same names;
 - diffusers/PEFT (``unet.<module>.lora_A.weight``/``lora_B``, with or without ``unet.``
@@ -48,6 +50,24 @@ class LoraLayer:
     scale: float = 1.0  # alpha / rank (1 when the file gives no alpha)
     kind: str = "lora"
     factors: dict = field(default_factory=dict)  # LoHa / LoKr tensors by their suffix
+    param: str = "weight"   # the module's parameter it updates
+    rows: tuple = None      # (first, end): the rows of that parameter it updates (q of q/k/v)
+
+    def target(self, modules):
+        """(the parameter it updates, the shape of the part it updates)."""
+        weight = getattr(modules[self.module], self.param)
+        if self.rows is None:
+            return weight, weight.shape
+        return weight, (self.rows[1] - self.rows[0], *weight.shape[1:])
+
+    def full_delta(self, weight, shape):
+        """The update as a tensor of ``weight``'s whole shape (zeros outside ``rows``)."""
+        d = self.delta(shape)
+        if self.rows is None:
+            return d
+        full = torch.zeros(weight.shape, dtype=d.dtype)
+        full[self.rows[0]:self.rows[1]] = d
+        return full
 
     def delta(self, shape):
         """The update as a float32 tensor of the weight's ``shape`` (ValueError when it
@@ -93,25 +113,42 @@ class Lora:
         self.name = self.name or self.path.stem
 
 
-def kohya_names(model_names):
-    """{kohya-ss layer name: our module path} from ``ldm.convert.module_names``: both the
-    diffusers-based names kohya writes for SD 1.x and CompVis-based ones."""
-    from ldm.convert import TEXT, UNET
+def kohya_names(model_names, slices=None):
+    """{kohya-ss layer name: our module path, or (module, parameter, (first, end row))}
+    from ``ldm.convert.module_names`` and ``qkv_slices``: the diffusers-based names kohya
+    writes (the text encoder's as transformers' CLIPTextModel names it) and CompVis-based
+    ones for the UNet."""
+    from ldm.convert import UNET
     out = {}
     for ours, theirs in model_names.items():
         if ours.startswith(UNET):
             out["lora_unet_" + theirs[len("unet."):].replace(".", "_")] = ours
             out["lora_unet_" + ours[len(UNET):].replace(".", "_")] = ours
-        elif ours.startswith(TEXT):
-            out["lora_te_" + ours[len(TEXT):].replace(".", "_")] = ours
+        elif theirs.startswith("text_encoder."):
+            out["lora_te_" + theirs[len("text_encoder."):].replace(".", "_")] = ours
+    for theirs, (module, param, first, end) in (slices or {}).items():
+        out["lora_te_" + theirs[len("text_encoder."):].replace(".", "_")] = (
+            module, param + "_weight", (first, end))
     return out
 
 
-def peft_names(model_names):
+def peft_names(model_names, slices=None):
     """{diffusers module path without its component ("unet.down_blocks..." minus "unet."
-    kept as given): our module path}, for the UNet and text encoder."""
-    return {theirs: ours for ours, theirs in model_names.items()
-            if theirs.startswith(("unet.", "text_encoder."))}
+    kept as given): our module path, or (module, parameter, rows)}, for the UNet and text
+    encoder."""
+    out = {theirs: ours for ours, theirs in model_names.items()
+           if theirs.startswith(("unet.", "text_encoder."))}
+    out.update({theirs: (module, param + "_weight", (first, end))
+                for theirs, (module, param, first, end) in (slices or {}).items()})
+    return out
+
+
+def _layer(target, **kw):
+    """A LoraLayer for a ``kohya_names``/``peft_names`` value."""
+    if isinstance(target, tuple):
+        module, param, rows = target
+        return LoraLayer(module, param=param, rows=rows, **kw)
+    return LoraLayer(target, **kw)
 
 
 _PEFT_SUFFIX = re.compile(
@@ -124,32 +161,29 @@ _TEXT_OLD = re.compile(r"\.self_attn\.(to_q|to_k|to_v|to_out)$")
 _TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
-def other_architecture(sd):
-    """A one-line name of the model family a LoRA was made for when it is clearly not
-    SD 1.x, else None (decided from key names and the text width the UNet attends to)."""
+def made_for(sd):
+    """(who, text width) of the generation a LoRA file was made for, as far as its key names
+    and the widths its layers take tell (width None: not a UNet of text cross-attention at
+    all), or None when nothing tells."""
+    from ldm import families
     keys = list(sd)
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
-        return "SDXL (two text encoders)"
+        return "SDXL (two text encoders)", 2048
     if any(k.startswith(("lora_transformer_", "transformer.", "diffusion_model.")) for k in keys):
-        return "a transformer model (SD3, Flux or similar), not a UNet"
+        return "a transformer model (SD3, Flux or similar), not a UNet", None
     for k, v in sd.items():
-        if ("attn2" in k and "to_k" in k and ("lora_down" in k or "lora_A" in k
-                                             or ".down." in k) and v.dim() >= 2):
-            width = v.shape[1]
-            if width == 1024:
-                return "SD 2.x (its UNet attends to 1024-wide OpenCLIP text)"
-            if width == 2048:
-                return "SDXL (its UNet attends to 2048-wide text)"
-    for k, v in sd.items():
-        if k.startswith("lora_te_") and "lora_down" in k and v.dim() == 2 and v.shape[1] == 1024:
-            return "SD 2.x (1024-wide OpenCLIP text encoder)"
+        down = "lora_down" in k or "lora_A" in k or ".down." in k
+        if down and getattr(v, "dim", lambda: 0)() >= 2 and (
+                ("attn2" in k and "to_k" in k) or ("lora_te_" in k and "self_attn" in k)):
+            return families.of_text_width(v.shape[1]), v.shape[1]
     return None
 
 
 def read_lora(path, model, model_names=None):
     """A ``Lora`` for ``model`` from a file; LoraError (one line, nothing applied) for a
     file that is not a LoRA, is for another architecture, or names layers ``model`` lacks."""
-    from ldm.convert import module_names
+    from ldm import families
+    from ldm.convert import module_names, qkv_slices
     path = lora_file(path)
     try:
         sd = load_state_dict_file(path)
@@ -157,14 +191,17 @@ def read_lora(path, model, model_names=None):
         raise LoraError(str(e).replace("checkpoint", "LoRA file")) from None
     if not sd:
         raise LoraError(f"LoRA {path} holds no tensors")
-    other = other_architecture(sd)
-    if other:
-        raise LoraError(f"LoRA {path} is for {other}; this model is SD 1.x")
+    width = model.cond_stage_model.token_embedding.weight.shape[1]
+    found = made_for(sd)
+    if found is not None and found[1] != width:
+        raise LoraError(f"LoRA {path} is for {found[0]}; this model is "
+                        f"{families.of_text_width(width)}")
     names = model_names or module_names(model)
+    slices = qkv_slices(model)
     if any(k.startswith(("lora_unet_", "lora_te_")) for k in sd):
-        layers, leftover, layout = _kohya_layers(sd, kohya_names(names))
+        layers, leftover, layout = _kohya_layers(sd, kohya_names(names, slices))
     elif any(_PEFT_SUFFIX.match(k) for k in sd):
-        layers, leftover, layout = _peft_layers(sd, peft_names(names), peft_alphas(path))
+        layers, leftover, layout = _peft_layers(sd, peft_names(names, slices), peft_alphas(path))
     else:
         unsupported = _lycoris_kind(sd)
         raise LoraError(f"{path} is not a LoRA file this project reads"
@@ -180,12 +217,12 @@ def read_lora(path, model, model_names=None):
         raise LoraError(f"LoRA {path} has no layers")
     own = dict(model.named_modules())
     for layer in layers:
-        weight = own[layer.module].weight
+        _, shape = layer.target(own)
         try:
-            layer.delta(weight.shape)
+            layer.delta(shape)
         except (ValueError, RuntimeError) as e:
             raise LoraError(f"LoRA {path} does not fit this model: {layer.module} is "
-                            f"{tuple(weight.shape)} ({e}); is it for another model?") from None
+                            f"{tuple(shape)} ({e}); is it for another model?") from None
     return Lora(path, layers, layout, file_hash(path))
 
 
@@ -236,11 +273,11 @@ def _kohya_layers(sd, names):
         alpha = sd[parts["alpha"]] if "alpha" in parts else None
         if "lora_down.weight" in parts and "lora_up.weight" in parts:
             down, up = sd[parts["lora_down.weight"]], sd[parts["lora_up.weight"]]
-            layer = LoraLayer(names[name], down, up, _scale(alpha, down.shape[0]))
+            layer = _layer(names[name], down=down, up=up, scale=_scale(alpha, down.shape[0]))
         elif all(k in parts for k in LOHA):
             factors = {k: sd[parts[k]] for k in LOHA}
-            layer = LoraLayer(names[name], kind="loha", factors=factors,
-                              scale=_scale(alpha, factors["hada_w1_b"].shape[0]))
+            layer = _layer(names[name], kind="loha", factors=factors,
+                           scale=_scale(alpha, factors["hada_w1_b"].shape[0]))
         elif any(k in parts for k in LOKR):
             factors = {k: sd[parts[k]] for k in LOKR if k in parts}
             whole = [k for k in ("1", "2") if f"lokr_w{k}" in factors]
@@ -249,8 +286,8 @@ def _kohya_layers(sd, names):
             if sorted(whole + pairs) != ["1", "2"]:
                 continue  # incomplete: left over, reported by the caller
             rank = factors.get("lokr_w2_b", factors.get("lokr_w1_b"))
-            layer = LoraLayer(names[name], kind="lokr", factors=factors,
-                              scale=_scale(alpha, rank.shape[0]) if rank is not None else 1.0)
+            layer = _layer(names[name], kind="lokr", factors=factors,
+                           scale=_scale(alpha, rank.shape[0]) if rank is not None else 1.0)
         else:
             continue
         layers.append(layer)
@@ -321,7 +358,7 @@ def _peft_layers(sd, names, settings=None):
             component, _, inner = module.partition(".")
             scale = _peft_scale((settings or {}).get(component, {}), inner,
                                 p["down"].shape[0], p.get("alpha"))
-            layers.append(LoraLayer(names[module], p["down"], p["up"], scale))
+            layers.append(_layer(names[module], down=p["down"], up=p["up"], scale=scale))
             used.update(p["keys"])
     return layers, [k for k in sd if k not in used], "peft"
 
@@ -333,7 +370,7 @@ class LoraStack:
     def __init__(self, model):
         self.model = model
         self.applied = []     # [(Lora, weight)]
-        self.saved = {}       # module path -> original weight tensor
+        self.saved = {}       # (module path, parameter) -> original tensor
 
     def set(self, loras):
         """Merge exactly ``loras`` ([(Lora, weight)]), after restoring the base weights."""
@@ -342,13 +379,14 @@ class LoraStack:
         deltas = {}
         for lora, weight in loras:
             for layer in lora.layers:
-                w = modules[layer.module].weight
-                d = layer.delta(w.shape).to(w.device) * float(weight)
-                deltas[layer.module] = deltas[layer.module] + d if layer.module in deltas else d
+                w, shape = layer.target(modules)
+                d = layer.full_delta(w, shape).to(w.device) * float(weight)
+                key = (layer.module, layer.param)
+                deltas[key] = deltas[key] + d if key in deltas else d
         with torch.no_grad():
-            for name, d in deltas.items():
-                param = modules[name].weight
-                self.saved[name] = param.data
+            for (name, attr), d in deltas.items():
+                param = getattr(modules[name], attr)
+                self.saved[name, attr] = param.data
                 param.data = (param.data.float() + d).to(param.dtype)
         self.applied = list(loras)
 
@@ -356,8 +394,8 @@ class LoraStack:
         """The base weights back, bit for bit (the saved tensors themselves)."""
         modules = dict(self.model.named_modules())
         with torch.no_grad():
-            for name, original in self.saved.items():
-                modules[name].weight.data = original
+            for (name, attr), original in self.saved.items():
+                getattr(modules[name], attr).data = original
         self.saved = {}
         self.applied = []
 

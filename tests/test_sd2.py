@@ -384,3 +384,126 @@ def test_an_sd2_folder_missing_a_block_it_runs_is_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing \(cond_stage_model.model.transformer"
                                               r".resblocks.1"):
         from_diffusers(model, parts)
+
+
+# ------------------------------------------------------------------ LoRA and embeddings
+
+def kohya_sd2_lora(unet, text_encoder, rank=4, alpha=2.0, seed=0):
+    """A random kohya-ss LoRA named from diffusers' own SD 2 modules (UNet attention and
+    ResBlock convolutions; every Linear of the CLIPTextModel, q/k/v apart): the names
+    kohya's sd-scripts write for SD 2."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    nets = [("lora_unet_", unet, ""), ("lora_te_", text_encoder, "text_model.")]
+    for prefix, net, root in nets:
+        for name, m in net.named_modules():
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            if prefix == "lora_unet_" and not (any(s in name for s in (
+                    "to_q", "to_k", "to_v", "to_out", "ff.net", "proj_in", "proj_out"))
+                    or (isinstance(m, torch.nn.Conv2d) and "resnets" in name
+                        and "shortcut" not in name)):
+                continue
+            if prefix == "lora_te_" and "layers" not in name:
+                continue
+            if not name.startswith(root):
+                name = root + name
+            w = m.weight
+            kernel = w.shape[2:]
+            key = prefix + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"] = torch.randn(rank, w.shape[1], *kernel, generator=g) * 0.3
+            sd[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], rank, *(1,) * len(kernel),
+                                                      generator=g) * 0.3
+            sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+def sd2_outputs(model, pipe):
+    """(ours, theirs) for the UNet's v prediction and the text encoder's conditioning."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([901, 11])
+    ctx = torch.randn(2, 77, 48, generator=g)
+    ids = model.cond_stage_model.tokenize(["a red circle", "two squares"], 77)
+    with torch.no_grad():
+        ours = (model.apply_model(x, t, ctx), model.cond_stage_model.encode_ids(ids))
+        theirs = (pipe.unet(x, t, encoder_hidden_states=ctx).sample,
+                  pipe.text_encoder(ids).last_hidden_state)
+    return ours, theirs
+
+
+def test_kohya_sd2_lora_matches_diffusers_load_lora_weights(tmp_path):
+    """A kohya LoRA for SD 2 (UNet with LoCon convolutions; OpenCLIP's text tower in
+    CLIPTextModel names: our q/k/v updates land in thirds of in_proj_weight), merged by us
+    at 0.7, against diffusers' load_lora_weights on identical base weights; unmerged, the
+    weights are back bit for bit."""
+    from safetensors.torch import save_file
+    from ldm.compare import diffusers_components
+    from ldm.pipeline import Pipeline
+    model, config = tiny_sd2_variant("v", seed=17)
+    pipe = diffusers.StableDiffusionPipeline(**diffusers_components(model, config, tmp_path / "tok"))
+    lora = kohya_sd2_lora(pipe.unet, pipe.text_encoder)
+    assert any("self_attn_q_proj" in k for k in lora)
+    path = tmp_path / "sd2style.safetensors"
+    save_file(lora, path)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    pipe.load_lora_weights(str(path), adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.7])
+    (u0, t0), _ = sd2_outputs(model, pipe)
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    ours.set_loras([(path, 0.7)])
+    (u, t), (du, dt) = sd2_outputs(model, pipe)
+    assert rel_err(u, du) < 1e-4 and rel_err(t, dt) < 1e-4
+    assert rel_err(u, u0) > 1e-2 and rel_err(t, t0) > 1e-2   # it changed both
+    qkv = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    assert not torch.equal(model.state_dict()[qkv], base[qkv])
+    ours.set_loras([])
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
+def test_an_sd1_lora_on_an_sd2_model_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+    from ldm.lora import LoraError
+    from ldm.pipeline import Pipeline
+    model, _ = tiny_sd2_variant("eps", seed=18)
+    path = tmp_path / "v1.safetensors"
+    save_file({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight":
+               torch.zeros(4, 768),
+               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight":
+               torch.zeros(768, 4)}, path)
+    with pytest.raises(LoraError, match=r"is for Stable Diffusion 1.x \(768-wide text\); this "
+                                        r"model is a model of 48-wide text"):
+        Pipeline(model, torch.device("cpu"), "full", watermark=False).set_loras([(path, 1.0)])
+
+
+@pytest.mark.parametrize("layout", ["a1111-pt", "a1111-safetensors"])
+def test_an_sd2_embedding_encodes_as_diffusers_load_textual_inversion(tmp_path, layout):
+    """A textual-inversion embedding as wide as OpenCLIP's tokens (1,024 for SD 2; 48 on
+    the tiny model) against diffusers' load_textual_inversion on the SD 2 twin; one of
+    SD 1.x's width is refused in one line."""
+    from safetensors.torch import save_file
+    from ldm.compare import diffusers_components
+    from ldm.embeddings import EmbeddingError
+    from ldm.pipeline import Pipeline
+    model, config = tiny_sd2_variant("eps", seed=19)
+    vectors = torch.randn(2, 48, generator=torch.Generator().manual_seed(4))
+    path = tmp_path / ("zqwonder.pt" if layout == "a1111-pt" else "zqwonder.safetensors")
+    if layout == "a1111-pt":
+        torch.save({"string_to_token": {"*": 265}, "name": "zqwonder", "step": 100,
+                    "string_to_param": {"*": torch.nn.Parameter(vectors.clone())}}, path)
+    else:
+        save_file({"emb_params": vectors.clone()}, path)
+    pipe = diffusers.StableDiffusionPipeline(**diffusers_components(model, config, tmp_path / "tok"))
+    pipe.load_textual_inversion(str(path), token="zqwonder")
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    assert ours.load_embedding(path) == "zqwonder"
+    prompts = ["a photo of zqwonder on a table", "zqwonder", "no token here"]
+    with torch.no_grad():
+        got = model.cond_stage_model.encode(prompts)
+        want = torch.cat([pipe.encode_prompt(p, "cpu", 1, False)[0] for p in prompts])
+    assert rel_err(got, want) < 1e-5
+    assert not torch.equal(got[0], model.cond_stage_model.encode(["a photo of on a table"])[0])
+    save_file({"emb_params": torch.zeros(1, 768)}, tmp_path / "zqv1.safetensors")
+    with pytest.raises(EmbeddingError, match="768") as e:
+        ours.load_embedding(tmp_path / "zqv1.safetensors")
+    assert "\n" not in str(e.value)

@@ -353,7 +353,8 @@ def _save(path, sd):
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
             torch.zeros(4, 1024),
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight":
-            torch.zeros(320, 4)}), "SD 2.x"),
+            torch.zeros(320, 4)}), r"is for Stable Diffusion 2.x \(1,024-wide text\); this model is a "
+                                   "model of 32-wide text"),
     ("flux", lambda m, d: _save(d / "x.safetensors", {
         "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8)}),
      "transformer model"),
@@ -545,7 +546,9 @@ def test_an_embedding_that_cannot_be_added_is_refused_in_one_line(tmp_path):
     from ldm.embeddings import EmbeddingError
     from ldm.pipeline import Pipeline
     pipe = Pipeline(fresh_tiny(), torch.device("cpu"), "full", watermark=False)
-    cases = {"wide.safetensors": ({"emb_params": torch.zeros(2, 1024)}, "SD 2.x"),
+    cases = {"wide.safetensors": ({"emb_params": torch.zeros(2, 1024)},
+                                  r"1024 wide, for Stable Diffusion 2.x \(1,024-wide text\); this "
+                                  "model.s text encoder is 32 wide"),
              "xl.safetensors": ({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)},
                                 "SDXL"),
              "cat.safetensors": ({"emb_params": torch.zeros(2, 32)}, "vocabulary"),

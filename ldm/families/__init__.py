@@ -83,6 +83,15 @@ def of_config(path):
     return None
 
 
+def of_text_width(width):
+    """Who conditions on ``width``-wide text, for a message about an add-on made for
+    another generation: "Stable Diffusion 2.x (1,024-wide text)"."""
+    for family in FAMILIES:
+        if family.text_width == width:
+            return f"{family.label} ({width:,}-wide text)"
+    return known.text_width(width) or f"a model of {width:,}-wide text"
+
+
 def by_name(name):
     """The family called ``name`` ("sd1")."""
     for family in FAMILIES:

@@ -105,3 +105,10 @@ def describe_folder(index, unet, scheduler):
         return (f"a pipeline whose scheduler predicts {prediction} (SD 1.x predicts the "
                 "noise)")
     return None
+
+
+def text_width(width):
+    """The generation not run here whose UNet attends to ``width``-wide text, or None."""
+    return {1280: "SDXL's second text encoder (OpenCLIP ViT-bigG, 1,280-wide)",
+            2048: "SDXL (2,048-wide text: CLIP ViT-L and OpenCLIP ViT-bigG)",
+            4096: "Stable Diffusion 3 / FLUX (T5, 4,096-wide text)"}.get(width)
