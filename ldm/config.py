@@ -5,7 +5,7 @@ naming the file. ``Geometry`` reads what the command line checks before the slow
 (the autoencoder's factor, latent channels, native size, timesteps, UNet input channels) and
 estimates the memory a size needs.
 """
-import math
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +13,9 @@ from ldm import families, source
 from ldm.errors import CheckpointError, ConfigError, ModelNotFound
 from ldm.samplers import TIMESTEP_SPACINGS as TIMESTEP_SPACING_NAMES
 
-SAMPLING_KEYS = ("scale", "timestep_spacing")
+log = logging.getLogger(__name__)
+
+SAMPLING_KEYS = ("sampler", "steps", "scale", "rescale", "timestep_spacing")
 
 
 def load_config(path):
@@ -90,9 +92,10 @@ def build_error(path, e):
 
 
 def sampling_defaults(config, path="config"):
-    """A config's own sampling defaults (its optional top-level ``sampling:`` section, e.g.
-    ``scale: 5.0`` for a model that follows prompts best at that guidance, or
-    ``timestep_spacing: trailing`` for a zero-terminal-SNR model), else {}. ``config``: a
+    """A config's own sampling defaults (its optional top-level ``sampling:`` section:
+    ``sampler``, ``steps``, ``scale``, ``rescale``, ``timestep_spacing``; e.g. SD-Turbo's
+    one Euler step without guidance on trailing timesteps, or ``rescale: 0.7`` for a
+    zero-terminal-SNR model), else {}; each checked as the request checks it. ``config``: a
     loaded config or its path."""
     from omegaconf import OmegaConf
     if isinstance(config, (str, Path)):
@@ -108,9 +111,20 @@ def sampling_defaults(config, path="config"):
         raise ConfigError(f"{path}: sampling timestep_spacing must be one of "
                           f"{sorted(TIMESTEP_SPACING_NAMES)}, not "
                           f"{defaults['timestep_spacing']!r}")
-    scale = defaults.get("scale")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ConfigError(f"{path}: sampling scale must be a finite number, not {scale!r}")
+    from ldm.request import LIMITS, check_number
+    from ldm.samplers import resolve_sampler
+    for key in ("steps", "scale", "rescale"):
+        if key in defaults:
+            limit = LIMITS[key]
+            try:
+                defaults[key] = check_number(defaults[key], limit.kind, limit.lo, limit.hi)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{path}: sampling {key}: {e}") from None
+    if "sampler" in defaults:
+        try:
+            resolve_sampler(str(defaults["sampler"]))
+        except ValueError as e:
+            raise ConfigError(f"{path}: sampling sampler: {e}") from None
     return defaults
 
 
@@ -287,6 +301,10 @@ def identify(ckpt):
         return None, None, SD_CONFIG  # the loader says what is wrong with it
     found = families.detect(shapes)
     if found is not None:
+        named = found.family.named_variant(found.variant, path.name)
+        if named != found.variant:
+            found = families.Detected(found.family, named)
+            log.warning("%s: its name says it is %s", path.name, found.phrase)
         return _found(found)
     addon = families.addon(list(shapes))
     if addon:

@@ -161,22 +161,25 @@ def test_an_sd2_file_gets_stabilitys_config_and_the_familys_defaults(tmp_path):
     assert (ModelInfo.of_choice(choice).native_size, choice.defaults["scale"]) == (768, 9.0)
 
 
-@pytest.mark.parametrize("prediction, variant", [("epsilon", "txt2img"),
-                                                 ("v_prediction", "v")])
-def test_an_sd2_diffusers_folder_chooses_its_config_from_its_scheduler(tmp_path, prediction,
-                                                                      variant):
+@pytest.mark.parametrize("scheduler, variant, config", [
+    ({"prediction_type": "epsilon"}, "txt2img", "v2-inference.yaml"),
+    ({"prediction_type": "v_prediction"}, "v", "v2-inference-v.yaml"),
+    ({"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+      "timestep_spacing": "trailing"}, "zero-snr", "v2-inference-v-zero-snr.yaml"),
+    ({"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon",
+      "timestep_spacing": "trailing"}, "turbo", "sd-turbo.yaml")])
+def test_an_sd2_diffusers_folder_chooses_its_config_from_its_scheduler(tmp_path, scheduler,
+                                                                      variant, config):
     import json
     from ldm.config import choose_model
     (tmp_path / "unet").mkdir()
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 1024}))
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"prediction_type": prediction}))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     choice = choose_model(tmp_path)
     assert (choice.family.name, choice.variant) == ("sd2", variant)
-    assert choice.config_path == ROOT / "configs" / "stable-diffusion" / (
-        "v2-inference-v.yaml" if variant == "v" else "v2-inference.yaml")
+    assert choice.config_path == ROOT / "configs" / "stable-diffusion" / config
 
 
 def test_each_image_records_its_family_and_prediction(tmp_path):

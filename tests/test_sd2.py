@@ -507,3 +507,107 @@ def test_an_sd2_embedding_encodes_as_diffusers_load_textual_inversion(tmp_path, 
     with pytest.raises(EmbeddingError, match="768") as e:
         ours.load_embedding(tmp_path / "zqv1.safetensors")
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ SD-Turbo, zero-terminal SNR
+
+def tiny_with_sampling_of(config_name, parameterization="eps", seed=20):
+    """(model, config, defaults): the tiny SD 2 model with the ``sampling:`` section and
+    schedule of one of Stability-layout configs here (SD-Turbo's, the zero-SNR one's)."""
+    from ldm.config import sampling_defaults
+    from ldm.util import instantiate_from_config
+    full = OmegaConf.load(SD2 / config_name)
+    config = OmegaConf.load(TINY_SD2)
+    config.model.params.parameterization = parameterization
+    config.model.params.zero_terminal_snr = bool(full.model.params.get("zero_terminal_snr"))
+    config.sampling = full.sampling
+    model = randomize(instantiate_from_config(config.model), seed).eval()
+    return model, config, sampling_defaults(config)
+
+
+@pytest.mark.parametrize("steps", [None, 4])
+def test_sd_turbo_defaults_match_diffusers_turbo_pipeline(tmp_path, steps):
+    """SD-Turbo's config: with nothing asked, 1 Euler step from t = 999 without guidance;
+    equal to diffusers' StableDiffusionPipeline as SD-Turbo's folder sets it up
+    (EulerDiscreteScheduler, timestep_spacing="trailing", guidance_scale=0.0), and at 4
+    steps too."""
+    from ldm.compare import diffusers_components
+    from ldm.pipeline import Pipeline
+    model, config, defaults = tiny_with_sampling_of("sd-turbo.yaml")
+    assert defaults == {"sampler": "euler", "steps": 1, "scale": 1.0,
+                        "timestep_spacing": "trailing"}
+    parts = diffusers_components(model, config, tmp_path / "tok")
+    parts["scheduler"] = diffusers.EulerDiscreteScheduler.from_config(
+        parts["scheduler"].config, timestep_spacing="trailing", steps_offset=1)
+    theirs = diffusers.StableDiffusionPipeline(**parts)
+    theirs.set_progress_bar_config(disable=True)
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False, defaults=defaults)
+    request = ours.request("txt2img", ["a red circle", "two blue squares"], [7, 8],
+                           height=32, width=32, steps=steps)
+    assert (request.sampler, request.steps, request.scale) == ("euler", steps or 1, 1.0)
+    x, _ = ours.initial_noise([7, 8], 32, 32)
+    z_ours = ours.latents(["a red circle", "two blue squares"], [7, 8], height=32, width=32,
+                          steps=steps, progress=False)
+    # diffusers starts a trailing Euler schedule at sigma_max * noise; Stability's sgm
+    # (SD-Turbo's own sampler) and we at sqrt(1 + sigma_max^2) * noise, the DDPM latents
+    # at t = 999: 0.23% apart, so diffusers gets the noise scaled to start where we do
+    theirs.scheduler.set_timesteps(steps or 1)
+    top = float(theirs.scheduler.sigmas[0])
+    start = x * (1 + top ** 2) ** 0.5 / theirs.scheduler.init_noise_sigma
+    z_theirs = theirs(["a red circle", "two blue squares"], num_inference_steps=steps or 1,
+                      guidance_scale=0.0, height=32, width=32, latents=start,
+                      output_type="latent").images
+    assert int(theirs.scheduler.timesteps[0]) == 999
+    assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-4
+
+
+def test_zero_snr_config_matches_diffusers_rescaled_betas_trailing_and_guidance_rescale(tmp_path):
+    """SD 2.1-v zero-terminal-SNR fine-tunes' config: betas rescaled to zero terminal SNR,
+    trailing timesteps, guidance rescale 0.7 by default; equal to diffusers' pipeline with
+    rescale_betas_zero_snr=True, timestep_spacing="trailing", guidance_rescale=0.7."""
+    from ldm.compare import save_diffusers_pipeline
+    from ldm.pipeline import Pipeline
+    model, config, defaults = tiny_with_sampling_of("v2-inference-v-zero-snr.yaml", "v")
+    assert defaults == {"timestep_spacing": "trailing", "rescale": 0.7}
+    assert float(model.alphas_cumprod[-1]) < 1e-6   # t = 999 is pure noise
+    theirs = save_diffusers_pipeline(model, config, tmp_path / "pipe")
+    assert theirs.scheduler.config.rescale_betas_zero_snr
+    assert theirs.scheduler.config.timestep_spacing == "trailing"
+    theirs.set_progress_bar_config(disable=True)
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False, defaults=defaults)
+    prompts, seeds = ["a red circle", "two blue squares"], [7, 8]
+    x, _ = ours.initial_noise(seeds, 32, 32)
+    z_ours = ours.latents(prompts, seeds, sampler="ddim", steps=8, scale=9.0, height=32,
+                          width=32, progress=False)
+    z_theirs = theirs(prompts, num_inference_steps=8, guidance_scale=9.0, height=32, width=32,
+                      guidance_rescale=0.7, latents=x.clone(), output_type="latent").images
+    assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-4
+
+
+def test_a_file_named_turbo_is_sd_turbo_and_sampling_sections_are_checked(tmp_path, caplog):
+    from safetensors.torch import save_file
+    from ldm.config import choose_model, sampling_defaults
+    from ldm.errors import ConfigError
+    shapes = {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
+              "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+              "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+              (320, 1024)}
+    for name in ("sd_turbo.safetensors", "v2-1_512-ema-pruned.safetensors"):
+        save_file({k: torch.zeros(v, dtype=torch.bool) for k, v in shapes.items()},
+                  tmp_path / name)
+    with caplog.at_level("WARNING"):
+        turbo = choose_model(tmp_path / "sd_turbo.safetensors")
+    assert (turbo.variant, turbo.config_path.name) == ("turbo", "sd-turbo.yaml")
+    assert turbo.defaults == {"sampler": "euler", "steps": 1, "scale": 1.0,
+                              "timestep_spacing": "trailing"}
+    assert "its name says it is a Stable Diffusion 2.x Turbo checkpoint" in caplog.text
+    base = choose_model(tmp_path / "v2-1_512-ema-pruned.safetensors")
+    assert (base.variant, base.defaults) == ("txt2img", {"scale": 9.0})
+    for bad, says in [({"steps": 0}, r"sampling steps: 0 is out of range: must be in \[1, 1000\]"),
+                      ({"rescale": 1.5}, "sampling rescale"),
+                      ({"scale": "high"}, "sampling scale"),
+                      ({"sampler": "warp drive"}, "unknown sampler 'warp drive'"),
+                      ({"colour": 1}, "unknown sampling defaults")]:
+        config = OmegaConf.create({"sampling": bad})
+        with pytest.raises(ConfigError, match=says):
+            sampling_defaults(config, "x.yaml")

@@ -28,6 +28,17 @@ class Family:
     # variants whose prediction type the keys cannot tell: {variant: {prediction: variant}},
     # settled after loading by one UNet call (``noise_model.fitting_prediction``)
     prediction_variants: dict = field(default_factory=dict)
+    # variants a single file's name tells when its keys cannot: {variant: {word: variant}}
+    # (SD-Turbo is SD 2.1-base's keys; "sd_turbo.safetensors")
+    name_variants: dict = field(default_factory=dict)
+
+    def named_variant(self, variant, file_name):
+        """The variant a file called ``file_name`` with the keys of ``variant`` is."""
+        name = file_name.lower()
+        for word, named in self.name_variants.get(variant, {}).items():
+            if word in name:
+                return named
+        return variant
 
     def config(self, variant):
         return CONFIGS / self.configs[variant]
@@ -46,7 +57,8 @@ class Detected:
     @property
     def phrase(self):
         """What it is, for a message: "an SD 1.x inpainting checkpoint (config ...)"."""
-        kind = {"txt2img": "", "v": "v-prediction "}.get(self.variant, f"{self.variant} ")
+        kind = {"txt2img": "", "v": "v-prediction ", "turbo": "Turbo ",
+                "zero-snr": "zero-terminal-SNR "}.get(self.variant, f"{self.variant} ")
         return (f"a {self.family.label} {kind}checkpoint, whose config is "
                 f"{self.config.relative_to(CONFIGS.parent)} (chosen by itself when --config "
                 f"is not given)")

@@ -5,7 +5,11 @@ autoencoder. Variants: the 512-base model predicting the noise ("txt2img",
 v2-1_768-ema-pruned) and inpainting (9 input channels). The two text-to-image variants
 have identical keys and shapes: for a single file one UNet call after loading tells them
 apart (``prediction_variants``), unless ``--config`` says which; a diffusers folder's
-scheduler says which it is. Depth-to-image
+scheduler says which it is. Two more share those keys: SD-Turbo ("turbo",
+``sd-turbo.yaml``: 1 Euler step on trailing timesteps, no guidance), told by a file name
+with "turbo" in it (``name_variants``) or a folder's trailing scheduler, and SD 2.1
+zero-terminal-SNR fine-tunes ("zero-snr"), told by a folder's scheduler or ``--config``.
+Depth-to-image
 and unCLIP checkpoints (also OpenCLIP, other inputs) are not this family
 (``known.generation`` names them). Configs are Stability's."""
 from ldm.families.base import Family
@@ -32,8 +36,9 @@ def match(shapes):
 
 def match_folder(index, unet, scheduler):
     """The variant of a diffusers SD 2.x pipeline folder: one text encoder, a UNet that
-    attends to 1,024-wide text with no extra embedding; its scheduler's prediction type
-    tells the v model from the eps one."""
+    attends to 1,024-wide text with no extra embedding; its scheduler tells the v model
+    from the eps one, a zero-terminal-SNR fine-tune (``rescale_betas_zero_snr``) from the v
+    model, and SD-Turbo (trailing timesteps) from the eps one."""
     if "text_encoder_2" in index or "XL" in index.get("_class_name", ""):
         return None
     if unet.get("cross_attention_dim") != 1024 or unet.get("addition_embed_type"):
@@ -45,18 +50,23 @@ def match_folder(index, unet, scheduler):
         return "inpainting"
     if in_channels != 4:
         return None
-    return "v" if scheduler.get("prediction_type") == "v_prediction" else "txt2img"
+    if scheduler.get("prediction_type") == "v_prediction":
+        return "zero-snr" if scheduler.get("rescale_betas_zero_snr") else "v"
+    return "turbo" if scheduler.get("timestep_spacing") == "trailing" else "txt2img"
 
 
 FAMILY = Family(
     name="sd2", label="Stable Diffusion 2.x",
     configs={"txt2img": "stable-diffusion/v2-inference.yaml",
              "v": "stable-diffusion/v2-inference-v.yaml",
-             "inpainting": "stable-diffusion/v2-inpainting-inference.yaml"},
+             "inpainting": "stable-diffusion/v2-inpainting-inference.yaml",
+             "zero-snr": "stable-diffusion/v2-inference-v-zero-snr.yaml",
+             "turbo": "stable-diffusion/sd-turbo.yaml"},
     match=match, match_folder=match_folder,
     defaults={"scale": 9.0},   # Stability's scripts' guidance; DDIM 50 as CompVis' else
     prefixes={"unet": UNET, "vae": "first_stage_model.", "text": "cond_stage_model.model."},
     native_size=512, prediction="eps", vae_scale=0.18215, text_width=1024,
     lora_prefixes=("lora_unet_", "lora_te_"),
     prediction_variants={"txt2img": {"eps": "txt2img", "v": "v"}},
+    name_variants={"txt2img": {"turbo": "turbo"}},
 )
