@@ -158,7 +158,7 @@ BAD = [
     ("config-bad-parameter", lambda f, ck: tiny(ck, "--config", f / "badparam.yaml"),
      "does not build"),
     ("config-bad-sampling", lambda f, ck: tiny(ck, "--config", f / "badsampling.yaml"),
-     "sampling scale must be a finite number"),
+     "sampling scale: nan is not a finite number"),
     ("config-without-ckpt", lambda f, ck: ["--config", V1_CONFIG], "pass it with --ckpt"),
     ("prompts-missing", lambda f, ck: tiny(ck, "--from-file", f / "nope.txt"), "prompt file not found"),
     ("prompts-empty", lambda f, ck: tiny(ck, "--from-file", f / "empty.txt"), "has no prompts"),

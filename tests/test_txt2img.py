@@ -259,9 +259,11 @@ def test_model_config_sampling_defaults(tmp_path, capsys, ckpts):
     assert read_parameters(runs["default"])["scale"] == 3.0
     assert read_parameters(runs["flag"])["scale"] == 7.5
     assert np.abs(pixels(runs["default"]) - pixels(runs["flag"])).max() > 0
-    config.write_text(TINY_CONFIG.read_text() + "\nsampling:\n  steps: 3\n")
+    from ldm.pipeline import sampling_defaults
+    config.write_text(TINY_CONFIG.read_text() + "\nsampling:\n  steps: 3\n  sampler: Euler a\n")
+    assert sampling_defaults(config) == {"steps": 3, "sampler": "Euler a"}
+    config.write_text(TINY_CONFIG.read_text() + "\nsampling:\n  stepz: 3\n")
     with pytest.raises(ValueError, match="unknown sampling defaults"):
-        from ldm.pipeline import sampling_defaults
         sampling_defaults(config)
     config.write_text(TINY_CONFIG.read_text() + "\nsampling:\n  timestep_spacing: leading\n")
     with pytest.raises(ValueError, match="timestep_spacing must be one of"):
