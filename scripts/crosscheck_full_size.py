@@ -43,9 +43,12 @@ def inputs(size):
 
 def run(task, ours, model, config, folder, size, steps, strength):
     """(per-step rel errors, final rel error, max 8-bit pixel difference or None)."""
+    import gc
+
     import diffusers
     import torch
     from ldm.compare import diffusers_components
+    gc.collect()   # the previous task's diffusers copy (5 GB at SD 2's size) goes first
     from ldm.image_io import pil_to_tensor
     image, mask = inputs(size)
     kw, theirs_kw, cls = {}, {}, diffusers.StableDiffusionPipeline
