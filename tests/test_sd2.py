@@ -120,6 +120,30 @@ def test_a1111_syntax_of_a_plain_prompt_is_the_plain_encoding(tiny_sd2):
     assert torch.equal(plain, weighted)
 
 
+@torch.no_grad()
+def test_a1111_long_prompts_on_openclip_are_chunks_padded_with_zero(tiny_sd2):
+    """A 2-chunk prompt on SD 2: each chunk's 77 ids end in OpenCLIP's 0 padding, the
+    encoding is the chunks' encodings side by side, and a weight changes it."""
+    from ldm.modules.encoders.prompts import chunk_prompt, parse_attention, weight_chunks
+    from ldm.modules.encoders.tokenizer import get_tokenizer
+    model, _ = tiny_sd2
+    enc = model.cond_stage_model
+    tok = get_tokenizer()
+    text = "red circle, " * 40 + "blue"
+    chunks = chunk_prompt(parse_attention(text)[0], lambda t: tok.units(t), tok.bos_id,
+                          tok.eos_id, tok.encoder[",</w>"], pad=enc.pad_id)
+    assert len(chunks) == 2 and chunks[1].ids[-1] == 0 and tok.eos_id in chunks[1].ids
+    enc.syntax = "a1111"
+    try:
+        z = enc.encode([text])
+        want = weight_chunks(enc.encode_ids(torch.tensor([c.ids for c in chunks])),
+                             [c.weights for c in chunks]).reshape(1, -1, 48)
+        assert z.shape == (1, 154, 48) and torch.allclose(z, want, atol=1e-6)
+        assert (enc.encode(["(red:1.5) circle"]) - enc.encode(["red circle"])).abs().max() > 1e-3
+    finally:
+        enc.syntax = "compvis"
+
+
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_tiny_sd2_txt2img_matches_diffusers_pipeline(tmp_path, parameterization):
     """Our Pipeline and diffusers' StableDiffusionPipeline on the same tiny SD 2 weights
