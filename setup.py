@@ -14,17 +14,20 @@ INSTALL_REQUIRES = [
     "invisible-watermark>=0.2.0",
 ]
 TRAIN_REQUIRES = ["pytorch-lightning>=2.0"]
+# the OpenVINO backend (--backend openvino); the wheel does not depend on torch
+OPENVINO_REQUIRES = ["openvino>=2025.1"]
 TEST_REQUIRES = ["pytest", "diffusers>=0.30", "transformers>=4.40",
-                 "torchsde", "peft"] + TRAIN_REQUIRES
+                 "torchsde", "peft"] + TRAIN_REQUIRES + OPENVINO_REQUIRES
 # torchsde: the referee for DPM++ SDE; peft: diffusers' LoRA loading, the referee for ours
 
 setup(
     name="latent-diffusion-txt2img",
     version="0.1.0",
-    description="Stable Diffusion v1 text-to-image, CompVis-compatible, tested on CPU",
+    description="Stable Diffusion text-to-image, image-to-image and inpainting, CompVis-compatible, tested on CPU",
     packages=find_packages(include=["ldm", "ldm.*"]),
     package_data={"ldm.modules.encoders": ["*.gz", "*.txt"]},
     python_requires=">=3.9",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"train": TRAIN_REQUIRES, "test": TEST_REQUIRES},
+    extras_require={"train": TRAIN_REQUIRES, "openvino": OPENVINO_REQUIRES,
+                    "test": TEST_REQUIRES},
 )

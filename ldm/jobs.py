@@ -184,7 +184,7 @@ def fingerprint(prompt_file, args, extra=""):
 
 # flags added since jobs began: in a job's settings only when given, so that the jobs
 # started before them keep their fingerprint
-LATER_JOB_FLAGS = ("rescale",)
+LATER_JOB_FLAGS = ("rescale", "backend")
 
 
 def job_flags(args):

@@ -167,6 +167,8 @@ class Pipeline:
         self.attention_slicing = None  # queries per attention slice
         self.compiled = False         # the UNet under torch.compile
         self._compiled_impl = None
+        self.backend = "torch"        # what runs the networks (``ldm.backends``)
+        self._openvino = None         # ``ldm.backends.openvino.OpenVINOBackend`` once used
         self.offload = False          # submodels on the device only while they run
         self.lora_stack = None        # merged LoRAs (``set_loras``)
         self.vae = None               # {"name", "hash"} of a swapped autoencoder
@@ -185,7 +187,7 @@ class Pipeline:
     @classmethod
     def load(cls, ckpt=None, config=None, device="auto", precision="autocast", safety=True,
              safety_checker_path=None, watermark=True, task="txt2img", offload=False,
-             vae=None):
+             vae=None, backend="auto"):
         """Load a checkpoint (a path, or a ``ModelChoice`` from ``choose_model``; None: SD v1
         if installed, for ``task="inpaint"`` SD's inpainting model first, else the built-in
         model). ``safety=False`` turns the safety checker off;
@@ -193,7 +195,8 @@ class Pipeline:
         nothing the checker looks for).
         ``offload`` keeps the weights on the CPU and moves each submodel (text encoder,
         UNet, autoencoder) to ``device`` only while it runs (``offload_to``).
-        ``vae``: an autoencoder file that replaces the checkpoint's (``load_vae``)."""
+        ``vae``: an autoencoder file that replaces the checkpoint's (``load_vae``).
+        ``backend``: what runs the networks ("auto", "torch", "openvino"; ``set_options``)."""
         from ldm.checkpoint import file_hash
         device = pick_device(device) if isinstance(device, str) else device
         choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
@@ -216,6 +219,7 @@ class Pipeline:
         pipe.checkpoint = choice.ckpt
         pipe.family = choice.family
         pipe.vae = vae_record
+        pipe.set_options(backend=backend)
         return pipe
 
     # -- text conditioning ---------------------------------------------------------------
@@ -265,6 +269,8 @@ class Pipeline:
         if self.lora_stack is None:
             self.lora_stack = LoraStack(self.model)
         self.lora_stack.set(read)
+        if self._openvino is not None:
+            self._openvino.reset("unet", "text")   # new weights: their own conversion
         if self.compiled:
             self.model.model.diffusion_model._compiled_call_impl = None
             self._compiled_impl = None
@@ -273,7 +279,7 @@ class Pipeline:
 
     # -- speed and memory options ---------------------------------------------------------
     def set_options(self, compile=False, deepcache=None, attention_slicing=None,
-                    vae_tiling=None):
+                    vae_tiling=None, backend=None):
         """The optional speed-ups and memory savers (the scripts' flags; all off by default,
         measured in the README's speed section):
 
@@ -287,7 +293,13 @@ class Pipeline:
           (``set_attention_slicing``), exact;
         - ``vae_tiling``: decode (and encode) in overlapping tiles of that many latent
           pixels (True: 64, 512 px for SD), blended, for sizes whose whole decode does not
-          fit in memory (``ldm.models.autoencoder.tiled``).
+          fit in memory (``ldm.models.autoencoder.tiled``);
+        - ``backend``: what runs the networks: "torch", "openvino" (converted once per
+          weights and cached, CPU only; ``ldm.backends.openvino``) or "auto" (OpenVINO on a
+          CPU when it is installed and the model is SD-sized; ``ldm.backends.choose``);
+          None keeps the current one. OpenVINO runs neither ``compile``, ``deepcache`` nor
+          ``attention_slicing`` (nor offload): asked for together, a UsageError; under
+          "auto" they keep torch.
         """
         from ldm.modules.attention import set_attention_slicing
         if deepcache is not None and deepcache < 1:
@@ -298,6 +310,11 @@ class Pipeline:
             vae_tiling = 64
         if vae_tiling is not None and vae_tiling is not False and vae_tiling < 16:
             raise UsageError(f"--vae_tiling tiles must be at least 16 latent pixels, got {vae_tiling}")
+        torch_only = [flag for flag, on in (("--compile", compile),
+                                            ("--deepcache", deepcache and deepcache > 1),
+                                            ("--attention_slicing", attention_slicing),
+                                            ("--offload", self.offload)) if on]
+        self._set_backend(self.backend if backend is None else backend, torch_only)
         self.deepcache = deepcache if deepcache and deepcache > 1 else None
         self.vae_tile = vae_tiling or None
         self.attention_slicing = attention_slicing
@@ -309,6 +326,26 @@ class Pipeline:
             set_weight_packing(self.model.model.diffusion_model, self.packing)
             self.compiled = False
         return self
+
+    def _set_backend(self, name, torch_only=()):
+        from ldm import backends
+        unet = self.model.model.diffusion_model
+        try:
+            chosen = backends.choose(name, self.device.type,
+                                     sum(p.numel() for p in unet.parameters()), torch_only)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if chosen == "openvino":
+            if self._openvino is None:
+                from ldm.backends.openvino import OpenVINOBackend
+                self._openvino = OpenVINOBackend(
+                    self.model, "bf16" if self.dtype == torch.bfloat16 else "f32")
+            set_weight_packing(self.model, False)   # OpenVINO holds its own weights
+            self._openvino.attach()
+        elif self._openvino is not None and self._openvino.attached:
+            self._openvino.detach()
+            set_weight_packing(self.model, self.packing)
+        self.backend = chosen
 
     def _compile(self):
         """``torch.compile`` the UNet in place (its keys unchanged); compiled again after a
@@ -374,7 +411,8 @@ class Pipeline:
                   "deepcache": self.deepcache, "vae_tiling": self.vae_tile,
                   "attention_slicing": self.attention_slicing,
                   "compile": True if self.compiled else None,
-                  "offload": True if self.offload else None}
+                  "offload": True if self.offload else None,
+                  "backend": self.backend if self.backend != "torch" else None}
         return {k: v for k, v in record.items() if v is not None}
 
     # -- the request's model facts and defaults ------------------------------------------

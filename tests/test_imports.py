@@ -75,7 +75,7 @@ def test_the_circle_finder_finds_one():
 
 
 def test_describing_models_and_requests_imports_no_torch():
-    code = ("import sys, ldm.source, ldm.families, ldm.samplers, ldm.config, ldm.request; "
+    code = ("import sys, ldm.source, ldm.families, ldm.samplers, ldm.config, ldm.request, ldm.backends; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout

@@ -139,12 +139,13 @@ class Linear(_Packable, nn.Linear):
     faster than the BLAS matmul behind ``F.linear`` in float32 on AMD Zen 4 (level with it
     on an AMX Xeon), and up to 1.2x in bfloat16 (shapes of the SD UNet's attention and
     feed-forward layers; see the README's speed section). The values are the same up to
-    float rounding. Training, other devices and few rows take ``F.linear``."""
+    float rounding. Training, other devices, few rows and tracing (an export, e.g. to
+    OpenVINO, wants the plain matmul, for any number of rows) take ``F.linear``."""
 
     MIN_ROWS = 256
 
     def forward(self, x):
-        if (x.device.type != "cpu" or torch.is_grad_enabled()
+        if (x.device.type != "cpu" or torch.is_grad_enabled() or torch.jit.is_tracing()
                 or x.numel() < self.MIN_ROWS * self.in_features):
             return super().forward(x)
         if self._use_packed(x):

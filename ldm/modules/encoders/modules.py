@@ -83,6 +83,12 @@ class FrozenCLIPEmbedder(nn.Module):
     def token_embedding(self):
         return self.transformer.text_model.embeddings.token_embedding
 
+    @property
+    def blocks(self):
+        """The transformer layers, between the token lookup and the final norm: what an
+        execution backend runs (``ldm.backends``)."""
+        return self.transformer.text_model.encoder
+
     def forward(self, texts):
         ids = self.tokenize(texts, self.max_length, self.added)
         return self.encode_ids(ids.to(self.token_embedding.weight.device))
@@ -188,6 +194,10 @@ class FrozenOpenCLIPEmbedder(FrozenCLIPEmbedder):
     @property
     def token_embedding(self):
         return self.model.token_embedding
+
+    @property
+    def blocks(self):
+        return self.model.transformer
 
     def encode_ids(self, ids):
         return self.model(ids, self.model.layers - self.layer_idx - (self.clip_skip - 1))

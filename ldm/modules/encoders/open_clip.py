@@ -62,6 +62,12 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads)
                                        for _ in range(layers))
 
+    def forward(self, x, layers_run=None):
+        """Through the first ``layers_run`` blocks (None: all)."""
+        for block in self.resblocks[:layers_run]:
+            x = block(x)
+        return x
+
 
 class OpenCLIPTextModel(nn.Module):
     """Token ids [B, 77] -> the hidden states after ``layers_run`` blocks, with ``ln_final``
@@ -87,6 +93,4 @@ class OpenCLIPTextModel(nn.Module):
     def forward(self, ids, layers_run=None):
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]].to(
             self.token_embedding.weight.dtype)
-        for block in self.transformer.resblocks[:layers_run]:
-            x = block(x)
-        return self.ln_final(x)
+        return self.ln_final(self.transformer(x, layers_run))
