@@ -14,7 +14,9 @@ def _setup_lists():
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, (ast.List, ast.BinOp)):
             name = node.targets[0].id
-            value = node.value.left if isinstance(node.value, ast.BinOp) else node.value
+            value = node.value
+            while isinstance(value, ast.BinOp):   # [literal list] + OTHER + ...
+                value = value.left
             lists[name] = [ast.literal_eval(e) for e in value.elts]
     return lists
 
