@@ -72,6 +72,16 @@ def field(key):
     return number(limit.kind, limit.lo, limit.hi)
 
 
+def pair(key):
+    """The argparse type of a request's (height, width) or (top, left) pair: "H,W"."""
+    def parse(text):
+        try:
+            return req._pair(key, text, lambda k: "")
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
+    return parse
+
+
 def seed(text):
     """An argparse type: a seed in [0, 2**64 - 1], or -1 for a random one (drawn later)."""
     try:
@@ -150,6 +160,20 @@ def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=7.5, jsonl=Fa
                    help="guidance rescale in [0, 1] (Lin et al. 2023; diffusers' "
                         "guidance_rescale, 0.7 for zero-terminal-SNR v models; default 0: "
                         "none)")
+    xl = p.add_argument_group("SDXL's size conditioning (other models ignore it)")
+    xl.add_argument("--original_size", type=pair("original_size"), default=None,
+                    metavar="H,W", help="the size the model is told the image had before "
+                    "cropping (default: the output size, as diffusers)")
+    xl.add_argument("--crop", type=pair("crop"), default=None, metavar="TOP,LEFT",
+                    help="the crop's top-left corner the model is told (default 0,0: "
+                    "centred subjects)")
+    xl.add_argument("--target_size", type=pair("target_size"), default=None, metavar="H,W",
+                    help="the size the model is told to aim at (default: the output size)")
+    xl.add_argument("--aesthetic_score", type=field("aesthetic_score"), default=None,
+                    help="the refiner's aesthetic score (default 6.0)")
+    xl.add_argument("--negative_aesthetic_score", type=field("negative_aesthetic_score"),
+                    default=None, help="the refiner's aesthetic score for the negative "
+                    "prompt (default 2.5)")
     p.add_argument("--from-file", "--from_file", dest="from_file", type=nonempty,
                    help="a text file with one prompt per line, or a JSONL job (.jsonl: one "
                         "JSON object a line, with \"prompt\" and any of negative_prompt, "
@@ -758,7 +782,8 @@ def build_request(args, info, task, prompts, seeds, **values):
     fields = dict(negative_prompts=args.negative_prompt, sampler=args.sampler,
                   schedule=args.schedule, eta=args.ddim_eta, steps=args.ddim_steps,
                   scale=args.scale, height=getattr(args, "H", None),
-                  width=getattr(args, "W", None), rescale=getattr(args, "rescale", None))
+                  width=getattr(args, "W", None), rescale=getattr(args, "rescale", None),
+                  **{k: getattr(args, k, None) for k in req.SIZE_CONDITIONING})
     if task != "txt2img":
         fields.update(strength=args.strength, resize_mode=args.resize_mode,
                       full_size=args.full_size)

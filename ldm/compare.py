@@ -48,6 +48,67 @@ def to_diffusers(model, config, drop_pos_emb=False):
     return unet.eval(), vae.eval(), clip.eval()
 
 
+def to_diffusers_xl(model, config):
+    """{"unet", "vae", "text_encoder", "text_encoder_2"}: an SDXL ``DiffusionEngine``'s
+    weights in diffusers' UNet2DConditionModel (``text_time`` addition embedding), its
+    AutoencoderKL, transformers' CLIPTextModel and CLIPTextModelWithProjection (or only
+    the second, for the refiner, as ``text_encoder_2``), each converted by diffusers' own
+    converter of the single-file layout."""
+    import diffusers
+    import transformers
+    from diffusers.loaders import single_file_utils as su
+    sd = model.state_dict()
+    original = OmegaConf.to_container(config)
+    ucfg = su.create_unet_diffusers_config_from_ldm(original, sd)
+    sizes = [e for e in model.conditioner.embedders if e.input_key != "txt"]
+    # diffusers recognises SDXL by a 2048 or 1280 context; a tiny twin is told here
+    ucfg.update(addition_embed_type="text_time", class_embed_type=None,
+                addition_time_embed_dim=sizes[0].outdim)
+    unet = diffusers.UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
+    vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
+    vcfg["scaling_factor"] = float(model.scale_factor)
+    vae = diffusers.AutoencoderKL(**vcfg)
+    vae.load_state_dict(su.convert_ldm_vae_checkpoint(sd, vcfg), strict=True)
+    out = {"unet": unet.eval(), "vae": vae.eval()}
+    texts = model.conditioner.text_embedders
+    for i, encoder in enumerate(model.conditioner.embedders):
+        if encoder.input_key != "txt":
+            continue
+        name = "text_encoder" if len(texts) > 1 and encoder is texts[0] else "text_encoder_2"
+        prefix = f"conditioner.embedders.{i}."
+        if hasattr(encoder, "transformer"):
+            text = encoder.transformer.config
+            clip = _clip(transformers, dict(
+                vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+                intermediate_size=text.intermediate_size,
+                num_hidden_layers=text.num_hidden_layers,
+                num_attention_heads=text.num_attention_heads,
+                max_position_embeddings=text.max_position_embeddings,
+                hidden_act=text.hidden_act))
+            converted = su.convert_ldm_clip_checkpoint(
+                {k: v for k, v in sd.items() if k.startswith(prefix)}, prefix + "transformer.")
+        else:
+            tower = encoder.model
+            clip = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+                vocab_size=tower.token_embedding.weight.shape[0],
+                hidden_size=tower.token_embedding.weight.shape[1],
+                intermediate_size=tower.transformer.resblocks[0].mlp.c_fc.out_features,
+                num_hidden_layers=tower.layers,
+                num_attention_heads=tower.transformer.resblocks[0].attn.heads,
+                max_position_embeddings=tower.positional_embedding.shape[0],
+                projection_dim=tower.text_projection.shape[1], hidden_act="gelu",
+                attn_implementation="eager"))
+            converted = su.convert_open_clip_checkpoint(clip, sd, prefix + "model.")
+        if not any(k.startswith("text_model.") for k in clip.state_dict()):   # transformers 5
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        missing, unexpected = clip.load_state_dict(converted, strict=False)
+        if unexpected or any("position_ids" not in k for k in missing):
+            raise RuntimeError(f"{name} conversion: missing {missing}, unexpected {unexpected}")
+        out[name] = clip.eval()
+    return out
+
+
 def _text_encoder(encoder, sd, transformers, su):
     """(transformers CLIPTextModel, its converted weights): SD v1's CLIP as is; SD 2.x's
     OpenCLIP as diffusers converts it (``convert_open_clip_checkpoint``): a CLIPTextModel
@@ -99,24 +160,42 @@ def diffusers_components(model, config, folder, drop_pos_emb=False):
     scheduler with our schedule, no safety checker."""
     import diffusers
     import transformers
-    unet, vae, clip = to_diffusers(model, config, drop_pos_emb)
     folder.mkdir(parents=True, exist_ok=True)
     write_clip_tokenizer_files(folder)
-    # SD 2's tokenizer pads with "!" (id 0), as OpenCLIP's; SD v1's with the end token
-    pad = "!" if getattr(model.cond_stage_model, "pad_id", None) == 0 else "<|endoftext|>"
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                           pad_token=pad,
-                                           model_max_length=model.cond_stage_model.max_length)
+
+    def tokenizer(encoder):
+        # OpenCLIP's pads with "!" (id 0: SD 2, SDXL's second); CLIP's with the end token
+        pad = "!" if getattr(encoder, "pad_id", None) == 0 else "<|endoftext|>"
+        return transformers.CLIPTokenizer(str(folder / "vocab.json"),
+                                          str(folder / "merges.txt"), pad_token=pad,
+                                          model_max_length=encoder.max_length)
+    scheduler = ddim_scheduler(model, config)
+    if hasattr(model, "conditioner"):   # SDXL: StableDiffusionXL* pipelines' arguments
+        parts = to_diffusers_xl(model, config)
+        texts = model.conditioner.text_embedders
+        names = ["tokenizer", "tokenizer_2"] if len(texts) > 1 else ["tokenizer_2"]
+        return dict(**parts, **{n: tokenizer(e) for n, e in zip(names, texts)},
+                    scheduler=scheduler, **({} if len(texts) > 1 else dict(
+                        text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                        force_zeros_for_empty_prompt=False)))
+    unet, vae, clip = to_diffusers(model, config, drop_pos_emb)
+    return dict(vae=vae, text_encoder=clip, tokenizer=tokenizer(model.cond_stage_model),
+                unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+
+
+def ddim_scheduler(model, config):
+    """diffusers' DDIMScheduler with ``model``'s noise schedule and prediction, leading
+    timesteps with SD's offset (trailing when the config's ``sampling:`` says so)."""
+    import diffusers
     params = config.model.params
     trailing = (config.get("sampling") or {}).get("timestep_spacing") == "trailing"
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=params.linear_start, beta_end=params.linear_end, beta_schedule="scaled_linear",
+    return diffusers.DDIMScheduler(
+        beta_start=model.linear_start, beta_end=model.linear_end, beta_schedule="scaled_linear",
         num_train_timesteps=model.num_timesteps, clip_sample=False, set_alpha_to_one=False,
         rescale_betas_zero_snr=bool(params.get("zero_terminal_snr", False)),
         timestep_spacing="trailing" if trailing else "leading", steps_offset=0 if trailing else 1,
         prediction_type="v_prediction" if model.parameterization == "v" else "epsilon")
-    return dict(vae=vae, text_encoder=clip, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def save_diffusers_pipeline(model, config, folder, drop_pos_emb=False,

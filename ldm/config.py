@@ -51,16 +51,19 @@ def load_config(path):
 
 def check_targets(config, path):
     """Every ``target:`` the model is built from (the model's own, and those of its UNet,
-    autoencoder and text encoder) names a module that exists, found without importing it
+    autoencoder and text encoder or conditioner; ``sgm.`` ones as ``resolve_target`` reads
+    them) names a module that exists, found without importing it
     (no torch import yet). Training-only targets (``scheduler_config``, ``lossconfig``
     of upstream configs) are not built for inference and not checked."""
     import importlib.util
+    from ldm.util import resolve_target
     params = config.model.get("params") or {}
     parts = [config.model.target] + [t for key in ("unet_config", "first_stage_config",
-                                                     "cond_stage_config")
+                                                     "cond_stage_config", "network_config",
+                                                     "conditioner_config")
                                      for t in _targets(params.get(key), skip=("lossconfig",))]
     for target in parts:
-        module, _, name = str(target).rpartition(".")
+        module, _, name = resolve_target(target).rpartition(".")
         try:
             found = bool(module) and importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):
@@ -172,14 +175,18 @@ class Geometry:
 def geometry(config):
     """The ``Geometry`` of a loaded config (``load_config``)."""
     params = config.model.get("params") or {}
-    g = Geometry(channels=params.get("channels", 3), latent_size=params.get("image_size", 256),
+    sgm = "network_config" in params   # Stability's generative-models schema (SDXL)
+    unet = ((params.get("network_config" if sgm else "unet_config") or {}).get("params") or {})
+    # the model classes' defaults where a config says nothing (CompVis': 3 channels and
+    # 256; DiffusionEngine: the UNet's output channels and SDXL's 128)
+    g = Geometry(channels=params.get("channels", unet.get("out_channels", 4) if sgm else 3),
+                 latent_size=params.get("image_size", 128 if sgm else 256),
                  timesteps=params.get("timesteps", 1000))
     first = (params.get("first_stage_config") or {})
     dd = ((first.get("params") or {}).get("ddconfig") or {}) if hasattr(first, "get") else {}
     if dd.get("ch_mult") is not None:
         g.factor = 2 ** (len(dd["ch_mult"]) - 1)
         g.decoder_channels = dd.get("ch", 128) * dd["ch_mult"][0]
-    unet = ((params.get("unet_config") or {}).get("params") or {})
     g.unet_in_channels = unet.get("in_channels")
     g.model_channels = unet.get("model_channels")
     return g

@@ -224,7 +224,7 @@ class DiffusionTrainer(pl.LightningModule):
         self.replay = Replay(replay, replay_pool)
         self.decoys = Decoys(decoy_fraction, decoy_start)
         self.model = model
-        self.inpainting = hasattr(model, "inpainting_concat")
+        self.inpainting = model.model.conditioning_key == "hybrid"   # a 9-channel UNet
         if self.inpainting and (anchor_start is not None or self.decoys.active()):
             raise ValueError("training.anchor_start and training.decoy_fraction are for "
                              "text-to-image models, not an inpainting model")

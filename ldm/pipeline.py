@@ -35,8 +35,8 @@ from ldm.image_io import (fit_image, fit_mask, image_sha256, paste_back, pil_to_
                           tensor_to_pil)
 from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
                                            sampling_timesteps, strength_steps)
-from ldm.request import (ModelInfo, Request, check_field, check_memory, check_size,
-                         check_work, working_size)
+from ldm.request import (SIZE_CONDITIONING, ModelInfo, Request, check_field, check_memory,
+                         check_size, check_work, working_size)
 from ldm import devices
 from ldm.devices import (NORMS, PRECISIONS, autocast_for, bf16_is_native, cast_weights,  # noqa: F401
                          channels_last_pays, check_compiler, compute_dtype, packing_pays,
@@ -608,6 +608,9 @@ class Pipeline:
             params["family"] = self.family.name
         if r.rescale:
             params["rescale"] = r.rescale
+        if self.model.size_values() is not None:   # SDXL: what its conditioning was told
+            params.update({k: (list(v) if isinstance(v, tuple) else v)
+                           for k in SIZE_CONDITIONING if (v := getattr(r, k)) is not None})
         return {**params, **note}
 
     @torch.no_grad()
@@ -670,7 +673,7 @@ class Pipeline:
             return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
 
         with self.autocast:
-            cond, uncond = self.conditioning(r, extra)
+            cond, uncond = self.conditioning(r, extra, height, width)
             unet = self.model.model.diffusion_model
             with self.on_device("model"), unet.caching(self.deepcache or 1):
                 z = sample(self.model, r.sampler, noise, r.steps, cond, uncond, r.scale,
@@ -680,16 +683,26 @@ class Pipeline:
                            rescale=r.rescale)
         return z
 
-    def conditioning(self, request, extra=None):
+    def conditioning(self, request, extra=None, height=None, width=None):
         """(cond, uncond): the conditioning dicts of the request's prompts and negative
-        prompts (``LatentDiffusion.conditioning``; uncond None without guidance), the two
-        text encodings at one length (long A1111 prompts), and the task's ``extra`` keys
-        (an inpainting model's ``concat``) in both."""
-        prompts, negatives = list(request.prompts), list(request.negative_prompts)
+        prompts (``LatentDiffusion.conditioning``; uncond None without guidance) for an
+        image of ``height`` x ``width`` (SDXL's size conditioning, ``size_values``), the
+        two text encodings at one length (long A1111 prompts), and the task's ``extra``
+        keys (an inpainting model's ``concat``) in both."""
+        r = request
+        prompts, negatives = list(r.prompts), list(r.negative_prompts)
         self._warn_truncated(prompts + negatives)
+        sizes = dict(height=height or r.height, width=width or r.width,
+                     original=r.original_size, crop=r.crop, target=r.target_size)
         with self.on_device("cond_stage_model"):
-            cond = self.model.conditioning(prompts)
-            uncond = self.model.conditioning(negatives) if request.scale != 1.0 else None
+            cond = self.model.conditioning(
+                prompts, self.model.size_values(**sizes, aesthetic=r.aesthetic_score))
+            uncond = None
+            if r.scale != 1.0:
+                uncond = self.model.conditioning(
+                    negatives, self.model.size_values(
+                        **sizes, aesthetic=r.negative_aesthetic_score, negative=True),
+                    negative=True)
             if uncond is not None:
                 cond["crossattn"], uncond["crossattn"] = self.model.cond_stage_model.equalize(
                     cond["crossattn"], uncond["crossattn"])

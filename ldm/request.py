@@ -52,7 +52,15 @@ LIMITS = {
     "height": Limit(int, 1, None),
     "width": Limit(int, 1, None),
     "mask_blur": Limit(int, 0, 256),
+    "aesthetic_score": Limit(float, 0, 10),
+    "negative_aesthetic_score": Limit(float, 0, 10),
 }
+# SDXL's size conditioning (the request's fields; ``DiffusionEngine.size_values``)
+SIZE_CONDITIONING = ("original_size", "crop", "target_size", "aesthetic_score",
+                     "negative_aesthetic_score")
+# of which (height, width) pairs, and the crop's (top, left)
+PAIRS = {"original_size": Limit(int, 1, 16384), "target_size": Limit(int, 1, 16384),
+         "crop": Limit(int, 0, 16384)}
 # how the scripts name each field (their flags); the library uses the keys themselves
 FLAGS = {"steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta",
          "rescale": "--rescale",
@@ -60,7 +68,10 @@ FLAGS = {"steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta",
          "seeds": "--seed", "prompts": "--prompt", "negative_prompts": "--negative-prompt",
          "sampler": "--sampler", "schedule": "--schedule", "image": "--init-img",
          "mask": "--mask", "full_size": "--full-size", "resize_mode": "--resize-mode",
-         "batch": "--n_samples", "vae_tiling": "--vae_tiling"}
+         "batch": "--n_samples", "vae_tiling": "--vae_tiling",
+         "original_size": "--original_size", "target_size": "--target_size", "crop": "--crop",
+         "aesthetic_score": "--aesthetic_score",
+         "negative_aesthetic_score": "--negative_aesthetic_score"}
 
 
 def check_number(value, kind, lo=None, hi=None):
@@ -163,6 +174,14 @@ class Request:
     image_hash: str = None
     mask_hash: str = None
     rescale: float = 0.0          # guidance rescale (Lin et al. 2023, eq. 16), 0: none
+    # SDXL's size conditioning (``DiffusionEngine.size_values``; SD 1/2 ignore them): the
+    # original and target (height, width), None: the image's; the crop's (top, left), None:
+    # (0, 0); the refiner's aesthetic scores, None: 6.0 and 2.5 (diffusers')
+    original_size: tuple = None
+    crop: tuple = None
+    target_size: tuple = None
+    aesthetic_score: float = None
+    negative_aesthetic_score: float = None
     names: dict = field(default=None, compare=False, repr=False)  # its caller's words
 
     @property
@@ -178,7 +197,8 @@ class Request:
               schedule=None, eta=None, steps=None, scale=None, height=None, width=None,
               image=None, mask=None, strength=None, resize_mode="resize", full_size=False,
               mask_blur=4, paste_back=True, latent_blend=True, image_hash=None,
-              mask_hash=None, rescale=None, names=None):
+              mask_hash=None, rescale=None, original_size=None, crop=None, target_size=None,
+              aesthetic_score=None, negative_aesthetic_score=None, names=None):
         """A valid ``Request`` for ``task`` on ``model`` (a ``ModelInfo``), None fields
         completed from the model's defaults, -1 seeds drawn; else UsageError or WrongType
         naming the field in ``names`` (default: the keywords here). ``image`` and
@@ -206,9 +226,15 @@ class Request:
             if value is None:
                 value = model.default(key, task) if key != "mask_blur" else 4
             values[key] = _number(key, value, n)
-        for key, value in (("height", height), ("width", width)):
+        for key, value in (("height", height), ("width", width),
+                           ("aesthetic_score", aesthetic_score),
+                           ("negative_aesthetic_score", negative_aesthetic_score)):
             if value is not None:
                 values[key] = _number(key, value, n)
+        for key, value in (("original_size", original_size), ("crop", crop),
+                           ("target_size", target_size)):
+            if value is not None:
+                values[key] = _pair(key, value, n)
         height, width = values.get("height"), values.get("width")
         from ldm.image_io import RESIZE_MODES
         if resize_mode not in RESIZE_MODES:
@@ -232,7 +258,9 @@ class Request:
                    values["scale"], height, width, image,
                    mask, values["strength"] if task != "txt2img" else None, resize_mode,
                    bool(full_size), values["mask_blur"], bool(paste_back), bool(latent_blend),
-                   image_hash, mask_hash, values["rescale"], names)
+                   image_hash, mask_hash, values["rescale"], values.get("original_size"),
+                   values.get("crop"), values.get("target_size"), values.get("aesthetic_score"),
+                   values.get("negative_aesthetic_score"), names)
 
 
 def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None, steps=None,
@@ -276,6 +304,27 @@ def _number(key, value, n):
     limit = LIMITS[key]
     try:
         return check_number(value, limit.kind, limit.lo, limit.hi)
+    except TypeError as e:
+        raise WrongType(f"{n(key)}: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"{n(key)}: {e}") from None
+
+
+def _pair(key, value, n):
+    """A (height, width) or (top, left) pair of ``PAIRS[key]``: two numbers, or a string
+    "H,W" / "HxW"."""
+    if isinstance(value, str):
+        value = value.lower().replace("x", ",").split(",")
+        try:
+            value = [float(v) for v in value]
+        except ValueError:
+            raise UsageError(f"{n(key)}: {','.join(value)!r} is not two numbers "
+                             f"(e.g. 1024,1024)") from None
+    if not _is_sequence(value) or len(value) != 2:
+        raise UsageError(f"{n(key)}: give two numbers (e.g. 1024,1024), not {value!r}")
+    limit = PAIRS[key]
+    try:
+        return tuple(check_number(v, limit.kind, limit.lo, limit.hi) for v in value)
     except TypeError as e:
         raise WrongType(f"{n(key)}: {e}") from None
     except ValueError as e:

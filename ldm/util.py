@@ -9,9 +9,37 @@ import time
 from contextlib import contextmanager
 
 
+# Stability's generative-models (``sgm``) targets, as its SDXL configs name them, and the
+# classes here that build the same modules (the same keys) for inference.
+SGM_TARGETS = {
+    "sgm.models.diffusion.DiffusionEngine": "ldm.models.diffusion.engine.DiffusionEngine",
+    "sgm.modules.diffusionmodules.openaimodel.UNetModel":
+        "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+    "sgm.modules.GeneralConditioner": "ldm.modules.encoders.conditioner.GeneralConditioner",
+    "sgm.modules.encoders.modules.GeneralConditioner":
+        "ldm.modules.encoders.conditioner.GeneralConditioner",
+    "sgm.modules.encoders.modules.FrozenCLIPEmbedder":
+        "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+    "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2":
+        "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+    "sgm.modules.encoders.modules.ConcatTimestepEmbedderND":
+        "ldm.modules.encoders.conditioner.ConcatTimestepEmbedderND",
+    "sgm.models.autoencoder.AutoencoderKL": "ldm.models.autoencoder.AutoencoderKL",
+    "sgm.models.autoencoder.AutoencoderKLInferenceWrapper":
+        "ldm.models.autoencoder.AutoencoderKL",
+}
+
+
+def resolve_target(string):
+    """A config's ``target`` as the class path to import: an ``sgm.`` target through
+    ``SGM_TARGETS`` (unknown ones unchanged, so the import names them)."""
+    return SGM_TARGETS.get(str(string), str(string))
+
+
 def get_obj_from_str(string):
-    """``"pkg.module.Name"`` -> the object ``Name`` of ``pkg.module``."""
-    module, name = string.rsplit(".", 1)
+    """``"pkg.module.Name"`` -> the object ``Name`` of ``pkg.module`` (``sgm.`` targets:
+    ours, ``resolve_target``)."""
+    module, name = resolve_target(string).rsplit(".", 1)
     return getattr(importlib.import_module(module), name)
 
 

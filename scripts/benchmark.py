@@ -36,6 +36,11 @@ Parts:
              --compile's compile time is its warm-up's
   tiling     VAE decode at 1024x1024, whole against --vae_tiling (64: 512-px tiles): time,
              peak RSS (fresh processes) and PSNR to the whole decode
+  peer       the fastest CPU engine: ours on torch and on the OpenVINO backend against
+             optimum-intel's OVStableDiffusionPipeline (its own process and exporter, the
+             same diffusers folder), per size and dtype: per step, 10-step image, first
+             conversion, cached start, peak RSS, PSNR (scripts/benchmark_openvino.py;
+             --peer_python names the environment with optimum-intel, docs/openvino.md)
 
 GFLOP counts come from torch.utils.flop_counter on the meta device (attention counted as
 its two matmuls). The dtypes are fp32 and bf16 (ours: --precision bf16, weights cast once;
@@ -55,7 +60,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 PROMPT = "a painting of a virus monster playing guitar"
 RECOMMENDED = dict(sampler="dpmpp_2m", schedule="karras", steps=20)  # README's "Samplers"
 PARTS = ("peak", "unet", "vae", "text", "denormals", "image", "builtin", "memory", "fidelity",
-         "options", "tiling")
+         "options", "tiling", "peer")
 
 
 def build_parser():
@@ -78,6 +83,8 @@ def build_parser():
                         "SD v1's; e.g. configs/stable-diffusion/v2-inference-v.yaml)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peer_python", default=str(Path.home() / ".cache/ov-peer/bin/python"),
+                   help="for the peer part: a Python with optimum-intel ('none': ours only)")
     p.add_argument("--flush_denormal", action="store_true",
                    help="torch.set_flush_denormal(True) for every part (both sides)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sd-bench",
@@ -252,6 +259,12 @@ def main(argv=None):
     if "tiling" in parts:
         tiling_part(args, dtypes, report)
     report.summary()
+    if "peer" in parts:   # its own summary: three engines, not ours against diffusers
+        import benchmark_openvino
+        hints = {"fp32": "f32", "bf16": "bf16"}
+        benchmark_openvino.main(["--sizes", args.sizes, "--peer-python", args.peer_python,
+                                 "--precisions", ",".join(hints[d] for d in dtypes if d in hints),
+                                 "--cache", str(args.cache)])
 
 
 def cpu_name():

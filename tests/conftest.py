@@ -86,3 +86,18 @@ def _signal_handlers_restored():
     yield
     for s, handler in handlers.items():
         signal.signal(s, handler)
+
+
+def network_outputs(model, pipe):
+    """(ours, theirs): the UNet's prediction and the text encoder's output of our ``model``
+    and of a diffusers ``pipe`` on the same seeded inputs (any SD 1/2 width)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([901, 11])
+    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    ids = model.cond_stage_model.tokenize(["a red circle", "two squares"], 77)
+    with torch.no_grad():
+        ours = (model.apply_model(x, t, ctx), model.cond_stage_model.encode_ids(ids))
+        theirs = (pipe.unet(x, t, encoder_hidden_states=ctx).sample,
+                  pipe.text_encoder(ids).last_hidden_state)
+    return ours, theirs

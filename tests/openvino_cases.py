@@ -218,3 +218,39 @@ def test_the_scripts_take_backend_and_images_record_it(tmp_path, ckpts):
                          capture_output=True, text=True, env=env, cwd=ROOT)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
     assert "--deepcache works on the torch modules" in bad.stderr
+
+
+INTERRUPT_IN_OPENVINO = """
+import os, runpy, signal, sys, threading
+import ldm.backends.openvino as ov
+real, signum, calls = ov.Network.__call__, int(sys.argv[1]), []
+def call(self, *args, **kwargs):
+    calls.append(self.name)
+    if calls.count("unet") == 2:   # compiled: from another thread, as a terminal's Ctrl-C
+        threading.Timer(0.0, os.kill, (os.getpid(), signum)).start()
+    return real(self, *args, **kwargs)
+ov.Network.__call__ = call
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_while_openvino_runs_ends_in_one_line(tmp_path, ckpts, signum=2):
+    """SIGINT while the UNet runs on OpenVINO (its runtime's threads alive): the run ends
+    at once with the scripts' one line and exit code, nothing written, no crash (SIGTERM
+    takes the same way out: tests/test_cli.py)."""
+    import os
+    import subprocess
+    out = tmp_path / "out"
+    args = [str(ROOT / "scripts" / "txt2img.py"), "--prompt", "a red circle",
+            "--ckpt", str(ckpts["ckpt"]), "--config", str(TINY_CONFIG), "--H", "64",
+            "--W", "64", "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "2",
+            "--outdir", str(out), "--safety_checker", "none", "--backend", "openvino"]
+    done = subprocess.run([sys.executable, "-c", INTERRUPT_IN_OPENVINO, str(signum), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=dict(os.environ),
+                          preexec_fn=lambda: __import__("signal").signal(2, 0))
+    word = "interrupted" if signum == 2 else "terminated"
+    assert done.returncode == 128 + signum, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"{word}: nothing was written", done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()

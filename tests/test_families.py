@@ -52,13 +52,16 @@ OTHERS = [
     ("sdxl", {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight":
               (49408, 768), "conditioner.embedders.1.model.text_projection": (1280, 1280),
               CONV_IN: (320, 4, 3, 3), U + "label_emb.0.0.weight": (1280, 2816)},
-     "an SDXL checkpoint (two text encoders, 2,816-wide ADM input)"),
+     "a checkpoint in SDXL's layout (two text encoders, 2,816-wide ADM input) but not a "
+     "whole SDXL model"),
     ("sdxl-inpainting", {"conditioner.embedders.1.model.text_projection": (1280, 1280),
                          CONV_IN: (320, 9, 3, 3), U + "label_emb.0.0.weight": (1280, 2816)},
-     "an SDXL inpainting checkpoint"),
+     "a checkpoint in SDXL's layout (two text encoders, 2,816-wide ADM input) but not a "
+     "whole SDXL inpainting model"),
     ("sdxl-refiner", {"conditioner.embedders.0.model.text_projection": (1280, 1280),
                       CONV_IN: (384, 4, 3, 3), U + "label_emb.0.0.weight": (1536, 2560)},
-     "an SDXL refiner checkpoint (OpenCLIP ViT-bigG, 2,560-wide ADM input)"),
+     "a checkpoint in SDXL's layout (OpenCLIP ViT-bigG, 2,560-wide ADM input) but not a "
+     "whole SDXL refiner"),
     ("sd2-depth", {"cond_stage_model.model.token_embedding.weight": (49408, 1024),
                    "depth_model.model.pretrained.layer1.0.weight": (1, 1),
                    CONV_IN: (320, 5, 3, 3), CROSS: (320, 1024)},
@@ -119,9 +122,10 @@ def test_diffusers_folders_are_found_from_their_json(index, unet, scheduler, var
         or describe_folder(index, unet, scheduler).startswith(said)
 
 
-def test_an_sdxl_file_is_refused_in_one_line_before_any_load(tmp_path, capsys):
-    """A file with SDXL's distinguishing keys (shapes real, contents not): named from its
-    header alone, as the script starts, and nothing written."""
+def test_a_partial_sdxl_file_is_refused_in_one_line_before_any_load(tmp_path, capsys):
+    """A file with some of SDXL's distinguishing keys (shapes real, contents not), not a
+    whole SDXL model: named from its header alone, as the script starts, and nothing
+    written."""
     import sys
     from safetensors.torch import save_file
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -134,9 +138,10 @@ def test_an_sdxl_file_is_refused_in_one_line_before_any_load(tmp_path, capsys):
     rc = txt2img.main(["--ckpt", str(path), "--outdir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 3 and err == (
-        f"error: {path} is an SDXL checkpoint (two text encoders, 2,816-wide ADM input): "
-        "this project runs Stable Diffusion 1.x and Stable Diffusion 2.x checkpoints; pass "
-        "--config if it is one")
+        f"error: {path} is a checkpoint in SDXL's layout (two text encoders, 2,816-wide ADM "
+        "input) but not a whole SDXL model; a distilled or partial one: this project runs "
+        "Stable Diffusion 1.x, Stable Diffusion 2.x and Stable Diffusion XL checkpoints; "
+        "pass --config if it is one")
     assert not (tmp_path / "o").exists()
 
 

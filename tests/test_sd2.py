@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, randomize, rel_err
+from conftest import ROOT, network_outputs, randomize, rel_err
 from ldm.pipeline import build_model
 
 su = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -442,20 +442,6 @@ def kohya_sd2_lora(unet, text_encoder, rank=4, alpha=2.0, seed=0):
     return sd
 
 
-def sd2_outputs(model, pipe):
-    """(ours, theirs) for the UNet's v prediction and the text encoder's conditioning."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([901, 11])
-    ctx = torch.randn(2, 77, 48, generator=g)
-    ids = model.cond_stage_model.tokenize(["a red circle", "two squares"], 77)
-    with torch.no_grad():
-        ours = (model.apply_model(x, t, ctx), model.cond_stage_model.encode_ids(ids))
-        theirs = (pipe.unet(x, t, encoder_hidden_states=ctx).sample,
-                  pipe.text_encoder(ids).last_hidden_state)
-    return ours, theirs
-
-
 def test_kohya_sd2_lora_matches_diffusers_load_lora_weights(tmp_path):
     """A kohya LoRA for SD 2 (UNet with LoCon convolutions; OpenCLIP's text tower in
     CLIPTextModel names: our q/k/v updates land in thirds of in_proj_weight), merged by us
@@ -473,10 +459,10 @@ def test_kohya_sd2_lora_matches_diffusers_load_lora_weights(tmp_path):
     base = {k: v.clone() for k, v in model.state_dict().items()}
     pipe.load_lora_weights(str(path), adapter_name="x")
     pipe.set_adapters(["x"], adapter_weights=[0.7])
-    (u0, t0), _ = sd2_outputs(model, pipe)
+    (u0, t0), _ = network_outputs(model, pipe)
     ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
     ours.set_loras([(path, 0.7)])
-    (u, t), (du, dt) = sd2_outputs(model, pipe)
+    (u, t), (du, dt) = network_outputs(model, pipe)
     assert rel_err(u, du) < 1e-4 and rel_err(t, dt) < 1e-4
     assert rel_err(u, u0) > 1e-2 and rel_err(t, t0) > 1e-2   # it changed both
     qkv = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"

@@ -7,7 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_CONFIG, V1_CONFIG, build_tiny, randomize, rel_err
+from conftest import (ROOT, TINY_CONFIG, V1_CONFIG, build_tiny, network_outputs,
+                      randomize, rel_err)
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -233,21 +234,6 @@ def diffusers_twin(model, config, folder):
     return pipe
 
 
-def outputs_both(ours_model, pipe):
-    """(ours, theirs) for the UNet's noise prediction and the text encoder's output."""
-    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([901, 11])
-    ctx = torch.randn(2, 77, 32, generator=g)
-    ids = FrozenCLIPEmbedder.tokenize(["a red circle", "two squares"])
-    with torch.no_grad():
-        ours = (ours_model.apply_model(x, t, ctx), ours_model.cond_stage_model.encode_ids(ids))
-        theirs = (pipe.unet(x, t, encoder_hidden_states=ctx).sample,
-                  pipe.text_encoder(ids).last_hidden_state)
-    return ours, theirs
-
-
 @pytest.mark.parametrize("names", ["diffusers-names", "compvis-names"])
 def test_kohya_locon_lora_matches_diffusers_load_lora_weights(tmp_path, tiny_config, names):
     """A kohya LoRA with alpha and LoCon convolutions, merged by us, against diffusers'
@@ -264,10 +250,10 @@ def test_kohya_locon_lora_matches_diffusers_load_lora_weights(tmp_path, tiny_con
     else:
         pipe.load_lora_weights(str(path), adapter_name="x")
     pipe.set_adapters(["x"], adapter_weights=[0.7])
-    base = outputs_both(model, pipe)
+    base = network_outputs(model, pipe)
     ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
     ours.set_loras([(path, 0.7)])
-    (u, t), (du, dt) = outputs_both(model, pipe)
+    (u, t), (du, dt) = network_outputs(model, pipe)
     assert rel_err(u, du) < 1e-4
     assert rel_err(t, dt) < 1e-4
     assert (u - base[0][0]).abs().max() > 1e-2  # the LoRA changed something
@@ -302,10 +288,10 @@ def test_peft_format_lora_with_its_alpha_in_the_metadata_matches_diffusers(tmp_p
         unet_lora_adapter_metadata=unet_cfg.to_dict(),
         text_encoder_lora_adapter_metadata=te_cfg.to_dict())
     ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
-    (u0, t0), _ = outputs_both(model, pipe)
+    (u0, t0), _ = network_outputs(model, pipe)
     ours.set_loras([(tmp_path / "peft", 1.0)])  # the folder save_lora_weights wrote
     assert ours.lora_stack.applied[0][0].layout == "peft"
-    (u, t), (du, dt) = outputs_both(model, pipe)
+    (u, t), (du, dt) = network_outputs(model, pipe)
     assert rel_err(u, du) < 1e-5
     assert rel_err(t, dt) < 1e-5
     assert rel_err(u, u0) > 1e-2 and rel_err(t, t0) > 1e-2  # it changed both
@@ -709,10 +695,10 @@ def test_lycoris_loha_and_lokr_match_peft_on_the_diffusers_unet(tmp_path, tiny_c
         sd[f"{name}.alpha"] = torch.tensor(2.0)
     assert any(k.endswith(".hada_w1_a" if kind == "loha" else ".lokr_w2_b") for k in sd)
     save_file(sd, tmp_path / f"{kind}.safetensors")
-    (u0, _), _ = outputs_both(model, pipe)
+    (u0, _), _ = network_outputs(model, pipe)
     ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
     ours.set_loras([(tmp_path / f"{kind}.safetensors", 1.0)])
-    (u, _), (du, _) = outputs_both(model, pipe)
+    (u, _), (du, _) = network_outputs(model, pipe)
     assert rel_err(u, du) < 1e-5
     assert rel_err(u, u0) > 1e-2
 

@@ -14,10 +14,10 @@ Nothing here imports torch or any other ``ldm`` module.
 """
 from typing import Optional
 
-from ldm.families import known, sd1, sd2
+from ldm.families import known, sd1, sd2, sdxl
 from ldm.families.base import CONFIGS, Detected, Family  # noqa: F401
 
-FAMILIES = (sd1.FAMILY, sd2.FAMILY)   # asked in this order
+FAMILIES = (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY)   # asked in this order
 
 
 def detect(shapes) -> Optional[Detected]:
@@ -59,7 +59,8 @@ def generation(shapes):
 
 
 def runs():
-    """"Stable Diffusion 1.x and Stable Diffusion 2.x" (the families here, for messages)."""
+    """"Stable Diffusion 1.x, Stable Diffusion 2.x and ..." (the families here, for
+    messages)."""
     labels = [f.label for f in FAMILIES]
     return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
 

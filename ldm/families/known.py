@@ -29,10 +29,15 @@ def generation(shapes):
     adm = _shape(shapes, UNET + "label_emb.0.0.weight")
     in_ch = conv_in[1] if len(conv_in) == 4 else None
     if _any(shapes, "conditioner.embedders."):
+        # SDXL base, refiner and inpainting are a family (sdxl.py); this is another model
+        # of the generative-models layout, or one with parts missing
         if adm and adm[1] == 2560:
-            return "an SDXL refiner checkpoint (OpenCLIP ViT-bigG, 2,560-wide ADM input)"
-        kind = "inpainting " if in_ch == 9 else ""
-        return f"an SDXL {kind}checkpoint (two text encoders, 2,816-wide ADM input)"
+            detail, kind = "OpenCLIP ViT-bigG, 2,560-wide ADM input", "refiner"
+        else:
+            detail = "two text encoders, 2,816-wide ADM input"
+            kind = "inpainting model" if in_ch == 9 else "model"
+        return (f"a checkpoint in SDXL's layout ({detail}) but not a whole SDXL {kind}; a "
+                "distilled or partial one")
     cross = _shape(shapes, UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
     openclip = _any(shapes, "cond_stage_model.model.")
     if openclip or (cross and cross[1] == 1024):

@@ -29,8 +29,8 @@ class DiffusionWrapper(nn.Module):
     """Holds the UNet as ``diffusion_model`` (key prefix ``model.diffusion_model.``) and
     gives it a conditioning dict, as sgm's ``OpenAIWrapper``: ``crossattn`` (the text
     encoder's states, attended to), ``concat`` (channels put beside the latents: an
-    inpainting model's mask and masked-image latents) and, later, ``vector`` (SDXL's
-    pooled embedding). ``conditioning_key`` is CompVis': "crossattn", or "hybrid" for
+    inpainting model's mask and masked-image latents) and ``vector`` (SDXL's pooled text
+    embedding and size conditioning, the UNet's ADM input ``y``). ``conditioning_key`` is CompVis': "crossattn", or "hybrid" for
     crossattn + concat."""
 
     def __init__(self, diff_model_config, conditioning_key):
@@ -44,6 +44,8 @@ class DiffusionWrapper(nn.Module):
     def forward(self, x, t, cond):
         if "concat" in cond:
             x = torch.cat([x, cond["concat"]], dim=1)
+        if "vector" in cond:
+            return self.diffusion_model(x, t, context=cond.get("crossattn"), y=cond["vector"])
         return self.diffusion_model(x, t, context=cond.get("crossattn"))
 
 
@@ -67,6 +69,7 @@ class LatentDiffusion(nn.Module):
             raise ValueError("zero_terminal_snr needs parameterization: v (a noise prediction "
                              "says nothing about the image when there is no signal)")
         self.parameterization = parameterization
+        self.linear_start, self.linear_end = linear_start, linear_end   # the betas' ends
         self.image_size = image_size  # latent size the model was trained at
         self.channels = channels      # latent channels
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
@@ -75,12 +78,13 @@ class LatentDiffusion(nn.Module):
         self.training_config = training_kwargs
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = instantiate_from_config(first_stage_config)
-        self.cond_stage_model = instantiate_from_config(cond_stage_config)
         self.first_stage_model.eval()
         for p in self.first_stage_model.parameters():
             p.requires_grad = False
-        if not cond_stage_trainable and hasattr(self.cond_stage_model, "freeze"):
-            self.cond_stage_model.freeze()
+        if cond_stage_config is not None:   # None: a subclass builds its own (SDXL's)
+            self.cond_stage_model = instantiate_from_config(cond_stage_config)
+            if not cond_stage_trainable and hasattr(self.cond_stage_model, "freeze"):
+                self.cond_stage_model.freeze()
         betas = given_betas if given_betas is not None else make_beta_schedule(
             beta_schedule, timesteps, linear_start, linear_end)
         betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu")
@@ -134,10 +138,22 @@ class LatentDiffusion(nn.Module):
     def decode_first_stage(self, z, tile=None):
         return self.first_stage_model.decode(z / self.scale_factor, tile)
 
-    def conditioning(self, prompts):
+    def conditioning(self, prompts, values=None, negative=False):
         """The conditioning dict of prompts: ``crossattn``, the text encoder's states
-        (``get_learned_conditioning``). A task adds its own keys (inpainting: ``concat``)."""
+        (``get_learned_conditioning``). A task adds its own keys (inpainting: ``concat``).
+        ``values`` (``size_values``) and ``negative`` mean nothing to SD 1/2: their
+        conditioning is the text alone (SDXL's is not: ``DiffusionEngine``)."""
         return {"crossattn": self.get_learned_conditioning(prompts)}
+
+    def size_values(self, height=None, width=None, original=None, crop=None, target=None,
+                    aesthetic=None, negative=False):
+        """The conditioning's inputs besides the prompt: none for SD 1/2."""
+        return None
+
+    def inpainting_concat(self, mask, masked_image_latents):
+        """An inpainting UNet's extra input (``conditioning_key: hybrid``): the latent-sized
+        mask and the masked image's latents."""
+        return torch.cat([mask, masked_image_latents], dim=1)
 
     def apply_model(self, x_noisy, t, cond, c_concat=None):
         """The UNet's raw prediction (eps or v, per ``parameterization``), in float32
@@ -202,7 +218,3 @@ class LatentInpaintDiffusion(LatentDiffusion):
             raise ValueError(f"an inpainting UNet takes {2 * self.channels + 1} input channels "
                              f"(latents, mask, masked-image latents), not {unet_in}")
         self.concat_keys, self.masked_image_key = tuple(concat_keys), masked_image_key
-
-    def inpainting_concat(self, mask, masked_image_latents):
-        """The UNet's extra input: the latent-sized mask and the masked image's latents."""
-        return torch.cat([mask, masked_image_latents], dim=1)

@@ -83,7 +83,8 @@ class Upsample(nn.Module):
 
 
 def _check_vanilla(attn_type, use_linear_attn, resamp_with_conv):
-    if attn_type != "vanilla" or use_linear_attn or not resamp_with_conv:
+    """Plain attention (sgm's "vanilla-xformers" is the same arithmetic by another kernel)."""
+    if attn_type not in ("vanilla", "vanilla-xformers") or use_linear_attn or not resamp_with_conv:
         raise ValueError("only attn_type='vanilla' with resamp_with_conv=True is supported")
 
 

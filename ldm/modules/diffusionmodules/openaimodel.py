@@ -81,25 +81,56 @@ class ResBlock(nn.Module):
 class UNetModel(nn.Module):
     """eps/v-predicting UNet: ``forward(x, timesteps, context) -> prediction`` (same shape as x).
 
-    Accepts the CompVis config parameters; ``num_heads`` fixes the head count unless
-    ``num_head_channels`` (SD 2.x) fixes the width per head instead. ``spatial_pos_emb``
-    (ours, for small models trained from scratch) gives the transformers pixel coordinates:
-    ``true``/``"zero"`` zero-initialised, ``"random"`` randomly (``SpatialTransformer``).
+    Accepts the CompVis and Stability (``sgm``) config parameters; ``num_heads`` fixes the
+    head count unless ``num_head_channels`` (SD 2.x, SDXL) fixes the width per head
+    instead. SDXL's: ``transformer_depth`` per level (a list; the middle block takes the
+    last level's unless ``transformer_depth_middle`` says), ``context_dim`` as a list of
+    one width (the refiner's), and
+    ``num_classes: sequential`` with ``adm_in_channels``: a vector ``y`` (the pooled text
+    embedding and the size conditioning) through ``label_emb``, added to the timestep
+    embedding. ``spatial_pos_emb`` (ours, for small models trained from scratch) gives the
+    transformers pixel coordinates: ``true``/``"zero"`` zero-initialised, ``"random"``
+    randomly (``SpatialTransformer``). ``use_checkpoint``, ``use_fp16`` and
+    ``spatial_transformer_attn_type`` (training and kernel choices) are accepted and
+    ignored.
     """
 
-    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
-                 attention_resolutions, dropout=0.0, channel_mult=(1, 2, 4, 8),
+    def __init__(self, image_size=None, in_channels=4, model_channels=320, out_channels=4,
+                 num_res_blocks=2,
+                 attention_resolutions=(), dropout=0.0, channel_mult=(1, 2, 4, 8),
                  conv_resample=True, dims=2, num_classes=None, use_checkpoint=False,
                  use_fp16=False, num_heads=-1, num_head_channels=-1, num_heads_upsample=-1,
                  use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False,
-                 use_spatial_transformer=False, transformer_depth=1, context_dim=None,
+                 use_spatial_transformer=None, transformer_depth=1, context_dim=None,
                  n_embed=None, legacy=True, use_linear_in_transformer=False,
-                 disable_self_attentions=None, num_attention_blocks=None, spatial_pos_emb=False):
+                 disable_self_attentions=None, num_attention_blocks=None, spatial_pos_emb=False,
+                 adm_in_channels=None, transformer_depth_middle=None,
+                 spatial_transformer_attn_type=None, disable_middle_self_attn=False,
+                 disable_middle_transformer=False):
         super().__init__()
-        unsupported = {"dims != 2": dims != 2, "num_classes": num_classes is not None,
+        levels = len(channel_mult)
+        if isinstance(transformer_depth, int):
+            transformer_depth = [transformer_depth] * levels
+        if len(transformer_depth) != levels:
+            raise ValueError(f"transformer_depth needs one value per level of channel_mult "
+                             f"({levels}), got {list(transformer_depth)}")
+        if transformer_depth_middle is None:
+            transformer_depth_middle = transformer_depth[-1]
+        if context_dim is not None and not isinstance(context_dim, int):
+            # sgm's list is per transformer block (the refiner's [1280] * 4): one width here
+            if len(set(context_dim)) != 1:
+                raise ValueError(f"context_dim of different widths {list(context_dim)} is not "
+                                 f"supported")
+            context_dim = list(context_dim)[0]
+        unsupported = {"dims != 2": dims != 2,
+                       "disable_middle_self_attn": disable_middle_self_attn,
+                       "disable_middle_transformer": disable_middle_transformer,
+                       "num_classes other than 'sequential'": num_classes not in (None, "sequential"),
+                       "num_classes: sequential without adm_in_channels": (
+                           num_classes == "sequential" and not adm_in_channels),
                        "use_scale_shift_norm": use_scale_shift_norm,
                        "resblock_updown": resblock_updown, "n_embed": n_embed is not None,
-                       "use_spatial_transformer=False": not use_spatial_transformer,
+                       "use_spatial_transformer=False": use_spatial_transformer is False,
                        "num_attention_blocks": num_attention_blocks is not None,
                        "disable_self_attentions": disable_self_attentions is not None}
         bad = [name for name, on in unsupported.items() if on]
@@ -112,20 +143,23 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         self.channel_mult = tuple(channel_mult)
 
-        def transformer(ch):
+        def transformer(ch, depth, context):
             if num_head_channels == -1:
                 heads, dim_head = num_heads, ch // num_heads
             else:
                 heads, dim_head = ch // num_head_channels, num_head_channels
-            return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth,
-                                      dropout=dropout, context_dim=context_dim,
-                                      use_linear=use_linear_in_transformer,
+            return SpatialTransformer(ch, heads, dim_head, depth=depth, dropout=dropout,
+                                      context_dim=context, use_linear=use_linear_in_transformer,
                                       pos_emb=spatial_pos_emb)
 
         emb_dim = model_channels * 4
         # time_embed.1 is the SiLU slot between the two Linear layers.
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
                                         nn.Linear(emb_dim, emb_dim))
+        self.adm_in_channels = adm_in_channels if num_classes == "sequential" else None
+        if self.adm_in_channels:   # label_emb.0.{0,2}: sgm's Sequential in a Sequential
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
             Conv2d(in_channels, model_channels, 3, padding=1))])
@@ -136,7 +170,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, emb_dim, dropout, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, transformer_depth[level], context_dim))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -145,7 +179,9 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, dropout), transformer(ch), ResBlock(ch, emb_dim, dropout))
+            ResBlock(ch, emb_dim, dropout),
+            transformer(ch, transformer_depth_middle, context_dim),
+            ResBlock(ch, emb_dim, dropout))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -154,7 +190,7 @@ class UNetModel(nn.Module):
                                    model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, transformer_depth[level], context_dim))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -168,8 +204,13 @@ class UNetModel(nn.Module):
     def downsampling_factor(self):
         return 2 ** (len(self.channel_mult) - 1)
 
-    def forward(self, x, timesteps, context=None):
+    def forward(self, x, timesteps, context=None, y=None):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if self.adm_in_channels:
+            if y is None or y.shape[-1] != self.adm_in_channels:
+                raise ValueError(f"this UNet takes a {self.adm_in_channels}-wide vector y "
+                                 f"(its ADM input), got {None if y is None else tuple(y.shape)}")
+            emb = emb + self.label_emb(y.to(emb.dtype))
         cache = self.feature_cache
         reuse = cache is not None and cache.reuse(x)
         # with a feature cache, only the `keep` shallowest blocks of each side run on the

@@ -129,11 +129,13 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids, skip=1):
+    def forward(self, ids, skip=1, final_norm=True):
         """Token ids [B, N] -> last hidden state [B, N, width] (causal attention, final LN).
         ``skip`` = N > 1: the hidden state N - 1 layers before the last, with the final
-        layer norm applied (A1111's "clip skip")."""
-        return self.final_layer_norm(self.encoder(self.embeddings(ids), causal=True, skip=skip))
+        layer norm applied (A1111's "clip skip") unless ``final_norm`` is False (SDXL's
+        ``layer: hidden``)."""
+        x = self.encoder(self.embeddings(ids), causal=True, skip=skip)
+        return self.final_layer_norm(x) if final_norm else x
 
 
 class CLIPTextModel(nn.Module):
@@ -144,8 +146,8 @@ class CLIPTextModel(nn.Module):
         self.config = cfg
         self.text_model = CLIPTextTransformer(cfg)
 
-    def forward(self, ids, skip=1):
-        return self.text_model(ids, skip)
+    def forward(self, ids, skip=1, final_norm=True):
+        return self.text_model(ids, skip, final_norm)
 
 
 class CLIPVisionEmbeddings(nn.Module):

@@ -1,5 +1,6 @@
 """Text conditioning: SD v1's CLIP ViT-L/14 text encoder (``cond_stage_model.transformer.*``
-keys) and SD 2.x's OpenCLIP ViT-H/14 (``cond_stage_model.model.*``), with one prompt
+keys), SD 2.x's OpenCLIP ViT-H/14 (``cond_stage_model.model.*``) and SDXL's pair of them
+(CLIP ViT-L and OpenCLIP ViT-bigG under ``conditioner.embedders.N.``), with one prompt
 machinery (A1111 weighting and long prompts, truncation warnings, textual inversion)."""
 import logging
 
@@ -11,7 +12,37 @@ from ldm.modules.encoders.clip import CLIPTextConfig, CLIPTextModel
 log = logging.getLogger(__name__)
 
 
-class FrozenCLIPEmbedder(nn.Module):
+class ChunkPadding:
+    """Long prompts at one length: a text encoder (or SDXL's conditioner) with ``self(texts)``
+    giving the plain encoding and ``max_length`` tokens per chunk pads encodings of fewer
+    chunks with the empty prompt's, as A1111 does."""
+
+    def pad_to(self, encoded, n):
+        """[n_i, 77, width] encodings -> [B, 77 * n, width], each padded with the empty
+        prompt's encoding (as A1111 pads a shorter prompt, and the unconditional one)."""
+        empty = None
+        rows = []
+        for z in encoded:
+            if z.shape[0] < n and empty is None:
+                empty = self([""])
+            if z.shape[0] < n:
+                z = torch.cat([z, empty.to(z.dtype).expand(n - z.shape[0], -1, -1)])
+            rows.append(z.reshape(1, -1, z.shape[-1]))
+        return torch.cat(rows)
+
+    def equalize(self, cond, uncond):
+        """``cond`` and ``uncond`` ([B, 77 * n, width]) at one length: the shorter padded
+        with the empty prompt's encoding, chunk by chunk."""
+        if uncond is None or cond.shape[1] == uncond.shape[1]:
+            return cond, uncond
+        n = max(cond.shape[1], uncond.shape[1]) // self.max_length
+
+        def pad(z):
+            return self.pad_to(list(z.reshape(z.shape[0], -1, self.max_length, z.shape[-1])), n)
+        return pad(cond), pad(uncond)
+
+
+class FrozenCLIPEmbedder(ChunkPadding, nn.Module):
     """Prompts -> CLIP last hidden states [B, 77, width], as SD v1 conditions its UNet.
 
     Built from a local config, never downloaded: the defaults are ViT-L/14's text tower and
@@ -22,9 +53,21 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def __init__(self, version="openai/clip-vit-large-patch14", device=None, max_length=77,
                  freeze=True, vocab_size=49408, width=768, layers=12, heads=12,
-                 intermediate_size=None, hidden_act="quick_gelu"):
+                 intermediate_size=None, hidden_act="quick_gelu", layer="last",
+                 layer_idx=None, always_return_pooled=False):
         super().__init__()
+        if layer not in ("last", "hidden") or (layer == "hidden") != (layer_idx is not None):
+            raise ValueError(f"layer must be 'last', or 'hidden' with a layer_idx (SDXL's "
+                             f"11), not {layer!r} with layer_idx {layer_idx!r}")
+        if always_return_pooled:
+            raise ValueError("CLIP ViT-L's pooled output is not used by any SD model here")
+        if layer_idx is not None and not 0 < layer_idx <= layers:
+            raise ValueError(f"layer_idx must be in [1, {layers}], got {layer_idx}")
         self.prompt_state(max_length)
+        # sgm's layer "hidden": hidden_states[layer_idx], the output of that many layers,
+        # without the final layer norm (SDXL: 11 of 12, the penultimate)
+        self.base_skip = 1 if layer_idx is None else layers - layer_idx + 1
+        self.final_norm = layer_idx is None
         self.transformer = CLIPTextModel(CLIPTextConfig(
             vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
             num_attention_heads=heads, intermediate_size=intermediate_size or 4 * width,
@@ -50,7 +93,7 @@ class FrozenCLIPEmbedder(nn.Module):
     @property
     def layers(self):
         """How many layers ``clip_skip`` can count back over."""
-        return len(self.transformer.text_model.encoder.layers)
+        return len(self.transformer.text_model.encoder.layers) - (self.base_skip - 1)
 
     @staticmethod
     def tokenize(texts, max_length=77, added=None):
@@ -94,19 +137,33 @@ class FrozenCLIPEmbedder(nn.Module):
         return self.encode_ids(ids.to(self.token_embedding.weight.device))
 
     def encode_ids(self, ids):
-        return self.transformer(ids, self.clip_skip)
+        return self.transformer(ids, self.base_skip + self.clip_skip - 1, self.final_norm)
+
+    def encode_ids_pooled(self, ids):
+        """(``encode_ids``, the pooled text embedding or None for an encoder without one)."""
+        return self.encode_ids(ids), None
 
     def encode(self, texts):
         """Prompts -> [B, 77 * chunks, width]: CompVis' plain text (77 tokens), or with
         ``syntax = "a1111"`` weighted and of any length (``ldm.modules.encoders.prompts``;
         prompts of fewer chunks are padded with the empty prompt's encoding)."""
+        return self.encode_pooled(texts)[0]
+
+    def encode_pooled(self, texts):
+        """(``encode``, the pooled embeddings [B, dim] or None): for a long A1111 prompt
+        the pooled embedding of its first chunk, unweighted (as A1111 does for SDXL)."""
+        device = self.token_embedding.weight.device
         if self.syntax != "a1111":
-            return self(texts)
+            ids = self.tokenize(texts, self.max_length, self.added)
+            return self.encode_ids_pooled(ids.to(device))
         encoded = [self.encode_weighted(text) for text in texts]
-        return self.pad_to(encoded, max(z.shape[0] for z in encoded))
+        z = self.pad_to([z for z, _ in encoded], max(z.shape[0] for z, _ in encoded))
+        pooled = [p for _, p in encoded]
+        return z, (None if pooled[0] is None else torch.stack(pooled))
 
     def encode_weighted(self, text):
-        """One prompt in A1111's syntax -> its weighted chunks [n, 77, width]."""
+        """One prompt in A1111's syntax -> (its weighted chunks [n, 77, width], the first
+        chunk's pooled embedding or None)."""
         from ldm.modules.encoders.prompts import chunk_prompt, parse_attention, weight_chunks
         from ldm.modules.encoders.tokenizer import get_tokenizer
         tok = get_tokenizer(self.html)
@@ -114,32 +171,9 @@ class FrozenCLIPEmbedder(nn.Module):
         chunks = chunk_prompt(pieces, lambda t: tok.units(t, self.added), tok.bos_id,
                               tok.eos_id, tok.encoder[",</w>"], self.pad_id)
         ids = torch.tensor([c.ids for c in chunks], device=self.token_embedding.weight.device)
-        z = self.encode_ids(ids)
-        return weight_chunks(z, [c.weights for c in chunks]).to(z.dtype)
-
-    def pad_to(self, encoded, n):
-        """[n_i, 77, width] encodings -> [B, 77 * n, width], each padded with the empty
-        prompt's encoding (as A1111 pads a shorter prompt, and the unconditional one)."""
-        empty = None
-        rows = []
-        for z in encoded:
-            if z.shape[0] < n and empty is None:
-                empty = self([""])
-            if z.shape[0] < n:
-                z = torch.cat([z, empty.to(z.dtype).expand(n - z.shape[0], -1, -1)])
-            rows.append(z.reshape(1, -1, z.shape[-1]))
-        return torch.cat(rows)
-
-    def equalize(self, cond, uncond):
-        """``cond`` and ``uncond`` ([B, 77 * n, width]) at one length: the shorter padded
-        with the empty prompt's encoding, chunk by chunk."""
-        if uncond is None or cond.shape[1] == uncond.shape[1]:
-            return cond, uncond
-        n = max(cond.shape[1], uncond.shape[1]) // self.max_length
-
-        def pad(z):
-            return self.pad_to(list(z.reshape(z.shape[0], -1, self.max_length, z.shape[-1])), n)
-        return pad(cond), pad(uncond)
+        z, pooled = self.encode_ids_pooled(ids)
+        return (weight_chunks(z, [c.weights for c in chunks]).to(z.dtype),
+                None if pooled is None else pooled[0])
 
     # -- textual inversion ---------------------------------------------------------------
     def add_embedding(self, token, vectors):
@@ -201,3 +235,31 @@ class FrozenOpenCLIPEmbedder(FrozenCLIPEmbedder):
 
     def encode_ids(self, ids):
         return self.model(ids, self.model.layers - self.layer_idx - (self.clip_skip - 1))
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """SDXL's second text encoder (sgm's ``FrozenOpenCLIPEmbedder2``): OpenCLIP ViT-bigG/14
+    (1,280 wide, 32 layers) under ``conditioner.embedders.1.model.*``. With ``legacy:
+    False`` (SDXL's configs) the hidden states are taken without ``ln_final``; with
+    ``always_return_pooled`` it also gives the pooled text embedding (``ln_final`` of the
+    last layer at the end token, through ``text_projection``), which SDXL's UNet gets in
+    its vector. The sizes default to ViT-bigG/14's."""
+
+    def __init__(self, arch="ViT-bigG-14", version="laion2b_s39b_b160k", device=None,
+                 max_length=77, freeze=True, layer="penultimate", always_return_pooled=False,
+                 legacy=True, vocab_size=49408, width=1280, layers=32, heads=20,
+                 embed_dim=None):
+        super().__init__(arch, version, device, max_length, freeze, layer, vocab_size, width,
+                         layers, heads, embed_dim)
+        self.always_return_pooled, self.legacy = always_return_pooled, legacy
+
+    def encode_ids(self, ids):
+        return self.model(ids, self.model.layers - self.layer_idx - (self.clip_skip - 1),
+                          self.legacy)
+
+    def encode_ids_pooled(self, ids):
+        if not self.always_return_pooled:
+            return self.encode_ids(ids), None
+        hidden, pooled = self.model.hidden_and_pooled(
+            ids, self.model.layers - self.layer_idx - (self.clip_skip - 1))
+        return (self.model.ln_final(hidden) if self.legacy else hidden), pooled

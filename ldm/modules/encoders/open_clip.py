@@ -1,8 +1,9 @@
-"""OpenCLIP's text transformer (ViT-H/14 for SD 2.x), written so attribute paths are the
+"""OpenCLIP's text transformer (ViT-H/14 for SD 2.x, ViT-bigG/14 for SDXL), written so attribute paths are the
 keys SD 2 checkpoints hold under ``cond_stage_model.model.``: ``token_embedding``,
 ``positional_embedding``, ``transformer.resblocks.N.{ln_1, attn.in_proj_weight,
 attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}``, ``ln_final``, ``text_projection`` and
-``logit_scale`` (the last two unused by SD, kept so the checkpoint loads strictly). Ours,
+``logit_scale`` (the projection is SDXL's pooled embedding; SD 2 uses neither, they are
+kept so its checkpoints load strictly). Ours,
 needing neither ``open_clip`` nor a download; checked against transformers' CLIPTextModel
 holding the same weights as diffusers converts them (tests/families/test_sd2.py).
 """
@@ -62,9 +63,9 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads)
                                        for _ in range(layers))
 
-    def forward(self, x, layers_run=None):
-        """Through the first ``layers_run`` blocks (None: all)."""
-        for block in self.resblocks[:layers_run]:
+    def forward(self, x, layers_run=None, first=0):
+        """Through blocks ``first`` to ``layers_run`` (None: to the last)."""
+        for block in self.resblocks[first:layers_run]:
             x = block(x)
         return x
 
@@ -90,7 +91,21 @@ class OpenCLIPTextModel(nn.Module):
     def layers(self):
         return len(self.transformer.resblocks)
 
-    def forward(self, ids, layers_run=None):
-        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]].to(
+    def forward(self, ids, layers_run=None, final_norm=True):
+        """``final_norm`` False: the hidden states without ``ln_final`` (SDXL's)."""
+        x = self.transformer(self.embed(ids), layers_run)
+        return self.ln_final(x) if final_norm else x
+
+    def embed(self, ids):
+        return self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]].to(
             self.token_embedding.weight.dtype)
-        return self.ln_final(self.transformer(x, layers_run))
+
+    def hidden_and_pooled(self, ids, layers_run):
+        """(hidden states after ``layers_run`` blocks without ``ln_final``, the pooled text
+        embedding): ``ln_final`` of the last block's output at each prompt's end token (its
+        highest id, as OpenCLIP and SDXL pick it) through ``text_projection``, in one pass
+        over the blocks."""
+        hidden = self.transformer(self.embed(ids), layers_run)
+        last = self.ln_final(self.transformer(hidden, None, layers_run))
+        end = last[torch.arange(ids.shape[0], device=ids.device), ids.argmax(dim=-1)]
+        return hidden, end @ self.text_projection.to(end.dtype)
