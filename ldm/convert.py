@@ -31,10 +31,8 @@ from ldm.errors import CheckpointError
 from ldm.source import WEIGHT_FILES, component_files, is_diffusers_folder  # noqa: F401
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
-OPENCLIP = "cond_stage_model.model."
 OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj",
                   "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-CLIP_LAYERS = "text_encoder.text_model.encoder.layers."
 QKV = ("q_proj", "k_proj", "v_proj")
 RESBLOCK_INNER = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                   "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -52,6 +50,9 @@ def _unet_blocks(unet):
     from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
     blocks = [("time_embed.0", "time_embedding.linear_1", {}),
               ("time_embed.2", "time_embedding.linear_2", {}),
+              *([("label_emb.0.0", "add_embedding.linear_1", {}),     # SDXL's vector
+                 ("label_emb.0.2", "add_embedding.linear_2", {})]
+                if getattr(unet, "adm_in_channels", None) else []),
               ("input_blocks.0.0", "conv_in", {}), ("out.0", "conv_norm_out", {}),
               ("out.2", "conv_out", {})]
 
@@ -135,37 +136,65 @@ def module_names(model):
                     key = f"{ours}.{name}" if name else ours
                     out[ours_root + key] = theirs_root + (f"{theirs}.{_rename(name, inner)}"
                                                           if name else theirs)
-    out.update(_text_modules(model.cond_stage_model))
+    for prefix, encoder, component in text_encoders(model):
+        out.update(_text_modules(prefix, encoder, component))
     return out
 
 
-def _text_modules(encoder):
-    """{our module path: diffusers'} for the text encoder: SD v1's is transformers'
-    CLIPTextModel already; OpenCLIP's (SD 2) as diffusers converts it, less the attention
-    input projections (``qkv_slices``) and the position embedding (a bare parameter)."""
-    if hasattr(encoder, "transformer"):
-        return {TEXT + name: "text_encoder." + name
+def text_encoders(model):
+    """[(our key prefix, text encoder, diffusers component)]: SD 1/2's one encoder
+    (``cond_stage_model.``, "text_encoder"); SDXL's text embedders
+    (``conditioner.embedders.N.``): CLIP ViT-L as "text_encoder" and OpenCLIP bigG as
+    "text_encoder_2" (the refiner's bigG alone too)."""
+    conditioner = model.cond_stage_model
+    if not hasattr(conditioner, "embedders"):
+        return [("cond_stage_model.", conditioner, "text_encoder")]
+    texts = conditioner.text_embedders
+    return [(f"conditioner.embedders.{i}.", e,
+             "text_encoder" if len(texts) > 1 and e is texts[0] else "text_encoder_2")
+            for i, e in enumerate(conditioner.embedders) if any(e is t for t in texts)]
+
+
+def _is_openclip(encoder):
+    return not hasattr(encoder, "transformer")
+
+
+def _text_modules(prefix, encoder, component):
+    """{our module path: diffusers'} for one text encoder: CLIP ViT-L is transformers'
+    CLIPTextModel already; OpenCLIP's (SD 2, SDXL's bigG) as diffusers converts it, less
+    the attention input projections (``qkv_slices``) and the bare parameters (position
+    embedding, projection: ``parameter_names``)."""
+    if not _is_openclip(encoder):
+        return {prefix + "transformer." + name: f"{component}.{name}"
                 for name, sub in encoder.transformer.named_modules()
                 if name and any(True for _ in sub.parameters(recurse=False))}
-    out = {OPENCLIP + "token_embedding": "text_encoder.text_model.embeddings.token_embedding",
-           OPENCLIP + "ln_final": "text_encoder.text_model.final_layer_norm"}
+    tower, layers = prefix + "model.", f"{component}.text_model.encoder.layers."
+    out = {tower + "token_embedding": f"{component}.text_model.embeddings.token_embedding",
+           tower + "ln_final": f"{component}.text_model.final_layer_norm"}
     for i in range(encoder.model.layers):
         for ours, theirs in OPENCLIP_BLOCK.items():
-            out[f"{OPENCLIP}transformer.resblocks.{i}.{ours}"] = f"{CLIP_LAYERS}{i}.{theirs}"
+            out[f"{tower}transformer.resblocks.{i}.{ours}"] = f"{layers}{i}.{theirs}"
     return out
 
 
 def qkv_slices(model):
     """{diffusers module path ("text_encoder...layers.N.self_attn.q_proj"): (our module
-    path, its parameter holding all three, first row, end row)} for a model whose text
-    encoder is OpenCLIP's (SD 2), else {}."""
-    encoder = model.cond_stage_model
-    if hasattr(encoder, "transformer"):
-        return {}
-    width = encoder.model.token_embedding.weight.shape[1]
-    return {f"{CLIP_LAYERS}{i}.self_attn.{proj}":
-            (f"{OPENCLIP}transformer.resblocks.{i}.attn", "in_proj", n * width, (n + 1) * width)
-            for i in range(encoder.model.layers) for n, proj in enumerate(QKV)}
+    path, its parameter holding all three, first row, end row)} for the OpenCLIP text
+    encoders of ``model`` (SD 2's, SDXL's bigG); {} for none."""
+    out = {}
+    for prefix, encoder, component in text_encoders(model):
+        if not _is_openclip(encoder):
+            continue
+        width = encoder.model.token_embedding.weight.shape[1]
+        out.update({f"{component}.text_model.encoder.layers.{i}.self_attn.{proj}":
+                    (f"{prefix}model.transformer.resblocks.{i}.attn", "in_proj", n * width,
+                     (n + 1) * width)
+                    for i in range(encoder.model.layers) for n, proj in enumerate(QKV)})
+    return out
+
+
+# OpenCLIP's projection is a bare [width, dim] parameter, transformers' a Linear's weight
+TRANSPOSED = ("text_projection",)
 
 
 def parameter_names(model):
@@ -176,13 +205,19 @@ def parameter_names(model):
         module, _, param = key.rpartition(".")
         if module in modules:
             out[f"{modules[module]}.{param}"] = key
-    if qkv_slices(model):   # OpenCLIP's bare parameters; in_proj_* stand for q/k/v (_merge_qkv)
-        out["text_encoder.text_model.embeddings.position_embedding.weight"] = (
-            OPENCLIP + "positional_embedding")
-        for i in range(model.cond_stage_model.model.layers):
+    for prefix, encoder, component in text_encoders(model):
+        if not _is_openclip(encoder):
+            continue
+        # OpenCLIP's bare parameters; in_proj_* stand for q/k/v (_merge_qkv)
+        tower = prefix + "model."
+        out[f"{component}.text_model.embeddings.position_embedding.weight"] = (
+            tower + "positional_embedding")
+        if getattr(encoder, "always_return_pooled", False):   # SDXL's pooled embedding
+            out[f"{component}.text_projection.weight"] = tower + "text_projection"
+        for i in range(encoder.model.layers):
             for param in ("weight", "bias"):
-                out[f"{CLIP_LAYERS}{i}.self_attn.in_proj_{param}"] = (
-                    f"{OPENCLIP}transformer.resblocks.{i}.attn.in_proj_{param}")
+                out[f"{component}.text_model.encoder.layers.{i}.self_attn.in_proj_{param}"] = (
+                    f"{tower}transformer.resblocks.{i}.attn.in_proj_{param}")
     return out
 
 
@@ -202,16 +237,23 @@ def _merge_qkv(sd):
 
 
 def unused_openclip(model):
-    """Our keys of the parts of SD 2's OpenCLIP tower that SD 2 never runs and diffusers'
-    folders leave out: the blocks after the layer the config conditions on, and
-    ``text_projection``/``logit_scale`` (none for SD v1's CLIP)."""
-    encoder = model.cond_stage_model
-    if hasattr(encoder, "transformer"):
-        return []
-    unused = tuple(f"{OPENCLIP}transformer.resblocks.{i}."
-                   for i in range(encoder.model.layers - encoder.layer_idx, encoder.model.layers))
-    return [k for k in model.state_dict() if k.startswith(unused)
-            or k in (OPENCLIP + "text_projection", OPENCLIP + "logit_scale")]
+    """Our keys of the parts of an OpenCLIP tower that the model never runs and diffusers'
+    folders leave out: ``logit_scale``; for SD 2 also the blocks after the layer the
+    config conditions on and ``text_projection`` (SDXL's bigG runs every block, for its
+    pooled embedding through the projection). None for CLIP ViT-L."""
+    keys = []
+    for prefix, encoder, _ in text_encoders(model):
+        if not _is_openclip(encoder):
+            continue
+        tower = prefix + "model."
+        keys.append(tower + "logit_scale")
+        if not getattr(encoder, "always_return_pooled", False):
+            keys.append(tower + "text_projection")
+            keys += [f"{tower}transformer.resblocks.{i}."
+                     for i in range(encoder.model.layers - encoder.layer_idx,
+                                    encoder.model.layers)]
+    keys = tuple(keys)
+    return [k for k in model.state_dict() if k.startswith(keys)]
 
 
 def from_diffusers(model, components):
@@ -225,10 +267,11 @@ def from_diffusers(model, components):
     own = model.state_dict()
     out, left = {}, []
     for component, sd in components.items():
-        if component == "text_encoder":
-            sd = {(k if k.startswith("text_model.") else "text_model." + k): v
+        if component.startswith("text_encoder"):
+            sd = {(k if k.startswith(("text_model.", "text_projection.")) else
+                   "text_model." + k): v
                   for k, v in sd.items() if not k.endswith("position_ids")}
-            if qkv_slices(model):
+            if any(k.startswith(component + ".") for k in qkv_slices(model)):
                 sd = _merge_qkv(sd)
         for key, value in sd.items():
             theirs = f"{component}.{key}"
@@ -238,8 +281,10 @@ def from_diffusers(model, components):
                 continue
             if value.dim() == 2 and own[ours].dim() == 4:
                 value = value[:, :, None, None]
+            if ours.endswith(TRANSPOSED):
+                value = value.T.contiguous()
             out[ours] = value
-    if "text_encoder" in components:
+    if any(c.startswith("text_encoder") for c in components):
         # a block of zeros is the identity, so even a ``layer: last`` config conditions on
         # what the folder's CLIPTextModel gives
         out.update({k: torch.zeros(own[k].shape) for k in unused_openclip(model)
@@ -279,6 +324,8 @@ def to_diffusers(model, sd=None):
         component, _, theirs = names[key].partition(".")
         if component == "vae" and value.dim() == 4 and ".attentions." in theirs:
             value = value[:, :, 0, 0]
+        if key.endswith(TRANSPOSED):
+            value = value.T.contiguous()
         head, sep, param = theirs.partition(".self_attn.in_proj_")
         if sep:   # OpenCLIP's stacked q/k/v, as CLIPTextModel's three
             for proj, part in zip(QKV, value.chunk(3)):
@@ -300,11 +347,12 @@ def load_component(folder, component):
 
 
 def load_diffusers_folder(folder, model):
-    """Our state_dict for ``model`` from a diffusers SD 1.x or 2.x pipeline folder (``unet/``,
-    ``vae/``, ``text_encoder/``; safetensors or .bin through the safe unpickler, fp16 or
-    fp32)."""
+    """Our state_dict for ``model`` from a diffusers SD 1.x, 2.x or SDXL pipeline folder
+    (``unet/``, ``vae/``, the text encoders the model has: ``text_encoder/``,
+    ``text_encoder_2/``; safetensors or .bin through the safe unpickler, fp16 or fp32)."""
     folder = Path(folder)
-    components = {c: load_component(folder, c) for c in WEIGHT_FILES}
+    wanted = ["unet", "vae"] + [c for _, _, c in text_encoders(model)]
+    components = {c: load_component(folder, c) for c in wanted}
     return from_diffusers(model, components)
 
 

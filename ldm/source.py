@@ -20,6 +20,7 @@ WEIGHT_FILES = {
     "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "text_encoder": ("model", "pytorch_model"),
+    "text_encoder_2": ("model", "pytorch_model"),   # SDXL's OpenCLIP bigG
 }
 
 

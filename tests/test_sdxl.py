@@ -148,3 +148,58 @@ def test_sdxl_checkpoints_are_detected_by_their_keys():
         found = detect(shapes_of(build_model(XL / f"{name}.yaml", meta=True).state_dict()))
         assert (found.family.name, found.variant) == ("sdxl", variant)
         assert Path(found.config).name == f"{name}.yaml"
+
+
+TINY_REFINER = ROOT / "configs" / "tiny" / "tiny-sdxl-refiner.yaml"
+
+
+def tiny(config_path, seed):
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(config_path)
+    return randomize(instantiate_from_config(config.model), seed).eval(), config
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_tiny_refiner_img2img_matches_diffusers_step_by_step(tmp_path, sampler):
+    """The refiner (OpenCLIP bigG alone, aesthetic score 6 and 2.5 for the negative) as
+    StableDiffusionXLImg2ImgPipeline runs it on the same tiny weights: every step and
+    the result (strength 0.6); an empty negative prompt is encoded, not zeros."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tests" / "models"))
+    from test_crosscheck_diffusers import _both, _image_and_mask
+    from ldm.pipeline import Pipeline
+    model, config = tiny(TINY_REFINER, 5)
+    assert not model.force_zeros_for_empty_prompt
+    ours = Pipeline(model, torch.device("cpu"), "full")
+    image, _ = _image_and_mask()
+    init = ours.encode([image])
+    z_ours, z_theirs, a, b = _both(ours, diffusers.StableDiffusionXLImg2ImgPipeline, model,
+                                   config, tmp_path, {"init": init}, 0.6, sampler,
+                                   image=init.expand(2, -1, -1, -1).clone())
+    assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
+    assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-5
+
+
+@pytest.mark.parametrize("name,cls,variant", [
+    ("tiny-sdxl-inference", "StableDiffusionXLPipeline", "txt2img"),
+    ("tiny-sdxl-refiner", "StableDiffusionXLImg2ImgPipeline", "refiner")])
+def test_an_sdxl_diffusers_folder_loads_to_the_same_model(tmp_path, name, cls, variant):
+    """A folder diffusers' save_pretrained wrote from tiny SDXL weights (two text encoders,
+    or the refiner's second alone; bigG as CLIPTextModelWithProjection, all its blocks)
+    is found by its JSON files and loads, given as --ckpt, to exactly those weights (the
+    unused logit_scale as zero)."""
+    from ldm.compare import diffusers_components
+    from ldm.config import choose_model
+    from ldm.families import detect_folder
+    from ldm.pipeline import load_model
+    from ldm.source import folder_configs
+    model, config = tiny(ROOT / "configs" / "tiny" / f"{name}.yaml", 9)
+    folder = tmp_path / "pipe"
+    getattr(diffusers, cls)(**diffusers_components(model, config, tmp_path / "tok")
+                            ).save_pretrained(folder)
+    found = detect_folder(*folder_configs(folder))
+    assert (found.family.name, found.variant) == ("sdxl", variant)
+    choice = choose_model(folder, ROOT / "configs" / "tiny" / f"{name}.yaml")
+    got = load_model(choice.ckpt, choice.config).state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], torch.zeros_like(v) if k.endswith("logit_scale") else v), k

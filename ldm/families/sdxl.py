@@ -36,15 +36,16 @@ def match(shapes):
 
 def match_folder(index, unet, scheduler):
     """The variant of a diffusers SDXL pipeline folder: a UNet with the ``text_time``
-    addition embedding; two text encoders (base, 2048-wide cross-attention) or the second
-    alone (refiner, 1280)."""
+    addition embedding; two text encoders (base: 768 + 1280 = 2048-wide cross-attention)
+    or the second alone (refiner: 1280)."""
     if unet.get("addition_embed_type") != "text_time":
         return None
-    two = bool((index.get("text_encoder") or [None])[0]) and "text_encoder_2" in index
-    dim, in_channels = unet.get("cross_attention_dim"), unet.get("in_channels", 4)
-    if two and dim == 2048:
+    first = (index.get("text_encoder") or [None])[0]
+    second = (index.get("text_encoder_2") or [None])[0]
+    in_channels = unet.get("in_channels", 4)
+    if first and second:
         return {4: "txt2img", 9: "inpainting"}.get(in_channels)
-    if not two and "text_encoder_2" in index and dim == 1280 and in_channels == 4:
+    if second and in_channels == 4:
         return "refiner"
     return None
 
