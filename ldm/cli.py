@@ -169,6 +169,15 @@ def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=7.5, jsonl=Fa
                     "centred subjects)")
     xl.add_argument("--target_size", type=pair("target_size"), default=None, metavar="H,W",
                     help="the size the model is told to aim at (default: the output size)")
+    xl.add_argument("--refiner", type=nonempty, default=None, metavar="CKPT",
+                    help="a refiner (SDXL's) that denoises the last steps of every image: "
+                    "the base runs the first --refiner_switch of the schedule, the refiner "
+                    "the rest (diffusers' ensemble of experts)")
+    xl.add_argument("--refiner_config", type=nonempty, default=None, metavar="YAML",
+                    help="the refiner's config (default: found from its weights)")
+    xl.add_argument("--refiner_switch", type=field("refiner_switch"), default=None,
+                    metavar="FRACTION", help="the share of the schedule the base denoises "
+                    "before the refiner takes over (default 0.8)")
     xl.add_argument("--aesthetic_score", type=field("aesthetic_score"), default=None,
                     help="the refiner's aesthetic score (default 6.0)")
     xl.add_argument("--negative_aesthetic_score", type=field("negative_aesthetic_score"),
@@ -298,6 +307,9 @@ def check_model_files(args):
     vae = getattr(args, "vae", None)
     if vae is not None and not Path(vae).exists():
         raise InputError(f"--vae {vae}: not found")
+    refiner = getattr(args, "refiner", None)
+    if refiner is not None and not Path(refiner).exists():
+        raise InputError(f"--refiner {refiner}: not found")
 
 
 def read_prompts(path):
@@ -732,6 +744,15 @@ def load_pipeline(args, choice):
     pipe.set_options(compile=args.compile, deepcache=args.deepcache,
                      attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
                      backend=args.backend or DEFAULT_BACKEND)
+    if getattr(args, "refiner", None):
+        from ldm.config import choose_model
+        refiner = Pipeline.load(choose_model(args.refiner, args.refiner_config),
+                                device=device, precision=args.precision, safety=False,
+                                watermark=False, backend=args.backend or DEFAULT_BACKEND)
+        switch = 0.8 if args.refiner_switch is None else args.refiner_switch
+        pipe.set_refiner(refiner, switch)
+        log.info("refining the last %g of each schedule with %s", round(1 - switch, 6),
+                 refiner.model_name)
     inpainting = choice.geometry.is_inpainting
     hint = ("" if args.ckpt or not choice.builtin else
             f"; {INPAINTING_HINT if inpainting else INSTALL_HINT}")

@@ -98,7 +98,9 @@ def to_diffusers_xl(model, config):
                 num_attention_heads=tower.transformer.resblocks[0].attn.heads,
                 max_position_embeddings=tower.positional_embedding.shape[0],
                 projection_dim=tower.text_projection.shape[1], hidden_act="gelu",
-                attn_implementation="eager"))
+                # as SDXL's text_encoder_2/config.json: the legacy id, whose pooling takes
+                # the highest token id's position (OpenCLIP's argmax, as ours)
+                eos_token_id=2, attn_implementation="eager"))
             converted = su.convert_open_clip_checkpoint(clip, sd, prefix + "model.")
         if not any(k.startswith("text_model.") for k in clip.state_dict()):   # transformers 5
             converted = {k.removeprefix("text_model."): v for k, v in converted.items()}

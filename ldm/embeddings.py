@@ -28,9 +28,15 @@ class EmbeddingError(CheckpointError):
 @dataclass
 class Embedding:
     token: str
-    vectors: torch.Tensor  # [n, width]
+    vectors: object    # [n, width]; SDXL's: {"clip_l": [n, 768], "clip_g": [n, 1280]}
     path: Path
     hash: str
+
+    @property
+    def count(self):
+        """How many vectors (token positions) it takes."""
+        v = self.vectors
+        return (next(iter(v.values())) if isinstance(v, dict) else v).shape[0]
 
 
 def read_embedding(path, token=None):
@@ -52,24 +58,35 @@ def read_embedding(path, token=None):
         raise
     except CheckpointError as e:
         raise EmbeddingError(str(e).replace("checkpoint", "embedding")) from None
-    vectors = _vectors(data, path)
+    if isinstance(data, dict) and ("clip_g" in data or "clip_l" in data):
+        # SDXL's: one set of vectors per text encoder, as A1111 and diffusers save them
+        parts = {k: _checked(data[k], path, f" {k}") for k in ("clip_l", "clip_g")
+                 if k in data}
+        if len({v.shape[0] for v in parts.values()}) != 1:
+            raise EmbeddingError(f"embedding {path}: its clip_l and clip_g hold different "
+                                 "numbers of vectors")
+        return Embedding(token or path.stem, parts, path, file_hash(path))
+    vectors = _checked(_vectors(data, path), path)
+    return Embedding(token or path.stem, vectors, path, file_hash(path))
+
+
+def _checked(vectors, path, what=""):
+    if not isinstance(vectors, torch.Tensor):
+        raise EmbeddingError(f"embedding {path}:{what} is not a tensor")
     if vectors.dim() == 1:
         vectors = vectors[None]
     if vectors.dim() != 2 or vectors.shape[0] == 0 or not vectors.is_floating_point():
-        raise EmbeddingError(f"embedding {path} holds a {tuple(vectors.shape)} tensor, not "
-                             "[vectors, width]")
+        raise EmbeddingError(f"embedding {path}{what} holds a {tuple(vectors.shape)} tensor, "
+                             "not [vectors, width]")
     if not torch.isfinite(vectors).all():
-        raise EmbeddingError(f"embedding {path} holds NaN or infinite values")
-    return Embedding(token or path.stem, vectors.detach().float(), path, file_hash(path))
+        raise EmbeddingError(f"embedding {path}{what} holds NaN or infinite values")
+    return vectors.detach().float()
 
 
 def _vectors(data, path):
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path} is not a textual-inversion embedding (found "
                              f"{type(data).__name__})")
-    if "clip_g" in data or "clip_l" in data:
-        raise EmbeddingError(f"embedding {path} is for SDXL (clip_l and clip_g vectors); "
-                             "this model is SD 1.x")
     if "string_to_param" in data:
         params = data["string_to_param"]
         tensors = [v for v in getattr(params, "values", lambda: [])()
@@ -90,13 +107,28 @@ def _vectors(data, path):
 def check_embedding(embedding, encoder):
     """Refuse, in one line, an embedding whose width is not the text encoder's or whose
     token clashes with the vocabulary or with another embedding."""
+    from ldm.families import of_text_width
     from ldm.modules.encoders.tokenizer import get_tokenizer
-    width = encoder.token_embedding.weight.shape[1]
-    got = embedding.vectors.shape[1]
-    if got != width:
-        from ldm.families import of_text_width
+    pairs = isinstance(embedding.vectors, dict)
+    texts = getattr(encoder, "text_embedders", None)
+    if texts is None and pairs:
+        raise EmbeddingError(f"embedding {embedding.path} is for SDXL (clip_l and clip_g "
+                             f"vectors); this model is {of_text_width(encoder.text_width)}")
+    if texts is not None and not pairs:
+        got = embedding.vectors.shape[1]
         raise EmbeddingError(f"embedding {embedding.path} is {got} wide, for "
-                             f"{of_text_width(got)}; this model's text encoder is {width} wide")
+                             f"{of_text_width(got)}; this model (SDXL) takes clip_l and "
+                             "clip_g vectors, one set per text encoder")
+    for part, e in (zip(vector_names(texts), texts) if pairs else [(None, encoder)]):
+        vectors = embedding.vectors.get(part) if pairs else embedding.vectors
+        if vectors is None:
+            raise EmbeddingError(f"embedding {embedding.path} has no {part} vectors, which "
+                                 "this model's text encoders need")
+        width, got = e.token_embedding.weight.shape[1], vectors.shape[1]
+        if got != width:
+            raise EmbeddingError(f"embedding {embedding.path}{f' {part}' if part else ''} is "
+                                 f"{got} wide, for {of_text_width(got)}; this model's text "
+                                 f"encoder is {width} wide")
     token = embedding.token
     if not token.strip() or any(c.isspace() for c in token):
         raise EmbeddingError(f"embedding token {token!r} must be one word without spaces "
@@ -108,3 +140,9 @@ def check_embedding(embedding, encoder):
         raise EmbeddingError(f"embedding token {token!r} is a word of CLIP's vocabulary, so "
                              "prompts could not tell them apart: give it another with "
                              "--embedding FILE:TOKEN")
+
+
+def vector_names(text_embedders):
+    """The part of an SDXL embedding each text embedder takes: "clip_l" for CLIP ViT-L,
+    "clip_g" for OpenCLIP bigG."""
+    return ["clip_g" if hasattr(e, "model") else "clip_l" for e in text_embedders]

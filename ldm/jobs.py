@@ -185,7 +185,8 @@ def fingerprint(prompt_file, args, extra=""):
 # flags added since jobs began: in a job's settings only when given, so that the jobs
 # started before them keep their fingerprint
 LATER_JOB_FLAGS = ("rescale", "backend", "original_size", "crop", "target_size",
-                   "aesthetic_score", "negative_aesthetic_score")
+                   "aesthetic_score", "negative_aesthetic_score", "refiner", "refiner_config",
+                   "refiner_switch")
 
 
 def job_flags(args):

@@ -4,7 +4,8 @@ A LoRA file holds, for some of the model's Linear and convolution layers, a low-
 ``delta W = up @ down * alpha / rank``; applied with a user weight ``w`` the layer's weight
 becomes ``W + w * delta W``. The layouts read (``read_lora``):
 
-- kohya-ss (``lora_unet_*``, ``lora_te_*`` with ``.lora_down``, ``.lora_up``, ``.alpha``):
+- kohya-ss (``lora_unet_*``, ``lora_te_*``; SDXL's ``lora_te1_*`` and ``lora_te2_*``; with
+  ``.lora_down``, ``.lora_up``, ``.alpha``):
   module names are diffusers' with ``_`` for ``.`` (kohya trains SD 1.x and 2.x on
   diffusers' UNet and transformers' CLIPTextModel: for SD 2's OpenCLIP tower a
   ``q_proj``/``k_proj``/``v_proj`` update goes to its third of ``in_proj_weight``, as
@@ -119,16 +120,24 @@ def kohya_names(model_names, slices=None):
     writes (the text encoder's as transformers' CLIPTextModel names it) and CompVis-based
     ones for the UNet."""
     from ldm.convert import UNET
+    two = any(t.startswith("text_encoder_2.") for t in model_names.values())
+    # kohya's text encoder prefixes: lora_te_ for SD 1/2's one, lora_te1_ / lora_te2_ for
+    # SDXL's CLIP ViT-L and OpenCLIP bigG (transformers' names for both)
+    prefixes = {"text_encoder": "lora_te1_" if two else "lora_te_",
+                "text_encoder_2": "lora_te2_"}
+
+    def text_name(theirs):
+        component, _, inner = theirs.partition(".")
+        return prefixes[component] + inner.replace(".", "_")
     out = {}
     for ours, theirs in model_names.items():
         if ours.startswith(UNET):
             out["lora_unet_" + theirs[len("unet."):].replace(".", "_")] = ours
             out["lora_unet_" + ours[len(UNET):].replace(".", "_")] = ours
-        elif theirs.startswith("text_encoder."):
-            out["lora_te_" + theirs[len("text_encoder."):].replace(".", "_")] = ours
+        elif theirs.startswith(("text_encoder.", "text_encoder_2.")):
+            out[text_name(theirs)] = ours
     for theirs, (module, param, first, end) in (slices or {}).items():
-        out["lora_te_" + theirs[len("text_encoder."):].replace(".", "_")] = (
-            module, param + "_weight", (first, end))
+        out[text_name(theirs)] = (module, param + "_weight", (first, end))
     return out
 
 
@@ -137,7 +146,7 @@ def peft_names(model_names, slices=None):
     kept as given): our module path, or (module, parameter, rows)}, for the UNet and text
     encoder."""
     out = {theirs: ours for ours, theirs in model_names.items()
-           if theirs.startswith(("unet.", "text_encoder."))}
+           if theirs.startswith(("unet.", "text_encoder.", "text_encoder_2."))}
     out.update({theirs: (module, param + "_weight", (first, end))
                 for theirs, (module, param, first, end) in (slices or {}).items()})
     return out
@@ -167,15 +176,17 @@ def made_for(sd):
     all), or None when nothing tells."""
     from ldm import families
     keys = list(sd)
-    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
-        return "SDXL (two text encoders)", 2048
+    xl = any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys)
     if any(k.startswith(("lora_transformer_", "transformer.", "diffusion_model.")) for k in keys):
         return "a transformer model (SD3, Flux or similar), not a UNet", None
-    for k, v in sd.items():
+    for k, v in sd.items():   # the width the UNet's cross-attention keys take
         down = "lora_down" in k or "lora_A" in k or ".down." in k
         if down and getattr(v, "dim", lambda: 0)() >= 2 and (
                 ("attn2" in k and "to_k" in k) or ("lora_te_" in k and "self_attn" in k)):
-            return families.of_text_width(v.shape[1]), v.shape[1]
+            who = "SDXL (two text encoders)" if xl else families.of_text_width(v.shape[1])
+            return who, v.shape[1]
+    if xl:   # text encoders only: SDXL's pair
+        return "SDXL (two text encoders)", 2048
     return None
 
 
@@ -191,14 +202,14 @@ def read_lora(path, model, model_names=None):
         raise LoraError(str(e).replace("checkpoint", "LoRA file")) from None
     if not sd:
         raise LoraError(f"LoRA {path} holds no tensors")
-    width = model.cond_stage_model.token_embedding.weight.shape[1]
+    width = model.cond_stage_model.text_width
     found = made_for(sd)
     if found is not None and found[1] != width:
         raise LoraError(f"LoRA {path} is for {found[0]}; this model is "
                         f"{families.of_text_width(width)}")
     names = model_names or module_names(model)
     slices = qkv_slices(model)
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in sd):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
         layers, leftover, layout = _kohya_layers(sd, kohya_names(names, slices))
     elif any(_PEFT_SUFFIX.match(k) for k in sd):
         layers, leftover, layout = _peft_layers(sd, peft_names(names, slices), peft_alphas(path))
@@ -343,11 +354,13 @@ def _peft_layers(sd, names, settings=None):
             module = module.removeprefix(prefix)
         module = _PROCESSOR.sub(lambda p: "." + {"to_out": "to_out.0"}.get(p[1], p[1]), module)
         module = _TEXT_OLD.sub(lambda p: ".self_attn." + _TEXT_PROJ[p[1]], module)
-        if not module.startswith(("unet.", "text_encoder.")):
+        if not module.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
             module = ("text_encoder." if module.startswith("text_model.") else "unet.") + module
-        if module.startswith("text_encoder.") and not module.startswith("text_encoder.text_model."):
+        component, _, inner = module.partition(".")
+        if component.startswith("text_encoder") and not inner.startswith(
+                ("text_model.", "text_projection")):
             # transformers 5's CLIPTextModel keys have no text_model. level
-            module = "text_encoder.text_model." + module[len("text_encoder."):]
+            module = f"{component}.text_model.{inner}"
         role = ("down" if m["peft"] == "A" or m["old"] == "down" else
                 "up" if m["peft"] == "B" or m["old"] == "up" else "alpha")
         parts.setdefault(module, {})[role] = sd[key]

@@ -157,6 +157,12 @@ class Pipeline:
                         "--precision bf16 is emulated here and slower than full",
                         self.device.type.upper())
         cast_weights(model, self.dtype)  # once, here: the model is changed in place
+        self.vae_autocast = self.autocast
+        if self.dtype == torch.float16 and getattr(model, "disable_first_stage_autocast", False):
+            # SDXL's autoencoder overflows in float16 (sgm's disable_first_stage_autocast,
+            # diffusers' force_upcast): it encodes and decodes in float32
+            model.first_stage_model.float()
+            self.vae_autocast = nullcontext()
         self.packing = devices.packing_pays(self.device, self.dtype)
         set_weight_packing(model, self.packing)
         if channels_last_pays(self.device, self.dtype):
@@ -173,6 +179,8 @@ class Pipeline:
         self.lora_stack = None        # merged LoRAs (``set_loras``)
         self.vae = None               # {"name", "hash"} of a swapped autoencoder
         self.embeddings = []          # textual inversions added (``load_embedding``)
+        self.refiner = None           # a second Pipeline for the last steps (``set_refiner``)
+        self.refiner_switch = 0.8
         self.safety_checker = safety_checker
         self.safety_note = safety_note  # what images say when no checker ran
         self.watermark = watermark
@@ -251,7 +259,7 @@ class Pipeline:
         with self.on_device("cond_stage_model"):
             encoder.add_embedding(embedding.token, embedding.vectors)
         self.embeddings.append({"token": embedding.token, "hash": embedding.hash,
-                                "vectors": embedding.vectors.shape[0]})
+                                "vectors": embedding.count})
         return embedding.token
 
     # -- LoRA --------------------------------------------------------------------------
@@ -275,6 +283,36 @@ class Pipeline:
             self.model.model.diffusion_model._compiled_call_impl = None
             self._compiled_impl = None
             self._compile()
+        return self
+
+    # -- a refiner ---------------------------------------------------------------------
+    def set_refiner(self, refiner=None, switch=0.8):
+        """Hand the last ``1 - switch`` of every schedule to ``refiner`` (a ``Pipeline``
+        of the same latent space and noise schedule: SDXL's refiner under the base), as
+        diffusers' ``denoising_end`` / ``denoising_start``: one sampling loop in which each
+        step's UNet call goes to the model whose share the timestep is in
+        (``ldm.models.diffusion.experts``), each with its own conditioning. None removes
+        it. The refiner's own safety checker, watermark and autoencoder are not used."""
+        if refiner is None:
+            self.refiner = None
+            return self
+        switch = check_field("refiner_switch", switch)
+        if not 0 < switch < 1:
+            raise UsageError(f"--refiner_switch must be between 0 and 1 (the share of the "
+                             f"schedule the base denoises), got {switch:g}")
+        if (refiner.factor, refiner.model.channels, refiner.model.scale_factor) != (
+                self.factor, self.model.channels, self.model.scale_factor):
+            raise UsageError(f"the refiner {refiner.model_name} works in another latent space "
+                             f"than {self.model_name}: give a refiner of the same family")
+        if refiner.offload or self.offload:
+            raise UsageError("--refiner with --offload is not supported: drop one")
+        from ldm.models.diffusion.experts import Experts, switch_timestep
+        try:   # the same schedule and prediction, or a one-line refusal now
+            Experts(self.model, refiner.model, switch_timestep(switch, self.model.num_timesteps))
+        except ValueError as e:
+            raise UsageError(f"the refiner {refiner.model_name} cannot continue "
+                             f"{self.model_name}'s schedule: {e}") from None
+        self.refiner, self.refiner_switch = refiner, switch
         return self
 
     # -- speed and memory options ---------------------------------------------------------
@@ -329,10 +367,15 @@ class Pipeline:
 
     def _set_backend(self, name, torch_only=()):
         from ldm import backends
+        from ldm.request import available_memory
         unet = self.model.model.diffusion_model
+        extra = 0 if self._openvino is not None else 4 * sum(
+            p.numel() for m in (unet, self.model.first_stage_model, self.model.cond_stage_model)
+            for p in m.parameters())
         try:
             chosen = backends.choose(name, self.device.type,
-                                     sum(p.numel() for p in unet.parameters()), torch_only)
+                                     sum(p.numel() for p in unet.parameters()), torch_only,
+                                     extra, available_memory(self.device.type))
         except ValueError as e:
             raise UsageError(str(e)) from None
         if chosen == "openvino":
@@ -412,7 +455,10 @@ class Pipeline:
                   "attention_slicing": self.attention_slicing,
                   "compile": True if self.compiled else None,
                   "offload": True if self.offload else None,
-                  "backend": self.backend if self.backend != "torch" else None}
+                  "backend": self.backend if self.backend != "torch" else None,
+                  "refiner": self.refiner.model_name if self.refiner else None,
+                  "refiner_hash": self.refiner.checkpoint_hash if self.refiner else None,
+                  "refiner_switch": self.refiner_switch if self.refiner else None}
         return {k: v for k, v in record.items() if v is not None}
 
     # -- the request's model facts and defaults ------------------------------------------
@@ -674,9 +720,17 @@ class Pipeline:
 
         with self.autocast:
             cond, uncond = self.conditioning(r, extra, height, width)
+            model = self.model
+            if self.refiner is not None:   # the base above the switch, the refiner below
+                from ldm.models.diffusion.experts import Experts, switch_timestep
+                second, second_uncond = self.refiner.conditioning(r, None, height, width)
+                model = Experts(self.model, self.refiner.model, switch_timestep(
+                    self.refiner_switch, self.model.num_timesteps))
+                cond = Experts.conditioning(cond, second)
+                uncond = Experts.conditioning(uncond, second_uncond)
             unet = self.model.model.diffusion_model
             with self.on_device("model"), unet.caching(self.deepcache or 1):
-                z = sample(self.model, r.sampler, noise, r.steps, cond, uncond, r.scale,
+                z = sample(model, r.sampler, noise, r.steps, cond, uncond, r.scale,
                            eta=r.eta, noise=fresh_noise, disable=not progress,
                            callback=callback, spacing=spacing, run_steps=run,
                            schedule=r.schedule, init=start, mask=mask, known=known,
@@ -719,7 +773,7 @@ class Pipeline:
     @torch.no_grad()
     def encode_pixels(self, x):
         """[1, 3, H, W] pixels in [-1, 1] -> latents (the posterior mean, scaled)."""
-        with self.autocast, self.on_device("first_stage_model"):
+        with self.vae_autocast, self.on_device("first_stage_model"):
             return self.model.encode_image(x.to(self.device), self.vae_tile).float()
 
     def latent_mask(self, mask):
@@ -733,7 +787,7 @@ class Pipeline:
     def decode(self, z):
         images = []
         for i in range(z.shape[0]):  # one at a time: the decoder's peak memory is per image
-            with self.autocast, self.on_device("first_stage_model"):
+            with self.vae_autocast, self.on_device("first_stage_model"):
                 x = self.model.decode_first_stage(z[i:i + 1], self.vae_tile)
             images += tensor_to_pil(x.float().cpu())
         return images

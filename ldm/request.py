@@ -52,6 +52,7 @@ LIMITS = {
     "height": Limit(int, 1, None),
     "width": Limit(int, 1, None),
     "mask_blur": Limit(int, 0, 256),
+    "refiner_switch": Limit(float, 0, 1),
     "aesthetic_score": Limit(float, 0, 10),
     "negative_aesthetic_score": Limit(float, 0, 10),
 }
@@ -69,7 +70,7 @@ FLAGS = {"steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta",
          "sampler": "--sampler", "schedule": "--schedule", "image": "--init-img",
          "mask": "--mask", "full_size": "--full-size", "resize_mode": "--resize-mode",
          "batch": "--n_samples", "vae_tiling": "--vae_tiling",
-         "original_size": "--original_size", "target_size": "--target_size", "crop": "--crop",
+         "refiner_switch": "--refiner_switch", "original_size": "--original_size", "target_size": "--target_size", "crop": "--crop",
          "aesthetic_score": "--aesthetic_score",
          "negative_aesthetic_score": "--negative_aesthetic_score"}
 

@@ -122,6 +122,10 @@ def main(argv=None):
     p.add_argument("--peer-python", default=str(Path.home() / ".cache/ov-peer/bin/python"),
                    help="a Python with optimum-intel; 'none' to leave the peer out")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sd-bench")
+    p.add_argument("--no-torch", action="store_true",
+                   help="leave ours on torch out of the rounds (512x512 with the peer beside "
+                        "it needs more than 24 GiB otherwise; the torch figures come from "
+                        "scripts/benchmark.py)")
     args = p.parse_args(argv)
     import numpy as np
     import torch
@@ -165,14 +169,16 @@ def run_size(args, folder, size, precision, threads, lo, hi, tmp, np, Pipeline):
 
     first, _ = ours("openvino", lo)
     converted = first - ours("openvino", lo)[0]
-    ours("torch", lo)
+    engines = ("openvino",) if args.no_torch else ("torch", "openvino")
+    if not args.no_torch:
+        ours("torch", lo)
     if peer:
         peer.run(lo, tmp / "noise.npy")
     times = {name: {lo: [], hi: []} for name in ("torch", "openvino", "optimum-intel")}
     images = {}
     for _ in range(args.rounds):
         for steps in (lo, hi):
-            for name in ("torch", "openvino"):
+            for name in engines:
                 seconds, image = ours(name, steps)
                 times[name][steps].append(seconds)
                 images[name] = image
@@ -180,7 +186,11 @@ def run_size(args, folder, size, precision, threads, lo, hi, tmp, np, Pipeline):
                 out = peer.run(steps, tmp / "noise.npy", tmp / "peer.npy")
                 times["optimum-intel"][steps].append(out["s"])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    # a new pipeline on the same IR: the start a second run of this size has
+    # a new pipeline on the same IR: the start a second run of this size has (the first
+    # one freed before: two SD pipelines with OpenVINO copies do not fit 24 GiB at 512)
+    del pipe
+    import gc
+    gc.collect()
     again = Pipeline.load(folder, device="cpu", precision=torch_precision, safety=False,
                           watermark=False, backend="torch")
     again.set_options(backend="openvino")
@@ -193,25 +203,29 @@ def run_size(args, folder, size, precision, threads, lo, hi, tmp, np, Pipeline):
     per_step = {n: (statistics.median(t[hi]) - statistics.median(t[lo])) / (hi - lo)
                 for n, t in times.items() if t[hi]}
     whole = {n: statistics.median(t[hi]) for n, t in times.items() if t[hi]}
+    def ratios(t):
+        if not peer:
+            return ""
+        out = f"  ratio {t['openvino'] / t['optimum-intel']:.2f}"
+        return out + (f" (torch {t['torch'] / t['optimum-intel']:.2f})" if "torch" in t else "")
     line = "  ".join(f"{n} {per_step[n]:.2f} s" for n in per_step)
-    rows.append(f"per step   {label}: {line}"
-                + (f"  ratio {per_step['openvino'] / per_step['optimum-intel']:.2f}"
-                   f" (torch {per_step['torch'] / per_step['optimum-intel']:.2f})" if peer else ""))
+    rows.append(f"per step   {label}: {line}{ratios(per_step)}")
     line = "  ".join(f"{n} {whole[n]:.1f} s" for n in whole)
-    rows.append(f"{hi}-step image {label}: {line}"
-                + (f"  ratio {whole['openvino'] / whole['optimum-intel']:.2f}"
-                   f" (torch {whole['torch'] / whole['optimum-intel']:.2f})" if peer else ""))
+    rows.append(f"{hi}-step image {label}: {line}{ratios(whole)}")
     rows.append(f"start      {label}: ours converts in {converted:.0f} s, starts from its "
                 f"cache in +{cached:.1f} s"
                 + (f"; optimum-intel exports in {peer.setup['export_s']:.0f} s and compiles in "
                    f"{peer.setup['compile_s']:.0f} s" if peer else ""))
-    fidelity = f"ours OpenVINO vs torch {psnr(images['openvino'], images['torch']):.1f} dB"
+    reference = "torch" if "torch" in images else "openvino"
+    fidelity = (f"ours OpenVINO vs torch {psnr(images['openvino'], images['torch']):.1f} dB, "
+                if reference == "torch" else "")
     if peer:
         theirs = (np.load(tmp / "peer.npy") * 255).round().clip(0, 255).astype(np.uint8)
-        fidelity += f", optimum-intel vs ours torch {psnr(theirs, images['torch']):.1f} dB"
+        fidelity += (f"optimum-intel vs ours {reference} "
+                     f"{psnr(theirs, images[reference]):.1f} dB")
         peer_rss = peer.run(lo, tmp / "noise.npy")["rss_gib"]
         peer.close()
-        rows.append(f"memory     {label}: ours (torch and OpenVINO in one process) peak RSS "
+        rows.append(f"memory     {label}: ours (torch weights and OpenVINO in one process) peak RSS "
                     f"{rss:.2f} GiB, optimum-intel {peer_rss:.2f} GiB")
     rows.append(f"fidelity   {label}: {fidelity}")
     for row in rows:

@@ -4,6 +4,7 @@ by layer type and kernel), on identical random weights, one step at a time, alte
 
     python scripts/profile_unet_cpu.py --size 256            # batch 2 (one image, guidance)
     python scripts/profile_unet_cpu.py --size 256 --compile_openvino   # + torch.compile's path
+    python scripts/profile_unet_cpu.py --layouts       # torch's convolution layouts alone
 
 Both sides are grouped into the same few kinds (convolution, linear/matmul, attention,
 normalisation, elementwise and the rest) so that the step's difference shows where it
@@ -109,12 +110,50 @@ def openvino_profile(request, inputs, rounds):
     return by_kind, top
 
 
+def layouts(unet, inputs):
+    """What torch's own layouts do for the convolutions: single 3x3 convolutions of SD's
+    widths in NCHW, channels-last and oneDNN's blocked layout (``torch.utils.mkldnn``,
+    weights prepacked), and the whole UNet in NCHW against channels-last."""
+    import torch
+    from torch.utils import mkldnn
+
+    def median(fn, n=5):
+        fn()
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    with torch.no_grad():
+        for side, cin, cout in ((32, 320, 320), (16, 640, 640), (8, 1280, 1280), (32, 640, 320)):
+            x = torch.randn(2, cin, side, side)
+            conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
+            plain = median(lambda: conv(x))
+            last = conv.to(memory_format=torch.channels_last)
+            xl = x.to(memory_format=torch.channels_last)
+            channels_last = median(lambda: last(xl))
+            blocked_conv, xb = mkldnn.to_mkldnn(torch.nn.Conv2d(cin, cout, 3, padding=1)), x.to_mkldnn()
+            blocked = median(lambda: blocked_conv(xb))
+            print(f"conv {side}x{side} {cin}->{cout}: NCHW {plain * 1e3:.1f} ms, channels-last "
+                  f"{channels_last * 1e3:.1f} ms, oneDNN blocked {blocked * 1e3:.1f} ms", flush=True)
+        x, t, ctx = inputs
+        plain = median(lambda: unet(x, t, context=ctx), 3)
+        unet.to(memory_format=torch.channels_last)
+        xl = x.to(memory_format=torch.channels_last)
+        channels_last = median(lambda: unet(xl, t, context=ctx), 3)
+        unet.to(memory_format=torch.contiguous_format)
+        print(f"UNet step: NCHW {plain:.2f} s, channels-last {channels_last:.2f} s", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile_openvino", action="store_true")
+    p.add_argument("--layouts", action="store_true",
+                   help="only time torch's convolution layouts (NCHW, channels-last, blocked)")
     args = p.parse_args()
     import torch
     from benchmark import cpu_name
@@ -123,6 +162,8 @@ def main():
     print(f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; SD v1 UNet "
           f"{args.size}x{args.size} batch {args.batch} fp32", flush=True)
+    if args.layouts:
+        return layouts(unet, inputs)
     start = time.perf_counter()
     request = openvino_model(unet, inputs)
     print(f"convert_model + compile: {time.perf_counter() - start:.0f} s", flush=True)
@@ -133,15 +174,21 @@ def main():
     if args.compile_openvino:
         import importlib
         importlib.import_module("openvino.torch")   # registers the backend
-        compiled = torch.compile(unet, backend="openvino",
+        compiled = torch.compile(unet, backend="openvino", dynamic=False,
                                  options={"config": {"INFERENCE_PRECISION_HINT": "f32",
                                                      "PERFORMANCE_HINT": "LATENCY"}})
         start = time.perf_counter()
-        with torch.no_grad():
-            compiled(x, t, context=ctx)
-        print(f"torch.compile(backend='openvino') first call: "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
-        runs["torch.compile-openvino"] = lambda: compiled(x, t, context=ctx)
+        try:
+            with torch.no_grad():
+                compiled(x, t, context=ctx)
+        except Exception as e:   # reported, not fatal: the comparison is the point
+            print(f"torch.compile(backend='openvino') failed after "
+                  f"{time.perf_counter() - start:.0f} s: {type(e).__name__}: "
+                  f"{str(e).splitlines()[-1] if str(e) else ''}", flush=True)
+        else:
+            print(f"torch.compile(backend='openvino') first call: "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            runs["torch.compile-openvino"] = lambda: compiled(x, t, context=ctx)
     with torch.no_grad():
         times, _ = time_alternating(runs, args.rounds)
     for name, v in times.items():

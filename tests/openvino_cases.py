@@ -254,3 +254,21 @@ def test_ctrl_c_while_openvino_runs_ends_in_one_line(tmp_path, ckpts, signum=2):
     assert done.returncode == 128 + signum, done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"{word}: nothing was written", done.stderr
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_sdxl_runs_on_openvino_through_the_same_backend():
+    """SDXL through the family seam: its UNet (with the vector y), both text encoders'
+    blocks (bigG's in two calls: to the penultimate layer, then the last, for the pooled
+    embedding) and the autoencoder on OpenVINO give the torch path's latents."""
+    from omegaconf import OmegaConf
+    from ldm.backends.openvino import networks
+    from ldm.util import instantiate_from_config
+    from conftest import randomize
+    config = OmegaConf.load(ROOT / "configs" / "tiny" / "tiny-sdxl-inference.yaml")
+    model = randomize(instantiate_from_config(config.model), 3).eval()
+    assert set(networks(model)) == {"unet", "vae_encoder", "vae_decoder", "text", "text2"}
+    pipe = pipeline(model)
+    a, b = both(pipe, prompts=["a red circle", "two blue squares"], seeds=[1, 2],
+                negative_prompts=["", "green"], sampler="euler", steps=4, height=32,
+                width=48, progress=False)
+    assert a.abs().max() > 0.1 and rel_err(b, a) < 1e-5

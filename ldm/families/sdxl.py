@@ -6,7 +6,9 @@ three levels with 1, 2 and 10 transformer blocks, the f8 autoencoder at scale 0.
 native size 1024. Variants: the base model ("txt2img", ``sd_xl_base.yaml``) and the
 refiner ("refiner", ``sd_xl_refiner.yaml``: bigG alone, a 384-wide UNet, the aesthetic
 score instead of the target size, 2560-wide vector) and inpainting ("inpainting", 9 input
-channels, ``sd_xl_inpainting.yaml``: diffusers' SDXL inpainting 0.1). Configs are
+channels, ``sd_xl_inpainting.yaml``: diffusers' SDXL inpainting 0.1) and SDXL-Turbo
+("turbo", ``sd_xl_turbo.yaml``: the base's keys, told by a file name with "turbo" in it
+or a folder's trailing scheduler; 512 px, 1 Euler step, no guidance). Configs are
 Stability's (inpainting: the base's with the wider input)."""
 from ldm.families.base import Family
 
@@ -44,6 +46,8 @@ def match_folder(index, unet, scheduler):
     second = (index.get("text_encoder_2") or [None])[0]
     in_channels = unet.get("in_channels", 4)
     if first and second:
+        if in_channels == 4 and scheduler.get("timestep_spacing") == "trailing":
+            return "turbo"
         return {4: "txt2img", 9: "inpainting"}.get(in_channels)
     if second and in_channels == 4:
         return "refiner"
@@ -54,10 +58,12 @@ FAMILY = Family(
     name="sdxl", label="Stable Diffusion XL",
     configs={"txt2img": "stable-diffusion/sd_xl_base.yaml",
              "refiner": "stable-diffusion/sd_xl_refiner.yaml",
-             "inpainting": "stable-diffusion/sd_xl_inpainting.yaml"},
+             "inpainting": "stable-diffusion/sd_xl_inpainting.yaml",
+             "turbo": "stable-diffusion/sd_xl_turbo.yaml"},
     match=match, match_folder=match_folder,
     defaults={"scale": 5.0},   # diffusers' SDXL pipelines' guidance; DDIM 50 as CompVis' else
     prefixes={"unet": UNET, "vae": "first_stage_model.", "text": "conditioner.embedders."},
     native_size=1024, prediction="eps", vae_scale=0.13025, text_width=2048,
     lora_prefixes=("lora_unet_", "lora_te1_", "lora_te2_"),
+    name_variants={"txt2img": {"turbo": "turbo"}},
 )

@@ -88,8 +88,21 @@ class GeneralConditioner(ChunkPadding, nn.Module):
         return min(e.layers for e in self.text_embedders)
 
     @property
+    def text_width(self):
+        """The width of the cross-attention states: the text embedders' together."""
+        return sum(e.text_width for e in self.text_embedders)
+
+    @property
     def added(self):
         return self.text_embedders[0].added
+
+    def add_embedding(self, token, vectors):
+        """A textual-inversion token on every text embedder: ``vectors`` {"clip_l": [n,
+        768], "clip_g": [n, 1280]}, each embedder's part (``embeddings.vector_names``)."""
+        from ldm.embeddings import vector_names
+        for name, e in zip(vector_names(self.text_embedders), self.text_embedders):
+            e.add_embedding(token, vectors[name])
+        return self.added[token]
 
     def warn_truncated(self, texts):
         self.text_embedders[0].warn_truncated(texts)

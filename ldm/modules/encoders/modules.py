@@ -127,6 +127,11 @@ class FrozenCLIPEmbedder(ChunkPadding, nn.Module):
         return self.transformer.text_model.embeddings.token_embedding
 
     @property
+    def text_width(self):
+        """The width of the text states the UNet attends to."""
+        return self.token_embedding.weight.shape[1]
+
+    @property
     def blocks(self):
         """The transformer layers, between the token lookup and the final norm: what an
         execution backend runs (``ldm.backends``)."""
