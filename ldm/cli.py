@@ -746,7 +746,11 @@ def load_pipeline(args, choice):
                      backend=args.backend or DEFAULT_BACKEND)
     if getattr(args, "refiner", None):
         from ldm.config import choose_model
-        refiner = Pipeline.load(choose_model(args.refiner, args.refiner_config),
+        try:
+            refiner_choice = choose_model(args.refiner, args.refiner_config)
+        except InputError as e:   # worded for --ckpt: say which flag
+            raise type(e)(str(e).replace("--ckpt", "--refiner")) from None
+        refiner = Pipeline.load(refiner_choice,
                                 device=device, precision=args.precision, safety=False,
                                 watermark=False, backend=args.backend or DEFAULT_BACKEND)
         switch = 0.8 if args.refiner_switch is None else args.refiner_switch

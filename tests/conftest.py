@@ -101,3 +101,38 @@ def network_outputs(model, pipe):
         theirs = (pipe.unet(x, t, encoder_hidden_states=ctx).sample,
                   pipe.text_encoder(ids).last_hidden_state)
     return ours, theirs
+
+
+def diffusers_named_lora(nets, rank=4, alpha=2.0, seed=0, peft=False):
+    """A random LoRA named from diffusers' own modules, as kohya's sd-scripts write them:
+    the UNet's attention, feed-forward, projections and ResBlock convolutions, every Linear
+    of the text encoders' layers (q/k/v apart). ``nets``: [(kohya prefix, PEFT component
+    prefix, module, name root)], e.g. ("lora_te_", "text_encoder.", clip, "text_model.").
+    ``peft``: the same layers in diffusers' PEFT form (``<component><module>.lora_A``),
+    alpha = rank."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for prefix, component, net, root in nets:
+        unet = prefix == "lora_unet_"
+        for name, m in net.named_modules():
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            if unet and not (any(s in name for s in (
+                    "to_q", "to_k", "to_v", "to_out", "ff.net", "proj_in", "proj_out"))
+                    or (isinstance(m, torch.nn.Conv2d) and "resnets" in name
+                        and "shortcut" not in name)):
+                continue
+            if not unet and "layers" not in name:
+                continue
+            name = name if name.startswith(root) else root + name
+            w = m.weight
+            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * 0.3
+            up = torch.randn(w.shape[0], rank, *(1,) * (w.dim() - 2), generator=g) * 0.3
+            if peft:
+                key = component + name
+                sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = down, up
+                continue
+            key = prefix + name.replace(".", "_")
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+            sd[f"{key}.alpha"] = torch.tensor(alpha)
+    return sd

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, network_outputs, randomize, rel_err
+from conftest import ROOT, diffusers_named_lora, network_outputs, randomize, rel_err
 from ldm.pipeline import build_model
 
 su = pytest.importorskip("diffusers.loaders.single_file_utils")
@@ -412,36 +412,6 @@ def test_an_sd2_folder_missing_a_block_it_runs_is_refused_in_one_line(tmp_path):
 
 # ------------------------------------------------------------------ LoRA and embeddings
 
-def kohya_sd2_lora(unet, text_encoder, rank=4, alpha=2.0, seed=0):
-    """A random kohya-ss LoRA named from diffusers' own SD 2 modules (UNet attention and
-    ResBlock convolutions; every Linear of the CLIPTextModel, q/k/v apart): the names
-    kohya's sd-scripts write for SD 2."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    nets = [("lora_unet_", unet, ""), ("lora_te_", text_encoder, "text_model.")]
-    for prefix, net, root in nets:
-        for name, m in net.named_modules():
-            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                continue
-            if prefix == "lora_unet_" and not (any(s in name for s in (
-                    "to_q", "to_k", "to_v", "to_out", "ff.net", "proj_in", "proj_out"))
-                    or (isinstance(m, torch.nn.Conv2d) and "resnets" in name
-                        and "shortcut" not in name)):
-                continue
-            if prefix == "lora_te_" and "layers" not in name:
-                continue
-            if not name.startswith(root):
-                name = root + name
-            w = m.weight
-            kernel = w.shape[2:]
-            key = prefix + name.replace(".", "_")
-            sd[f"{key}.lora_down.weight"] = torch.randn(rank, w.shape[1], *kernel, generator=g) * 0.3
-            sd[f"{key}.lora_up.weight"] = torch.randn(w.shape[0], rank, *(1,) * len(kernel),
-                                                      generator=g) * 0.3
-            sd[f"{key}.alpha"] = torch.tensor(alpha)
-    return sd
-
-
 def test_kohya_sd2_lora_matches_diffusers_load_lora_weights(tmp_path):
     """A kohya LoRA for SD 2 (UNet with LoCon convolutions; OpenCLIP's text tower in
     CLIPTextModel names: our q/k/v updates land in thirds of in_proj_weight), merged by us
@@ -452,7 +422,8 @@ def test_kohya_sd2_lora_matches_diffusers_load_lora_weights(tmp_path):
     from ldm.pipeline import Pipeline
     model, config = tiny_sd2_variant("v", seed=17)
     pipe = diffusers.StableDiffusionPipeline(**diffusers_components(model, config, tmp_path / "tok"))
-    lora = kohya_sd2_lora(pipe.unet, pipe.text_encoder)
+    lora = diffusers_named_lora([("lora_unet_", "unet.", pipe.unet, ""),
+                                 ("lora_te_", "text_encoder.", pipe.text_encoder, "text_model.")])
     assert any("self_attn_q_proj" in k for k in lora)
     path = tmp_path / "sd2style.safetensors"
     save_file(lora, path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, randomize, rel_err
+from conftest import ROOT, diffusers_named_lora, randomize, rel_err
 from ldm.pipeline import build_model
 
 diffusers = pytest.importorskip("diffusers")
@@ -318,41 +318,13 @@ def test_tiny_sdxl_nine_channel_inpainting_matches_diffusers(tmp_path, strength)
     assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-5
 
 
-def kohya_sdxl_lora(pipe, rank=4, alpha=2.0, seed=0, peft=False):
-    """A random kohya-ss SDXL LoRA named from diffusers' own modules: the UNet's attention,
-    feed-forward, projections and ResBlock convolutions (lora_unet_), every Linear of both
-    text encoders' layers (lora_te1_, lora_te2_; q/k/v apart). ``peft``: the same layers
-    in diffusers' PEFT form (``unet.<module>.lora_A.weight``, ``text_encoder_2.``...),
-    alpha = rank."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    nets = [("lora_unet_", pipe.unet, ""), ("lora_te1_", pipe.text_encoder, "text_model."),
-            ("lora_te2_", pipe.text_encoder_2, "text_model.")]
-    components = {"lora_unet_": "unet.", "lora_te1_": "text_encoder.",
-                  "lora_te2_": "text_encoder_2."}
-    for prefix, net, root in nets:
-        for name, m in net.named_modules():
-            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                continue
-            if prefix == "lora_unet_" and not (any(s in name for s in (
-                    "to_q", "to_k", "to_v", "to_out", "ff.net", "proj_in", "proj_out"))
-                    or (isinstance(m, torch.nn.Conv2d) and "resnets" in name
-                        and "shortcut" not in name)):
-                continue
-            if prefix != "lora_unet_" and "layers" not in name:
-                continue
-            name = name if name.startswith(root) else root + name
-            w = m.weight
-            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * 0.3
-            up = torch.randn(w.shape[0], rank, *(1,) * (w.dim() - 2), generator=g) * 0.3
-            if peft:
-                key = components[prefix] + name
-                sd[f"{key}.lora_A.weight"], sd[f"{key}.lora_B.weight"] = down, up
-                continue
-            key = prefix + name.replace(".", "_")
-            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
-            sd[f"{key}.alpha"] = torch.tensor(alpha)
-    return sd
+def kohya_sdxl_lora(pipe, peft=False):
+    """A random SDXL LoRA from diffusers' modules: lora_unet_, lora_te1_ (CLIP ViT-L),
+    lora_te2_ (bigG); or the same layers in PEFT form (``text_encoder_2.``)."""
+    return diffusers_named_lora([
+        ("lora_unet_", "unet.", pipe.unet, ""),
+        ("lora_te1_", "text_encoder.", pipe.text_encoder, "text_model."),
+        ("lora_te2_", "text_encoder_2.", pipe.text_encoder_2, "text_model.")], peft=peft)
 
 
 @pytest.mark.parametrize("names", ["diffusers-names", "sgm-names", "peft"])
@@ -509,3 +481,17 @@ def test_sdxl_turbo_defaults_match_diffusers(tmp_path, steps):
     z_theirs = theirs(prompts, num_inference_steps=steps or 1, guidance_scale=0.0, height=32,
                       width=32, latents=start, output_type="latent").images
     assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-4
+
+
+def test_a_bad_refiner_is_named_by_its_flag_in_one_line(tmp_path, capsys):
+    import sys
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import txt2img
+    out = tmp_path / "o"
+    for argv, said in (([str(tmp_path / "nope.safetensors")], "--refiner "),
+                       ([str(ROOT / "models" / "ldm" / "shapes")], "--refiner "),
+                       (["x.safetensors", "--refiner_switch", "1.5"], "--refiner_switch")):
+        rc = txt2img.main(["--prompt", "x", "--outdir", str(out), "--refiner", *argv])
+        err = capsys.readouterr().err.strip()
+        assert rc != 0 and len(err.splitlines()) == 1 and said in err and "--ckpt" not in err, err
+    assert not out.exists()
