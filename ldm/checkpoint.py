@@ -299,12 +299,13 @@ def check_schedule(model, sd):
                         "using the config's (check --config)")
 
 
-def load_model_weights(model, sd, source="checkpoint", dtype=torch.float32):
+def load_model_weights(model, sd, source="checkpoint", dtype=torch.float32, keep_float32=()):
     """Load an official-layout state_dict into ``model`` strictly (after IGNORED_KEYS and
     the schedule buffers are set aside); raise CheckpointError with a report otherwise.
 
-    A model built on the ``meta`` device takes the checkpoint's tensors (cast to ``dtype``)
-    without first allocating random weights. ``sd`` is consumed (emptied)."""
+    A model built on the ``meta`` device takes the checkpoint's tensors (cast to ``dtype``,
+    except the keys in ``keep_float32``, cast to float32) without first allocating random
+    weights. ``sd`` is consumed (emptied)."""
     from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
     what = not_a_model(sd, source)
     if what:
@@ -322,7 +323,8 @@ def load_model_weights(model, sd, source="checkpoint", dtype=torch.float32):
         cast = {}
         for k in list(sd):
             v = sd.pop(k)
-            cast[k] = v.to(dtype) if v.is_floating_point() else v
+            to = torch.float32 if k in keep_float32 else dtype
+            cast[k] = v.to(to) if v.is_floating_point() else v
             del v
         model.load_state_dict(cast, strict=True, assign=True)
     else:

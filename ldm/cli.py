@@ -222,6 +222,9 @@ def add_model_arguments(p):
     t.add_argument("--vae", type=nonempty, default=None, metavar="FILE",
                    help="an autoencoder that replaces the checkpoint's (e.g. "
                         "vae-ft-mse-840000-ema-pruned; CompVis or diffusers layout)")
+    t.add_argument("--unet", type=nonempty, default=None, metavar="FILE",
+                   help="a UNet that replaces the checkpoint's (e.g. SDXL-Lightning's "
+                        "sdxl_lightning_4step_unet.safetensors; original or diffusers layout)")
     t.add_argument("--clip-skip", "--clip_skip", dest="clip_skip", type=number(int, 1, 12),
                    default=1, metavar="N",
                    help="condition on the text encoder's N-th layer from the end (A1111's "
@@ -304,9 +307,10 @@ def check_model_files(args):
             raise InputError(f"--embedding {path}: " + (
                 "is a folder: give the embedding file itself" if Path(path).is_dir()
                 else "not found"))
-    vae = getattr(args, "vae", None)
-    if vae is not None and not Path(vae).exists():
-        raise InputError(f"--vae {vae}: not found")
+    for flag in ("vae", "unet"):
+        path = getattr(args, flag, None)
+        if path is not None and not Path(path).exists():
+            raise InputError(f"--{flag} {path}: not found")
     refiner = getattr(args, "refiner", None)
     if refiner is not None and not Path(refiner).exists():
         raise InputError(f"--refiner {refiner}: not found")
@@ -709,10 +713,15 @@ def import_torch():
 def choose_model(args, task="txt2img"):
     """The model a run will load, resolved and checked without reading weights (or
     importing torch, given a config): a ``ldm.config.ModelChoice``."""
+    from dataclasses import replace
     from ldm.config import choose_model as choose
     if args.config is None:
         import_torch()  # the checkpoint may be opened to see its UNet's input channels
-    return choose(args.ckpt, args.config, task)
+    choice = choose(args.ckpt, args.config, task)
+    # a few-step distillate's UNet or LoRA sets the sampling defaults the flags complete
+    unet = getattr(args, "unet", None)
+    return replace(choice, unet=Path(unet) if unet else None,
+                   loras=tuple(Path(path) for path, _ in getattr(args, "lora", None) or ()))
 
 
 def check_safety_checker(args):

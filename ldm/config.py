@@ -220,16 +220,39 @@ class ModelChoice:
     builtin: bool = False
     family: object = None
     variant: str = None       # the family's variant, when detection chose the config
+    unet: Path = None         # a UNet file that replaces the checkpoint's (``--unet``)
+    loras: tuple = ()         # the LoRA files the run merges (their names may set defaults)
 
     @property
     def geometry(self):
         return geometry(self.config)
 
     @property
-    def defaults(self):
-        """The sampling defaults: the family's, overridden by the config's ``sampling:``."""
+    def own_defaults(self):
+        """The model's sampling defaults: the family's, overridden by the config's
+        ``sampling:``, overridden by a few-step distillate's that the checkpoint's or the
+        UNet's file name tells (``ldm.families.distilled``)."""
         family = dict(self.family.defaults) if self.family is not None else {}
-        return {**family, **sampling_defaults(self.config, self.config_path)}
+        return {**family, **sampling_defaults(self.config, self.config_path),
+                **distillate_defaults([self.ckpt, self.unet])}
+
+    @property
+    def defaults(self):
+        """The run's sampling defaults: the model's, then a distillate LoRA's."""
+        return {**self.own_defaults, **distillate_defaults(self.loras)}
+
+
+def distillate_defaults(paths, log_it=False):
+    """The sampling defaults of the first few-step distillate among the files ``paths``
+    ({} for none); one it cannot run is a CheckpointError in one line."""
+    found = families.distilled.find(paths)
+    if found is None:
+        return {}
+    if found.refusal:
+        raise CheckpointError(found.refusal)
+    if log_it:
+        log.info("%s", found.phrase)
+    return dict(found.defaults)
 
 
 def choose_model(ckpt=None, config=None, task="txt2img"):

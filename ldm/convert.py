@@ -367,3 +367,14 @@ def vae_state_dict(sd, model):
         return from_diffusers(model, {"vae": sd})
     return {VAE + k: v for k, v in sd.items()}
 
+
+def unet_state_dict(sd, model):
+    """UNet weights from a ``--unet`` file's tensors, as ``model.diffusion_model.*`` keys:
+    a whole checkpoint's or a UNet-only file in the original layout (with or without the
+    ``model.diffusion_model.`` prefix: ComfyUI's UNet files), or diffusers' UNet
+    (``down_blocks.*``, as SDXL-Lightning's UNet files are)."""
+    if any(k.startswith(UNET) for k in sd):
+        return {k: v for k, v in sd.items() if k.startswith(UNET)}
+    if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "conv_in.")) for k in sd):
+        return from_diffusers(model, {"unet": sd})
+    return {UNET + k: v for k, v in sd.items()}

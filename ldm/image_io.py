@@ -52,7 +52,15 @@ def parameters_text(p):
              "strength": "Denoising strength", "mask_blur": "Mask blur",
              "clip_skip": "Clip skip", "vae_hash": "VAE hash", "vae": "VAE",
              "lora_hashes": "Lora hashes", "ti_hashes": "TI hashes",
-             "deepcache": "DeepCache interval", "vae_tiling": "Tiled VAE"}
+             "deepcache": "DeepCache interval", "vae_tiling": "Tiled VAE",
+             "unet_named": "UNet", "refiner_named": "Refiner",
+             "refiner_switch": "Refiner switch at"}
+    # A1111 names a second model "name [hash]" ("Refiner: sd_xl_refiner_1.0 [7440042bbd]")
+    for key in ("unet", "refiner"):
+        if p.get(key):
+            name = Path(str(p[key])).stem
+            values[key + "_named"] = (f"{name} [{p[key + '_hash']}]" if p.get(key + "_hash")
+                                      else name)
     if "width" in p and "height" in p:
         values["size"] = f"{p['width']}x{p['height']}"
     if p.get("embeddings"):

@@ -186,7 +186,7 @@ def fingerprint(prompt_file, args, extra=""):
 # started before them keep their fingerprint
 LATER_JOB_FLAGS = ("rescale", "backend", "original_size", "crop", "target_size",
                    "aesthetic_score", "negative_aesthetic_score", "refiner", "refiner_config",
-                   "refiner_switch")
+                   "refiner_switch", "unet")
 
 
 def job_flags(args):

@@ -29,14 +29,14 @@ from PIL import Image
 
 from ldm.config import (BUILTIN_DIR, BUILTIN_INPAINTING_DIR, INSTALL_HINT, ROOT,  # noqa: F401
                         SD_CKPT, SD_CONFIG, ModelChoice, build_error, choose_model, load_config,
-                        sampling_defaults)
+                        distillate_defaults, sampling_defaults)
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
 from ldm.image_io import (fit_image, fit_mask, image_sha256, paste_back, pil_to_tensor,
                           tensor_to_pil)
 from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
                                            sampling_timesteps, strength_steps)
-from ldm.request import (SIZE_CONDITIONING, ModelInfo, Request, check_field, check_memory,
-                         check_size, check_work, working_size)
+from ldm.request import (SIZE_CONDITIONING, ModelInfo, Request, available_memory, check_field,
+                         check_memory, check_size, check_work, working_size)
 from ldm import devices
 from ldm.devices import (NORMS, PRECISIONS, autocast_for, bf16_is_native, cast_weights,  # noqa: F401
                          channels_last_pays, check_compiler, compute_dtype, packing_pays,
@@ -64,17 +64,49 @@ def build_model(config, meta=False, path=None):
         raise build_error(path or "config", e) from None
 
 
-def load_model(ckpt, config, device="cpu"):
-    """A ``LatentDiffusion`` with the checkpoint's weights, in eval mode, on ``device``.
+def load_model(ckpt, config, device="cpu", dtype=torch.float32):
+    """A ``LatentDiffusion`` with the checkpoint's weights, in eval mode, on ``device``,
+    its weights in ``dtype`` as ``cast_weights`` leaves them (the normalisation layers'
+    in float32): cast while they are read, so a bfloat16 SDXL never holds a float32 copy.
     The model is built (on ``meta``, instantly) before the weights are read, so a config
-    that does not build is reported before the slow part."""
+    that does not build, or a model this machine's memory cannot hold
+    (``check_load_memory``), is reported before the slow part."""
     from ldm.checkpoint import load_model_weights, load_state_dict_file
     from ldm.convert import is_diffusers_folder, load_diffusers_folder
     model = build_model(config, meta=True)
+    check_load_memory(model, ckpt, dtype)
+    keep = {f"{name}.{p}" if name else p for name, module in model.named_modules()
+            if isinstance(module, NORMS) for p, _ in module.named_parameters(recurse=False)}
     sd = (load_diffusers_folder(ckpt, model) if is_diffusers_folder(ckpt)
           else load_state_dict_file(ckpt))
-    load_model_weights(model, sd, source=str(ckpt))
+    load_model_weights(model, sd, source=str(ckpt), dtype=dtype, keep_float32=keep)
     return model.eval().requires_grad_(False).to(device)
+
+
+def check_load_memory(model, ckpt, dtype=torch.float32):
+    """Refuse, before any weight is read, a model whose loading needs more memory than this
+    machine has free: its weights in ``dtype`` (``model`` built on ``meta``), or the file's
+    tensors, read whole before each is cast, when they are larger. One line, with what to
+    change."""
+    have = available_memory("cpu")
+    if have is None:
+        return
+    weights = sum(p.numel() for p in model.parameters()) * DTYPE_BYTES.get(dtype, 4)
+    path = Path(ckpt)
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    need = max(weights, sum(f.stat().st_size for f in files if f.exists()))
+    if need <= have:
+        return
+    params = sum(p.numel() for p in model.parameters())
+    smaller = (" or use --precision bf16 (half the memory)" if dtype == torch.float32
+               else "")
+    raise ResourceError(
+        f"{path.name} needs about {need / 2**30:.1f} GiB to load ({params / 1e9:.2f} billion "
+        f"parameters in {str(dtype).replace('torch.', '')}) and this machine has "
+        f"{have / 2**30:.1f} GiB free: close other programs{smaller}")
+
+
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 def settle_prediction(choice, model):
@@ -108,27 +140,46 @@ def load_vae(model, path):
     in diffusers' (a ``vae/`` folder's diffusion_pytorch_model.safetensors, or the folder
     itself), or a whole SD checkpoint's ``first_stage_model.*``. Strict: a file that does
     not fit is a CheckpointError and the model is unchanged. Returns {"name", "hash"}."""
+    from ldm.convert import VAE, vae_state_dict
+    return _replace_part(model, path, "vae", "first_stage_model", VAE, vae_state_dict)
+
+
+def load_unet(model, path):
+    """Replace ``model``'s UNet weights with those of ``path`` (``--unet``): a UNet file in
+    the original layout (a whole checkpoint's ``model.diffusion_model.*`` or a UNet alone,
+    ComfyUI's) or diffusers' (``unet/diffusion_pytorch_model.safetensors``, the folder, or
+    a lone UNet file such as SDXL-Lightning's). Strict, as ``load_vae``."""
+    from ldm.convert import UNET, unet_state_dict
+    return _replace_part(model, path, "unet", "model.diffusion_model", UNET, unet_state_dict)
+
+
+def _replace_part(model, path, component, attribute, prefix, state_dict):
     from ldm.checkpoint import CheckpointError, file_hash, load_state_dict_file, mismatch_report
-    from ldm.convert import VAE, component_files, vae_state_dict
+    from ldm.convert import component_files
     path = Path(path)
-    if path.is_dir():  # a vae/ folder (its config.json beside the weights), or a pipeline's
+    if path.is_dir():  # a component folder (its config.json beside the weights), or a pipeline's
         files = (component_files(path.parent, path.name) if (path / "config.json").is_file()
-                 else component_files(path, "vae"))
+                 else component_files(path, component))
     else:
         files = [path]
     raw = {}
     for f in files:
         raw.update(load_state_dict_file(f))
     path = files[0]
-    sd = vae_state_dict(raw, model)
-    vae = model.first_stage_model
-    sub = {k[len(VAE):]: v for k, v in sd.items()}
-    report = mismatch_report(vae, sub)
+    what = {"vae": "autoencoder", "unet": "UNet"}[component]
+    try:
+        sd = state_dict(raw, model)
+    except CheckpointError as e:
+        raise CheckpointError(f"--{component} {path} does not fit this model's {what}: "
+                              f"{str(e).split(': ', 1)[-1]}") from None
+    part = model.get_submodule(attribute)
+    sub = {k[len(prefix):]: v for k, v in sd.items()}
+    report = mismatch_report(part, sub)
     if report:
-        raise CheckpointError(f"--vae {path} does not fit this model's autoencoder: "
+        raise CheckpointError(f"--{component} {path} does not fit this model's {what}: "
                               f"{report.split('. This looks like')[0]}")
-    dtype = next(vae.parameters()).dtype
-    vae.load_state_dict({k: v.to(dtype) for k, v in sub.items()}, strict=True)
+    own = part.state_dict()   # each weight in the dtype it has (norms stay float32)
+    part.load_state_dict({k: v.to(own[k].dtype) for k, v in sub.items()}, strict=True)
     return {"name": path.name, "hash": file_hash(path)}
 
 
@@ -145,9 +196,11 @@ class Pipeline:
                  watermark=True, model_name="model", checkpoint_hash=None, defaults=None,
                  safety_note="not checked (no safety checker weights)"):
         self.model = model
-        # the model config's own sampling defaults (its `sampling:` section); what it does
-        # not say comes from ``ModelInfo.default``
-        self.defaults = dict(defaults or {})
+        # the model's own sampling defaults (its config's `sampling:` section, a few-step
+        # distillate's); what they do not say comes from ``ModelInfo.default``. A
+        # distillate LoRA adds its own (``set_loras``)
+        self.model_defaults = dict(defaults or {})
+        self.defaults = dict(self.model_defaults)
         self.device = device or model.device
         self.precision = precision
         self.dtype = compute_dtype(self.device, precision)
@@ -178,6 +231,7 @@ class Pipeline:
         self.offload = False          # submodels on the device only while they run
         self.lora_stack = None        # merged LoRAs (``set_loras``)
         self.vae = None               # {"name", "hash"} of a swapped autoencoder
+        self.unet = None              # {"name", "hash"} of a swapped UNet (``--unet``)
         self.embeddings = []          # textual inversions added (``load_embedding``)
         self.refiner = None           # a second Pipeline for the last steps (``set_refiner``)
         self.refiner_switch = 0.8
@@ -195,7 +249,7 @@ class Pipeline:
     @classmethod
     def load(cls, ckpt=None, config=None, device="auto", precision="autocast", safety=True,
              safety_checker_path=None, watermark=True, task="txt2img", offload=False,
-             vae=None, backend="auto"):
+             vae=None, backend="auto", unet=None):
         """Load a checkpoint (a path, or a ``ModelChoice`` from ``choose_model``; None: SD v1
         if installed, for ``task="inpaint"`` SD's inpainting model first, else the built-in
         model). ``safety=False`` turns the safety checker off;
@@ -203,13 +257,20 @@ class Pipeline:
         nothing the checker looks for).
         ``offload`` keeps the weights on the CPU and moves each submodel (text encoder,
         UNet, autoencoder) to ``device`` only while it runs (``offload_to``).
-        ``vae``: an autoencoder file that replaces the checkpoint's (``load_vae``).
+        ``vae``: an autoencoder file that replaces the checkpoint's (``load_vae``);
+        ``unet``: a UNet file that does (``load_unet``: SDXL-Lightning's UNets). A few-step
+        distillate named by the checkpoint's or the UNet's file sets the sampling defaults
+        (``ldm.families.distilled``), said in one line.
         ``backend``: what runs the networks ("auto", "torch", "openvino"; ``set_options``)."""
         from ldm.checkpoint import file_hash
         device = pick_device(device) if isinstance(device, str) else device
         choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
-        model = load_model(choice.ckpt, choice.config, "cpu")
-        choice = settle_prediction(choice, model)
+        if unet is not None:
+            choice = replace(choice, unet=Path(unet))
+        distillate_defaults([choice.ckpt, choice.unet], log_it=True)  # refused before the load
+        model = load_model(choice.ckpt, choice.config, "cpu", compute_dtype(device, precision))
+        unet_record = load_unet(model, choice.unet) if choice.unet is not None else None
+        choice = settle_prediction(choice, model)   # the UNet that runs tells
         vae_record = load_vae(model, vae) if vae is not None else None
         model.to("cpu" if offload else device)
         checker, note = None, "not checked (turned off)"
@@ -221,12 +282,13 @@ class Pipeline:
                 log.warning("no safety checker weights found, images are not filtered (%s)",
                             SAFETY_HINT)
         pipe = cls(model, device, precision, checker, watermark, choice.name,
-                   file_hash(choice.ckpt), choice.defaults, note)
+                   file_hash(choice.ckpt), choice.own_defaults, note)
         if offload:
             pipe.offload_to(device)
         pipe.checkpoint = choice.ckpt
         pipe.family = choice.family
         pipe.vae = vae_record
+        pipe.unet = unet_record
         pipe.set_options(backend=backend)
         return pipe
 
@@ -274,9 +336,12 @@ class Pipeline:
         names = module_names(self.model) if loras else None
         read = [(lora if isinstance(lora, Lora) else read_lora(lora, self.model, names),
                  float(weight)) for lora, weight in loras]
+        # a few-step distillate LoRA (SDXL-Lightning, Hyper-SD) brings its sampling
+        defaults = distillate_defaults([lora.path for lora, _ in read], log_it=True)
         if self.lora_stack is None:
             self.lora_stack = LoraStack(self.model)
         self.lora_stack.set(read)
+        self.defaults = {**self.model_defaults, **defaults}
         if self._openvino is not None:
             self._openvino.reset("unet", "text")   # new weights: their own conversion
         if self.compiled:
@@ -367,7 +432,6 @@ class Pipeline:
 
     def _set_backend(self, name, torch_only=()):
         from ldm import backends
-        from ldm.request import available_memory
         unet = self.model.model.diffusion_model
         extra = 0 if self._openvino is not None else 4 * sum(
             p.numel() for m in (unet, self.model.first_stage_model, self.model.cond_stage_model)
@@ -449,6 +513,8 @@ class Pipeline:
                   "embeddings": list(self.embeddings) or None,
                   "vae": self.vae["name"] if self.vae else None,
                   "vae_hash": self.vae["hash"] if self.vae else None,
+                  "unet": self.unet["name"] if self.unet else None,
+                  "unet_hash": self.unet["hash"] if self.unet else None,
                   "clip_skip": encoder.clip_skip if encoder.clip_skip > 1 else None,
                   "prompt_syntax": encoder.syntax if encoder.syntax != "compvis" else None,
                   "deepcache": self.deepcache, "vae_tiling": self.vae_tile,

@@ -113,3 +113,52 @@ def test_tiny_checkpoint_given_v1_config_names_the_mismatch(tiny_model):
     with pytest.raises(CheckpointError, match="base channels") as e:
         load_model_weights(build_model(V1_CONFIG, meta=True), tiny_model.state_dict())
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["ckpt", "safetensors"])
+def test_weights_cast_while_read_equal_a_float32_load_cast_after(ckpts, kind, dtype):
+    """``load_model(..., dtype)`` casts each tensor as it is read (no float32 copy of the
+    model: half the peak for a bfloat16 SDXL), to exactly what loading in float32 and then
+    ``cast_weights`` gives: the normalisation layers' weights float32, the rest ``dtype``,
+    bit for bit, from an fp32 .ckpt and an fp16 .safetensors."""
+    from ldm.devices import cast_weights
+    from ldm.pipeline import load_model
+    direct = load_model(ckpts[kind], TINY_CONFIG, dtype=dtype).state_dict()
+    after = cast_weights(load_model(ckpts[kind], TINY_CONFIG), dtype).state_dict()
+    assert direct.keys() == after.keys()
+    kinds = {v.dtype for v in direct.values()}
+    assert dtype in kinds and torch.float32 in kinds
+    for k, v in after.items():
+        assert direct[k].dtype == v.dtype and torch.equal(direct[k], v), k
+
+
+def test_a_model_too_large_for_the_free_memory_is_refused_before_reading(ckpts, monkeypatch,
+                                                                        tmp_path, capsys):
+    """Less memory free than the weights need (or the file, read whole before each tensor
+    is cast): refused in one line before any weight is read, with what to change; the
+    script exits with the resource status and writes nothing."""
+    from ldm import checkpoint, pipeline
+    from ldm.errors import ResourceError
+    model_bytes = sum(p.numel() for p in build_model(TINY_CONFIG, meta=True).parameters()) * 4
+
+    def never(*a, **k):
+        raise AssertionError("weights were read")
+    monkeypatch.setattr(checkpoint, "load_state_dict_file", never)
+    monkeypatch.setattr(pipeline, "available_memory", lambda device="cpu": model_bytes // 3)
+    with pytest.raises(ResourceError, match=r"tiny.ckpt needs about .* GiB to load \(0.00 "
+                                            r"billion parameters in float32\) and this machine "
+                                            r"has .* GiB free: close other programs or use "
+                                            r"--precision bf16 \(half the memory\)$"):
+        pipeline.load_model(ckpts["ckpt"], TINY_CONFIG)
+    monkeypatch.setattr(pipeline, "available_memory", lambda device="cpu": model_bytes // 2 + 4096)
+    with pytest.raises(ResourceError):   # bfloat16 weights fit, the fp32 file read whole not
+        pipeline.load_model(ckpts["ckpt"], TINY_CONFIG, dtype=torch.bfloat16)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import txt2img
+    out = tmp_path / "out"
+    rc = txt2img.main(["--prompt", "x", "--ckpt", str(ckpts["ckpt"]), "--config",
+                       str(TINY_CONFIG), "--outdir", str(out), "--safety_checker", "none"])
+    err = capsys.readouterr().err.strip()
+    assert rc == ResourceError.exit_status and len(err.splitlines()) == 1, err
+    assert "close other programs" in err and not out.exists()
