@@ -3,6 +3,7 @@ benchmarks (never for inference). The conversion is diffusers' own converter of 
 CompVis layout, so it also referees our key names. Needs diffusers and transformers."""
 import gzip
 import json
+from contextlib import nullcontext
 
 import torch
 from omegaconf import OmegaConf
@@ -31,8 +32,10 @@ def to_diffusers(model, config, drop_pos_emb=False):
         ucfg["attention_head_dim"] = [unet_params["model_channels"] * m
                                       // unet_params["num_head_channels"]
                                       for m in unet_params["channel_mult"]]
-    unet = diffusers.UNet2DConditionModel(**ucfg)
-    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
+    with torch.device("meta") if share_unet else nullcontext():
+        unet = diffusers.UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True,
+                         assign=share_unet)
     vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
     vcfg["scaling_factor"] = float(model.scale_factor)
     ddconfig = original["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
@@ -48,12 +51,14 @@ def to_diffusers(model, config, drop_pos_emb=False):
     return unet.eval(), vae.eval(), clip.eval()
 
 
-def to_diffusers_xl(model, config):
+def to_diffusers_xl(model, config, share_unet=False):
     """{"unet", "vae", "text_encoder", "text_encoder_2"}: an SDXL ``DiffusionEngine``'s
     weights in diffusers' UNet2DConditionModel (``text_time`` addition embedding), its
     AutoencoderKL, transformers' CLIPTextModel and CLIPTextModelWithProjection (or only
     the second, for the refiner, as ``text_encoder_2``), each converted by diffusers' own
-    converter of the single-file layout."""
+    converter of the single-file layout. ``share_unet``: diffusers' UNet holds our UNet's
+    tensors instead of a copy (built on ``meta``, loaded with ``assign``), so that two
+    full-size fp32 SDXL UNets (10 GB each) fit one machine's memory."""
     import diffusers
     import transformers
     from diffusers.loaders import single_file_utils as su
@@ -64,8 +69,10 @@ def to_diffusers_xl(model, config):
     # diffusers recognises SDXL by a 2048 or 1280 context; a tiny twin is told here
     ucfg.update(addition_embed_type="text_time", class_embed_type=None,
                 addition_time_embed_dim=sizes[0].outdim)
-    unet = diffusers.UNet2DConditionModel(**ucfg)
-    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
+    with torch.device("meta") if share_unet else nullcontext():
+        unet = diffusers.UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True,
+                         assign=share_unet)
     vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
     vcfg["scaling_factor"] = float(model.scale_factor)
     vae = diffusers.AutoencoderKL(**vcfg)
@@ -156,7 +163,7 @@ def write_clip_tokenizer_files(folder):
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + merges) + "\n", "utf-8")
 
 
-def diffusers_components(model, config, folder, drop_pos_emb=False):
+def diffusers_components(model, config, folder, drop_pos_emb=False, share_unet=False):
     """The keyword arguments of any diffusers SD v1 pipeline (StableDiffusion, Img2Img,
     Inpaint) with ``model``'s weights: tokenizer files written to ``folder``, a DDIM
     scheduler with our schedule, no safety checker."""
@@ -173,7 +180,7 @@ def diffusers_components(model, config, folder, drop_pos_emb=False):
                                           model_max_length=encoder.max_length)
     scheduler = ddim_scheduler(model, config)
     if hasattr(model, "conditioner"):   # SDXL: StableDiffusionXL* pipelines' arguments
-        parts = to_diffusers_xl(model, config)
+        parts = to_diffusers_xl(model, config, share_unet)
         texts = model.conditioner.text_embedders
         names = ["tokenizer", "tokenizer_2"] if len(texts) > 1 else ["tokenizer_2"]
         return dict(**parts, **{n: tokenizer(e) for n, e in zip(names, texts)},
