@@ -75,6 +75,7 @@ def main(argv=None):
     p.add_argument("--config", type=Path, default=CONFIG,
                    help="an SDXL config (a tiny one tries the script out in seconds)")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sdxl-bench")
+    p.add_argument("--make_files", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     parts = args.parts.split(",")
     if set(parts) - set(PARTS):
@@ -86,10 +87,12 @@ def main(argv=None):
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 "
           f"{bf16_is_native(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}", flush=True)
+    if args.make_files:
+        return make_files(args.cache, args.config)
+    if "memory" in parts:   # first: fresh processes need this one's memory free
+        memory(args)
     if set(parts) & {"check", "unet", "parts"}:
         in_process(args, parts)
-    if "memory" in parts:
-        memory(args)
 
 
 def in_process(args, parts):
@@ -200,7 +203,11 @@ def check(ours, theirs, size, steps):
 def memory(args):
     """Fresh processes from one random fp16 single file: ours per --memory_runs, diffusers
     fp32 at the first run's size and steps."""
+    import subprocess
     from benchmark_memory import peak_rss_gib
+    # the files are made by a process of their own, whose memory is then given back
+    subprocess.run([sys.executable, __file__, "--config", args.config, "--cache", args.cache,
+                    "--make_files"], check=True)
     ckpt, folder = make_files(args.cache, args.config)
     runs = [r.split(":") for r in args.memory_runs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

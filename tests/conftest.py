@@ -136,3 +136,39 @@ def diffusers_named_lora(nets, rank=4, alpha=2.0, seed=0, peft=False):
             sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
             sd[f"{key}.alpha"] = torch.tensor(alpha)
     return sd
+
+
+def run_here(script, *args, cwd=None):
+    """``scripts/<script>`` run by its ``main()`` in this process, as a finished process
+    reads (``returncode``, ``stdout``, ``stderr``): what a subprocess would print and exit
+    with, without starting Python and importing torch again (seconds a call). ``cwd`` is the
+    working folder and the Hugging Face cache (none found there) for the call. A script's
+    own guard (``sys.exit(main())``) is the one line not exercised: a few tests keep a real
+    process for it."""
+    import contextlib
+    import importlib
+    import io
+    import os
+    import subprocess
+    import sys
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    module = importlib.import_module(Path(script).stem)
+    out, err = io.StringIO(), io.StringIO()
+    where, env = os.getcwd(), dict(os.environ)
+    os.environ.update(HF_HOME=str(cwd or "/nonexistent"), HF_HUB_CACHE=str(cwd or "/nonexistent"))
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.main([str(a) for a in args])
+            except SystemExit as e:   # argparse's usage errors
+                code = e.code
+    finally:
+        os.chdir(where)
+        os.environ.clear()
+        os.environ.update(env)
+    return subprocess.CompletedProcess([script, *map(str, args)], code or 0, out.getvalue(),
+                                       err.getvalue())

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFilter
 from safetensors.torch import save_file
 
-from conftest import ROOT, TINY_CONFIG, official_layout, randomize
+from conftest import ROOT, TINY_CONFIG, official_layout, randomize, run_here
 from ldm.image_io import read_parameters
 
 TINY_INPAINTING = ROOT / "configs" / "tiny" / "tiny-inpainting-inference.yaml"
@@ -183,10 +183,15 @@ def test_an_inpainting_model_is_blended_too_unless_asked_not_to(inpainting_ckpt)
 
 # ------------------------------------------------------------------------ the scripts
 
-def run_script(name, *args, cwd=None):
+def run_process(name, *args, cwd=None):
     env = dict(os.environ, HF_HOME=str(cwd or "/nonexistent"), HF_HUB_CACHE=str(cwd or "/nonexistent"))
     return subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)],
                           capture_output=True, text=True, timeout=240, env=env, cwd=cwd)
+
+
+# the scripts' main() in this process (seconds less a call); a real process where the
+# process itself is what a test is about
+run_script = run_here
 
 
 def tiny_args(ckpt, config=TINY_CONFIG):
@@ -196,7 +201,7 @@ def tiny_args(ckpt, config=TINY_CONFIG):
 def test_img2img_script_writes_numbered_samples_with_their_parameters(tmp_path, ckpts):
     scene(40).save(tmp_path / "init.png")  # a multiple of the tiny model's factor 4
     out = tmp_path / "out"
-    r = run_script("img2img.py", *tiny_args(ckpts["ckpt"]), "--init-img", tmp_path / "init.png",
+    r = run_process("img2img.py", *tiny_args(ckpts["ckpt"]), "--init-img", tmp_path / "init.png",
                    "--prompt", "a blue square", "--strength", "0.5", "--outdir", out,
                    "--plms", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -308,8 +313,9 @@ def bad_inputs(tmp_path):
 def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, ckpts, script, args, needle):
     f = bad_inputs(tmp_path)
     out = tmp_path / "out"
-    r = run_script(script, *tiny_args(ckpts["ckpt"]), *[a.format(f=f) for a in args],
-                   "--outdir", out, cwd=tmp_path)
+    run = run_process if needle.startswith("the following") or "twice" in str(args) else run_script
+    r = run(script, *tiny_args(ckpts["ckpt"]), *[a.format(f=f) for a in args],
+            "--outdir", out, cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
