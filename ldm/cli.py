@@ -805,6 +805,10 @@ def check_sampling(args, choice, task="txt2img"):
     if task != "inpaint" and g.is_inpainting:
         raise UsageError(f"{choice.ckpt} is an inpainting model ({g.unet_in_channels}-channel "
                          "UNet): use scripts/inpaint.py")
+    if task == "txt2img" and g.refiner:
+        raise UsageError(f"{choice.ckpt} is SDXL's refiner: it refines images "
+                         f"(scripts/img2img.py, --strength about 0.3) or the last steps of a "
+                         f"base (--refiner {Path(choice.ckpt).name} beside --ckpt of a base)")
     if args.skip_save and args.skip_grid:
         raise UsageError("--skip_save with --skip_grid would write nothing: drop one")
     return resolve_sampling(args, req.ModelInfo.of_choice(choice), task)

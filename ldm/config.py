@@ -141,6 +141,7 @@ class Geometry:
     unet_in_channels: int = None
     model_channels: int = None  # the UNet's base width
     decoder_channels: int = None  # the autoencoder decoder's width at full resolution
+    refiner: bool = False       # SDXL's refiner (conditioned on an aesthetic score)
 
     @property
     def is_inpainting(self):
@@ -189,6 +190,9 @@ def geometry(config):
         g.decoder_channels = dd.get("ch", 128) * dd["ch_mult"][0]
     g.unet_in_channels = unet.get("in_channels")
     g.model_channels = unet.get("model_channels")
+    embedders = ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models")
+    g.refiner = any(hasattr(e, "get") and e.get("input_key") == "aesthetic_score"
+                    for e in embedders or ())
     return g
 
 

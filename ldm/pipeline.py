@@ -536,6 +536,12 @@ class Pipeline:
                          self.defaults, self.is_inpainting_model)
 
     @property
+    def is_refiner(self):
+        """SDXL's refiner: conditioned on an aesthetic score, made to refine images."""
+        embedders = getattr(getattr(self.model, "conditioner", None), "embedders", ())
+        return any(getattr(e, "input_key", None) == "aesthetic_score" for e in embedders)
+
+    @property
     def is_inpainting_model(self):
         """A dedicated inpainting model (9-channel UNet, ``conditioning_key: hybrid``)."""
         return self.model.model.conditioning_key == "hybrid"
@@ -645,6 +651,7 @@ class Pipeline:
         z = self._denoise(request, height, width, init=init, mask=small, masked=masked,
                           progress=progress, callback=callback)
         # 5. decoding, the safety check, the watermark
+        self.check_finite(z, "the UNet's")
         images, notes = self.finish(self.decode(z))
         # 6. inpainting: the input's size, every pixel outside the mask the input's own
         if request.task == "inpaint":
@@ -653,7 +660,26 @@ class Pipeline:
         return [Sample(im, self.record(request, i, height, width, note))
                 for i, (im, note) in enumerate(zip(images, notes))]
 
+    def check_finite(self, x, what):
+        """A NaN or infinity where a number should be (a network that overflowed in float16:
+        SD 2.x's UNet or SDXL's autoencoder without their float32 parts) is a one-line
+        error saying what to change, not a black image."""
+        if torch.isfinite(x).all():
+            return
+        dtype = str(self.dtype).replace("torch.", "")
+        autoencoder = "autoencoder" in what
+        if self.dtype == torch.float16:
+            hint = "run with --precision full or bf16" + (
+                ", or an autoencoder fixed for float16 (--vae)" if autoencoder else "")
+        else:   # float32 and bf16 do not overflow where SD's networks work
+            hint = ("the weights may be damaged: check the checkpoint"
+                    + (" and --vae" if autoencoder else ""))
+        raise UsageError(f"{what} output is not finite (NaN or infinity) in {dtype}: {hint}")
+
     def check_task(self, request):
+        if request.task == "txt2img" and self.is_refiner:
+            raise UsageError("this is SDXL's refiner: it refines images (Pipeline.img2img, "
+                             "strength about 0.3) or a base's last steps (set_refiner)")
         if request.task == "txt2img" and self.is_inpainting_model:
             raise UsageError("this is an inpainting model (9-channel UNet): it takes an image "
                              "and a mask (scripts/inpaint.py, Pipeline.inpaint)")
@@ -855,6 +881,7 @@ class Pipeline:
         for i in range(z.shape[0]):  # one at a time: the decoder's peak memory is per image
             with self.vae_autocast, self.on_device("first_stage_model"):
                 x = self.model.decode_first_stage(z[i:i + 1], self.vae_tile)
+            self.check_finite(x, "the autoencoder's")
             images += tensor_to_pil(x.float().cpu())
         return images
 

@@ -7,6 +7,7 @@ import torch
 
 from conftest import build_tiny, rel_err
 from ldm import devices
+from ldm.errors import UsageError
 from ldm.pipeline import NORMS, Pipeline, cast_weights
 
 CPU = torch.device("cpu")
@@ -222,3 +223,30 @@ def test_float32_on_a_cpu_holds_the_autoencoder_channels_last_with_the_same_imag
         assert rel_err(full.model.decode_first_stage(z), plain.decode_first_stage(z)) < 1e-5
         assert rel_err(full.model.first_stage_model.encode(image).mean,
                        plain.first_stage_model.encode(image).mean) < 1e-5
+
+
+def test_a_network_that_overflows_is_one_line_saying_what_to_change(tmp_path, ckpts,
+                                                                  monkeypatch):
+    """An autoencoder (or UNet) whose output is NaN, as SDXL's autoencoder and SD 2.x's
+    UNet give in float16 without their float32 parts: one line naming the part, the dtype
+    and what to change, not a black image; nothing written."""
+    from conftest import TINY_CONFIG, run_here
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+    real = LatentDiffusion.decode_first_stage
+    monkeypatch.setattr(LatentDiffusion, "decode_first_stage",
+                        lambda self, z, *a, **k: real(self, z, *a, **k) * float("nan"))
+    r = run_here("txt2img.py", "--prompt", "x", "--ckpt", ckpts["ckpt"], "--config",
+                 TINY_CONFIG, "--ddim_steps", "2", "--safety_checker", "none", "--outdir",
+                 tmp_path / "o", cwd=tmp_path)
+    lines = [line for line in r.stderr.strip().splitlines() if "error" in line.lower()]
+    assert r.returncode != 0 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0] == ("error: the autoencoder's output is not finite (NaN or infinity) in "
+                        "float32: the weights may be damaged: check the checkpoint and --vae")
+    assert not list((tmp_path / "o").rglob("*.png"))
+    pipe = Pipeline(build_tiny(), torch.device("cpu"), "full")
+    pipe.dtype = torch.float16   # what a CUDA GPU computes in; the message changes with it
+    with pytest.raises(UsageError, match=r"^the autoencoder's output is not finite \(NaN or "
+                                         r"infinity\) in float16: run with --precision full or "
+                                         r"bf16, or an autoencoder fixed for float16 \(--vae\)$"):
+        pipe.check_finite(torch.tensor([1.0, float("inf")]), "the autoencoder's")
+    pipe.check_finite(torch.ones(3), "the UNet's")

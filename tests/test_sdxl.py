@@ -495,3 +495,24 @@ def test_a_bad_refiner_is_named_by_its_flag_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc != 0 and len(err.splitlines()) == 1 and said in err and "--ckpt" not in err, err
     assert not out.exists()
+
+
+def test_the_refiner_given_for_text_to_image_is_refused_in_one_line(tmp_path):
+    """SDXL's refiner refines images: txt2img with it as the model is refused in one line
+    before its weights are read (its config conditions on an aesthetic score), saying what
+    it is for; the library says the same."""
+    from safetensors.torch import save_file
+    from conftest import run_here
+    from ldm.pipeline import Pipeline
+    model, _ = tiny(TINY_REFINER, 5)
+    path = tmp_path / "refiner.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    r = run_here("txt2img.py", "--prompt", "x", "--ckpt", path, "--config", TINY_REFINER,
+                 "--outdir", tmp_path / "o", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert "is SDXL's refiner: it refines images (scripts/img2img.py" in lines[0]
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(Exception, match="this is SDXL's refiner"):
+        Pipeline(model, torch.device("cpu"), "full").generate("x", 1, height=32, width=32,
+                                                               progress=False)
