@@ -32,10 +32,8 @@ def to_diffusers(model, config, drop_pos_emb=False):
         ucfg["attention_head_dim"] = [unet_params["model_channels"] * m
                                       // unet_params["num_head_channels"]
                                       for m in unet_params["channel_mult"]]
-    with torch.device("meta") if share_unet else nullcontext():
-        unet = diffusers.UNet2DConditionModel(**ucfg)
-    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True,
-                         assign=share_unet)
+    unet = diffusers.UNet2DConditionModel(**ucfg)
+    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
     vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
     vcfg["scaling_factor"] = float(model.scale_factor)
     ddconfig = original["model"]["params"]["first_stage_config"]["params"]["ddconfig"]
@@ -166,7 +164,8 @@ def write_clip_tokenizer_files(folder):
 def diffusers_components(model, config, folder, drop_pos_emb=False, share_unet=False):
     """The keyword arguments of any diffusers SD v1 pipeline (StableDiffusion, Img2Img,
     Inpaint) with ``model``'s weights: tokenizer files written to ``folder``, a DDIM
-    scheduler with our schedule, no safety checker."""
+    scheduler with our schedule, no safety checker. ``share_unet`` (SDXL): see
+    ``to_diffusers_xl``."""
     import diffusers
     import transformers
     folder.mkdir(parents=True, exist_ok=True)
