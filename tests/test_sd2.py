@@ -280,22 +280,15 @@ def test_tiny_sd2_img2img_matches_diffusers_step_by_step(tmp_path, parameterizat
 def test_tiny_sd2_nine_channel_inpainting_matches_diffusers_step_by_step(tmp_path, strength):
     """SD 2's inpainting model (UNet input [x, mask, masked-image latents]) against
     StableDiffusionInpaintPipeline on the same tiny weights, DDIM."""
-    from test_crosscheck_diffusers import _both, _image_and_mask
-    from ldm.image_io import pil_to_tensor
+    from test_crosscheck_diffusers import _both, nine_channel_task
     from ldm.pipeline import Pipeline
     model, config = tiny_sd2_variant(inpainting=True)
     ours = Pipeline(model, torch.device("cpu"), "full")
     assert ours.is_inpainting_model
-    image, mask = _image_and_mask()
-    init = ours.encode([image])
-    small, full = ours.latent_mask(mask)
-    masked = model.encode_image(pil_to_tensor([image]) * (1 - full))
-    task = {"init": init if strength < 1 else None, "mask": small, "masked": masked}
+    task, theirs = nine_channel_task(ours, model, strength)
     z_ours, z_theirs, a, b = _both(
         ours, diffusers.StableDiffusionInpaintPipeline, model, config, tmp_path, task, strength,
-        "ddim", image=init.expand(2, -1, -1, -1).clone(),
-        mask_image=full.expand(2, -1, -1, -1).clone(),
-        masked_image_latents=masked.expand(2, -1, -1, -1).clone(), height=32, width=32)
+        "ddim", **theirs)
     assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
     assert rel_err(z_ours, z_theirs) < 1e-5
 

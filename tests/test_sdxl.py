@@ -296,8 +296,7 @@ def test_tiny_sdxl_nine_channel_inpainting_matches_diffusers(tmp_path, strength)
     the base's with 9 input channels) against StableDiffusionXLInpaintPipeline."""
     import sys
     sys.path.insert(0, str(ROOT / "tests" / "models"))
-    from test_crosscheck_diffusers import _image_and_mask
-    from ldm.image_io import pil_to_tensor
+    from test_crosscheck_diffusers import nine_channel_task
     from ldm.pipeline import Pipeline
     from ldm.util import instantiate_from_config
     config = OmegaConf.load(TINY_XL)
@@ -305,16 +304,10 @@ def test_tiny_sdxl_nine_channel_inpainting_matches_diffusers(tmp_path, strength)
     model = randomize(instantiate_from_config(config.model), 21).eval()
     ours = Pipeline(model, torch.device("cpu"), "full")
     assert ours.is_inpainting_model
-    image, mask = _image_and_mask()
-    init = ours.encode([image])
-    small, full = ours.latent_mask(mask)
-    masked = model.encode_image(pil_to_tensor([image]) * (1 - full))
-    task = {"init": init if strength < 1 else None, "mask": small, "masked": masked}
+    task, theirs = nine_channel_task(ours, model, strength)
     z_ours, z_theirs = _compare(
         ours, diffusers.StableDiffusionXLInpaintPipeline, model, config, tmp_path, task,
-        strength, image=init.expand(2, -1, -1, -1).clone(),
-        mask_image=full.expand(2, -1, -1, -1).clone(),
-        masked_image_latents=masked.expand(2, -1, -1, -1).clone(), height=32, width=32)
+        strength, **theirs)
     assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-5
 
 

@@ -297,6 +297,21 @@ def test_a_short_text_context_matches_diffusers_pipeline(tmp_path, tiny_config):
 
 # ------------------------------------------------------------- image-to-image, inpainting
 
+def nine_channel_task(ours, model, strength):
+    """(our ``Pipeline.latents`` inputs, diffusers' inpainting pipeline arguments) of the
+    seeded image and mask for a 9-channel inpainting model, batch 2: the mask, the masked
+    image's latents, the init latents (ours only where the strength leaves some of it)."""
+    from ldm.image_io import pil_to_tensor
+    image, mask = _image_and_mask()
+    init = ours.encode([image])
+    small, full = ours.latent_mask(mask)
+    masked = model.encode_image(pil_to_tensor([image]) * (1 - full))
+    theirs = dict(image=init.expand(2, -1, -1, -1).clone(),
+                  mask_image=full.expand(2, -1, -1, -1).clone(),
+                  masked_image_latents=masked.expand(2, -1, -1, -1).clone(), height=32, width=32)
+    return {"init": init if strength < 1 else None, "mask": small, "masked": masked}, theirs
+
+
 def _image_and_mask():
     import numpy as np
     from PIL import Image
@@ -395,20 +410,13 @@ def test_nine_channel_inpainting_matches_diffusers_step_by_step(tmp_path, tiny_i
                                                                  strength, sampler):
     """A dedicated inpainting model (UNet input [x, mask, masked-image latents]) against
     StableDiffusionInpaintPipeline on the same weights."""
-    from ldm.image_io import pil_to_tensor
     from ldm.pipeline import Pipeline
     model, config = tiny_inpainting
     ours = Pipeline(model, torch.device("cpu"), "full")
     assert ours.is_inpainting_model
-    image, mask = _image_and_mask()
-    init = ours.encode([image])
-    small, full = ours.latent_mask(mask)
-    masked = model.encode_image(pil_to_tensor([image]) * (1 - full))
-    task = {"init": init if strength < 1 else None, "mask": small, "masked": masked}
+    task, theirs = nine_channel_task(ours, model, strength)
     z_ours, z_theirs, a, b = _both(
         ours, diffusers.StableDiffusionInpaintPipeline, model, config, tmp_path, task, strength,
-        sampler, image=init.expand(2, -1, -1, -1).clone(),
-        mask_image=full.expand(2, -1, -1, -1).clone(),
-        masked_image_latents=masked.expand(2, -1, -1, -1).clone(), height=32, width=32)
+        sampler, **theirs)
     assert max((rel_err(x, y) for x, y in zip(a, b)), default=0) < 1e-5
     assert rel_err(z_ours, z_theirs) < 1e-5
