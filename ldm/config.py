@@ -255,7 +255,7 @@ def distillate_defaults(paths, log_it=False):
     if found.refusal:
         raise CheckpointError(found.refusal)
     if log_it:
-        log.info("%s", found.phrase)
+        log.warning("%s", found.phrase)   # it changes the defaults: said as the Turbo name is
     return dict(found.defaults)
 
 
