@@ -346,3 +346,72 @@ def paste_back(generated, original, mask, blur=4):
     soft = (ImageChops.multiply(hard.filter(ImageFilter.GaussianBlur(blur)), hard)
             if blur > 0 else hard)
     return Image.composite(generated.convert("RGB"), original.convert("RGB"), soft)
+
+
+def png_bytes(image, parameters=None):
+    """The PNG file ``save_png`` writes, as bytes (the same metadata): what a server sends."""
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_pnginfo(parameters))
+    return buffer.getvalue()
+
+
+def fill_masked(image, mask, rounds=8):
+    """``image`` with the masked pixels (mask >= 128) replaced by the colours around them,
+    spread inwards by blurs of growing radius (A1111's inpainting_fill "fill"): a start for
+    image-to-image that does not keep what was under the mask. Pixels outside the mask are
+    unchanged."""
+    from PIL import ImageFilter
+    hard = np.asarray(mask.convert("L")) >= 128
+    if not hard.any():
+        return image
+    rgb = np.asarray(image.convert("RGB"), np.float64)
+    known = (~hard).astype(np.float64)
+    if not known.any():
+        return image
+    out = rgb.copy()
+    filled = ~hard
+    for k in range(rounds):
+        radius = 2 ** k
+        def blur(a):
+            im = Image.fromarray(a.astype(np.float32), "F")
+            return np.asarray(im.filter(ImageFilter.GaussianBlur(radius)), np.float64)
+        weight = blur(known)
+        colour = np.stack([blur(rgb[..., c] * known) for c in range(3)], -1)
+        reach = (weight > 1e-3) & ~filled
+        out[reach] = colour[reach] / weight[reach, None]
+        filled |= reach
+        if filled.all():
+            break
+    out[~filled] = (rgb * known[..., None]).sum((0, 1)) / known.sum()
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def mask_region(mask, padding, width, height):
+    """The box (left, top, right, bottom) around the mask's white pixels, grown by
+    ``padding`` pixels and then to the aspect ratio of ``width`` x ``height`` inside the
+    image (A1111's "inpaint only masked"); None for an empty mask."""
+    box = mask.convert("L").point(lambda v: 255 if v >= 128 else 0).getbbox()
+    if box is None:
+        return None
+    w, h = mask.size
+    l, t, r, b = box
+    l, t, r, b = max(0, l - padding), max(0, t - padding), min(w, r + padding), min(h, b + padding)
+    want = width / height
+    if (r - l) / (b - t) > want:     # too wide: grow the height
+        grow = round((r - l) / want) - (b - t)
+        t, b = _grow(t, b, grow, h)
+    else:
+        grow = round((b - t) * want) - (r - l)
+        l, r = _grow(l, r, grow, w)
+    return l, t, r, b
+
+
+def _grow(lo, hi, by, limit):
+    """[lo, hi) grown by ``by`` (half each side), shifted to stay in [0, limit)."""
+    lo, hi = lo - by // 2, hi + by - by // 2
+    if hi > limit:
+        lo, hi = lo - (hi - limit), limit
+    if lo < 0:
+        hi, lo = min(limit, hi - lo), 0
+    return lo, hi

@@ -183,6 +183,17 @@ def _replace_part(model, path, component, attribute, prefix, state_dict):
     return {"name": path.name, "hash": file_hash(path)}
 
 
+class StopSampling(Exception):
+    """Raised by a ``Pipeline.run`` callback to end the denoising at that step: the run
+    goes on with ``latents`` (the callback's ``pred_x0``, the step's estimate of the
+    finished latents, as A1111 decodes an interrupted image) through decoding and the
+    finishing steps. A server's interrupt and skip."""
+
+    def __init__(self, latents):
+        super().__init__("sampling stopped early")
+        self.latents = latents
+
+
 @dataclass
 class Sample:
     image: Image.Image
@@ -621,7 +632,8 @@ class Pipeline:
     @torch.no_grad()
     def run(self, request, *, progress=True, callback=None):
         """The images a ``Request`` asks for, each with its reproduction parameters, in the
-        same steps for the three tasks. ``callback(i, x, pred_x0)`` after every step."""
+        same steps for the three tasks. ``callback(i, x, pred_x0)`` after every step; it
+        may raise ``StopSampling(pred_x0)`` to finish the images from that step's estimate."""
         # 1. the task against the model
         self.check_task(request)
         # 2. the input image (and mask) at the size to sample; the memory that size needs
@@ -822,11 +834,14 @@ class Pipeline:
                 uncond = Experts.conditioning(uncond, second_uncond)
             unet = self.model.model.diffusion_model
             with self.on_device("model"), unet.caching(self.deepcache or 1):
-                z = sample(model, r.sampler, noise, r.steps, cond, uncond, r.scale,
-                           eta=r.eta, noise=fresh_noise, disable=not progress,
-                           callback=callback, spacing=spacing, run_steps=run,
-                           schedule=r.schedule, init=start, mask=mask, known=known,
-                           rescale=r.rescale)
+                try:
+                    z = sample(model, r.sampler, noise, r.steps, cond, uncond, r.scale,
+                               eta=r.eta, noise=fresh_noise, disable=not progress,
+                               callback=callback, spacing=spacing, run_steps=run,
+                               schedule=r.schedule, init=start, mask=mask, known=known,
+                               rescale=r.rescale)
+                except StopSampling as stop:   # the callback ended it early
+                    z = stop.latents
         return z
 
     def conditioning(self, request, extra=None, height=None, width=None):
