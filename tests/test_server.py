@@ -113,9 +113,11 @@ def test_webuiapi_txt2img_equals_the_cli_byte_for_byte(server, api, tmp_path):
     for k in range(2):
         cli = Image.open(tmp_path / "samples" / f"{k:05}.png")
         assert _pixels(cli).tobytes() == _pixels(r.images[1 + k]).tobytes()
-        # and the PNG carries the same parameters as the CLI's file
-        assert json.loads(r.images[1 + k].text["ldm_parameters"]) == \
-            json.loads(cli.text["ldm_parameters"])
+        # and the PNG carries the same parameters as the CLI's file (the model named as
+        # clients name it, not by its path)
+        ours, theirs = (json.loads(im.text["ldm_parameters"]) for im in (r.images[1 + k], cli))
+        assert ours.pop("model") == "shapes/model"
+        assert ours == {key: v for key, v in theirs.items() if key != "model"}
     assert not server.out.exists()     # nothing saved unless asked
 
 
@@ -414,3 +416,63 @@ def test_serve_refuses_listen_without_auth_and_bad_flags(tmp_path):
     assert done.returncode == 2 and "user:password" in done.stderr
     done = run_here("serve.py", "--lora", "x.safetensors", "--outdir", tmp_path)
     assert done.returncode == 2 and "<lora" not in done.stderr and "--lora-dir" in done.stderr
+
+
+# ----------------------------------------------------------------------------- the page
+
+def _chromium():
+    import shutil
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt install chromium)")
+def test_the_page_in_a_real_browser(server, tmp_path):
+    """Type a prompt, generate, see the progress and the image; paint a mask and inpaint.
+    LDM_SCREENSHOTS=folder keeps a screenshot of each state (docs/server/)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    shots = os.environ.get("LDM_SCREENSHOTS")
+    Image.new("RGB", (64, 64), (30, 60, 160)).save(tmp_path / "blue.png")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 820})
+        page.goto(server.base + "/")
+        page.wait_for_function("document.querySelectorAll('#sampler option').length > 5")
+        page.fill("#prompt", "a red circle")
+        page.fill("#steps", "150")
+        page.fill("#seed", "7")
+        page.click("#go")
+        page.wait_for_function("document.getElementById('live').src.startsWith('data:')"
+                               " && parseFloat(document.getElementById('bar').style.width) > 0")
+        if shots:
+            page.screenshot(full_page=True, path=f"{shots}/1-progress.png")
+        page.wait_for_selector("#gallery figure", timeout=120000)
+        caption = page.inner_text("#gallery figure figcaption")
+        assert caption.startswith("a red circle") and "Seed: 7" in caption
+        if shots:
+            page.screenshot(full_page=True, path=f"{shots}/2-result.png")
+        # image to image with a painted mask
+        page.click("#tabImg")
+        page.set_input_files("#initFile", str(tmp_path / "blue.png"))
+        page.wait_for_function("document.getElementById('maskCanvas').width === 64")
+        page.fill("#steps", "20")
+        box = page.locator("#maskCanvas").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=8)
+        page.mouse.up()
+        page.fill("#prompt", "a yellow square")
+        page.fill("#strength", "1")
+        if shots:
+            page.screenshot(full_page=True, path=f"{shots}/3-mask.png")
+        page.click("#go")
+        page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2",
+                               timeout=120000)
+        caption = page.inner_text("#gallery figure figcaption")
+        assert caption.startswith("a yellow square") and "Mask blur" in caption
+        src = page.get_attribute("#gallery figure img", "src")
+        out = _pixels(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))))
+        assert (out[32, 32] != (30, 60, 160)).any() and (out[2, 60] == (30, 60, 160)).all()
+        assert page.inner_text("#error") == ""
+        if shots:
+            page.screenshot(full_page=True, path=f"{shots}/4-inpainted.png")
+        browser.close()

@@ -77,6 +77,7 @@ def loader(args, folders):
         a.vae = str(vae.path) if vae is not None else None
         a.device, a.lora, a.embedding = device, [], []
         pipe = cli.load_pipeline(a, cli.choose_model(a))
+        pipe.model_name = entry.name   # as clients name it, not a path on this machine
         skipped = []
         for e in folders.found.get("embeddings", ()):
             try:

@@ -369,7 +369,8 @@ def progress(service, job, current_image=True):
     state.update(job=f"Batch {job.batch + 1} out of {job.batches}" if job.state == "running"
                  else job.state, job_no=job.batch, sampling_step=job.step,
                  sampling_steps=job.steps, id_task=job.id, status=job.state,
-                 queue_position=position,
+                 queue_position=position, submitted_at=job.submitted,
+                 started_at=job.started, finished_at=job.finished,
                  job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.submitted)))
     done = job.progress
     eta = 0.0
