@@ -293,6 +293,10 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
     else:
         ckpt, name = Path(ckpt), str(ckpt)
         source.sniff(ckpt)
+        # the built-in models named by their path (or a copy) are still the built-in ones:
+        # they draw nothing a safety checker looks for
+        builtin = any(_same_weights(ckpt, f) for f in
+                      sorted(BUILTIN_DIR.glob("*.safetensors")) + inpainting_builtin)
     family = variant = None
     if config is None:
         beside = Path(ckpt).parent / "config.yaml"
@@ -368,6 +372,18 @@ def unet_in_channels(path):
     except CheckpointError:
         return None
     return conv_in[1] if len(conv_in) == 4 else None
+
+
+def _same_weights(a, b):
+    """The same file, a link to it, or a copy (compared only when the sizes agree)."""
+    try:
+        a, b = Path(a), Path(b)
+        if not (a.is_file() and b.is_file()):
+            return False
+        return a.samefile(b) or (a.stat().st_size == b.stat().st_size
+                                 and a.read_bytes() == b.read_bytes())
+    except OSError:
+        return False
 
 
 def _same_file(a, b):

@@ -81,7 +81,7 @@ def run(args, job):
     from ldm.server import check_installed, serve
     check_installed()
     cli.check_safety_checker(args)
-    serve(args)
+    serve(args, job)
 
 
 def main(argv=None):

@@ -70,7 +70,8 @@ def server(tmp_path_factory):
         time.sleep(0.05)
     base = f"http://127.0.0.1:{port}"
     yield type("Server", (), dict(base=base, port=port, service=service, models=models,
-                                  out=tmp / "out", tmp=tmp))
+                                  out=tmp / "out", tmp=tmp,
+                                  parse=staticmethod(serve_script.build_parser().parse_args)))
     srv.should_exit = True
     thread.join(10)
     service.close()
@@ -276,6 +277,31 @@ def test_the_queue_runs_first_in_first_out_and_drops_a_client_that_left(server):
     starts = [service.find(i).started for i in ids]
     assert starts == sorted(starts)
     assert _progress(server)["state"]["job_count"] == 0
+
+
+def test_two_workers_behind_one_queue_make_the_same_images(server, api):
+    """--device cpu,cpu: one engine per device; every job's image is the one a single
+    worker makes for its seed, whichever worker ran it."""
+    from ldm.server import a1111, build_service
+    args = server.parse(["--models-dir", str(server.models), "--device", "cpu,cpu",
+                         "--safety_checker", "none", "--outdir", str(server.tmp / "two")])
+    service = build_service(args).start()
+    try:
+        jobs = []
+        for seed in range(30, 34):
+            gen, settings, _ = a1111.read({"prompt": "a red circle", "seed": seed,
+                                           "steps": STEPS, "sampler_name": "Euler"},
+                                          service, "txt2img")
+            jobs.append(service.submit(lambda engine, job, gen=gen: service.run(gen, engine, job),
+                                       settings))
+        images = [service.wait(job).samples[0].image for job in jobs]
+        assert {job.worker for job in jobs} == {0, 1}
+    finally:
+        service.close()
+    for seed, image in zip(range(30, 34), images):
+        one = api.txt2img(prompt="a red circle", seed=seed, steps=STEPS, sampler_name="Euler",
+                          width=64, height=64).image
+        assert _pixels(one).tobytes() == _pixels(image).tobytes()
 
 
 # ----------------------------------------------------------------------------- OpenAI

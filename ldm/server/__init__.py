@@ -90,8 +90,9 @@ def loader(args, folders):
     return load
 
 
-def serve(args):
-    """Run the server until Ctrl-C (``scripts/serve.py``)."""
+def serve(args, job=None):
+    """Run the server until Ctrl-C (``scripts/serve.py``; ``job``: the script's
+    ``ldm.cli.Job``, which then counts the images saved)."""
     import uvicorn
     from ldm.image_io import check_output_folder
     from ldm.server.app import create_app
@@ -102,6 +103,8 @@ def serve(args):
                          "--api-auth user:password, or --insecure to serve without it")
     check_output_folder(args.outdir)
     service = build_service(args)
+    if job is not None:
+        job.track(service.outputs)
     logging.getLogger("ldm.server").setLevel(logging.INFO)
     log.info("loading %s", service.settings.checkpoint.name)
     service.start()
@@ -112,6 +115,7 @@ def serve(args):
     config = uvicorn.Config(app, host=host, port=args.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=2)
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run()   # until Ctrl-C or SIGTERM, which it handles itself
     finally:
         service.close()
+    log.info("stopped: %s", job.summary() if job is not None else "done")

@@ -83,6 +83,8 @@ class Service:
         self.engines = [Engine(load, device) for device in devices]
         self.queue = JobQueue(self.engines)
         self.flags = {}          # the server's own settings, for cmd-flags
+        from ldm.image_io import Outputs
+        self.outputs = Outputs(self.outdir)   # what was saved, for the last line
 
     def start(self, preload=True):
         self.queue.start()
@@ -267,8 +269,8 @@ class Service:
 
     def save(self, gen, samples):
         """Through the scripts' writer: numbered, never over a file, with the metadata."""
-        from ldm.image_io import Outputs, make_grid
-        out = Outputs(self.outdir)
+        from ldm.image_io import make_grid
+        out = self.outputs
         paths = [out.save_numbered(s.image, "{:05}.png", s.parameters, f"{gen.kind}-images")
                  for s in samples]
         if gen.save_grid and len(samples) > 1 and len({s.image.size for s in samples}) == 1:

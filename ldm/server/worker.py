@@ -88,6 +88,7 @@ class Job:
     interrupted: bool = False
     skipped: bool = False
     cancelled: bool = False
+    worker: int = None             # the engine (device) that ran it
     result: object = None
     error: BaseException = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -191,7 +192,7 @@ class JobQueue:
                     return
                 job = self._jobs.popleft()
                 self.running[index] = job
-            job.state, job.started = "running", time.time()
+            job.state, job.started, job.worker = "running", time.time(), index
             try:
                 job.result = job.work(engine, job)
                 job.state = "done"
