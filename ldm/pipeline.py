@@ -516,12 +516,19 @@ class Pipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def options_record(self):
-        """The options an image was made with, for its parameters (only those in use)."""
+    def options_record(self, prompts=None):
+        """The options an image was made with, for its parameters (only those in use; of
+        the embeddings, those whose token is in ``prompts`` when they are given, as
+        A1111's "TI hashes")."""
         loras = self.lora_stack.record() if self.lora_stack else []
         encoder = self.model.cond_stage_model
+        embeddings = list(self.embeddings)
+        if prompts is not None:
+            from ldm.modules.encoders.tokenizer import added_in
+            used = added_in(prompts, {e["token"]: None for e in embeddings})
+            embeddings = [e for e in embeddings if e["token"] in used]
         record = {"loras": loras or None,
-                  "embeddings": list(self.embeddings) or None,
+                  "embeddings": embeddings or None,
                   "vae": self.vae["name"] if self.vae else None,
                   "vae_hash": self.vae["hash"] if self.vae else None,
                   "unet": self.unet["name"] if self.unet else None,
@@ -741,7 +748,7 @@ class Pipeline:
                   "batch_size": r.batch_size, "model": self.model_name,
                   "checkpoint_hash": self.checkpoint_hash,
                   "prediction": self.model.parameterization, "precision": self.precision,
-                  **self.options_record()}
+                  **self.options_record([r.prompts[i], r.negative_prompts[i]])}
         if r.task == "img2img":
             params.update(task="img2img", strength=r.strength,
                           init_image_sha256=r.image_hash or image_sha256(r.image))

@@ -33,7 +33,12 @@ def _free_port():
 
 
 def _models(root):
-    """A models folder with the two built-in models, hard-linked (the scan skips links)."""
+    """A models folder with the two built-in models, hard-linked (the scan skips links), a
+    random LoRA for the built-in model in Lora/ and an embedding in embeddings/."""
+    import torch
+    from safetensors.torch import save_file
+    from test_toolbox import kohya_lora
+    from ldm.pipeline import load_model
     for name, src in (("shapes", BUILTIN_DIR), ("shapes-inpainting", BUILTIN_INPAINTING_DIR)):
         (root / name).mkdir(parents=True)
         for f in ("model.safetensors", "config.yaml"):
@@ -41,6 +46,12 @@ def _models(root):
                 os.link(src / f, root / name / f)
             except OSError:
                 (root / name / f).write_bytes((src / f).read_bytes())
+    (root / "Lora").mkdir()
+    model = load_model(BUILTIN_DIR / "model.safetensors", BUILTIN_DIR / "config.yaml")
+    save_file(kohya_lora(model, seed=3), root / "Lora" / "style.safetensors")
+    (root / "embeddings").mkdir()
+    save_file({"emb_params": torch.randn(2, 128, generator=torch.Generator().manual_seed(1))},
+              root / "embeddings" / "zqshape.safetensors")
     return root
 
 
@@ -179,9 +190,36 @@ def test_options_switch_the_model_and_lists(server, api):
     assert "shapes/model" in api.util_get_current_model()
     assert {s["name"] for s in api.get_samplers()} >= {"Euler a", "DPM++ 2M", "DDIM"}
     assert [s["name"] for s in api.get_schedulers()][:2] == ["automatic", "uniform"]
-    assert api.get_sd_vae() == [] and api.get_loras() == []
-    assert set(api.get_embeddings()) == {"loaded", "skipped"}
+    assert api.get_sd_vae() == [] and [x["name"] for x in api.get_loras()] == ["style"]
+    assert set(api.get_embeddings()["loaded"]) == {"zqshape"}
     assert requests.post(server.base + "/sdapi/v1/refresh-checkpoints").status_code == 200
+
+
+def test_prompt_lora_tags_and_the_embeddings_folder(server, api, tmp_path):
+    """<lora:style:0.8> merges the folder's LoRA for that request only, as --lora
+    FILE:0.8 does in the scripts (the same image); the embeddings folder's token works."""
+    args = dict(seed=2, width=64, height=64, steps=STEPS, sampler_name="Euler")
+    plain = api.txt2img(prompt="a red circle", **args)
+    styled = api.txt2img(prompt="a red circle <lora:style:0.8>", **args)
+    assert _pixels(plain.image).tobytes() != _pixels(styled.image).tobytes()
+    lora = styled.info["parameters"][0]["loras"][0]
+    assert lora["name"] == "style" and lora["weight"] == 0.8
+    assert 'Lora hashes: "style: ' in styled.info["infotexts"][0]
+    again = api.txt2img(prompt="a red circle", **args)     # unmerged after
+    assert _pixels(again.image).tobytes() == _pixels(plain.image).tobytes()
+    done = run_here("txt2img.py", "--prompt", "a red circle", "--ckpt",
+                    server.models / "shapes" / "model.safetensors", "--seed", 2,
+                    "--n_samples", 1, "--n_iter", 1, "--H", 64, "--W", 64, "--scale", 7,
+                    "--sampler", "Euler", "--ddim_steps", STEPS, "--prompt-syntax", "a1111",
+                    "--lora", f"{server.models / 'Lora' / 'style.safetensors'}:0.8",
+                    "--embedding", server.models / "embeddings" / "zqshape.safetensors",
+                    "--safety_checker", "none", "--outdir", tmp_path, "--skip_grid")
+    assert done.returncode == 0, done.stderr
+    cli = Image.open(tmp_path / "samples" / "00000.png")
+    assert _pixels(cli).tobytes() == _pixels(styled.image).tobytes()
+    token = api.txt2img(prompt="a zqshape circle", **args)
+    assert token.info["parameters"][0]["embeddings"][0]["token"] == "zqshape"
+    assert "TI hashes" in token.info["infotexts"][0]
 
 
 def test_png_info_reads_back_the_parameters(server, api):

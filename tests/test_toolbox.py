@@ -525,6 +525,9 @@ def test_an_embedding_encodes_as_diffusers_load_textual_inversion(tmp_path, tiny
     assert rel_err(got, want) < 1e-5
     assert model.cond_stage_model.token_embedding.weight.shape[0] == 49408 + 3
     assert ours.options_record()["embeddings"][0]["token"] == token
+    # an image's record names the embeddings its prompts use (A1111's "TI hashes")
+    assert ours.options_record([prompts[0].upper(), ""])["embeddings"][0]["token"] == token
+    assert "embeddings" not in ours.options_record([prompts[2], "blurry"])
 
 
 def test_an_embedding_that_cannot_be_added_is_refused_in_one_line(tmp_path):

@@ -148,6 +148,15 @@ def _added_pattern(tokens):
                          regex.IGNORECASE)
 
 
+def added_in(texts, tokens):
+    """The added ``tokens`` that occur in any of ``texts``, found as the tokenizer finds
+    them (case-insensitively, longest first)."""
+    if not tokens:
+        return set()
+    pattern = _added_pattern(tuple(sorted(tokens)))
+    return {_lookup(tokens, m) for text in texts for m in pattern.findall(text)}
+
+
 def _lookup(added, piece):
     if piece in added:
         return piece
