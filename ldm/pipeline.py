@@ -34,6 +34,7 @@ from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
 from ldm.image_io import (fit_image, fit_mask, image_sha256, paste_back, pil_to_tensor,
                           tensor_to_pil)
 from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
+                                           sampler_spacing,
                                            sampling_timesteps, strength_steps)
 from ldm.request import (SIZE_CONDITIONING, ModelInfo, Request, available_memory, check_field,
                          check_memory, check_size, check_work, working_size)
@@ -569,18 +570,23 @@ class Pipeline:
         its fields by keyword)."""
         return Request.build(task, self.info, prompts, seeds, **values)
 
-    def num_steps(self, steps, schedule="discrete"):
-        """How many denoising steps ``steps`` sampling steps run: ``steps`` on the Karras
-        and exponential schedules, the number of ``sampling_timesteps`` on the model's own
-        (which can differ above half the training timesteps)."""
+    def num_steps(self, steps, schedule="discrete", sampler=None):
+        """How many denoising steps ``steps`` sampling steps run: ``steps`` on the Karras,
+        exponential and SGM schedules, the number of ``sampling_timesteps`` on the model's
+        own (which can differ above half the training timesteps)."""
         if schedule not in (None, "discrete"):
             return steps
-        return len(sampling_timesteps(steps, self.model.num_timesteps,
-                                      self.defaults.get("timestep_spacing", "uniform")))
+        return len(sampling_timesteps(steps, self.model.num_timesteps, self.spacing(sampler)))
+
+    def spacing(self, sampler=None):
+        """The timestep spacing ``sampler`` runs on with this model: the sampler's own
+        (LCM, TCD), else the model's default."""
+        default = self.defaults.get("timestep_spacing", "uniform")
+        return sampler_spacing(sampler, default) if sampler else default
 
     def steps_run(self, request):
         """The denoising steps ``request`` runs (image-to-image: its share of them)."""
-        n = self.num_steps(request.steps, request.schedule)
+        n = self.num_steps(request.steps, request.schedule, request.sampler)
         return n if request.task == "txt2img" else strength_steps(n, request.strength)
 
     def initial_noise(self, seeds, height, width):
@@ -807,7 +813,7 @@ class Pipeline:
         noise, gens = self.initial_noise(r.seeds, height, width)
         b = r.batch_size
         spacing = self.defaults.get("timestep_spacing", "uniform")
-        n = self.num_steps(r.steps, r.schedule)
+        n = self.num_steps(r.steps, r.schedule, r.sampler)
         run = n if init is None else strength_steps(n, r.strength)
         start, known, extra = None, None, {}
         if init is not None:

@@ -283,6 +283,11 @@ def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None,
                          f"{n('scale')} or drop {n('negative_prompts')}")
     values["sampler"], values["schedule"], values["eta"] = resolve_sampling(
         model.default("sampler", task) if sampler is None else sampler, schedule, eta, n)
+    from ldm.samplers import SAMPLERS, sampler_label
+    if SAMPLERS[values["sampler"]].spacing == "lcm" and values["steps"] > 50:
+        raise UsageError(f"{n('steps')} {values['steps']}: {sampler_label(values['sampler'])} "
+                         "takes at most 50 steps (its distillation's schedule; 2 to 8 is "
+                         "what it is made for)")
     return values
 
 

@@ -11,11 +11,12 @@ import math
 from dataclasses import dataclass
 
 # the sigma samplers' noise schedules (``ldm.models.diffusion.sampling.sigma_schedule``)
-SCHEDULES = ("discrete", "karras", "exponential")
-SCHEDULE_LABELS = {"discrete": None, "karras": "Karras", "exponential": "Exponential"}
+SCHEDULES = ("discrete", "karras", "exponential", "sgm_uniform")
+SCHEDULE_LABELS = {"discrete": None, "karras": "Karras", "exponential": "Exponential",
+                   "sgm_uniform": "SGM Uniform"}
 # which of the training timesteps a schedule of n steps visits
 # (``ldm.modules.diffusionmodules.util.TIMESTEP_SPACINGS``)
-TIMESTEP_SPACINGS = ("uniform", "trailing")
+TIMESTEP_SPACINGS = ("uniform", "trailing", "lcm")
 DEFAULT_SAMPLER = "ddim"
 
 
@@ -24,14 +25,20 @@ class SamplerInfo:
     """A sampler: our id, A1111's name, whether it draws fresh noise (``eta`` then scales
     that noise; 1 is the method as published), and whether it runs on the model's discrete
     timesteps over a noise prediction (DDIM, PLMS, DDPM) or on noise levels sigma over a
-    denoiser (the k-diffusion family)."""
+    denoiser (the k-diffusion family). ``spacing``: the timesteps it always visits (the
+    consistency samplers' own schedule) whatever the model's default; ``eta``: (its default
+    eta, the largest it takes), None for the usual (DDIM 0, others 1, no bound)."""
     id: str
     label: str
     stochastic: bool = False
     timesteps: bool = False
+    spacing: str = None
+    eta: tuple = None
 
     @property
     def default_eta(self):
+        if self.eta is not None:
+            return self.eta[0]
         return 0.0 if self.id == "ddim" else 1.0 if self.stochastic else 0.0
 
 
@@ -50,6 +57,11 @@ SAMPLERS = {s.id: s for s in [
     SamplerInfo("dpmpp_2m_sde", "DPM++ 2M SDE", stochastic=True),
     SamplerInfo("lms", "LMS"),
     SamplerInfo("unipc", "UniPC"),
+    # consistency models' samplers: LCM re-injects fresh noise at every step but the last
+    # (always all of it: eta 1 only); TCD's eta is its gamma, the share of the step it
+    # re-noises (0: deterministic; 0.3 by default, as diffusers and the authors)
+    SamplerInfo("lcm", "LCM", stochastic=True, timesteps=True, spacing="lcm", eta=(1.0, 1.0)),
+    SamplerInfo("tcd", "TCD", stochastic=True, timesteps=True, spacing="lcm", eta=(0.3, 1.0)),
 ]}
 # other spellings people use: k-diffusion's function names, older A1111 ids
 _ALIASES = {"euler_ancestral": "euler_a", "dpm2": "dpm_2", "dpm_2_ancestral": "dpm_2_a",
@@ -110,4 +122,15 @@ def resolve_eta(sampler, eta=None):
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     if not info.stochastic and eta != 0:
         raise ValueError(f"{info.label} is deterministic: eta must be 0")
+    if info.eta is not None and eta > info.eta[1]:
+        raise ValueError(f"{info.label}'s eta must be at most {info.eta[1]:g}, got {eta:g}")
+    if info.id == "lcm" and eta != 1:
+        raise ValueError("LCM always re-injects all of its noise: eta must be 1 (TCD's "
+                         "eta chooses how much)")
     return eta
+
+
+def sampler_spacing(sampler, spacing="uniform"):
+    """The timestep spacing ``sampler`` runs on: its own (LCM, TCD), else ``spacing``
+    (the model's)."""
+    return SAMPLERS[sampler].spacing or spacing

@@ -222,6 +222,20 @@ def test_prompt_lora_tags_and_the_embeddings_folder(server, api, tmp_path):
     assert "TI hashes" in token.info["infotexts"][0]
 
 
+def test_override_settings_apply_to_one_request_only(server, api):
+    """override_settings change one request (clip skip here); asked to outlive it
+    (restore_afterwards false), they still do not, and the info says so."""
+    args = dict(prompt="a red circle", seed=5, width=64, height=64, steps=STEPS)
+    plain = api.txt2img(**args)
+    skip = api.txt2img(**args, override_settings={"CLIP_stop_at_last_layers": 2},
+                       override_settings_restore_afterwards=False)
+    assert skip.info["parameters"][0]["clip_skip"] == 2
+    assert _pixels(skip.image).tobytes() != _pixels(plain.image).tobytes()
+    assert any("override_settings_restore_afterwards" in n for n in skip.info["notes"])
+    assert api.get_options()["CLIP_stop_at_last_layers"] == 1
+    assert _pixels(api.txt2img(**args).image).tobytes() == _pixels(plain.image).tobytes()
+
+
 def test_png_info_reads_back_the_parameters(server, api):
     r = api.txt2img(prompt="a red circle", negative_prompt="blur", seed=8, width=64,
                     height=64, steps=STEPS)

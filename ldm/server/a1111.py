@@ -14,7 +14,8 @@ What A1111 fields do here:
   inpainting_fill 2/3, resize_mode 3 (latent upscale), more than one init image.
 - accepted and ignored with a note in ``info`` ("notes"): restore_faces, styles, the s_*
   sampler tunings, initial_noise_multiplier, image_cfg_scale and other fields that change
-  nothing here; unknown fields are ignored silently, as A1111 (pydantic) does.
+  nothing here; override_settings_restore_afterwards=false (overrides never outlive their
+  request here: POST /sdapi/v1/options keeps settings); unknown fields are ignored silently, as A1111 (pydantic) does.
 """
 import json
 import math
@@ -37,7 +38,8 @@ NAMES = {"steps": "steps", "scale": "cfg_scale", "eta": "eta", "strength": "deno
 # A1111's schedulers and ours
 SCHEDULERS = [  # (name, label, ours)
     ("automatic", "Automatic", None), ("uniform", "Uniform", "discrete"),
-    ("karras", "Karras", "karras"), ("exponential", "Exponential", "exponential")]
+    ("karras", "Karras", "karras"), ("exponential", "Exponential", "exponential"),
+    ("sgm_uniform", "SGM Uniform", "sgm_uniform")]
 # A1111 1.9+: the schedule a sampler uses when the scheduler is "automatic"
 AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2s_a": "karras",
              "dpmpp_2m_sde": "exponential", "dpm_2": "karras", "dpm_2_a": "karras"}
@@ -105,6 +107,10 @@ def read(body, service, task):
         raise WrongType("override_settings: give a JSON object")
     settings, more = service.settings_with(overrides, loras)
     notes += more
+    if overrides and not check_bool(body.get("override_settings_restore_afterwards", True),
+                                    "override_settings_restore_afterwards"):
+        notes.append("ignored: override_settings_restore_afterwards=false (override_settings "
+                     "apply to this request only; POST /sdapi/v1/options to keep them)")
     values = sampling_values(body, service)
     for key in ("width", "height"):
         if body.get(key) not in (None, 0):
@@ -184,7 +190,7 @@ def sampling_values(body, service):
         schedule = suffix if suffix != "discrete" else AUTOMATIC.get(sampler, "discrete")
     eta = body.get("eta")
     info = SAMPLERS[sampler]
-    if eta is None and info.stochastic:
+    if eta is None and info.stochastic and info.eta is None:   # TCD, LCM: their own
         eta = service.options["eta_ddim" if sampler == "ddim" else "eta_ancestral"]
     if not info.stochastic:
         eta = None

@@ -303,3 +303,74 @@ def test_sampler_name_errors():
         sampling.resolve_eta("dpmpp_2m", 0.5)
     assert sampling.sampler_label("dpmpp_2m", "karras") == "DPM++ 2M Karras"
     assert sampling.resolve_eta("euler_a") == 1.0 and sampling.resolve_eta("ddim") == 0.0
+
+
+def _consistency_run(unet, scheduler, x, ctx, uncond, noises, monkeypatch, steps, scale,
+                     **step_kwargs):
+    """diffusers' loop for LCM/TCD schedulers, as the pipelines run them (``step`` with
+    ``eta`` for TCD), every noise draw taken from ``noises``."""
+    module = __import__(type(scheduler).__module__, fromlist=["_"])
+    monkeypatch.setattr(module, "randn_tensor", Feed(noises))
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, ctx])).sample
+            o_u, o_c = out.chunk(2)
+            x = scheduler.step(o_u + scale * (o_c - o_u), t, x, **step_kwargs).prev_sample
+    return x, scheduler.timesteps
+
+
+@pytest.mark.parametrize("name,eta,steps", [
+    ("lcm", None, 4), ("lcm", None, 8), ("tcd", None, 4), ("tcd", 0.0, 4), ("tcd", 1.0, 6),
+    ("tcd", 0.7, 2)])
+def test_consistency_samplers_match_diffusers(tiny_model, unet, start, monkeypatch, name, eta,
+                                              steps):
+    """LCM and TCD against diffusers' LCMScheduler and TCDScheduler: their own timesteps
+    (picked from the 50-step distillation schedule), the same noise re-injected, whole
+    trajectories (guided, scale 1.5, as LCM-LoRA people use it)."""
+    x, ctx, uncond, noises = start
+    cls = {"lcm": diffusers.LCMScheduler, "tcd": diffusers.TCDScheduler}[name]
+    scheduler = cls(**{k: v for k, v in BASE.items() if k != "steps_offset"})
+    kwargs = {} if eta is None or name == "lcm" else {"eta": eta}
+    theirs, timesteps = _consistency_run(unet, scheduler, x, ctx, uncond, noises, monkeypatch,
+                                         steps, 1.5, **kwargs)
+    assert sampling.sampling_timesteps(steps, 1000, "lcm").tolist() == timesteps.tolist()[::-1]
+    with torch.no_grad():
+        ours = sampling.sample(tiny_model, name, x, steps, ctx, uncond, 1.5, eta=eta,
+                               noise=Feed(noises), disable=True)
+    assert torch.isfinite(ours).all() and ours.abs().max() > 0.1
+    assert rel_err(ours, theirs) < 1e-5
+
+
+def test_lcm_timesteps_are_the_papers():
+    assert sampling.sampling_timesteps(4, 1000, "lcm").tolist() == [259, 499, 759, 999]
+    assert sampling.sampling_timesteps(1, 1000, "lcm").tolist() == [999]
+    with pytest.raises(ValueError, match="1..50"):
+        sampling.sampling_timesteps(51, 1000, "lcm")
+
+
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_sgm_uniform_schedule_and_euler_on_it_match_diffusers(tiny_model, unet, start,
+                                                              monkeypatch, steps):
+    """"sgm_uniform": the sigmas at ``steps`` timesteps evenly spaced from 999 down to 0
+    (the last left out), interpolated in log sigma, then 0 (ComfyUI's definition,
+    computed here with numpy); Euler on it equals diffusers' EulerDiscreteScheduler given
+    those sigmas."""
+    import numpy as np
+    x, ctx, uncond, noises = start
+    euler = diffusers.EulerDiscreteScheduler(**BASE)
+    log_sigmas = np.log(((1 - euler.alphas_cumprod) / euler.alphas_cumprod).numpy() ** 0.5)
+    t = np.linspace(999, 0, steps + 1)[:-1]
+    want = np.append(np.exp(np.interp(t, np.arange(1000), log_sigmas)), 0.0)
+    denoiser = sampling.Denoiser(tiny_model, None)
+    ours = sampling.sigma_schedule(denoiser, "sgm_uniform", steps)
+    assert np.allclose(ours.numpy(), want, rtol=1e-5)
+    euler.set_timesteps(sigmas=want.tolist())   # diffusers takes the final 0 too
+    assert torch.allclose(euler.sigmas.double(), ours.to(torch.float32).double(), rtol=1e-5)
+    levels = (euler.sigmas, euler.timesteps)
+    theirs = diffusers_run(unet, euler, x, ctx, uncond, noises, monkeypatch, levels)
+    with torch.no_grad():
+        got = sampling.sample(tiny_model, "euler", x, steps, ctx, uncond, SCALE,
+                              schedule="sgm_uniform", disable=True)
+    assert rel_err(got, theirs) < 1e-5
+    assert sampling.resolve_sampler("Euler SGM Uniform") == ("euler", "sgm_uniform")

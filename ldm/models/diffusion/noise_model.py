@@ -71,7 +71,15 @@ class DiscreteSchedule:
         return float(self.sigmas[-1])
 
     def sigma(self, t):
-        return float(self.sigmas[int(t)])
+        """The noise level of timestep ``t``; between two training timesteps, linear in log
+        sigma (the inverse of ``t``; ComfyUI's ``ModelSamplingDiscrete.sigma``)."""
+        t = min(max(float(t), 0.0), len(self.sigmas) - 1.0)
+        low = int(math.floor(t))
+        if low == t:
+            return float(self.sigmas[low])
+        w = t - low
+        return math.exp((1 - w) * float(self.log_sigmas[low])
+                        + w * float(self.log_sigmas[low + 1]))
 
     def t(self, sigma):
         """The timestep of noise level ``sigma``: linear in log sigma between the two

@@ -28,7 +28,7 @@ import torch
 from ldm.models.diffusion import solvers
 from ldm.models.diffusion.noise_model import DiscreteSchedule
 from ldm.samplers import (SAMPLERS, SCHEDULES, resolve_eta, resolve_sampler,  # noqa: F401
-                          sampler_label)
+                          sampler_label, sampler_spacing)
 from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
 from ldm.progress import progress
 
@@ -137,9 +137,19 @@ def sigma_schedule(denoiser, schedule, steps, spacing="uniform"):
         levels = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max)
     elif schedule == "exponential":
         levels = exponential_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max)
+    elif schedule == "sgm_uniform":
+        levels = torch.tensor([denoiser.sigma(t) for t in sgm_uniform_timesteps(
+            steps, len(denoiser.sigmas))], dtype=torch.float64)
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
     return torch.cat([levels, levels.new_zeros(1)])
+
+
+def sgm_uniform_timesteps(steps, num_timesteps=1000):
+    """The (fractional) timesteps of Stability's "sgm_uniform" schedule (ComfyUI's
+    ``sgm_uniform``, the few-step distillates' choice): ``steps`` evenly spaced from the
+    last training timestep down to 0, that last point left out."""
+    return torch.linspace(num_timesteps - 1, 0, steps + 1, dtype=torch.float64)[:-1].tolist()
 
 
 def ddim_schedule(alphas_cumprod, timesteps, eta=0.0, final_alpha=None):
@@ -228,6 +238,72 @@ def sample_plms(eps, x, timesteps, alphas_cumprod, callback=None, disable=False,
     return x
 
 
+def consistency_scalings(t, timestep_scaling=10.0, sigma_data=0.5):
+    """(c_skip, c_out) of a latent consistency model's boundary condition at timestep t
+    (Luo et al. 2023, eq. 4, with diffusers' ``timestep_scaling``): nearly (0, 1) at every
+    timestep sampling visits, exactly (1, 0) at t = 0."""
+    s = t * timestep_scaling
+    return sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s / (s ** 2 + sigma_data ** 2) ** 0.5
+
+
+def sample_lcm(eps, x, timesteps, alphas_cumprod, noise=None, callback=None, disable=False,
+               blend=None):
+    """Latent consistency models' multistep sampling (Luo et al. 2023, alg. 1; diffusers'
+    ``LCMScheduler``): at each timestep the model's clean-image estimate (through the
+    boundary condition, ``consistency_scalings``) is noised afresh to the next timestep;
+    the last step ends on the estimate."""
+    if noise is None:
+        raise ValueError("LCM needs a noise source")
+    a = alphas_cumprod.cpu().double()
+    with progress(len(timesteps), "LCM", disable=disable) as bar:
+        for n, i in enumerate(reversed(range(len(timesteps)))):
+            t = int(timesteps[i])
+            a_t = float(a[t])
+            x0 = (x - (1 - a_t) ** 0.5 * eps(x, t)) / a_t ** 0.5
+            c_skip, c_out = consistency_scalings(t)
+            denoised = c_out * x0 + c_skip * x
+            if i > 0:
+                a_next = float(a[int(timesteps[i - 1])])
+                x = a_next ** 0.5 * denoised + (1 - a_next) ** 0.5 * noise(x.shape)
+            else:
+                x = denoised
+            if blend:
+                x = blend(x, timesteps[i - 1] if i > 0 else None)
+            bar.update()
+            if callback:
+                callback(n, x, denoised)
+    return x
+
+
+def sample_tcd(eps, x, timesteps, alphas_cumprod, eta=0.3, noise=None, callback=None,
+               disable=False, blend=None):
+    """Trajectory consistency distillation's sampler (Zheng et al. 2024, alg. 4; diffusers'
+    ``TCDScheduler``): from timestep t the estimate goes back along the trajectory to
+    s = floor((1 - gamma) t_next), and is noised forward from s to t_next. ``eta`` is
+    gamma: 0 is deterministic (DDIM-like jumps), 1 is LCM's full re-noising. The last step
+    ends at timestep 0's level, not on the clean estimate, as diffusers does."""
+    if eta > 0 and noise is None:
+        raise ValueError("TCD with eta > 0 needs a noise source")
+    a = alphas_cumprod.cpu().double()
+    with progress(len(timesteps), "TCD", disable=disable) as bar:
+        for n, i in enumerate(reversed(range(len(timesteps)))):
+            t = int(timesteps[i])
+            t_next = int(timesteps[i - 1]) if i > 0 else 0
+            s = int(math.floor((1 - eta) * t_next))
+            a_t, a_next, a_s = float(a[t]), float(a[t_next]), float(a[s])
+            e = eps(x, t)
+            x0 = (x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5
+            x = a_s ** 0.5 * x0 + (1 - a_s) ** 0.5 * e
+            if eta > 0 and i > 0:
+                x = (a_next / a_s) ** 0.5 * x + (1 - a_next / a_s) ** 0.5 * noise(x.shape)
+            if blend:
+                x = blend(x, timesteps[i - 1] if i > 0 else None)
+            bar.update()
+            if callback:
+                callback(n, x, x0)
+    return x
+
+
 def sampling_timesteps(steps, num_timesteps=1000, spacing="uniform"):
     """The discrete timesteps ``steps`` sampling steps visit (ascending). "uniform" with
     ``steps`` above half of ``num_timesteps`` visits every timestep but the first (CompVis'
@@ -282,7 +358,7 @@ STEPS = {"ddim": sample_ddim, "plms": sample_plms, "ddpm": sample_ddpm,
          "dpm_2": solvers.dpm2, "dpm_2_a": solvers.dpm2_ancestral,
          "dpmpp_2s_a": solvers.dpmpp_2s_ancestral, "dpmpp_2m": solvers.dpmpp_2m,
          "dpmpp_sde": solvers.dpmpp_sde, "dpmpp_2m_sde": solvers.dpmpp_2m_sde,
-         "lms": solvers.lms, "unipc": solvers.unipc}
+         "lms": solvers.lms, "unipc": solvers.unipc, "lcm": sample_lcm, "tcd": sample_tcd}
 assert set(STEPS) == set(SAMPLERS), "every named sampler has its step function"
 
 
@@ -344,7 +420,8 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
 
 def _sample_timesteps(model, info, x, steps, cond, uncond, scale, rescale, eta, noise,
                       callback, disable, spacing, run_steps, blend, concat, init, mask, known):
-    timesteps = sampling_timesteps(steps, model.num_timesteps, spacing)
+    timesteps = sampling_timesteps(steps, model.num_timesteps,
+                                   sampler_spacing(info.id, spacing))
     if run_steps is not None:
         timesteps = timesteps[:run_steps]
     if len(timesteps) == 0:
@@ -358,7 +435,7 @@ def _sample_timesteps(model, info, x, steps, cond, uncond, scale, rescale, eta, 
             raise ValueError("give either blend or mask and known")
         blend = latent_blend(mask, known, x, model.alphas_cumprod)
     eps = guided_eps(model, cond, uncond, scale, rescale)
-    kwargs = {"eta": eta, "noise": noise} if info.id == "ddim" else (
-        {"noise": noise} if info.id == "ddpm" else {})
+    kwargs = ({"eta": eta, "noise": noise} if info.id in ("ddim", "tcd") else
+              {"noise": noise} if info.id in ("ddpm", "lcm") else {})
     return STEPS[info.id](eps, start, timesteps, model.alphas_cumprod, callback=callback,
                    disable=disable, blend=blend, **kwargs)

@@ -201,4 +201,20 @@ def trailing_timesteps(num_steps, num_train_timesteps=1000):
     return steps.astype(np.int64)[::-1].copy()
 
 
-TIMESTEP_SPACINGS = {"uniform": uniform_timesteps, "trailing": trailing_timesteps}
+def lcm_timesteps(num_steps, num_train_timesteps=1000, original_steps=50):
+    """Latent consistency models' discretisation (Luo et al. 2023; diffusers'
+    ``LCMScheduler`` and ``TCDScheduler``): the distillation's schedule of
+    ``original_steps`` timesteps (k, 2k, ... T with k = T // original_steps, minus one) read
+    from the top at evenly spaced indices, so 4 steps visit 999, 759, 499, 259."""
+    if not 0 < num_steps <= original_steps:
+        raise ValueError(f"sampling steps must be in 1..{original_steps} for a consistency "
+                         f"model's schedule, got {num_steps}")
+    k = num_train_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    picked = origin[np.floor(np.linspace(0, original_steps, num_steps, endpoint=False))
+                    .astype(np.int64)]
+    return picked[::-1].astype(np.int64).copy()
+
+
+TIMESTEP_SPACINGS = {"uniform": uniform_timesteps, "trailing": trailing_timesteps,
+                     "lcm": lcm_timesteps}
