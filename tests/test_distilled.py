@@ -35,7 +35,24 @@ def test_distillates_are_told_by_their_file_names(name, defaults):
     sampler, steps, scale = defaults
     assert found.defaults == {"sampler": sampler, "steps": steps, "scale": scale,
                               "timestep_spacing": "trailing"} and found.refusal is None
-    assert found.file == name and f"{steps} steps" in found.phrase
+    assert found.file == name and f"{steps} step{'s' if steps > 1 else ''}," in found.phrase
+
+
+@pytest.mark.parametrize("name,sampler", [
+    ("lcm-lora-sdv1-5.safetensors", "lcm"), ("lcm_lora_sdxl.safetensors", "lcm"),
+    ("LCM_LoRA_Weights_SD15.safetensors", "lcm"), ("LCM_Dreamshaper_v7.safetensors", "lcm"),
+    ("TCD-SD15-LoRA.safetensors", "tcd"), ("tcd_sdxl_lora.safetensors", "tcd"),
+    ("alcmist.safetensors", None), ("pytorch_lora_weights.safetensors", None),
+    ("Hyper-SD15-4steps-lora.safetensors", "ddim")])
+def test_consistency_distillates_are_told_by_their_file_names(name, sampler):
+    found = of_name(name)
+    if sampler is None:
+        assert found is None
+        return
+    assert found.defaults["sampler"] == sampler and found.defaults["steps"] == 4
+    assert found.defaults["scale"] == 1.0 and found.refusal is None
+    if sampler != "ddim":
+        assert "timestep_spacing" not in found.defaults and "own timesteps" in found.phrase
 
 
 @pytest.mark.parametrize("name", ["sdxl_lightning_1step_unet_x0.safetensors",
@@ -107,6 +124,59 @@ def test_a_distillate_lora_brings_its_sampling_as_the_authors_diffusers_recipe(
     assert ours.request("txt2img", PROMPTS[:1], SEEDS[:1], steps=3).steps == 3
     ours.set_loras([])
     assert ours.defaults == {} and ours.request("txt2img", PROMPTS[:1], SEEDS[:1]).steps == 50
+
+
+def _seeded_after_start(seeds, shape):
+    """Generators seeded as ours are, having drawn the start noise (ours draws the start
+    then each step's fresh noise from one generator per image): diffusers given these
+    draws the same step noise."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    for g in gens:
+        torch.randn(shape, generator=g)
+    return gens
+
+
+@pytest.mark.parametrize("name,scheduler,steps", [
+    ("lcm-lora-sdv1-5.safetensors", "LCMScheduler", 4),
+    ("TCD-SD15-LoRA.safetensors", "TCDScheduler", 4)])
+def test_lcm_and_tcd_loras_by_lora_equal_diffusers_load_lora_weights_and_their_scheduler(
+        tmp_path, caplog, tiny_config, name, scheduler, steps):
+    """An SD 1.5 LCM-LoRA (or TCD LoRA), UNet only as published, given by ``--lora``'s
+    path (``set_loras``): the run takes the LCM (TCD) sampler, 4 steps and no guidance,
+    says so in one line, and its latents equal diffusers' pipeline with
+    ``load_lora_weights`` + ``fuse_lora`` and ``LCMScheduler`` (``TCDScheduler``, eta 0.3)
+    at guidance 1, the same noise re-injected at every step."""
+    from safetensors.torch import save_file
+    from conftest import build_tiny
+    from test_toolbox import diffusers_twin, kohya_lora
+    from ldm.pipeline import Pipeline
+    model = build_tiny(5).requires_grad_(False)
+    theirs = diffusers_twin(model, tiny_config, tmp_path / "tok")
+    theirs.scheduler = getattr(diffusers, scheduler).from_config(theirs.scheduler.config)
+    path = tmp_path / name
+    save_file(kohya_lora(model, te=False, seed=4), path)
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        ours.set_loras([(path, 1.0)])
+    assert any(name in r.message and "4 steps, no guidance" in r.message
+               for r in caplog.records)
+    request = ours.request("txt2img", PROMPTS[:1], SEEDS[:1], height=32, width=32)
+    assert (request.sampler, request.steps, request.scale) == (scheduler[:3].lower(), 4, 1.0)
+    z_ours = ours.latents(PROMPTS, SEEDS, height=32, width=32, progress=False)
+    theirs.load_lora_weights(str(path))
+    theirs.fuse_lora(lora_scale=1.0)
+    x, _ = ours.initial_noise(SEEDS, 32, 32)
+    extra = {"eta": 0.3} if scheduler == "TCDScheduler" else {}
+    z_theirs = theirs(PROMPTS, num_inference_steps=steps, guidance_scale=1.0, height=32,
+                      width=32, latents=x.clone(), output_type="latent",
+                      generator=_seeded_after_start(SEEDS, x.shape[1:]), **extra).images
+    assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-4
+    # without the LoRA's noise re-injection the result differs: the noise was checked too
+    z_other = theirs(PROMPTS, num_inference_steps=steps, guidance_scale=1.0, height=32,
+                     width=32, latents=x.clone(), output_type="latent",
+                     generator=[torch.Generator().manual_seed(99) for _ in SEEDS],
+                     **extra).images
+    assert rel_err(z_other, z_theirs) > 1e-2
 
 
 def save_checkpoint(model, path):

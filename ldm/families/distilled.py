@@ -14,6 +14,15 @@ run's defaults; flags given explicitly still win.
   no guidance; the "CFG" LoRAs (8 and 12 steps) keep guidance, 5.0 (the authors' range is
   5-8). The 1-step UNet was made for TCD at timestep 800, not run here yet: refused.
 
+- LCM-LoRA (Luo et al. 2023, "lcm-lora-sdv1-5", "lcm-lora-sdxl", "LCM_LoRA_Weights_SD15"...)
+  and LCM-distilled checkpoints named so: the LCM sampler on its own timesteps (from the
+  50-step distillation schedule), 4 steps, no guidance (the authors' diffusers recipe:
+  ``LCMScheduler``, 4 steps, guidance 1; LCM-LoRA takes 1-2).
+- TCD LoRAs (Zheng et al. 2024, "TCD-SD15-LoRA", "TCD-SDXL-LoRA"): the TCD sampler on the
+  same timesteps, 4 steps, no guidance, gamma (eta) 0.3 (the authors' recipe).
+An LCM checkpoint with a guidance embedding is told by its keys, not its name
+(``families.sd1``: ``time_embedding.cond_proj``).
+
 SDXL-Turbo and SD-Turbo are variants with their own configs (``sdxl.py``, ``sd2.py``).
 Nothing here imports torch or any other ``ldm`` module.
 """
@@ -22,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LIGHTNING = re.compile(r"lightning\D{0,3}?(\d+)[-_ ]?steps?")
+CONSISTENCY = re.compile(r"(?<![a-z])(lcm|tcd)(?![a-z])")
 HYPER = re.compile(r"hyper[-_ ]?sd(?:xl|15|1\.5)?\D{0,3}?(\d+)[-_ ]?steps?")
-SAMPLER_LABELS = {"euler": "Euler", "ddim": "DDIM"}
+SAMPLER_LABELS = {"euler": "Euler", "ddim": "DDIM", "lcm": "LCM", "tcd": "TCD"}
 
 
 @dataclass(frozen=True)
@@ -40,8 +50,11 @@ class Distillate:
         """One line for the log: what the file is and the sampling it brings."""
         d = self.defaults
         guidance = "no guidance" if d["scale"] == 1 else f"guidance {d['scale']:g}"
-        return (f"{self.file} is {self.label}: {SAMPLER_LABELS[d['sampler']]} on trailing "
-                f"timesteps, {d['steps']} steps, {guidance} (sampling flags given still win)")
+        where = (" on trailing timesteps" if d.get("timestep_spacing") == "trailing" else
+                 " on its own timesteps")
+        steps = f"{d['steps']} step" + ("s" if d["steps"] != 1 else "")
+        return (f"{self.file} is {self.label}: {SAMPLER_LABELS[d['sampler']]}{where}, "
+                f"{steps}, {guidance} (sampling flags given still win)")
 
 
 def _few_step(sampler, steps, scale):
@@ -62,6 +75,12 @@ def of_name(path):
                 f"{name} is {label}, which predicts the clean image (x0): not run here "
                 "yet; use SDXL-Lightning's 2-, 4- or 8-step model or LoRA"))
         return Distillate(label, name, _few_step("euler", steps, 1.0))
+    found = CONSISTENCY.search(low)
+    if found and not HYPER.search(low):
+        kind = found.group(1)
+        what = "LoRA" if "lora" in low else "model"
+        label = f"{kind.upper()}-distilled {what}" if what == "model" else f"{kind.upper()}-LoRA"
+        return Distillate(label, name, {"sampler": kind, "steps": 4, "scale": 1.0})
     found = HYPER.search(low)
     if found:
         steps = int(found.group(1))
