@@ -32,8 +32,15 @@ def to_diffusers(model, config, drop_pos_emb=False):
         ucfg["attention_head_dim"] = [unet_params["model_channels"] * m
                                       // unet_params["num_head_channels"]
                                       for m in unet_params["channel_mult"]]
+    unet_sd = su.convert_ldm_unet_checkpoint(sd, ucfg)
+    cond_proj = "model.diffusion_model.time_embedding.cond_proj.weight"
+    if cond_proj in sd:
+        # an LCM's guidance embedding: diffusers' converter of the single-file layout does
+        # not read it, its converter to that layout leaves the key as it is: so do we
+        ucfg["time_cond_proj_dim"] = sd[cond_proj].shape[1]
+        unet_sd["time_embedding.cond_proj.weight"] = sd[cond_proj]
     unet = diffusers.UNet2DConditionModel(**ucfg)
-    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True)
+    unet.load_state_dict(unet_sd, strict=True)
     vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
     vcfg["scaling_factor"] = float(model.scale_factor)
     ddconfig = original["model"]["params"]["first_stage_config"]["params"]["ddconfig"]

@@ -142,6 +142,7 @@ class Geometry:
     model_channels: int = None  # the UNet's base width
     decoder_channels: int = None  # the autoencoder decoder's width at full resolution
     refiner: bool = False       # SDXL's refiner (conditioned on an aesthetic score)
+    guidance_embedded: bool = False  # a consistency model taking its guidance as an embedding
 
     @property
     def is_inpainting(self):
@@ -190,6 +191,7 @@ def geometry(config):
         g.decoder_channels = dd.get("ch", 128) * dd["ch_mult"][0]
     g.unet_in_channels = unet.get("in_channels")
     g.model_channels = unet.get("model_channels")
+    g.guidance_embedded = bool(unet.get("time_cond_proj_dim"))
     embedders = ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models")
     g.refiner = any(hasattr(e, "get") and e.get("input_key") == "aesthetic_score"
                     for e in embedders or ())
@@ -238,7 +240,15 @@ class ModelChoice:
         UNet's file name tells (``ldm.families.distilled``)."""
         family = dict(self.family.defaults) if self.family is not None else {}
         return {**family, **sampling_defaults(self.config, self.config_path),
-                **distillate_defaults([self.ckpt, self.unet])}
+                **self.named_defaults()}
+
+    def named_defaults(self, log_it=False):
+        """The sampling defaults the checkpoint's or the UNet's file name tells (a few-step
+        distillate), unless the model is a consistency model with a guidance embedding,
+        whose config says them (a name saying LCM then tells nothing more)."""
+        if self.geometry.guidance_embedded:
+            return {}
+        return distillate_defaults([self.ckpt, self.unet], log_it)
 
     @property
     def defaults(self):

@@ -53,6 +53,8 @@ def _unet_blocks(unet):
               *([("label_emb.0.0", "add_embedding.linear_1", {}),     # SDXL's vector
                  ("label_emb.0.2", "add_embedding.linear_2", {})]
                 if getattr(unet, "adm_in_channels", None) else []),
+              *([("time_embedding.cond_proj", "time_embedding.cond_proj", {})]  # LCM's
+                if getattr(unet, "time_cond_proj_dim", None) else []),
               ("input_blocks.0.0", "conv_in", {}), ("out.0", "conv_norm_out", {}),
               ("out.2", "conv_out", {})]
 

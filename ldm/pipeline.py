@@ -279,7 +279,7 @@ class Pipeline:
         choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
         if unet is not None:
             choice = replace(choice, unet=Path(unet))
-        distillate_defaults([choice.ckpt, choice.unet], log_it=True)  # refused before the load
+        choice.named_defaults(log_it=True)  # said, or refused, before the load
         model = load_model(choice.ckpt, choice.config, "cpu", compute_dtype(device, precision))
         unet_record = load_unet(model, choice.unet) if choice.unet is not None else None
         choice = settle_prediction(choice, model)   # the UNet that runs tells
@@ -552,7 +552,7 @@ class Pipeline:
         """What requests are checked against and completed from (``ldm.request.ModelInfo``):
         the factor, native size, timesteps and the config's sampling defaults."""
         return ModelInfo(self.factor, self.native_size, self.model.num_timesteps,
-                         self.defaults, self.is_inpainting_model)
+                         self.defaults, self.is_inpainting_model, self.model.guidance_embedded)
 
     @property
     def is_refiner(self):
@@ -859,7 +859,8 @@ class Pipeline:
 
     def conditioning(self, request, extra=None, height=None, width=None):
         """(cond, uncond): the conditioning dicts of the request's prompts and negative
-        prompts (``LatentDiffusion.conditioning``; uncond None without guidance) for an
+        prompts (``LatentDiffusion.conditioning``; uncond None without guidance, or with
+        it given to the UNet as an embedding, ``guidance_condition``) for an
         image of ``height`` x ``width`` (SDXL's size conditioning, ``size_values``), the
         two text encodings at one length (long A1111 prompts), and the task's ``extra``
         keys (an inpainting model's ``concat``) in both."""
@@ -872,7 +873,9 @@ class Pipeline:
             cond = self.model.conditioning(
                 prompts, self.model.size_values(**sizes, aesthetic=r.aesthetic_score))
             uncond = None
-            if r.scale != 1.0:
+            if self.model.guidance_embedded:   # a consistency model: guidance in the UNet
+                cond.update(self.model.guidance_condition(r.scale, len(prompts)))
+            elif r.scale != 1.0:
                 uncond = self.model.conditioning(
                     negatives, self.model.size_values(
                         **sizes, aesthetic=r.negative_aesthetic_score, negative=True),

@@ -128,13 +128,14 @@ class ModelInfo:
     timesteps: int = 1000
     defaults: dict = field(default_factory=dict)
     inpainting: bool = False  # a dedicated inpainting model (9-channel UNet)
+    guidance_embedded: bool = False  # guidance as a UNet input, not by a negative pass
 
     @classmethod
     def of_choice(cls, choice):
         """From a ``ldm.config.ModelChoice`` (the config alone, no weights)."""
         g = choice.geometry
         return cls(g.factor or 8, g.native_size or 512, g.timesteps, choice.defaults,
-                   g.is_inpainting)
+                   g.is_inpainting, g.guidance_embedded)
 
     def default(self, name, task="txt2img"):
         """The one place for sampling defaults: the model config's own (``sampling:``),
@@ -276,6 +277,11 @@ def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None,
     if values["steps"] > model.timesteps:
         raise UsageError(f"{n('steps')} {values['steps']} is more than the model's "
                          f"{model.timesteps} timesteps")
+    if model.guidance_embedded and negative:
+        what = n("negative_prompts") if names else "a negative prompt"
+        raise UsageError(f"{what} has no effect on this consistency model: it takes "
+                         f"{n('scale')} as an embedding, with no unconditional pass; drop "
+                         f"{n('negative_prompts')}")
     if values["scale"] == 1.0 and negative:
         what, at = ((n("negative_prompts"), n("scale")) if names else
                     ("a negative prompt", "guidance scale"))

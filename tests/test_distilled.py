@@ -179,6 +179,67 @@ def test_lcm_and_tcd_loras_by_lora_equal_diffusers_load_lora_weights_and_their_s
     assert rel_err(z_other, z_theirs) > 1e-2
 
 
+@pytest.fixture(scope="module")
+def tiny_lcm(tmp_path_factory):
+    """A tiny SD-1-shaped latent consistency model with a 16-wide guidance embedding,
+    random weights, saved in the single-file layout with the LCM config's defaults."""
+    from conftest import TINY_CONFIG
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.unet_config.params.time_cond_proj_dim = 16
+    config.sampling = OmegaConf.load(
+        ROOT / "configs" / "stable-diffusion" / "v1-lcm-inference.yaml").sampling
+    model = randomize(instantiate_from_config(config.model), 12).eval()
+    with torch.no_grad():   # a guidance embedding that weighs as much as the timestep's
+        model.model.diffusion_model.time_embedding.cond_proj.weight.mul_(30)
+    folder = tmp_path_factory.mktemp("lcm")
+    OmegaConf.save(config, folder / "tiny-lcm.yaml")
+    return model, config, save_checkpoint(model, folder / "tiny-lcm.safetensors")
+
+
+def test_an_lcm_checkpoint_equals_diffusers_latent_consistency_pipeline(tmp_path, tiny_lcm):
+    """An LCM with a guidance embedding, loaded from its file: the defaults are the
+    pipeline's (LCM, 4 steps, guidance 8.5 as an embedding, no unconditional pass), and
+    the latents equal diffusers' LatentConsistencyModelPipeline on the same weights and
+    noise; another scale changes the image (the embedding is used); a negative prompt
+    is refused in one line."""
+    from ldm.compare import diffusers_components
+    from ldm.errors import UsageError
+    from ldm.pipeline import Pipeline
+    model, config, path = tiny_lcm
+    ours = Pipeline.load(path, path.with_suffix(".yaml"), device="cpu", precision="full",
+                         safety=False, watermark=False)
+    request = ours.request("txt2img", PROMPTS[:1], SEEDS[:1], height=32, width=32)
+    assert (request.sampler, request.steps, request.scale) == ("lcm", 4, 8.5)
+    calls = []
+    unet = ours.model.model.diffusion_model
+    hook = unet.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    z_ours = ours.latents(PROMPTS, SEEDS, height=32, width=32, progress=False)
+    hook.remove()
+    assert calls == [2] * 4      # one pass per step for both images: no unconditional half
+    parts = diffusers_components(model, config, tmp_path / "tok")
+    parts["scheduler"] = diffusers.LCMScheduler.from_config(parts["scheduler"].config)
+    parts.pop("requires_safety_checker")
+    theirs = diffusers.LatentConsistencyModelPipeline(**parts, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    x, _ = ours.initial_noise(SEEDS, 32, 32)
+    z_theirs = theirs(PROMPTS, num_inference_steps=4, guidance_scale=8.5, height=32,
+                      width=32, latents=x.clone(), output_type="latent",
+                      generator=_seeded_after_start(SEEDS, x.shape[1:])).images
+    match = rel_err(z_ours, z_theirs)
+    assert z_ours.abs().max() > 0.1 and match < 1e-5
+    z_low = ours.latents(PROMPTS, SEEDS, height=32, width=32, scale=2.0, progress=False)
+    assert rel_err(z_low, z_ours) > 20 * match
+    with pytest.raises(UsageError, match="negative prompt has no effect on this consistency"):
+        ours.request("txt2img", PROMPTS[:1], SEEDS[:1], negative_prompts="blurry")
+    # the same model as the diffusers folder diffusers saves: the same latents
+    theirs.save_pretrained(tmp_path / "folder")
+    folder = Pipeline.load(tmp_path / "folder", path.with_suffix(".yaml"), device="cpu",
+                           precision="full", safety=False, watermark=False)
+    assert torch.equal(folder.latents(PROMPTS, SEEDS, height=32, width=32, progress=False),
+                       z_ours)
+
+
 def save_checkpoint(model, path):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)

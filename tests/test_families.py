@@ -38,6 +38,24 @@ def test_sd1_and_its_inpainting_variant_are_found_from_their_shapes():
     assert detect(older).variant == "txt2img"
 
 
+def test_an_lcm_with_a_guidance_embedding_is_found_from_its_keys():
+    """LCM_Dreamshaper_v7 and its like: SD 1's keys plus ``time_embedding.cond_proj``
+    (what diffusers' converter to the single-file layout writes), as a file and as a
+    diffusers folder (``time_cond_proj_dim``); its config builds exactly those keys."""
+    lcm = ROOT / "configs" / "stable-diffusion" / "v1-lcm-inference.yaml"
+    shapes = meta_shapes(lcm)
+    assert shapes["model.diffusion_model.time_embedding.cond_proj.weight"] == (320, 256)
+    assert set(shapes) - set(meta_shapes(V1_CONFIG)) == {
+        "model.diffusion_model.time_embedding.cond_proj.weight"}
+    found = detect(shapes)
+    assert (found.family.name, found.variant, found.config) == ("sd1", "lcm", lcm)
+    assert "LCM checkpoint" in found.phrase
+    folder = detect_folder({"_class_name": "LatentConsistencyModelPipeline"},
+                           {"cross_attention_dim": 768, "time_cond_proj_dim": 256},
+                           {"_class_name": "LCMScheduler"})
+    assert folder.variant == "lcm"
+
+
 def test_a_model_of_other_widths_is_no_family_and_says_its_base_channels():
     shapes = meta_shapes(TINY_CONFIG)
     assert detect(shapes) is None

@@ -57,7 +57,7 @@ class Detected:
     @property
     def phrase(self):
         """What it is, for a message: "an SD 1.x inpainting checkpoint (config ...)"."""
-        kind = {"txt2img": "", "v": "v-prediction ", "turbo": "Turbo ",
+        kind = {"txt2img": "", "v": "v-prediction ", "turbo": "Turbo ", "lcm": "LCM ",
                 "zero-snr": "zero-terminal-SNR "}.get(self.variant, f"{self.variant} ")
         return (f"a {self.family.label} {kind}checkpoint, whose config is "
                 f"{self.config.relative_to(CONFIGS.parent)} (chosen by itself when --config "

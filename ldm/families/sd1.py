@@ -1,7 +1,8 @@
 """Stable Diffusion 1.x (CompVis, RunwayML): one CLIP ViT-L/14 text encoder (768-wide,
 its last layer), a 320-wide UNet predicting the noise, the f8 KL autoencoder (scale
-0.18215). Variants: text-to-image (4 input channels) and inpainting (9: latents, mask,
-masked-image latents). Configs are CompVis'."""
+0.18215). Variants: text-to-image (4 input channels), inpainting (9: latents, mask,
+masked-image latents), and a latent consistency model with a guidance embedding (LCM:
+``time_embedding.cond_proj``, diffusers' ``time_cond_proj_dim``). Configs are CompVis'."""
 from ldm.families.base import Family
 
 UNET = "model.diffusion_model."
@@ -11,6 +12,7 @@ CROSS = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"  # [320
 TOKENS = ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
           "cond_stage_model.transformer.embeddings.token_embedding.weight")
 VARIANTS = {4: "txt2img", 9: "inpainting"}
+COND_PROJ = UNET + "time_embedding.cond_proj.weight"                   # [320, 256]: LCM
 
 
 def match(shapes):
@@ -23,6 +25,8 @@ def match(shapes):
         return None
     if any(k.startswith((UNET + "label_emb.", "conditioner.")) for k in shapes):
         return None
+    if COND_PROJ in shapes:
+        return "lcm" if conv_in[1] == 4 else None
     return VARIANTS.get(conv_in[1])
 
 
@@ -35,13 +39,16 @@ def match_folder(index, unet, scheduler):
         return None
     if scheduler.get("prediction_type", "epsilon") != "epsilon":
         return None
+    if unet.get("time_cond_proj_dim"):
+        return "lcm" if unet.get("in_channels", 4) == 4 else None
     return VARIANTS.get(unet.get("in_channels", 4))
 
 
 FAMILY = Family(
     name="sd1", label="Stable Diffusion 1.x",
     configs={"txt2img": "stable-diffusion/v1-inference.yaml",
-             "inpainting": "stable-diffusion/v1-inpainting-inference.yaml"},
+             "inpainting": "stable-diffusion/v1-inpainting-inference.yaml",
+             "lcm": "stable-diffusion/v1-lcm-inference.yaml"},
     match=match, match_folder=match_folder,
     # CompVis' scripts' defaults are SD 1.x's: DDIM 50, guidance 7.5 (img2img.py: 5.0)
     defaults={},

@@ -30,8 +30,9 @@ class DiffusionWrapper(nn.Module):
     gives it a conditioning dict, as sgm's ``OpenAIWrapper``: ``crossattn`` (the text
     encoder's states, attended to), ``concat`` (channels put beside the latents: an
     inpainting model's mask and masked-image latents) and ``vector`` (SDXL's pooled text
-    embedding and size conditioning, the UNet's ADM input ``y``). ``conditioning_key`` is CompVis': "crossattn", or "hybrid" for
-    crossattn + concat."""
+    embedding and size conditioning, the UNet's ADM input ``y``) and ``guidance`` (a
+    consistency model's guidance-scale embedding). ``conditioning_key`` is CompVis':
+    "crossattn", or "hybrid" for crossattn + concat."""
 
     def __init__(self, diff_model_config, conditioning_key):
         super().__init__()
@@ -44,9 +45,12 @@ class DiffusionWrapper(nn.Module):
     def forward(self, x, t, cond):
         if "concat" in cond:
             x = torch.cat([x, cond["concat"]], dim=1)
+        extra = {}
         if "vector" in cond:
-            return self.diffusion_model(x, t, context=cond.get("crossattn"), y=cond["vector"])
-        return self.diffusion_model(x, t, context=cond.get("crossattn"))
+            extra["y"] = cond["vector"]
+        if "guidance" in cond:
+            extra["guidance"] = cond["guidance"]
+        return self.diffusion_model(x, t, context=cond.get("crossattn"), **extra)
 
 
 class LatentDiffusion(nn.Module):
@@ -137,6 +141,19 @@ class LatentDiffusion(nn.Module):
 
     def decode_first_stage(self, z, tile=None):
         return self.first_stage_model.decode(z / self.scale_factor, tile)
+
+    @property
+    def guidance_embedded(self):
+        """Whether the UNet takes the guidance scale as an embedding (a latent consistency
+        model with ``time_cond_proj_dim``) instead of classifier-free guidance."""
+        return bool(getattr(self.model.diffusion_model, "time_cond_proj_dim", None))
+
+    def guidance_condition(self, scale, batch):
+        """{"guidance": [batch, d]}: the embedding of guidance ``scale`` for such a UNet."""
+        from ldm.modules.diffusionmodules.util import guidance_embedding
+        emb = guidance_embedding([float(scale)] * batch,
+                                 self.model.diffusion_model.time_cond_proj_dim)
+        return {"guidance": emb.to(self.device)}
 
     def conditioning(self, prompts, values=None, negative=False):
         """The conditioning dict of prompts: ``crossattn``, the text encoder's states

@@ -90,7 +90,11 @@ class UNetModel(nn.Module):
     embedding and the size conditioning) through ``label_emb``, added to the timestep
     embedding. ``spatial_pos_emb`` (ours, for small models trained from scratch) gives the
     transformers pixel coordinates: ``true``/``"zero"`` zero-initialised, ``"random"``
-    randomly (``SpatialTransformer``). ``use_checkpoint``, ``use_fp16`` and
+    randomly (``SpatialTransformer``). ``time_cond_proj_dim`` (diffusers' name; latent
+    consistency models with a guidance embedding): the guidance scale's embedding
+    (``guidance_embedding``) is projected by ``time_embedding.cond_proj`` (the key
+    diffusers' converter to the original layout leaves it under) and added to the
+    timestep's before ``time_embed``. ``use_checkpoint``, ``use_fp16`` and
     ``spatial_transformer_attn_type`` (training and kernel choices) are accepted and
     ignored.
     """
@@ -106,7 +110,7 @@ class UNetModel(nn.Module):
                  disable_self_attentions=None, num_attention_blocks=None, spatial_pos_emb=False,
                  adm_in_channels=None, transformer_depth_middle=None,
                  spatial_transformer_attn_type=None, disable_middle_self_attn=False,
-                 disable_middle_transformer=False):
+                 disable_middle_transformer=False, time_cond_proj_dim=None):
         super().__init__()
         levels = len(channel_mult)
         if isinstance(transformer_depth, int):
@@ -156,6 +160,11 @@ class UNetModel(nn.Module):
         # time_embed.1 is the SiLU slot between the two Linear layers.
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
                                         nn.Linear(emb_dim, emb_dim))
+        self.time_cond_proj_dim = time_cond_proj_dim or None
+        if self.time_cond_proj_dim:
+            self.time_embedding = nn.Module()
+            self.time_embedding.cond_proj = nn.Linear(time_cond_proj_dim, model_channels,
+                                                      bias=False)
         self.adm_in_channels = adm_in_channels if num_classes == "sequential" else None
         if self.adm_in_channels:   # label_emb.0.{0,2}: sgm's Sequential in a Sequential
             self.label_emb = nn.Sequential(nn.Sequential(
@@ -204,8 +213,15 @@ class UNetModel(nn.Module):
     def downsampling_factor(self):
         return 2 ** (len(self.channel_mult) - 1)
 
-    def forward(self, x, timesteps, context=None, y=None):
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+    def forward(self, x, timesteps, context=None, y=None, guidance=None):
+        t_emb = timestep_embedding(timesteps, self.model_channels).to(x.dtype)
+        if self.time_cond_proj_dim:
+            if guidance is None or guidance.shape[-1] != self.time_cond_proj_dim:
+                raise ValueError(f"this UNet (a consistency model) takes its guidance scale as "
+                                 f"a {self.time_cond_proj_dim}-wide embedding, got "
+                                 f"{None if guidance is None else tuple(guidance.shape)}")
+            t_emb = t_emb + self.time_embedding.cond_proj(guidance.to(t_emb.dtype))
+        emb = self.time_embed(t_emb)
         if self.adm_in_channels:
             if y is None or y.shape[-1] != self.adm_in_channels:
                 raise ValueError(f"this UNet takes a {self.adm_in_channels}-wide vector y "

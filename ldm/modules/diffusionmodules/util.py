@@ -64,6 +64,20 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     return emb
 
 
+def guidance_embedding(scale, dim):
+    """A latent consistency model's guidance embedding (Luo et al. 2023; VDM's Fourier
+    features, as diffusers' ``get_guidance_scale_embedding``): w = (scale - 1) * 1000
+    [N] -> [N, dim], sin first, frequencies 10000^(-k / (dim/2 - 1))."""
+    w = (torch.as_tensor(scale, dtype=torch.float32).reshape(-1) - 1) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    args = w[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
 def zero_module(module):
     """Zero a module's parameters (output layers of residual branches start as identity)."""
     for p in module.parameters():
