@@ -140,9 +140,71 @@ def load_vae(model, path):
     CompVis' layout (``encoder.*``/``decoder.*``, e.g. vae-ft-mse-840000-ema-pruned.ckpt),
     in diffusers' (a ``vae/`` folder's diffusion_pytorch_model.safetensors, or the folder
     itself), or a whole SD checkpoint's ``first_stage_model.*``. Strict: a file that does
-    not fit is a CheckpointError and the model is unchanged. Returns {"name", "hash"}."""
+    not fit is a CheckpointError and the model is unchanged. A tiny autoencoder (TAESD,
+    ``load_tiny_vae``) takes the autoencoder's place instead. Returns {"name", "hash"}."""
     from ldm.convert import VAE, vae_state_dict
+    tiny = load_tiny_vae(model, path)
+    if tiny is not None:
+        return tiny
     return _replace_part(model, path, "vae", "first_stage_model", VAE, vae_state_dict)
+
+
+def load_tiny_vae(model, path):
+    """If ``path`` is a tiny autoencoder (TAESD, TAESDXL, TAESD3: the author's
+    ``taesd_decoder.pth``/``.safetensors``, with ``taesd_encoder`` beside it when there is
+    one, or diffusers' ``AutoencoderTiny`` file or folder), put it in the place of
+    ``model``'s autoencoder (``ldm.models.tiny_autoencoder``) and return {"name", "hash"};
+    else None. A file for another latent space is a CheckpointError in one line."""
+    from ldm.checkpoint import (CheckpointError, file_hash, load_state_dict_file,
+                                mismatch_report)
+    from ldm.models import tiny_autoencoder as taesd
+    path = Path(path)
+    if path.is_dir():
+        path = next((f for f in (path / "diffusion_pytorch_model.safetensors",
+                                 path / "vae" / "diffusion_pytorch_model.safetensors")
+                     if f.is_file()), path)
+        if path.is_dir():
+            return None
+    first = load_state_dict_file(path)
+    if not taesd.is_tiny(first):
+        return None
+    parts = [first]
+    name = path.name
+    if "decoder" in name and not any("encoder" in k for k in first):
+        sibling = path.with_name(name.replace("decoder", "encoder"))
+        if sibling.is_file():
+            parts.append(load_state_dict_file(sibling))
+    try:
+        sd = taesd.tiny_state_dict(parts)
+    except ValueError as e:
+        raise CheckpointError(f"--vae {path}: {e}") from None
+    if "decoder.1.weight" not in sd:
+        raise CheckpointError(f"--vae {path} is a tiny autoencoder's encoder alone: give "
+                              f"its decoder file (taesd*_decoder), the encoder beside it")
+    channels = taesd.latent_channels_of(sd)
+    if model.latent_downsampling_factor != taesd.TinyAutoencoder.downsampling_factor:
+        raise CheckpointError(f"--vae {path} is a tiny autoencoder of 8x8-pixel latents and "
+                              f"this model's are {model.latent_downsampling_factor}x"
+                              f"{model.latent_downsampling_factor} (the built-in model's "
+                              f"autoencoder is small already): leave --vae out")
+    if channels != model.channels:
+        raise CheckpointError(f"--vae {path} is a tiny autoencoder for {channels}-channel "
+                              f"latents and this model's have {model.channels}: use the "
+                              f"TAESD made for this model (taesd, taesdxl, taesd3)")
+    xl_model = hasattr(model, "conditioner")
+    if "taesd" in name.lower() and ("xl" in name.lower()) != xl_model:
+        log.warning("%s: its name says it is for %s, this model is %s: colours may be off",
+                    name, "SDXL" if not xl_model else "SD 1/2",
+                    "SDXL (use taesdxl)" if xl_model else "not SDXL (use taesd)")
+    tiny = taesd.TinyAutoencoder(channels, model.scale_factor,
+                                 getattr(model, "shift_factor", 0.0),
+                                 with_encoder="encoder.0.weight" in sd)
+    report = mismatch_report(tiny, sd)
+    if report:
+        raise CheckpointError(f"--vae {path} does not fit a tiny autoencoder: {report}")
+    tiny.load_state_dict(sd, strict=True)
+    model.first_stage_model = tiny.eval().requires_grad_(False)
+    return {"name": path.name, "hash": file_hash(path)}
 
 
 def load_unet(model, path):

@@ -3,7 +3,15 @@ this project does not run yet, and the add-ons (LoRA, embedding, VAE) people giv
 model. Each is one phrase for a one-line error, read from keys and shapes alone (diffusers'
 ``infer_diffusers_model_type`` keeps a table of the same kind)."""
 
+import re
+
 UNET = "model.diffusion_model."
+# a tiny autoencoder's (TAESD's) weights: diffusers' AutoencoderTiny, or the author's
+# numbered Sequential layers, bare or under ours/ComfyUI's prefixes
+TINY_DIFFUSERS = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.*)$")
+TINY_NUMBERED = re.compile(r"^(?:taesd_encoder\.|taesd_decoder\.|encoder\.|decoder\.)?"
+                           r"\d+\.(?:weight|bias|conv\.\d+\.weight|conv\.\d+\.bias|"
+                           r"skip\.weight)$")
 
 
 def _shape(shapes, key):
@@ -85,10 +93,20 @@ def addon(keys):
                  "sd_checkpoint", "sd_checkpoint_name", "clip_l", "clip_g"}
     if keys and all(k in embedding or k.startswith("<") for k in keys):
         return "a textual-inversion embedding, not a model: pass it with --embedding"
+    if is_tiny_autoencoder(keys):
+        return "a tiny autoencoder (TAESD) alone, not a model: pass it with --vae"
     if keys and all(k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
                     for k in keys):
         return "an autoencoder (VAE) alone, not a whole model: pass it with --vae"
     return None
+
+
+def is_tiny_autoencoder(keys):
+    """Whether ``keys`` are all a TAESD encoder's or decoder's, in any form people
+    download (``ldm.models.tiny_autoencoder.tiny_state_dict`` reads them)."""
+    keys = list(keys)
+    return bool(keys) and (all(TINY_DIFFUSERS.match(k) for k in keys)
+                           or all(TINY_NUMBERED.match(k) for k in keys))
 
 
 def describe_folder(index, unet, scheduler):
