@@ -221,7 +221,16 @@ def add_model_arguments(p):
                         "[word], (word:1.3), BREAK and prompts of any length, as A1111")
     t.add_argument("--vae", type=nonempty, default=None, metavar="FILE",
                    help="an autoencoder that replaces the checkpoint's (e.g. "
-                        "vae-ft-mse-840000-ema-pruned; CompVis or diffusers layout)")
+                        "vae-ft-mse-840000-ema-pruned; CompVis or diffusers layout), or a "
+                        "tiny one (TAESD: taesd_decoder.pth, its encoder file beside it) "
+                        "that decodes in a fraction of the time")
+    t.add_argument("--preview", type=number(int, 1, None), default=None, metavar="N",
+                   help="every N steps, write the current estimate of the batch's first "
+                        "image to OUTDIR/preview.png (replaced whole; removed at the end)")
+    t.add_argument("--preview_vae", "--preview-vae", dest="preview_vae", type=nonempty,
+                   default=None, metavar="FILE",
+                   help="a TAESD decoder for --preview's pictures (default: --vae's when it "
+                        "is one, else a cheap linear map of the latents)")
     t.add_argument("--unet", type=nonempty, default=None, metavar="FILE",
                    help="a UNet that replaces the checkpoint's (e.g. SDXL-Lightning's "
                         "sdxl_lightning_4step_unet.safetensors; original or diffusers layout)")
@@ -451,32 +460,64 @@ def batches(args, prompts):
     return out
 
 
-def generate_batches(args, out, work, steps_per_batch, make):
+def generate_batches(args, out, work, steps_per_batch, make, pipe=None):
     """Run ``make(prompts, seeds, callback, *extra) -> samples`` for every batch
     ``(prompts, seeds, *extra)`` of ``work`` under one progress bar (``steps_per_batch``: a
     number, or a function of the batch), saving each sample as OUTDIR/samples/NNNNN.png
-    (unless --skip_save) and a grid (unless --skip_grid). Returns the samples."""
+    (unless --skip_save) and a grid (unless --skip_grid); with --preview, ``pipe``'s
+    preview of the running batch in OUTDIR/preview.png. Returns the samples."""
     from ldm.image_io import make_grid
     from ldm.progress import progress
     done = []
     total = (sum(steps_per_batch(item) for item in work) if callable(steps_per_batch)
              else len(work) * steps_per_batch)
-    with progress(total, "sampling") as bar:
-        for prompts, seeds, *extra in work:
-            samples = make(prompts, seeds, lambda *_: bar.update(), *extra)
-            for s in samples:
-                if getattr(args, "fixed_code", False):
-                    s.parameters["fixed_code"] = True
-                if not args.skip_save:
-                    out.save_numbered(s.image, "{:05}.png", s.parameters, "samples")
-            done.extend(samples)
-            bar.set_postfix_str(plural(len(done), "image"))
+    preview = preview_file(args, pipe, out)
+    try:
+        with progress(total, "sampling") as bar:
+            done = _batches(args, out, work, make, stepper(bar, preview), bar)
+    finally:
+        if preview is not None:
+            preview.close()
     if not args.skip_grid and len({s.image.size for s in done}) > 1:
         log.info("no grid: the images are of different sizes")
     elif not args.skip_grid and done:
         grid = make_grid([s.image for s in done], args.n_rows or args.n_samples)
         out.save_numbered(grid, "grid-{:04}.png", {"grid_of": [s.parameters for s in done]})
     print(f"Your samples are ready and waiting for you here: \n{out.root} \n \nEnjoy.")
+    return done
+
+
+def preview_file(args, pipe, out):
+    """The ``ldm.preview.PreviewFile`` that --preview asks for (OUTDIR/preview.png), or
+    None."""
+    if not getattr(args, "preview", None) or pipe is None:
+        return None
+    from ldm.preview import PreviewFile, previewer
+    return PreviewFile(previewer(pipe, args.preview_vae), out.root / "preview.png",
+                       args.preview)
+
+
+def stepper(bar, preview=None):
+    """The sampling callback of the scripts: one step on ``bar``, the preview updated."""
+    def step(i, x, x0):
+        bar.update()
+        if preview is not None:
+            preview(x0)
+    return step
+
+
+def _batches(args, out, work, make, step, bar):
+    """``generate_batches``' loop: each batch made and its samples saved at once."""
+    done = []
+    for prompts, seeds, *extra in work:
+        samples = make(prompts, seeds, step, *extra)
+        for s in samples:
+            if getattr(args, "fixed_code", False):
+                s.parameters["fixed_code"] = True
+            if not args.skip_save:
+                out.save_numbered(s.image, "{:05}.png", s.parameters, "samples")
+        done.extend(samples)
+        bar.set_postfix_str(plural(len(done), "image"))
     return done
 
 

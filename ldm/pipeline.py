@@ -150,11 +150,21 @@ def load_vae(model, path):
 
 
 def load_tiny_vae(model, path):
-    """If ``path`` is a tiny autoencoder (TAESD, TAESDXL, TAESD3: the author's
-    ``taesd_decoder.pth``/``.safetensors``, with ``taesd_encoder`` beside it when there is
-    one, or diffusers' ``AutoencoderTiny`` file or folder), put it in the place of
-    ``model``'s autoencoder (``ldm.models.tiny_autoencoder``) and return {"name", "hash"};
-    else None. A file for another latent space is a CheckpointError in one line."""
+    """If ``path`` is a tiny autoencoder (``read_tiny_vae``), put it in the place of
+    ``model``'s autoencoder and return {"name", "hash"}; else None."""
+    found = read_tiny_vae(model, path)
+    if found is None:
+        return None
+    model.first_stage_model, record = found
+    return record
+
+
+def read_tiny_vae(model, path, flag="--vae"):
+    """(TinyAutoencoder, {"name", "hash"}) if ``path`` is a tiny autoencoder for ``model``
+    (TAESD, TAESDXL, TAESD3: the author's ``taesd_decoder.pth``/``.safetensors``, with
+    ``taesd_encoder`` beside it when there is one, or diffusers' ``AutoencoderTiny`` file
+    or folder; ``ldm.models.tiny_autoencoder``), else None. A file for another latent
+    space is a CheckpointError in one line, naming ``flag``."""
     from ldm.checkpoint import (CheckpointError, file_hash, load_state_dict_file,
                                 mismatch_report)
     from ldm.models import tiny_autoencoder as taesd
@@ -177,18 +187,18 @@ def load_tiny_vae(model, path):
     try:
         sd = taesd.tiny_state_dict(parts)
     except ValueError as e:
-        raise CheckpointError(f"--vae {path}: {e}") from None
+        raise CheckpointError(f"{flag} {path}: {e}") from None
     if "decoder.1.weight" not in sd:
-        raise CheckpointError(f"--vae {path} is a tiny autoencoder's encoder alone: give "
+        raise CheckpointError(f"{flag} {path} is a tiny autoencoder's encoder alone: give "
                               f"its decoder file (taesd*_decoder), the encoder beside it")
     channels = taesd.latent_channels_of(sd)
     if model.latent_downsampling_factor != taesd.TinyAutoencoder.downsampling_factor:
-        raise CheckpointError(f"--vae {path} is a tiny autoencoder of 8x8-pixel latents and "
+        raise CheckpointError(f"{flag} {path} is a tiny autoencoder of 8x8-pixel latents and "
                               f"this model's are {model.latent_downsampling_factor}x"
                               f"{model.latent_downsampling_factor} (the built-in model's "
                               f"autoencoder is small already): leave --vae out")
     if channels != model.channels:
-        raise CheckpointError(f"--vae {path} is a tiny autoencoder for {channels}-channel "
+        raise CheckpointError(f"{flag} {path} is a tiny autoencoder for {channels}-channel "
                               f"latents and this model's have {model.channels}: use the "
                               f"TAESD made for this model (taesd, taesdxl, taesd3)")
     xl_model = hasattr(model, "conditioner")
@@ -201,10 +211,9 @@ def load_tiny_vae(model, path):
                                  with_encoder="encoder.0.weight" in sd)
     report = mismatch_report(tiny, sd)
     if report:
-        raise CheckpointError(f"--vae {path} does not fit a tiny autoencoder: {report}")
+        raise CheckpointError(f"{flag} {path} does not fit a tiny autoencoder: {report}")
     tiny.load_state_dict(sd, strict=True)
-    model.first_stage_model = tiny.eval().requires_grad_(False)
-    return {"name": path.name, "hash": file_hash(path)}
+    return tiny.eval().requires_grad_(False), {"name": path.name, "hash": file_hash(path)}
 
 
 def load_unet(model, path):

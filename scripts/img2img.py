@@ -72,7 +72,7 @@ def run(args, job):
         return pipe.steps_run(request(*batch[:2], batch[2] if len(batch) > 2 else None))
     if job_run is not None:
         return job_run.run(out, steps, make)
-    return cli.generate_batches(args, out, work, steps, make)
+    return cli.generate_batches(args, out, work, steps, make, pipe)
 
 
 def main(argv=None):

@@ -167,19 +167,24 @@ def run(args, job):
         return make
     if work is not None:
         steps = pipe.steps_run(request(jobs[0], *work[0]))
-        return cli.generate_batches(args, out, work, steps, maker(jobs[0]))
+        return cli.generate_batches(args, out, work, steps, maker(jobs[0]), pipe)
 
     # the CompVis batch form: one image per pair, seed --seed + its index among all pairs
     from ldm.progress import progress
     done = []
     total = sum(pipe.steps_run(request(item, [args.prompt], [args.seed + k]))
                 for k, item in todo)
-    with progress(total, "sampling") as bar:
-        for k, item in todo:
-            s = maker(item)([args.prompt], [args.seed + k], lambda *_: bar.update())[0]
-            out.save(s.image, f"{item[0]}.png", s.parameters)
-            done.append(s)
-            bar.set_postfix_str(f"{len(done)} image{'s' * (len(done) != 1)}")
+    preview = cli.preview_file(args, pipe, out)
+    try:
+        with progress(total, "sampling") as bar:
+            for k, item in todo:
+                s = maker(item)([args.prompt], [args.seed + k], cli.stepper(bar, preview))[0]
+                out.save(s.image, f"{item[0]}.png", s.parameters)
+                done.append(s)
+                bar.set_postfix_str(f"{len(done)} image{'s' * (len(done) != 1)}")
+    finally:
+        if preview is not None:
+            preview.close()
     print(f"Your inpainted images are in {out.root}")
     return done
 

@@ -139,3 +139,54 @@ def test_a_tiny_autoencoder_that_does_not_fit_is_one_line(tmp_path, twin, caplog
     with caplog.at_level(logging.WARNING, logger="ldm"):
         load_vae(model, tmp_path / "taesdxl_decoder.safetensors")
     assert any("for SDXL" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("with_taesd", [True, False], ids=["taesd", "linear-map"])
+def test_preview_shows_the_running_estimate_and_goes_away(tmp_path, twin, monkeypatch,
+                                                          with_taesd):
+    """txt2img.py --preview 2 over 4 steps: OUTDIR/preview.png written whole twice (by
+    TAESD when --vae is one, else by the linear map), gone when the run ends; the samples
+    as without it."""
+    import io
+    import os
+    from PIL import Image
+    from safetensors.torch import save_file
+    from conftest import run_here
+    model, config = f8_model(9)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              tmp_path / "m.safetensors")
+    OmegaConf.save(config, tmp_path / "m.yaml")
+    vae = write("author-safetensors", twin, tmp_path / "taesd")
+    seen, real = [], os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("preview.png"):
+            seen.append(Image.open(io.BytesIO(open(src, "rb").read())))
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    common = ["--prompt", "a red circle", "--ckpt", tmp_path / "m.safetensors", "--config",
+              tmp_path / "m.yaml", "--ddim_steps", 4, "--n_samples", 1, "--n_iter", 1,
+              "--H", 64, "--W", 64, "--safety_checker", "none", "--skip_grid"]
+    if with_taesd:
+        common += ["--vae", vae]
+    done = run_here("txt2img.py", *common, "--preview", 2, "--outdir", tmp_path / "a")
+    assert done.returncode == 0, done.stderr
+    assert len(seen) == 2 and all(im.size == (64, 64) for im in seen)
+    assert np_std(seen[-1]) > 1
+    assert not (tmp_path / "a" / "preview.png").exists()
+    assert not list((tmp_path / "a").glob(".preview*"))
+    again = run_here("txt2img.py", *common, "--outdir", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    a, b = (Image.open(tmp_path / d / "samples" / "00000.png") for d in "ab")
+    assert a.tobytes() == b.tobytes()
+    bad = run_here("txt2img.py", *common, "--preview", 1, "--preview_vae",
+                   tmp_path / "m.safetensors", "--outdir", tmp_path / "c")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")] == [
+        f"error: --preview_vae {tmp_path / 'm.safetensors'} is not a tiny autoencoder "
+        "(TAESD: taesd_decoder.pth, taesdxl_decoder.pth...)"]
+
+
+def np_std(image):
+    import numpy as np
+    return float(np.asarray(image, dtype=np.float32).std())
