@@ -254,3 +254,39 @@ def time_alternating(runs, repeats, warmup=True):
             fn()
             times[name].append(time.perf_counter() - start)
     return times, outputs
+
+
+def kohya_lora(model, rank=4, alpha=2.0, seed=0, compvis_names=False, te=True, conv=True):
+    """A random kohya-ss LoRA (LoCon: with the ResBlocks' convolutions) for ``model``:
+    {name.lora_down.weight, name.lora_up.weight, name.alpha}; ``te``: the text encoder's
+    layers too; ``compvis_names``: the UNet's layers by our names, not diffusers'. Tests
+    and benchmarks."""
+    from ldm.convert import TEXT, UNET, module_names
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    modules = dict(model.named_modules())
+    for ours, theirs in module_names(model).items():
+        m = modules[ours]
+        if ours.startswith(UNET):
+            inner = ours[len(UNET):] if compvis_names else theirs[len("unet."):]
+            name = "lora_unet_" + inner.replace(".", "_")
+            is_attn = any(s in theirs for s in ("to_q", "to_k", "to_v", "to_out", "ff.net",
+                                                 "proj_in", "proj_out"))
+            is_conv = isinstance(m, torch.nn.Conv2d) and ("resnets" in theirs)
+            if not (is_attn or (conv and is_conv and "conv_shortcut" not in theirs)):
+                continue
+        elif ours.startswith(TEXT) and te and ("self_attn" in ours or "mlp" in ours):
+            name = "lora_te_" + ours[len(TEXT):].replace(".", "_")
+        else:
+            continue
+        w = m.weight
+        if w.dim() == 4:
+            down = torch.randn(rank, w.shape[1], *w.shape[2:], generator=g) * 0.3
+            up = torch.randn(w.shape[0], rank, 1, 1, generator=g) * 0.3
+        else:
+            down = torch.randn(rank, w.shape[1], generator=g) * 0.3
+            up = torch.randn(w.shape[0], rank, generator=g) * 0.3
+        sd[f"{name}.lora_down.weight"] = down
+        sd[f"{name}.lora_up.weight"] = up
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    return sd

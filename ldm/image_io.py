@@ -44,8 +44,10 @@ def parameters_text(p):
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
     schedule = p.get("schedule")
+    from ldm.samplers import SCHEDULE_LABELS
     values = dict(p, sampler=_a1111_sampler(p),
-                  schedule=schedule.capitalize() if schedule and schedule != "discrete" else None)
+                  schedule=(SCHEDULE_LABELS.get(schedule) or schedule.capitalize())
+                  if schedule and schedule != "discrete" else None)
     names = {"steps": "Steps", "sampler": "Sampler", "schedule": "Schedule type",
              "scale": "CFG scale", "seed": "Seed", "size": "Size", "eta": "Eta",
              "checkpoint_hash": "Model hash", "model": "Model",

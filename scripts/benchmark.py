@@ -36,6 +36,12 @@ Parts:
              --compile's compile time is its warm-up's
   tiling     VAE decode at 1024x1024, whole against --vae_tiling (64: 512-px tiles): time,
              peak RSS (fresh processes) and PSNR to the whole decode
+  fewstep    whole 512x512 images with an LCM-LoRA (random, UNet only, merged on both sides):
+             ours LCM 4 steps against diffusers' LCMScheduler pipeline (4 steps, guidance
+             1, load_lora_weights + fuse), with the full autoencoder and with TAESD
+             (random AutoencoderTiny weights; ours through --vae's loader), and ours LCM 4
+             + TAESD against diffusers' default (PNDM 50, guidance 7.5); PSNR of ours to
+             diffusers' image from the same noise
   peer       the fastest CPU engine: ours on torch and on the OpenVINO backend against
              optimum-intel's OVStableDiffusionPipeline (its own process and exporter, the
              same diffusers folder), per size and dtype: per step, 10-step image, first
@@ -60,7 +66,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 PROMPT = "a painting of a virus monster playing guitar"
 RECOMMENDED = dict(sampler="dpmpp_2m", schedule="karras", steps=20)  # README's "Samplers"
 PARTS = ("peak", "unet", "vae", "text", "denormals", "image", "builtin", "memory", "fidelity",
-         "options", "tiling", "peer")
+         "options", "tiling", "fewstep", "peer")
 
 
 def build_parser():
@@ -258,6 +264,8 @@ def main(argv=None):
         options_part(args, device, dtypes, sizes, report)
     if "tiling" in parts:
         tiling_part(args, dtypes, report)
+    if "fewstep" in parts:
+        fewstep_part(args, device, dtypes, report, size=sizes[-1])
     report.summary()
     if "peer" in parts:   # its own summary: three engines, not ours against diffusers
         import benchmark_openvino
@@ -651,3 +659,95 @@ def tiling_part(args, dtypes, report, side=1024):
 
 if __name__ == "__main__":
     main()
+
+
+def fewstep_part(args, device, dtypes, report, size=512):
+    """The few-step rows: LCM-LoRA 4 steps (+ TAESD) against diffusers' LCM pipeline on
+    the same weights, and against diffusers' default pipeline (PNDM 50)."""
+    import tempfile
+
+    import diffusers
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from ldm.compare import diffusers_components, kohya_lora, random_sd
+    from ldm.pipeline import Pipeline, read_tiny_vae
+
+    model, config = random_sd(config_path=args.config)
+    tmp = Path(tempfile.mkdtemp())
+    lora = tmp / "lcm-lora-sdv1-5.safetensors"
+    save_file(kohya_lora(model, rank=64, alpha=8.0, seed=1, te=False), lora)
+    components = diffusers_components(model, config, tmp / "tokenizer")
+    theirs = diffusers.StableDiffusionPipeline(**components).to(device)
+    theirs.set_progress_bar_config(disable=True)
+    default_attention(theirs)
+    pndm = diffusers.PNDMScheduler.from_config(theirs.scheduler.config, skip_prk_steps=True)
+    lcm = diffusers.LCMScheduler.from_config(theirs.scheduler.config)
+    theirs.load_lora_weights(str(lora))
+    theirs.fuse_lora(lora_scale=1.0)
+    theirs.unload_lora_weights()
+    full_vae = theirs.vae
+    torch.manual_seed(3)
+    tiny_theirs = diffusers.AutoencoderTiny().eval()
+    with torch.no_grad():
+        for p in tiny_theirs.parameters():
+            p.normal_(0, 0.05)
+    tiny_theirs.save_pretrained(tmp / "taesd")
+    tiny_ours, _ = read_tiny_vae(model, tmp / "taesd")
+    full_ours = model.first_stage_model
+    ours = Pipeline(model, device, "full", watermark=False, model_name="random SD")
+    ours.set_loras([(lora, 1.0)])   # merged into the UNet, as fused on their side
+    for d in dtypes:  # fp32 first: the casts are one way
+        dtype = getattr(torch, DTYPES[d])
+        theirs.to(dtype=dtype)
+        tiny_theirs.to(device, dtype)
+
+        for vae in (tiny_ours, full_ours):   # each cast as a Pipeline casts its model
+            model.first_stage_model = vae
+            pipe = Pipeline(model, device, PRECISION[d], watermark=False,
+                            model_name="random SD")
+
+        def ours_run(vae, **kw):
+            def run():
+                model.first_stage_model = vae
+                return pipe.generate(PROMPT, seeds=0, height=size, width=size,
+                                     progress=False, **kw)[0].image
+            return run
+
+        def theirs_run(scheduler, vae, steps, scale):
+            def run():
+                theirs.scheduler, theirs.vae = scheduler, vae
+                return theirs(PROMPT, num_inference_steps=steps, guidance_scale=scale,
+                              height=size, width=size,
+                              generator=torch.Generator("cpu").manual_seed(0)).images[0]
+            return run
+        lcm4 = dict(sampler="lcm", steps=4, scale=1.0)
+        with torch.inference_mode():   # warm-up: 1-step images
+            ours_run(full_ours, sampler="lcm", steps=1, scale=1.0)()
+            ours_run(tiny_ours, sampler="lcm", steps=1, scale=1.0)()
+            theirs_run(lcm, full_vae, 1, 1.0)()
+            theirs_run(lcm, tiny_theirs, 1, 1.0)()
+        setting = f"{size}x{size} {d}"
+        for label, vae_ours, vae_theirs in (("", full_ours, full_vae),
+                                            (" + TAESD", tiny_ours, tiny_theirs)):
+            images = {}
+
+            def keep(name, fn):
+                def run():
+                    images[name] = fn()
+                return run
+            m = timed({"ours": keep("ours", ours_run(vae_ours, **lcm4)),
+                       "diffusers": keep("diffusers", theirs_run(lcm, vae_theirs, 4, 1.0))},
+                      args.image_repeats, device, warmup=False)
+            a, b = (np.asarray(images[k], dtype=np.float64) for k in ("ours", "diffusers"))
+            mse = float(((a - b) ** 2).mean())
+            psnr = 10 * np.log10(255 ** 2 / mse) if mse else float("inf")
+            report.add("fewstep", f"{setting} LCM 4{label} / LCM 4{label}", m["ours"],
+                       m["diffusers"], paired=m["paired"], note=f"PSNR to diffusers {psnr:.1f} dB")
+        m = timed({"ours": ours_run(tiny_ours, **lcm4),
+                   "diffusers": theirs_run(pndm, full_vae, 50, 7.5)},
+                  args.image_repeats, device, warmup=False)
+        report.add("fewstep", f"{setting} LCM 4 + TAESD / PNDM 50", m["ours"], m["diffusers"],
+                   paired=m["paired"])
+        model.first_stage_model = full_ours
+        gc.collect()

@@ -405,7 +405,7 @@ BAD = [  # (method, path, body (raw str or JSON), status, words in the message)
     ("POST", T2I, {"width": 40000, "height": 40000}, 422, "pixels per image"),
     ("POST", T2I, {"batch_size": 9, "n_iter": 2}, 422, "18 images"),
     ("POST", T2I, {"sampler_name": "Warp drive"}, 422, "unknown sampler"),
-    ("POST", T2I, {"scheduler": "sgm_uniform"}, 422, "scheduler"),
+    ("POST", T2I, {"scheduler": "align_your_steps"}, 422, "scheduler"),
     ("POST", T2I, {"seed": "abc"}, 422, "seed"),
     ("POST", T2I, {"seed": 2 ** 70}, 422, "seed"),
     ("POST", T2I, {"prompt": 123}, 422, "prompt"),
