@@ -89,11 +89,29 @@ def bf16_is_native(device):
 
 def packing_pays(device, dtype):
     """Whether to run on weights reordered once for oneDNN (``set_weight_packing``): in
-    bfloat16 on a CPU that computes it natively, where the per-call reorder of plain
-    weights is a large part of a UNet step (a SD UNet step at 512x512 about 0.8x the time
-    on an AMX CPU; see the README's speed section). In float32 it did not pay (measured
-    slower on the same CPU) and would double the weights' memory."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and bf16_is_native(device)
+    bfloat16 on a CPU with AMX, where the per-call reorder of plain weights is a large part
+    of a UNet step (a SD UNet step at 512x512 about 0.8x the time on an AMX Xeon; see the
+    README's speed section). Not on AVX512-BF16 without AMX (AMD Zen 4): there oneDNN's
+    prepacked convolutions took twice the time of its plain ones (a 512x512 step 3.1 s
+    against 2.1 s). In float32 it did not pay (measured slower on the AMX CPU) and would
+    double the weights' memory."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and bf16_is_native(device)
+            and has_amx())
+
+
+def has_amx():
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        try:
+            return bool(probe())
+        except RuntimeError:
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_tile" in f.read()
+    except OSError:
+        return False
 
 
 def channels_last_pays(device, dtype):

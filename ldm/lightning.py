@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ldm.modules.ema import LitEma
-from ldm.training import (Anchor, Decoys, LossWeight, MaskWeight, Replay, Timesteps,
-                          checked_ramp, lr_factor, param_groups)
+from ldm.training import (Anchor, ConsistencyDistillation, Decoys, LossWeight, MaskWeight,
+                          Replay, Timesteps, checked_ramp, lr_factor, param_groups)
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -445,12 +445,120 @@ class DiffusionTrainer(pl.LightningModule):
         return ema
 
 
+class ConsistencyTrainer(DiffusionTrainer):
+    """Stage 3: a few-step model distilled from an exported one (``distill_from``: the
+    shipped ``models/ldm/shapes`` or its inpainting model) by latent consistency
+    distillation (``ldm.training.ConsistencyDistillation``).
+
+    The student's config is the teacher's with ``time_cond_proj_dim`` (the guidance scale
+    as an embedding, as LCM_Dreamshaper's). It starts as the teacher: the same weights, the
+    embedding's projection zero, so its first predictions are the teacher's own; the text
+    encoder and autoencoder stay the teacher's, frozen, and only the UNet trains. The
+    target network is an EMA of the student (``target_decay``, 0.95 as LCM); the exported
+    weights are the slower EMA (``ema_decay``), as in stage 2. ``guidance``: the range of
+    scales drawn for the teacher (and given to the student); ``original_steps``: the
+    teacher's DDIM grid (50: one DDIM step skips 20 timesteps); ``p_uncond``: 0 (the
+    student never runs unguided). ``teacher_config``: the teacher's config, by default
+    ``config.yaml`` beside ``distill_from``."""
+
+    def __init__(self, model, distill_from, guidance=(2.0, 8.0), original_steps=50,
+                 huber_c=0.001, target_decay=0.95, teacher_config=None, **params):
+        import copy
+        from ldm.pipeline import load_model
+        unet = model.model.diffusion_model
+        if not getattr(unet, "time_cond_proj_dim", None):
+            raise ValueError("a consistency student's UNet needs time_cond_proj_dim (the "
+                             "guidance embedding) in its config")
+        if model.cond_stage_trainable:
+            raise ValueError("a consistency student keeps the teacher's text encoder: set "
+                             "cond_stage_trainable: false")
+        for key in ("init_from", "init_ckpt", "first_stage_ckpt", "anchor_start"):
+            if params.get(key):
+                raise ValueError(f"training.{key} does not go with training.distill_from")
+        config = Path(teacher_config or Path(distill_from).parent / "config.yaml")
+        teacher = load_model(distill_from, config).eval().requires_grad_(False)
+        if teacher.parameterization != model.parameterization:
+            raise ValueError(f"the teacher predicts {teacher.parameterization}, the student's "
+                             f"config {model.parameterization}: they must agree")
+        if not torch.allclose(teacher.alphas_cumprod, model.alphas_cumprod):
+            raise ValueError("the teacher's noise schedule differs from the student config's")
+        own = model.state_dict()
+        start = {k: v for k, v in teacher.state_dict().items() if k in own}
+        new = sorted(set(own) - set(start))
+        if any("cond_proj" not in k for k in new):
+            raise ValueError(f"the student's config does not fit the teacher {distill_from}: "
+                             f"new weights {new[:3]}")
+        for k in new:
+            start[k] = torch.zeros_like(own[k])   # the embedding starts as nothing
+        model.load_state_dict(start, strict=True)
+        model.scale_factor = teacher.scale_factor
+        params.setdefault("p_uncond", 0.0)
+        params["scale_by_std"] = False   # the teacher's latent space and scale
+        super().__init__(model, **params)
+        self.distill = ConsistencyDistillation(model.alphas_cumprod, guidance, original_steps,
+                                               huber_c, target_decay)
+        self.teacher = teacher.model            # its UNet (the wrapper), frozen
+        self.target_net = copy.deepcopy(model.model).requires_grad_(False)
+        log.info("distilling %s: guidance %s, %d-step DDIM grid", distill_from,
+                 list(guidance), original_steps)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()
+        self.target_net.eval()
+        return self
+
+    def _loss(self, batch, drop_captions):
+        from ldm.modules.diffusionmodules.util import guidance_embedding
+        model, cd = self.model, self.distill
+        z = self.encode(batch)
+        concat = self.concat(batch) if self.inpainting else None
+        captions = list(batch[model.cond_stage_key])
+        if drop_captions:
+            z, captions, concat = self.replay(z, captions, concat)
+            if self.p_uncond:
+                keep = torch.rand(len(captions)) >= self.p_uncond
+                captions = [c if k else "" for c, k in zip(captions, keep)]
+        n = z.shape[0]
+        t, s, scale = cd.draw(n, z.device)
+        extra = {} if concat is None else {"concat": concat}
+        with torch.no_grad():
+            cond = model.get_learned_conditioning(captions)
+            uncond = model.get_learned_conditioning([""] * n)
+            w = guidance_embedding(scale.cpu(), model.model.diffusion_model.time_cond_proj_dim)
+            w = w.to(z.device)
+            x_t = model.q_sample(z, t, torch.randn_like(z))
+            both = {"crossattn": torch.cat([uncond, cond]),
+                    **{k: torch.cat([v, v]) for k, v in extra.items()}}
+            out = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), both).float()
+            eps_u, eps_c = model.eps_from_output(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                                 out).chunk(2)
+            eps = eps_u + scale.view(-1, 1, 1, 1) * (eps_c - eps_u)
+            x_s = cd.ddim_step(x_t, t, s, eps)
+            mine = {"crossattn": cond, "guidance": w, **extra}
+            out_s = self.target_net(x_s, s, mine).float()
+            f_target = cd.f(x_s, s, model.eps_from_output(x_s, s, out_s))
+        out_t = model.model(x_t, t, mine).float()
+        f_student = cd.f(x_t, t, model.eps_from_output(x_t, t, out_t))
+        return cd.loss(f_student, f_target)
+
+    def on_train_batch_end(self, *args):
+        super().on_train_batch_end(*args)
+        self.distill.update_target(self.target_net, self.model.model)
+
+
+# keys of a training checkpoint that are training state, not the model
+TRAINING_ONLY = ("anchor.", "anchor_set", "teacher.", "target_net.")
+
+
 def trainer_for(model, **params):
     """The Lightning wrapper for a plain model built from ``config.model``."""
     from ldm.models.autoencoder import AutoencoderKL
     from ldm.models.diffusion.ddpm import LatentDiffusion
     if isinstance(model, AutoencoderKL):
         return AutoencoderTrainer(model, **params)
+    if isinstance(model, LatentDiffusion) and params.get("distill_from"):
+        return ConsistencyTrainer(model, **params)
     if isinstance(model, LatentDiffusion):
         return DiffusionTrainer(model, **params)
     raise ValueError(f"no trainer for {type(model).__name__}")

@@ -272,3 +272,68 @@ class Anchor(torch.nn.Module):
         for key in own:
             if key.startswith("anchor.") and key not in state_dict:
                 state_dict[key] = own[key] if key != "anchor.set" else torch.tensor(False)
+
+
+class ConsistencyDistillation:
+    """Latent consistency distillation (Luo et al. 2023, alg. 1; the recipe of
+    LCM_Dreamshaper and LCM-LoRA): a student f(x, t, w) learns to map any point of the
+    teacher's guided probability-flow trajectory to the same end, so that 2-8 steps of the
+    LCM sampler (``sample_lcm``) make an image.
+
+    Each sample: t = t_{n+1} from the ``original_steps``-step grid (19, 39, ... 999 for 50),
+    a guidance scale w drawn from ``guidance`` ([low, high]; the student takes it as an
+    embedding, ``time_cond_proj_dim``), x_t noised from the data; the teacher's guided
+    noise prediction takes one DDIM step to s = t_n; the target network (an EMA of the
+    student, ``target_decay``) gives f(x_s, s, w), and the student's f(x_t, t, w) is pulled
+    to it by a pseudo-Huber loss (``huber_c``). f = c_skip(t) x + c_out(t) x0(x, t), the
+    boundary condition of ``consistency_scalings`` (the sampler's own)."""
+
+    def __init__(self, alphas_cumprod, guidance=(2.0, 8.0), original_steps=50, huber_c=0.001,
+                 target_decay=0.95):
+        from ldm.modules.diffusionmodules.util import lcm_timesteps
+        self.a = alphas_cumprod.detach().float().cpu()
+        T = len(self.a)
+        self.grid = torch.as_tensor(lcm_timesteps(original_steps, T, original_steps))
+        self.low, self.high = (float(g) for g in guidance)
+        if not 1.0 <= self.low <= self.high:
+            raise ValueError(f"training.guidance must be [low, high] with 1 <= low <= high, "
+                             f"got {list(guidance)}")
+        self.huber_c, self.target_decay = huber_c, target_decay
+
+    def draw(self, n, device):
+        """(t, s, scale): n timesteps t_{n+1} of the grid, the grid point below each, and
+        n guidance scales."""
+        k = torch.randint(1, len(self.grid), (n,))
+        t, s = self.grid[k], self.grid[k - 1]
+        scale = self.low + (self.high - self.low) * torch.rand(n)
+        return t.to(device), s.to(device), scale.to(device)
+
+    def _ab(self, t, like):
+        a = self.a.to(like.device)[t].view(-1, *([1] * (like.dim() - 1)))
+        return a.sqrt(), (1 - a).sqrt()
+
+    def f(self, x, t, eps):
+        """The consistency function from a noise prediction at x_t: c_skip x + c_out x0."""
+        from ldm.models.diffusion.sampling import consistency_scalings
+        alpha, sigma = self._ab(t, x)
+        x0 = (x - sigma * eps) / alpha
+        c_skip, c_out = consistency_scalings(t.float())
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return c_skip.view(shape) * x + c_out.view(shape) * x0
+
+    def ddim_step(self, x_t, t, s, eps):
+        """The teacher's solver: one DDIM step from t to s with noise prediction ``eps``."""
+        a_t, s_t = self._ab(t, x_t)
+        a_s, s_s = self._ab(s, x_t)
+        x0 = (x_t - s_t * eps) / a_t
+        return a_s * x0 + s_s * eps
+
+    def loss(self, f_student, f_target):
+        c = self.huber_c
+        return (((f_student.float() - f_target.float()) ** 2 + c * c).sqrt() - c).mean()
+
+    @torch.no_grad()
+    def update_target(self, target, student):
+        """The target network moves towards the student: target = d target + (1 - d) student."""
+        for p_t, p in zip(target.parameters(), student.parameters()):
+            p_t.lerp_(p.detach().to(p_t.dtype), 1 - self.target_decay)

@@ -38,7 +38,7 @@ def lineage(ckpt):
             entry["commands"] = commands.read_text().splitlines()
         chain.append(entry)
         ckpt = (training.get("init_ckpt") or training.get("init_from")
-                or training.get("first_stage_ckpt"))
+                or training.get("distill_from") or training.get("first_stage_ckpt"))
     return chain[::-1]
 
 
@@ -48,7 +48,7 @@ def export(run, out, dtype="float16", ckpt=None, decoder=None):
     from safetensors.torch import save_file
 
     from ldm.checkpoint import load_state_dict_file
-    from ldm.lightning import DiffusionTrainer
+    from ldm.lightning import TRAINING_ONLY, DiffusionTrainer
     from ldm.util import instantiate_from_config
 
     run, out = Path(run), Path(out)
@@ -57,8 +57,9 @@ def export(run, out, dtype="float16", ckpt=None, decoder=None):
     model = instantiate_from_config(config.model)
     trainer = DiffusionTrainer(model, ema_decay=0.999, scale_by_std=True)
     sd = load_state_dict_file(ckpt)
-    # the frozen anchor (training.anchor_start) is training state, not the model
-    sd = {k: v for k, v in sd.items() if not k.startswith("anchor.") and k != "anchor_set"}
+    # the frozen anchor (training.anchor_start), a distillation's teacher and target
+    # network are training state, not the model
+    sd = {k: v for k, v in sd.items() if not k.startswith(TRAINING_ONLY)}
     trainer.load_state_dict(sd, strict=True)
     weights = trainer.ema_state_dict()
     scale = float(sd["scale_factor"])
