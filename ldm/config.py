@@ -208,6 +208,12 @@ SD_INPAINTING_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inpainting-in
 UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 BUILTIN_DIR = ROOT / "models" / "ldm" / "shapes"
 BUILTIN_INPAINTING_DIR = ROOT / "models" / "ldm" / "shapes-inpainting"
+BUILTIN_FAST_DIR = ROOT / "models" / "ldm" / "shapes-fast"
+# what --ckpt can name the built-in models by: (folder, what the run calls it)
+BUILTIN_NAMES = {"builtin": (BUILTIN_DIR, "the built-in shapes model"),
+                 "builtin-fast": (BUILTIN_FAST_DIR, "the built-in fast shapes model (4 steps)"),
+                 "builtin-inpainting": (BUILTIN_INPAINTING_DIR,
+                                        "the built-in shapes inpainting model")}
 INSTALL_HINT = ("for Stable Diffusion, put an SD v1.x .ckpt/.safetensors at "
                 "models/ldm/stable-diffusion-v1/model.ckpt or pass --ckpt")
 INPAINTING_HINT = ("for Stable Diffusion inpainting, put sd-v1-5-inpainting at "
@@ -275,7 +281,8 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
     No ``ckpt``: SD v1 at ``SD_CKPT`` if present (for ``task="inpaint"``, SD's inpainting
     model at ``SD_INPAINTING_CKPT`` first, then the built-in inpainting model), else the
     built-in model; a ``config`` given alone must then be the built-in model's (or SD's,
-    with SD installed): any other says which checkpoint it needs. The config: ``config``,
+    with SD installed): any other says which checkpoint it needs. ``ckpt`` may name a
+    built-in model (``BUILTIN_NAMES``: "builtin", "builtin-fast", "builtin-inpainting"). The config: ``config``,
     else ``config.yaml`` beside the checkpoint, else the one of the family and variant
     detected from the checkpoint's keys and shapes (``ldm.families``). A file that clearly
     is no model this project runs (an SDXL checkpoint, a LoRA) is refused in one line
@@ -300,13 +307,21 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
                     f"--config {config} needs the checkpoint it describes: pass it with "
                     f"--ckpt (none at models/ldm/stable-diffusion-v1/model.ckpt; the "
                     f"built-in model has its own config)")
+    elif str(ckpt) in BUILTIN_NAMES and not Path(ckpt).exists():
+        folder, name = BUILTIN_NAMES[str(ckpt)]
+        found = sorted(folder.glob("*.safetensors"))
+        if not found:
+            raise ModelNotFound(f"--ckpt {ckpt}: {name} is not installed here (no "
+                                f"{folder.relative_to(ROOT)}/model.safetensors)")
+        ckpt, builtin = found[0], True
     else:
         ckpt, name = Path(ckpt), str(ckpt)
         source.sniff(ckpt)
         # the built-in models named by their path (or a copy) are still the built-in ones:
         # they draw nothing a safety checker looks for
         builtin = any(_same_weights(ckpt, f) for f in
-                      sorted(BUILTIN_DIR.glob("*.safetensors")) + inpainting_builtin)
+                      sorted(BUILTIN_DIR.glob("*.safetensors")) + inpainting_builtin
+                      + sorted(BUILTIN_FAST_DIR.glob("*.safetensors")))
     family = variant = None
     if config is None:
         beside = Path(ckpt).parent / "config.yaml"
