@@ -182,3 +182,22 @@ def test_twenty_step_replace_edit_of_a_fixed_scene_is_judged_right(inpainting_pi
         err = ((np.asarray(raw, float) - np.asarray(image, float))[keep] ** 2).mean()
         assert 10 * np.log10(255 ** 2 / err) > 30
     assert hits >= 3, hits
+
+
+def test_the_fast_model_is_named_builtin_fast_and_draws_in_four_steps(tmp_path):
+    """models/ldm/shapes-fast, by --ckpt builtin-fast: a consistency model with a guidance
+    embedding (LCM, 4 steps, scale 4 by default, one UNet pass a step), its images judged
+    right as the 20-step model's are (colour every time, shape most)."""
+    from ldm.config import BUILTIN_FAST_DIR, choose_model
+    choice = choose_model("builtin-fast")
+    assert choice.builtin and choice.ckpt == BUILTIN_FAST_DIR / "model.safetensors"
+    fast = Pipeline.load(choice, device="cpu", safety=False)
+    assert fast.model.guidance_embedded
+    request = fast.request("txt2img", ["a red circle"], [42])
+    assert (request.sampler, request.steps, request.scale) == ("lcm", 4, 4.0)
+    samples = fast.generate(["a red circle"] * 8, seeds=list(range(42, 50)), progress=False)
+    found = [analyser.analyse(s.image) for s in samples]
+    assert all(f and f[0]["colour"] == "red" for f in found), found
+    assert sum(f[0]["shape"] == "circle" for f in found) > len(found) / 2, found
+    assert all(s.parameters["sampler"] == "lcm" and s.parameters["steps"] == 4
+               for s in samples)
