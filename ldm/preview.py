@@ -98,6 +98,8 @@ class PreviewFile:
     def __init__(self, preview, path, every):
         self.preview, self.path, self.every = preview, path, every
         self.steps = 0
+        # the folders a first preview makes, removed again if nothing else lands in them
+        self.made = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
 
     def __call__(self, x0):
         self.steps += 1
@@ -112,3 +114,6 @@ class PreviewFile:
     def close(self):
         for p in (self.path, self.path.with_name(f".{self.path.name}.tmp")):
             p.unlink(missing_ok=True)
+        for folder in self.made:   # a run stopped before its first image leaves nothing
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

@@ -190,3 +190,26 @@ def test_preview_shows_the_running_estimate_and_goes_away(tmp_path, twin, monkey
 def np_std(image):
     import numpy as np
     return float(np.asarray(image, dtype=np.float32).std())
+
+
+def test_a_preview_stopped_before_the_first_image_leaves_no_folder(tmp_path):
+    """Ctrl-C after a preview was written but before any sample: the preview and the
+    folder it made are gone."""
+    from PIL import Image
+    from ldm.preview import PreviewFile
+
+    class Flat:
+        def image(self, latents):
+            return Image.new("RGB", (8, 8))
+    out = tmp_path / "new" / "outdir"
+    preview = PreviewFile(Flat(), out / "preview.png", 1)
+    preview(torch.zeros(1, 4, 2, 2))
+    assert (out / "preview.png").is_file()
+    preview.close()
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    preview = PreviewFile(Flat(), kept / "preview.png", 1)
+    preview(torch.zeros(1, 4, 2, 2))
+    preview.close()
+    assert kept.is_dir() and not list(kept.iterdir())
