@@ -32,13 +32,7 @@ def to_diffusers(model, config, drop_pos_emb=False):
         ucfg["attention_head_dim"] = [unet_params["model_channels"] * m
                                       // unet_params["num_head_channels"]
                                       for m in unet_params["channel_mult"]]
-    unet_sd = su.convert_ldm_unet_checkpoint(sd, ucfg)
-    cond_proj = "model.diffusion_model.time_embedding.cond_proj.weight"
-    if cond_proj in sd:
-        # an LCM's guidance embedding: diffusers' converter of the single-file layout does
-        # not read it, its converter to that layout leaves the key as it is: so do we
-        ucfg["time_cond_proj_dim"] = sd[cond_proj].shape[1]
-        unet_sd["time_embedding.cond_proj.weight"] = sd[cond_proj]
+    unet_sd = _guidance_projection(sd, ucfg, su.convert_ldm_unet_checkpoint(sd, ucfg))
     unet = diffusers.UNet2DConditionModel(**ucfg)
     unet.load_state_dict(unet_sd, strict=True)
     vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
@@ -54,6 +48,17 @@ def to_diffusers(model, config, drop_pos_emb=False):
     if unexpected or any("position_ids" not in k for k in missing):
         raise RuntimeError(f"CLIP conversion: missing {missing}, unexpected {unexpected}")
     return unet.eval(), vae.eval(), clip.eval()
+
+
+def _guidance_projection(sd, ucfg, unet_sd):
+    """An LCM's guidance embedding into diffusers' UNet config and weights: diffusers'
+    converter of the single-file layout does not read it, its converter to that layout
+    leaves the key as it is (``time_embedding.cond_proj``): so do we."""
+    cond_proj = "model.diffusion_model.time_embedding.cond_proj.weight"
+    if cond_proj in sd:
+        ucfg["time_cond_proj_dim"] = sd[cond_proj].shape[1]
+        unet_sd["time_embedding.cond_proj.weight"] = sd[cond_proj]
+    return unet_sd
 
 
 def to_diffusers_xl(model, config, share_unet=False):
@@ -74,10 +79,10 @@ def to_diffusers_xl(model, config, share_unet=False):
     # diffusers recognises SDXL by a 2048 or 1280 context; a tiny twin is told here
     ucfg.update(addition_embed_type="text_time", class_embed_type=None,
                 addition_time_embed_dim=sizes[0].outdim)
+    unet_sd = _guidance_projection(sd, ucfg, su.convert_ldm_unet_checkpoint(sd, ucfg))
     with torch.device("meta") if share_unet else nullcontext():
         unet = diffusers.UNet2DConditionModel(**ucfg)
-    unet.load_state_dict(su.convert_ldm_unet_checkpoint(sd, ucfg), strict=True,
-                         assign=share_unet)
+    unet.load_state_dict(unet_sd, strict=True, assign=share_unet)
     vcfg = su.create_vae_diffusers_config_from_ldm(original, sd)
     vcfg["scaling_factor"] = float(model.scale_factor)
     vae = diffusers.AutoencoderKL(**vcfg)

@@ -135,6 +135,33 @@ def settle_prediction(choice, model):
     return replace(choice, config_path=path, config=config, variant=variant)
 
 
+def settle_guidance(choice, model):
+    """A UNet given by ``--unet`` that takes the guidance scale as an embedding (a latent
+    consistency model distilled from the checkpoint's: LCM-SDXL's, LCM_Dreamshaper's UNet)
+    on a checkpoint whose config does not: the config gains the projection's width and the
+    sampling defaults of the family's LCM config (LCM, 4 steps, guidance 8.5 for SD 1, 8
+    for SDXL; the latter when the family is unknown), said in one line. Returns the
+    ``ModelChoice`` now true."""
+    import copy
+    from ldm import families
+    from ldm.families.distilled import Distillate
+    if not model.guidance_embedded or choice.geometry.guidance_embedded:
+        return choice
+    family = choice.family or families.of_config(choice.config_path)
+    lcm = (load_config(family.config("lcm")).sampling
+           if family is not None and "lcm" in family.configs else
+           {"sampler": "lcm", "steps": 4, "scale": 8.0})
+    config = copy.deepcopy(choice.config)
+    params = config.model.params
+    unet = params.network_config if "network_config" in params else params.unet_config
+    unet.params.time_cond_proj_dim = model.model.diffusion_model.time_cond_proj_dim
+    config.sampling = lcm
+    choice = replace(choice, config=config, variant="lcm")
+    log.warning("%s", Distillate("a latent consistency model's UNet (guidance embedded)",
+                                 choice.unet.name, sampling_defaults(config)).phrase)
+    return choice
+
+
 def load_vae(model, path):
     """Replace ``model``'s autoencoder weights with those of ``path``: a VAE file in
     CompVis' layout (``encoder.*``/``decoder.*``, e.g. vae-ft-mse-840000-ema-pruned.ckpt),
@@ -222,7 +249,24 @@ def load_unet(model, path):
     ComfyUI's) or diffusers' (``unet/diffusion_pytorch_model.safetensors``, the folder, or
     a lone UNet file such as SDXL-Lightning's). Strict, as ``load_vae``."""
     from ldm.convert import UNET, unet_state_dict
-    return _replace_part(model, path, "unet", "model.diffusion_model", UNET, unet_state_dict)
+    unet = model.model.diffusion_model
+    had = unet.time_cond_proj_dim
+
+    def state_dict(raw, model):
+        # a latent consistency model's UNet (LCM-SDXL) on the model it was distilled from:
+        # this UNet gains its guidance projection (``settle_guidance`` then its defaults)
+        dim = next((v.shape[1] for k, v in raw.items()
+                    if k.endswith("time_embedding.cond_proj.weight")), None)
+        if dim and not unet.time_cond_proj_dim:
+            unet.add_guidance_projection(dim)
+        return unet_state_dict(raw, model)
+    try:
+        return _replace_part(model, path, "unet", "model.diffusion_model", UNET, state_dict)
+    except Exception:
+        if unet.time_cond_proj_dim and not had:   # the model as it was
+            unet.time_cond_proj_dim = None
+            del unet.time_embedding
+        raise
 
 
 def _replace_part(model, path, component, attribute, prefix, state_dict):
@@ -350,10 +394,12 @@ class Pipeline:
         choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
         if unet is not None:
             choice = replace(choice, unet=Path(unet))
-        choice.named_defaults(log_it=True)  # said, or refused, before the load
+        choice.named_defaults()   # refused before the load
         model = load_model(choice.ckpt, choice.config, "cpu", compute_dtype(device, precision))
         unet_record = load_unet(model, choice.unet) if choice.unet is not None else None
         choice = settle_prediction(choice, model)   # the UNet that runs tells
+        choice = settle_guidance(choice, model)
+        choice.named_defaults(log_it=True)   # said once the UNet that runs is known
         vae_record = load_vae(model, vae) if vae is not None else None
         model.to("cpu" if offload else device)
         checker, note = None, "not checked (turned off)"

@@ -42,6 +42,12 @@ Parts:
              (random AutoencoderTiny weights; ours through --vae's loader), and ours LCM 4
              + TAESD against diffusers' default (PNDM 50, guidance 7.5); PSNR of ours to
              diffusers' image from the same noise
+  fixedshape one UNet step at one fixed shape (batch 2, the last of --sizes), ours only:
+             eager against three ahead-of-time forms for that shape, torch.compile with
+             static shapes (inductor freezing: --compile), torch.export + AOTInductor (a
+             compiled .pt2 package) and oneDNN Graph (TorchScript trace, freeze, oneDNN
+             fusion): step time, compile time, GFLOP/s against the matmul peak, the
+             output's distance to eager's (docs/benchmarks/*-fixedshape.md)
   peer       the fastest CPU engine: ours on torch and on the OpenVINO backend against
              optimum-intel's OVStableDiffusionPipeline (its own process and exporter, the
              same diffusers folder), per size and dtype: per step, 10-step image, first
@@ -66,7 +72,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 PROMPT = "a painting of a virus monster playing guitar"
 RECOMMENDED = dict(sampler="dpmpp_2m", schedule="karras", steps=20)  # README's "Samplers"
 PARTS = ("peak", "unet", "vae", "text", "denormals", "image", "builtin", "memory", "fidelity",
-         "options", "tiling", "fewstep", "peer")
+         "options", "tiling", "fewstep", "fixedshape", "peer")
 
 
 def build_parser():
@@ -266,6 +272,8 @@ def main(argv=None):
         tiling_part(args, dtypes, report)
     if "fewstep" in parts:
         fewstep_part(args, device, dtypes, report, size=sizes[-1])
+    if "fixedshape" in parts:
+        fixedshape_part(args, device, dtypes, report, size=sizes[-1])
     report.summary()
     if "peer" in parts:   # its own summary: three engines, not ours against diffusers
         import benchmark_openvino
@@ -748,6 +756,100 @@ def fewstep_part(args, device, dtypes, report, size=512):
                    paired=m["paired"])
         model.first_stage_model = full_ours
         gc.collect()
+
+
+
+def fixedshape_part(args, device, dtypes, report, size=512):
+    """One UNet step (batch 2, t = 501) at one shape: eager against the forms compiled
+    ahead of time for that shape. Each form is timed alternately with eager after its own
+    warm-up (whose time, compilation included, is reported); a form that fails to build is
+    reported with its error's first line."""
+    import tempfile
+
+    import torch
+    from ldm.compare import random_sd
+    from ldm.pipeline import Pipeline
+
+    model, config = random_sd(config_path=args.config)
+    gflop = sd_flops(config, [size])["unet", size]
+    gen = torch.Generator("cpu").manual_seed(0)
+    h = size // 8
+    x = torch.randn(2, 4, h, h, generator=gen).to(device)
+    t = torch.full((2,), 501, device=device)
+    ctx = torch.randn(2, 77, context_width(config), generator=gen).to(device)
+    tmp = Path(tempfile.mkdtemp())
+    for d in dtypes:   # fp32 first: the casts are one way
+        dtype = getattr(torch, DTYPES[d])
+        ours = Pipeline(model, device, PRECISION[d], watermark=False, model_name="random SD")
+        unet = model.model.diffusion_model
+        peak = matmul_peak(device, dtype)
+        report.add("peak", f"matmul {d}", None, note=f"{peak:.1f} GFLOP/s")
+
+        class Step(torch.nn.Module):   # what a sampler step calls, autocast included
+            def __init__(self):
+                super().__init__()
+                self.unet = unet
+
+            def forward(self, x, t, ctx):
+                with ours.autocast:
+                    return self.unet(x, t, context=ctx)
+        step = Step().eval()
+
+        def eager():
+            return step(x, t, ctx)
+        with torch.inference_mode():
+            want = eager().float()
+
+        def build_compile():
+            ours.set_options(compile=True)
+            return lambda: step(x, t, ctx)
+
+        def build_aoti():
+            from torch._inductor import aoti_compile_and_package, aoti_load_package
+            with torch.no_grad():
+                exported = torch.export.export(step, (x, t, ctx))
+                path = aoti_compile_and_package(
+                    exported, package_path=str(tmp / f"unet-{d}.pt2"),
+                    inductor_configs={"freezing": True})
+            runner = aoti_load_package(path)
+            return lambda: runner(x, t, ctx)
+
+        def build_onednn():
+            torch.jit.enable_onednn_fusion(True)
+            with torch.no_grad():
+                traced = torch.jit.freeze(torch.jit.trace(step, (x, t, ctx), check_trace=False))
+            traced(x, t, ctx)   # the profiling runs that let the fuser rewrite the graph
+            return lambda: traced(x, t, ctx)
+
+        for name, build in (("torch.compile static", build_compile),
+                            ("export + AOTInductor", build_aoti),
+                            ("oneDNN Graph (TorchScript)", build_onednn)):
+            setting = f"{size}x{size} batch 2 {d} {name}"
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode() if name != "export + AOTInductor" else \
+                        torch.no_grad():
+                    fn = build()
+                    got = fn().float()
+            except Exception as e:   # report it and go on: this is a study
+                report.add("fixedshape", setting, None,
+                           note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                continue
+            built = time.perf_counter() - start
+            err = float((got - want).norm() / want.norm())
+            m = timed({"eager": eager, "form": fn}, args.repeats, device, warmup=False)
+            report.add("fixedshape", setting, m["form"], gflop=gflop, peak=peak,
+                       note=f"eager {m['eager']:.3f} s ({gflop / m['eager']:.0f} GFLOP/s, "
+                            f"{gflop / m['eager'] / peak:.0%} of peak), speed-up "
+                            f"{m['eager'] / m['form']:.2f}x; build + first call {built:.0f} s; "
+                            f"rel. distance to eager {err:.1e}")
+            if name == "torch.compile static":
+                ours.set_options()
+                torch._dynamo.reset()
+            if name.startswith("oneDNN"):
+                torch.jit.enable_onednn_fusion(False)
+            del fn
+            gc.collect()
 
 
 if __name__ == "__main__":

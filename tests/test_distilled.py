@@ -282,6 +282,55 @@ def test_unet_replaces_the_checkpoints_unet_in_either_layout(tmp_path, base_file
     assert sum(path.name in r.message for r in caplog.records) == 1
 
 
+def test_an_lcm_unet_with_a_guidance_embedding_by_unet_equals_diffusers(tmp_path, base_file,
+                                                                        caplog):
+    """LCM-SDXL as published (a diffusers UNet with ``time_cond_proj_dim``, no name that
+    tells) given by ``--unet`` to the SDXL checkpoint it was distilled from: the UNet gains
+    its guidance projection, the defaults become the LCM config's (LCM, 4 steps, guidance 8
+    as an embedding), said in one line, and the latents equal diffusers'
+    StableDiffusionXLPipeline with that UNet and LCMScheduler on the same weights."""
+    from safetensors.torch import save_file
+    from ldm.compare import diffusers_components
+    from ldm.convert import to_diffusers
+    from ldm.pipeline import Pipeline
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(TINY_XL)
+    config.model.params.network_config.params.time_cond_proj_dim = 16
+    lcm = randomize(instantiate_from_config(config.model), 5).eval()
+    base, _ = tiny_xl(3)
+    with torch.no_grad():   # the rest of the model is the checkpoint's; the guidance weighs
+        for k, v in lcm.state_dict().items():
+            if not k.startswith("model.diffusion_model."):
+                v.copy_(base.state_dict()[k])
+        lcm.model.diffusion_model.time_embedding.cond_proj.weight.mul_(30)
+    folder = tmp_path / "lcm-sdxl" / "unet"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in to_diffusers(lcm)["unet"].items()},
+              folder / "diffusion_pytorch_model.safetensors")
+    with caplog.at_level(logging.INFO, logger="ldm"):
+        ours = Pipeline.load(base_file, TINY_XL, device="cpu", precision="full", safety=False,
+                             watermark=False, unet=folder / "diffusion_pytorch_model.safetensors",
+                             backend="torch")
+    assert ours.model.guidance_embedded
+    request = ours.request("txt2img", PROMPTS[:1], SEEDS[:1], height=32, width=32)
+    assert (request.sampler, request.steps, request.scale) == ("lcm", 4, 8.0)
+    said = [r.message for r in caplog.records if "guidance embedded" in r.message]
+    assert len(said) == 1 and "LCM on its own timesteps, 4 steps, guidance 8" in said[0]
+    z_ours = ours.latents(PROMPTS, SEEDS, height=32, width=32, progress=False)
+    parts = diffusers_components(lcm, config, tmp_path / "tok")
+    parts["scheduler"] = diffusers.LCMScheduler.from_config(parts["scheduler"].config)
+    theirs = diffusers.StableDiffusionXLPipeline(**parts)
+    theirs.set_progress_bar_config(disable=True)
+    x, _ = ours.initial_noise(SEEDS, 32, 32)
+    z_theirs = theirs(PROMPTS, num_inference_steps=4, guidance_scale=8.0, height=32,
+                      width=32, latents=x.clone(), output_type="latent",
+                      generator=_seeded_after_start(SEEDS, x.shape[1:])).images
+    match = rel_err(z_ours, z_theirs)
+    assert z_ours.abs().max() > 0.1 and match < 1e-4
+    z_low = ours.latents(PROMPTS, SEEDS, height=32, width=32, scale=2.0, progress=False)
+    assert rel_err(z_low, z_ours) > 20 * match
+
+
 def test_a_unet_of_another_model_is_refused_in_one_line(tmp_path, base_file):
     from ldm.checkpoint import CheckpointError
     from ldm.convert import UNET

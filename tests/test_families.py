@@ -38,22 +38,29 @@ def test_sd1_and_its_inpainting_variant_are_found_from_their_shapes():
     assert detect(older).variant == "txt2img"
 
 
-def test_an_lcm_with_a_guidance_embedding_is_found_from_its_keys():
-    """LCM_Dreamshaper_v7 and its like: SD 1's keys plus ``time_embedding.cond_proj``
-    (what diffusers' converter to the single-file layout writes), as a file and as a
-    diffusers folder (``time_cond_proj_dim``); its config builds exactly those keys."""
-    lcm = ROOT / "configs" / "stable-diffusion" / "v1-lcm-inference.yaml"
+@pytest.mark.parametrize("family,lcm,base,folder", [
+    ("sd1", "v1-lcm-inference.yaml", "v1-inference.yaml",
+     ({"_class_name": "LatentConsistencyModelPipeline"},
+      {"cross_attention_dim": 768, "time_cond_proj_dim": 256})),
+    ("sdxl", "sd_xl_lcm.yaml", "sd_xl_base.yaml",
+     ({"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "x"],
+       "text_encoder_2": ["transformers", "y"]},
+      {"cross_attention_dim": 2048, "addition_embed_type": "text_time",
+       "time_cond_proj_dim": 256}))])
+def test_an_lcm_with_a_guidance_embedding_is_found_from_its_keys(family, lcm, base, folder):
+    """LCM_Dreamshaper_v7 and LCM-SDXL: their base model's keys plus
+    ``time_embedding.cond_proj`` (what diffusers' converter to the single-file layout
+    writes), as a file and as a diffusers folder (``time_cond_proj_dim``); its config builds
+    exactly those keys."""
+    lcm = ROOT / "configs" / "stable-diffusion" / lcm
     shapes = meta_shapes(lcm)
     assert shapes["model.diffusion_model.time_embedding.cond_proj.weight"] == (320, 256)
-    assert set(shapes) - set(meta_shapes(V1_CONFIG)) == {
+    assert set(shapes) - set(meta_shapes(lcm.with_name(base))) == {
         "model.diffusion_model.time_embedding.cond_proj.weight"}
     found = detect(shapes)
-    assert (found.family.name, found.variant, found.config) == ("sd1", "lcm", lcm)
+    assert (found.family.name, found.variant, found.config) == (family, "lcm", lcm)
     assert "LCM checkpoint" in found.phrase
-    folder = detect_folder({"_class_name": "LatentConsistencyModelPipeline"},
-                           {"cross_attention_dim": 768, "time_cond_proj_dim": 256},
-                           {"_class_name": "LCMScheduler"})
-    assert folder.variant == "lcm"
+    assert detect_folder(*folder, {"_class_name": "LCMScheduler"}).variant == "lcm"
 
 
 def test_a_model_of_other_widths_is_no_family_and_says_its_base_channels():

@@ -421,6 +421,7 @@ BAD = [  # (method, path, body (raw str or JSON), status, words in the message)
     ("POST", OPT, {"sd_vae": "missing.safetensors"}, 404, "no vae named"),
     ("POST", OPT, {"what": 1}, 422, "unknown option 'what'"),
     ("POST", OPT, {"CLIP_stop_at_last_layers": 99}, 422, "CLIP_stop_at_last_layers"),
+    ("POST", OPT, {"show_progress_type": "Sharp"}, 422, "show_progress_type: one of"),
     ("POST", I2I, {"prompt": "x"}, 422, "init_images"),
     ("POST", I2I, {"init_images": ["!!!"]}, 422, "init_images[0]"),
     ("POST", I2I, {"init_images": [base64.b64encode(b"not an image").decode()]}, 422,

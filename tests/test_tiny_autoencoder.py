@@ -213,3 +213,45 @@ def test_a_preview_stopped_before_the_first_image_leaves_no_folder(tmp_path):
     preview(torch.zeros(1, 4, 2, 2))
     preview.close()
     assert kept.is_dir() and not list(kept.iterdir())
+
+
+def test_server_previews_decode_with_the_taesd_in_its_vae_approx_folder(tmp_path, twin):
+    """The server's live preview (A1111's show_progress_type "TAESD", its default): the
+    TAESD decoder in models/VAE-approx that fits the loaded model (not TAESD3's 16 channels,
+    not SDXL's taesdxl for an SD 1 model) decodes the estimate as diffusers' AutoencoderTiny
+    does; "Full" decodes with the model's own autoencoder; the built-in model (4x4-pixel
+    latents) keeps the cheap linear map. Those files are not offered as checkpoints."""
+    import io
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+    from conftest import build_tiny
+    from ldm.pipeline import Pipeline
+    from ldm.server import FullPreview, tiny_preview
+    from ldm.server.folders import Folders
+    approx = tmp_path / "models" / "VAE-approx"
+    approx.mkdir(parents=True)
+    decoder, encoder = author_layout(twin)
+    wide = dict(decoder)
+    wide["1.weight"] = torch.zeros(64, 16, 3, 3)
+    save_file(wide, approx / "taesd3_decoder.safetensors")
+    save_file({k: v + 1 for k, v in decoder.items()}, approx / "taesdxl_decoder.safetensors")
+    save_file(decoder, approx / "taesd_decoder.safetensors")
+    save_file(encoder, approx / "taesd_encoder.safetensors")
+    folders = Folders.under(tmp_path / "models").refresh()
+    assert [e.filename for e in folders.found["vae_approx"]] == [
+        "taesd3_decoder.safetensors", "taesd_decoder.safetensors", "taesdxl_decoder.safetensors"]
+    assert folders.found["checkpoints"] == []
+    model, _ = f8_model(4)
+    pipe = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    preview = tiny_preview(pipe, folders.found["vae_approx"])
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)) * 2
+    got = np.asarray(preview.image(z), dtype=np.float32) / 255
+    with torch.no_grad():
+        want = (twin.decode(z).sample[0].permute(1, 2, 0).clamp(-1, 1)
+                .numpy() + 1) / 2
+    assert got.shape == (64, 64, 3) and np.abs(got - want).max() <= 1 / 255 + 1e-6
+    full = Image.open(io.BytesIO(FullPreview(pipe).png(z)))
+    assert full.tobytes() == pipe.decode(z)[0].tobytes()
+    builtin = Pipeline(build_tiny(), torch.device("cpu"), "full", watermark=False)
+    assert tiny_preview(builtin, folders.found["vae_approx"]) is None

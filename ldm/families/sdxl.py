@@ -8,8 +8,11 @@ refiner ("refiner", ``sd_xl_refiner.yaml``: bigG alone, a 384-wide UNet, the aes
 score instead of the target size, 2560-wide vector) and inpainting ("inpainting", 9 input
 channels, ``sd_xl_inpainting.yaml``: diffusers' SDXL inpainting 0.1) and SDXL-Turbo
 ("turbo", ``sd_xl_turbo.yaml``: the base's keys, told by a file name with "turbo" in it
-or a folder's trailing scheduler; 512 px, 1 Euler step, no guidance). Configs are
-Stability's (inpainting: the base's with the wider input)."""
+or a folder's trailing scheduler; 512 px, 1 Euler step, no guidance) and a latent
+consistency model with a guidance embedding ("lcm", ``sd_xl_lcm.yaml``: LCM-SDXL, the
+base's keys and ``time_embedding.cond_proj``, diffusers' ``time_cond_proj_dim``). Configs
+are Stability's (inpainting: the base's with the wider input; LCM: the base's with the
+guidance projection)."""
 from ldm.families.base import Family
 
 UNET = "model.diffusion_model."
@@ -17,6 +20,7 @@ IN = UNET + "input_blocks.0.0.weight"           # base [320, 4 or 9, 3, 3], refi
 ADM = UNET + "label_emb.0.0.weight"             # base [1280, 2816], refiner [1536, 2560]
 CLIP_L = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
 BIG_G = "conditioner.embedders.{}.model.token_embedding.weight"      # [49408, 1280]
+COND_PROJ = UNET + "time_embedding.cond_proj.weight"                   # [320, 256]: LCM
 
 
 def match(shapes):
@@ -29,6 +33,8 @@ def match(shapes):
     if clip_l is not None and big_g is not None:
         if tuple(adm) != (1280, 2816) or conv_in[0] != 320:
             return None
+        if COND_PROJ in shapes:
+            return "lcm" if conv_in[1] == 4 else None
         return {4: "txt2img", 9: "inpainting"}.get(conv_in[1])
     if clip_l is None and shapes.get(BIG_G.format(0), (0, 0))[-1] == 1280:
         if tuple(adm) == (1536, 2560) and tuple(conv_in[:2]) == (384, 4):
@@ -46,6 +52,8 @@ def match_folder(index, unet, scheduler):
     second = (index.get("text_encoder_2") or [None])[0]
     in_channels = unet.get("in_channels", 4)
     if first and second:
+        if unet.get("time_cond_proj_dim"):
+            return "lcm" if in_channels == 4 else None
         if in_channels == 4 and scheduler.get("timestep_spacing") == "trailing":
             return "turbo"
         return {4: "txt2img", 9: "inpainting"}.get(in_channels)
@@ -59,7 +67,8 @@ FAMILY = Family(
     configs={"txt2img": "stable-diffusion/sd_xl_base.yaml",
              "refiner": "stable-diffusion/sd_xl_refiner.yaml",
              "inpainting": "stable-diffusion/sd_xl_inpainting.yaml",
-             "turbo": "stable-diffusion/sd_xl_turbo.yaml"},
+             "turbo": "stable-diffusion/sd_xl_turbo.yaml",
+             "lcm": "stable-diffusion/sd_xl_lcm.yaml"},
     match=match, match_folder=match_folder,
     defaults={"scale": 5.0},   # diffusers' SDXL pipelines' guidance; DDIM 50 as CompVis' else
     prefixes={"unet": UNET, "vae": "first_stage_model.", "text": "conditioner.embedders."},

@@ -85,9 +85,47 @@ def loader(args, folders):
             except LdmError:
                 skipped.append(e.name)
         pipe._skipped_embeddings = skipped
-        pipe._preview = LatentPreview(pipe)
+        pipe._previews = {"cheap": LatentPreview(pipe), "full": FullPreview(pipe),
+                          "taesd": tiny_preview(pipe, folders.found.get("vae_approx", ()))}
         return pipe
     return load
+
+
+class FullPreview:
+    """A1111's "Full" live preview: the model's own autoencoder decodes the estimate."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def png(self, latents):
+        import io
+        buffer = io.BytesIO()
+        self.pipe.decode(latents[:1].to(self.pipe.device))[0].save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def tiny_preview(pipe, entries):
+    """A TinyPreview from the first TAESD decoder in ``entries`` (the VAE-approx folder) that
+    fits ``pipe``'s latents (taesdxl for SDXL, taesd for SD 1/2), else None."""
+    from ldm.errors import LdmError
+    from ldm.pipeline import read_tiny_vae
+    from ldm.preview import TinyPreview
+    if pipe.factor != 8:
+        return None   # TAESD's latents are 8x8 pixels (the built-in model's are 4x4)
+    xl = hasattr(pipe.model, "conditioner")
+    ranked = sorted(entries, key=lambda e: ("xl" in e.filename.lower()) != xl)
+    for entry in ranked:
+        if ("xl" in entry.filename.lower()) != xl:
+            break   # its colours would be off (read_tiny_vae warns): the cheap map instead
+        try:
+            found = read_tiny_vae(pipe.model, entry.path, "VAE-approx")
+        except LdmError as e:
+            log.info("live previews: %s not used: %s", entry.filename, e)
+            continue
+        if found is not None:
+            log.info("live previews: %s", entry.filename)
+            return TinyPreview(found[0].to(pipe.device))
+    return None
 
 
 def serve(args, job=None):

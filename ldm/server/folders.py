@@ -5,7 +5,8 @@ path or a link out of the folder cannot reach another file.
 
 The layout follows A1111's: checkpoints anywhere under the models folder (``--ckpt-dir``),
 autoencoders in ``VAE/``, LoRAs in ``Lora/``, embeddings in ``embeddings/``, each folder
-settable on its own. A diffusers folder (one with ``model_index.json``) is a checkpoint.
+settable on its own, and the previews' tiny autoencoders (TAESD's ``taesd_decoder.pth``,
+``taesdxl_decoder.pth``) in ``VAE-approx/``. A diffusers folder (one with ``model_index.json``) is a checkpoint.
 """
 import os
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ from ldm.errors import UsageError
 WEIGHTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 # folders under the models folder that hold other things than checkpoints
-NOT_CHECKPOINTS = {"lora", "lycoris", "vae", "embeddings", "safety_checker", "unet",
-                   "controlnet", "esrgan", "openvino"}
+NOT_CHECKPOINTS = {"lora", "lycoris", "vae", "vae-approx", "embeddings", "safety_checker",
+                   "unet", "controlnet", "esrgan", "openvino"}
 
 
 class NotFound(UsageError):
@@ -53,6 +54,7 @@ class Folders:
     vae: Path
     lora: Path
     embeddings: Path
+    vae_approx: Path = None
     extra_checkpoints: list = field(default_factory=list)  # --ckpt given outside the folder
     found: dict = field(default_factory=dict)
 
@@ -62,7 +64,8 @@ class Folders:
         return cls(Path(ckpt_dir) if ckpt_dir else models,
                    Path(vae_dir) if vae_dir else models / "VAE",
                    Path(lora_dir) if lora_dir else models / "Lora",
-                   Path(embeddings_dir) if embeddings_dir else models / "embeddings")
+                   Path(embeddings_dir) if embeddings_dir else models / "embeddings",
+                   models / "VAE-approx")
 
     def refresh(self):
         """Scan the folders again (A1111's refresh-checkpoints); hashes already computed
@@ -80,11 +83,14 @@ class Folders:
             "lora": [keep(e) for e in _files(self.lora, (".safetensors", ".pt", ".ckpt",
                                                           ".bin"))],
             "embeddings": [keep(e) for e in _files(self.embeddings, WEIGHTS)],
+            "vae_approx": [e for e in (_files(self.vae_approx, WEIGHTS) if self.vae_approx
+                                       else []) if "decoder" in e.filename.lower()],
         }
         return self
 
     def _checkpoints(self):
-        skip = {p.resolve() for p in (self.vae, self.lora, self.embeddings)}
+        skip = {p.resolve() for p in (self.vae, self.lora, self.embeddings, self.vae_approx)
+                if p is not None}
         entries = []
         root = self.checkpoints
         if root.is_dir():

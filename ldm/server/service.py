@@ -286,10 +286,15 @@ class Service:
         engine = next((e for e in self.engines if e.pipe is not None), None)
         if latest is None or engine is None:
             return None
-        previewer = getattr(engine.pipe, "_preview", None)
+        kind = self.options.get("show_progress_type", "TAESD")
+        previews = getattr(engine.pipe, "_previews", {})
+        previewer = previews.get(PREVIEW_KINDS[kind]) or previews.get("cheap")
         if previewer is None:
             return None
-        return previewer.png(latest)
+        cached = getattr(job, "_preview", None)   # polled often; a step changes it less often
+        if cached is None or cached[0] is not latest or cached[1] is not previewer:
+            cached = job._preview = (latest, previewer, previewer.png(latest))
+        return cached[2]
 
 
 def uncrop(sample, gen):
@@ -402,7 +407,14 @@ OPTION_TYPES = {   # options the server keeps (A1111's names) and their kinds
     "return_grid": bool, "samples_format": str, "samples_save": bool, "grid_save": bool,
     "enable_pnginfo": bool, "show_progress_every_n_steps": int, "live_previews_enable": bool,
     "sd_lora": str, "outdir_txt2img_samples": str, "outdir_img2img_samples": str,
+    "show_progress_type": str,
 }
+# A1111's live preview kinds -> ours: "TAESD" decodes with the tiny autoencoder in the
+# VAE-approx folder made for the loaded model (the cheap map when there is none, as for the
+# built-in model, whose latents are not TAESD's); "Full" with the model's own; "Approx NN"
+# (a small network A1111 downloads) is served by the cheap linear map.
+PREVIEW_KINDS = {"Approx cheap": "cheap", "Approx NN": "cheap", "TAESD": "taesd",
+                 "Full": "full"}
 READ_ONLY = {"sd_checkpoint_hash", "samples_format", "outdir_txt2img_samples",
              "outdir_img2img_samples", "enable_pnginfo"}
 
@@ -412,7 +424,7 @@ def default_options():
             "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
             "return_grid": True, "samples_format": "png", "samples_save": True,
             "grid_save": True, "enable_pnginfo": True, "show_progress_every_n_steps": 1,
-            "live_previews_enable": True, "sd_lora": "None",
+            "live_previews_enable": True, "show_progress_type": "TAESD", "sd_lora": "None",
             "outdir_txt2img_samples": "txt2img-images", "outdir_img2img_samples": "img2img-images"}
 
 
@@ -428,4 +440,6 @@ def check_option(key, value):
         return check_float(value, key, 0)
     if not isinstance(value, str):
         raise WrongType(f"{key}: must be a string")
+    if key == "show_progress_type" and value not in PREVIEW_KINDS:
+        raise UsageError(f"show_progress_type: one of {', '.join(PREVIEW_KINDS)}")
     return value

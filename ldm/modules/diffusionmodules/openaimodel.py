@@ -160,11 +160,9 @@ class UNetModel(nn.Module):
         # time_embed.1 is the SiLU slot between the two Linear layers.
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
                                         nn.Linear(emb_dim, emb_dim))
-        self.time_cond_proj_dim = time_cond_proj_dim or None
-        if self.time_cond_proj_dim:
-            self.time_embedding = nn.Module()
-            self.time_embedding.cond_proj = nn.Linear(time_cond_proj_dim, model_channels,
-                                                      bias=False)
+        self.time_cond_proj_dim = None
+        if time_cond_proj_dim:
+            self.add_guidance_projection(time_cond_proj_dim)
         self.adm_in_channels = adm_in_channels if num_classes == "sequential" else None
         if self.adm_in_channels:   # label_emb.0.{0,2}: sgm's Sequential in a Sequential
             self.label_emb = nn.Sequential(nn.Sequential(
@@ -208,6 +206,16 @@ class UNetModel(nn.Module):
         # out.1 is the SiLU slot.
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
+
+    def add_guidance_projection(self, dim):
+        """Make this UNet take the guidance scale as a ``dim``-wide embedding
+        (``time_embedding.cond_proj``, weights to be loaded): also a latent consistency
+        model's UNet given by ``--unet`` to the model it was distilled from."""
+        ref = self.time_embed[0].weight
+        self.time_embedding = nn.Module()
+        self.time_embedding.cond_proj = nn.Linear(dim, self.model_channels, bias=False,
+                                                  device=ref.device, dtype=ref.dtype)
+        self.time_cond_proj_dim = dim
 
     @property
     def downsampling_factor(self):
