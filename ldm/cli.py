@@ -197,8 +197,9 @@ def add_model_arguments(p):
                    help="model config (default: config.yaml beside the checkpoint, else SD v1's)")
     p.add_argument("--ckpt", type=nonempty, default=None,
                    help="checkpoint (default: models/ldm/stable-diffusion-v1/model.ckpt if "
-                        "present, else the built-in model); builtin, builtin-fast (4 steps) "
-                        "and builtin-inpainting name the built-in models")
+                        "present, else the built-in model); builtin, builtin-fast (4 steps), "
+                        "builtin-inpainting and builtin-inpainting-fast name the built-in "
+                        "models")
     p.add_argument("--precision", choices=["full", "autocast", "bf16"], default="autocast",
                    help="autocast: fp16 on CUDA, fp32 elsewhere; full: fp32; bf16: bfloat16 autocast")
     p.add_argument("--device", type=nonempty, default="auto",

@@ -209,11 +209,14 @@ UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 BUILTIN_DIR = ROOT / "models" / "ldm" / "shapes"
 BUILTIN_INPAINTING_DIR = ROOT / "models" / "ldm" / "shapes-inpainting"
 BUILTIN_FAST_DIR = ROOT / "models" / "ldm" / "shapes-fast"
+BUILTIN_INPAINTING_FAST_DIR = ROOT / "models" / "ldm" / "shapes-inpainting-fast"
 # what --ckpt can name the built-in models by: (folder, what the run calls it)
 BUILTIN_NAMES = {"builtin": (BUILTIN_DIR, "the built-in shapes model"),
                  "builtin-fast": (BUILTIN_FAST_DIR, "the built-in fast shapes model (4 steps)"),
                  "builtin-inpainting": (BUILTIN_INPAINTING_DIR,
-                                        "the built-in shapes inpainting model")}
+                                        "the built-in shapes inpainting model"),
+                 "builtin-inpainting-fast": (BUILTIN_INPAINTING_FAST_DIR,
+                                             "the built-in fast inpainting model (4 steps)")}
 INSTALL_HINT = ("for Stable Diffusion, put an SD v1.x .ckpt/.safetensors at "
                 "models/ldm/stable-diffusion-v1/model.ckpt or pass --ckpt")
 INPAINTING_HINT = ("for Stable Diffusion inpainting, put sd-v1-5-inpainting at "
@@ -282,7 +285,8 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
     model at ``SD_INPAINTING_CKPT`` first, then the built-in inpainting model), else the
     built-in model; a ``config`` given alone must then be the built-in model's (or SD's,
     with SD installed): any other says which checkpoint it needs. ``ckpt`` may name a
-    built-in model (``BUILTIN_NAMES``: "builtin", "builtin-fast", "builtin-inpainting"). The config: ``config``,
+    built-in model (``BUILTIN_NAMES``: "builtin", "builtin-fast", "builtin-inpainting",
+    "builtin-inpainting-fast"). The config: ``config``,
     else ``config.yaml`` beside the checkpoint, else the one of the family and variant
     detected from the checkpoint's keys and shapes (``ldm.families``). A file that clearly
     is no model this project runs (an SDXL checkpoint, a LoRA) is refused in one line
@@ -319,9 +323,8 @@ def choose_model(ckpt=None, config=None, task="txt2img"):
         source.sniff(ckpt)
         # the built-in models named by their path (or a copy) are still the built-in ones:
         # they draw nothing a safety checker looks for
-        builtin = any(_same_weights(ckpt, f) for f in
-                      sorted(BUILTIN_DIR.glob("*.safetensors")) + inpainting_builtin
-                      + sorted(BUILTIN_FAST_DIR.glob("*.safetensors")))
+        builtin = any(_same_weights(ckpt, f) for folder, _ in BUILTIN_NAMES.values()
+                      for f in sorted(folder.glob("*.safetensors")))
     family = variant = None
     if config is None:
         beside = Path(ckpt).parent / "config.yaml"

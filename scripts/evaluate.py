@@ -46,6 +46,12 @@ def build_parser():
                         "(--ckpt, default models/ldm/shapes-inpainting) with the shipped "
                         "text-to-image model (--base_ckpt) inpainting by latent blending")
     p.add_argument("--n_edit", type=number(int, 1), default=50, help="cases per editing task")
+    p.add_argument("--edits", default=None,
+                   help="inpaint: the editing tasks to run, of replace,add (default both)")
+    p.add_argument("--dedicated_only", action="store_true",
+                   help="inpaint / img2img: only the dedicated model as the scripts run it "
+                        "(not the rows without latent blending and of the text-to-image "
+                        "model)")
     p.add_argument("--base_ckpt", default=None,
                    help="the text-to-image model to compare with (default: the built-in one)")
     p.add_argument("--probe", action="store_true",
@@ -74,11 +80,19 @@ def run_editing(args, job):
     dedicated = args.ckpt or INPAINTING_DIR / "model.safetensors"
     runs = ([("replace", None), ("add", None)] if args.task == "inpaint" else
             [("recolour", 0.5), ("recolour", 0.75)])
+    if args.edits:
+        asked = [e.strip() for e in args.edits.split(",") if e.strip()]
+        if args.task != "inpaint" or not asked or set(asked) - {"replace", "add"}:
+            raise cli.InputError("--edits: a comma-separated list of replace, add (with "
+                                 "--task inpaint)")
+        runs = [r for r in runs if r[0] in asked]
     models = [("inpainting model", dedicated, {}),
               ("text-to-image model", args.base_ckpt or BUILTIN_DIR / "model.safetensors", {})]
     if args.task == "inpaint":   # what the latent blending does for the dedicated model
         models.insert(1, ("inpainting model, no latent blend", dedicated,
                           {"latent_blend": False}))
+    if args.dedicated_only:
+        models = models[:1]
     sampler, schedule = sampling_choice(args)
     summary = {"task": args.task, "n": args.n_edit, "seed": args.seed, "sampler": sampler,
                "schedule": schedule, "steps": args.ddim_steps}

@@ -71,6 +71,26 @@ def test_evaluate_probe_on_the_shipped_model(tmp_path):
     assert gaps["row gap"] > 0.2 and gaps["column gap"] > 0.2
 
 
+def test_evaluate_one_edit_on_the_dedicated_model_alone(tmp_path):
+    """scripts/evaluate.py --task inpaint --edits replace --dedicated_only: one row, the
+    dedicated model's replace edits; a task it does not know is one line."""
+    import subprocess
+    import sys
+    script = str(ROOT / "scripts" / "evaluate.py")
+    out = subprocess.run([sys.executable, script, "--task", "inpaint", "--n_edit", "2",
+                          "--edits", "replace", "--dedicated_only", "--ddim_steps", "2",
+                          "--outdir", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "results-inpaint.json").read_text())
+    assert list(results["replace"]) == ["inpainting model"] and "add" not in results
+    bad = subprocess.run([sys.executable, script, "--task", "inpaint", "--edits", "swap",
+                          "--outdir", str(tmp_path / "bad")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "--edits: a comma-separated list of replace, add" in bad.stderr
+
+
 def rendered(scene):
     from PIL import Image
     from ldm.data.shapes import render
@@ -201,3 +221,33 @@ def test_the_fast_model_is_named_builtin_fast_and_draws_in_four_steps(tmp_path):
     assert sum(f[0]["shape"] == "circle" for f in found) > len(found) / 2, found
     assert all(s.parameters["sampler"] == "lcm" and s.parameters["steps"] == 4
                for s in samples)
+
+
+def test_the_fast_inpainting_model_is_named_and_edits_in_four_steps():
+    """models/ldm/shapes-inpainting-fast, by --ckpt builtin-inpainting-fast: the inpainting
+    model distilled to a consistency model (9 input channels and a guidance embedding; LCM,
+    4 steps, scale 4 by default): the fixed replace edit above, judged right as the 20-step
+    model's is, every pixel outside the box the input's."""
+    import numpy as np
+    from PIL import Image
+    from ldm.config import BUILTIN_INPAINTING_FAST_DIR, choose_model
+    from ldm.data.shapes import Scene, Shape
+    from ldm.evaluation import _box
+    choice = choose_model("builtin-inpainting-fast")
+    assert choice.builtin and choice.ckpt == BUILTIN_INPAINTING_FAST_DIR / "model.safetensors"
+    fast = Pipeline.load(choice, device="cpu", safety=False, task="inpaint")
+    assert fast.model.guidance_embedded and fast.is_inpainting_model
+    old = Shape("circle", "purple", "big", "top left")
+    image = rendered(Scene([old], "yellow"))
+    m = _box(old)
+    want = Scene([Shape("star", "green", "big", "top left")], "yellow")
+    samples = fast.inpaint("a big green star in the top left corner", list(range(42, 46)),
+                           image, Image.fromarray(m), progress=False)
+    keep = m < 128
+    hits = 0
+    for s in samples:
+        assert (s.parameters["sampler"], s.parameters["steps"]) == ("lcm", 4)
+        assert (np.asarray(s.image)[keep] == np.asarray(image)[keep]).all()
+        judged, count = analyser.judge_image(want, s.image)
+        hits += all(judged[0].values()) and count == 1
+    assert hits >= 3, hits

@@ -94,7 +94,10 @@ class UNetModel(nn.Module):
     consistency models with a guidance embedding): the guidance scale's embedding
     (``guidance_embedding``) is projected by ``time_embedding.cond_proj`` (the key
     diffusers' converter to the original layout leaves it under) and added to the
-    timestep's before ``time_embed``. ``use_checkpoint``, ``use_fp16`` and
+    timestep's before ``time_embed``. ``forward(control=...)``: a ControlNet's residuals
+    (``ldm.modules.diffusionmodules.controlnet``), one added to each skip connection and
+    the last to the middle block's output, as cldm's ``ControlledUnetModel`` and diffusers'
+    ``down_block_additional_residuals`` do. ``use_checkpoint``, ``use_fp16`` and
     ``spatial_transformer_attn_type`` (training and kernel choices) are accepted and
     ignored.
     """
@@ -185,6 +188,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
                 ds *= 2
 
+        self.skip_widths = tuple(skip_channels)   # each input block's output channels
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_dim, dropout),
             transformer(ch, transformer_depth_middle, context_dim),
@@ -221,7 +225,7 @@ class UNetModel(nn.Module):
     def downsampling_factor(self):
         return 2 ** (len(self.channel_mult) - 1)
 
-    def forward(self, x, timesteps, context=None, y=None, guidance=None):
+    def forward(self, x, timesteps, context=None, y=None, guidance=None, control=None):
         t_emb = timestep_embedding(timesteps, self.model_channels).to(x.dtype)
         if self.time_cond_proj_dim:
             if guidance is None or guidance.shape[-1] != self.time_cond_proj_dim:
@@ -246,6 +250,12 @@ class UNetModel(nn.Module):
             skips.append(h)
         first = len(self.output_blocks) - keep if reuse else 0
         h = cache.features if reuse else self.middle_block(h, emb, context)
+        if control is not None:   # a ControlNet's residuals: one per skip, then the middle's
+            if cache is not None:
+                raise ValueError("a ControlNet's residuals need the whole UNet at every step: "
+                                 "no feature cache (DeepCache)")
+            h = h + control[-1]
+            skips = [s + c for s, c in zip(skips, control[:-1])]
         for j, block in enumerate(self.output_blocks[first:], first):
             if cache is not None and not reuse and j == len(self.output_blocks) - keep:
                 cache.features = h
