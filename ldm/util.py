@@ -27,12 +27,16 @@ SGM_TARGETS = {
     "sgm.models.autoencoder.AutoencoderKL": "ldm.models.autoencoder.AutoencoderKL",
     "sgm.models.autoencoder.AutoencoderKLInferenceWrapper":
         "ldm.models.autoencoder.AutoencoderKL",
+    # lllyasviel's ControlNet (configs/controlnet/cldm_v15.yaml, cldm_v21.yaml)
+    "cldm.cldm.ControlNet": "ldm.modules.diffusionmodules.controlnet.ControlNet",
+    "cldm.cldm.ControlledUnetModel": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
 }
 
 
 def resolve_target(string):
-    """A config's ``target`` as the class path to import: an ``sgm.`` target through
-    ``SGM_TARGETS`` (unknown ones unchanged, so the import names them)."""
+    """A config's ``target`` as the class path to import: an ``sgm.`` (or ControlNet's
+    ``cldm.``) target through ``SGM_TARGETS`` (unknown ones unchanged, so the import names
+    them)."""
     return SGM_TARGETS.get(str(string), str(string))
 
 

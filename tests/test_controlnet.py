@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_CONFIG, randomize, rel_err
+from conftest import ROOT, TINY_CONFIG, randomize, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -22,11 +22,11 @@ def tiny_controlnet(seed=3):
     return randomize(ControlNet(hint_channels=3, **params), seed).eval(), config
 
 
-def their_controlnet(ours, config):
-    """diffusers' ControlNetModel from our weights: its config as diffusers'
+def their_config(ours, config):
+    """diffusers' ControlNetModel config for ours, as diffusers'
     ``create_controlnet_diffusers_config_from_ldm`` makes it (which cannot run in this
-    diffusers version: it calls the UNet config maker without the checkpoint it now needs),
-    the weights through ``convert_controlnet_checkpoint``."""
+    diffusers version: it calls the UNet config maker without the checkpoint it now
+    needs), and ours as the ``control_model.*`` checkpoint its converter reads."""
     from diffusers.loaders import single_file_utils as su
     checkpoint = {"control_model." + k: v for k, v in ours.state_dict().items()}
     original = OmegaConf.to_container(config)
@@ -37,9 +37,34 @@ def their_controlnet(ours, config):
         "cross_attention_dim", "attention_head_dim", "use_linear_projection",
         "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
         "projection_class_embeddings_input_dim", "transformer_layers_per_block")}}
+    return cfg, checkpoint, su.convert_controlnet_checkpoint(checkpoint, cfg)
+
+
+def their_controlnet(ours, config):
+    """diffusers' ControlNetModel holding our weights, through diffusers' converter."""
+    cfg, _, converted = their_config(ours, config)
     theirs = diffusers.ControlNetModel(**cfg)
-    theirs.load_state_dict(su.convert_controlnet_checkpoint(checkpoint, cfg), strict=True)
+    theirs.load_state_dict(converted, strict=True)
     return theirs.eval()
+
+
+@pytest.mark.parametrize("name,heads", [("cldm_v15.yaml", [8] * 4), ("cldm_v21.yaml", None)])
+def test_the_published_cldm_configs_build_the_keys_diffusers_reads(name, heads):
+    """configs/controlnet/cldm_v15.yaml and cldm_v21.yaml (lllyasviel's) build, on the meta
+    device, a ControlNet whose every ``control_model.*`` key diffusers' converter reads
+    into a ControlNetModel of SD 1.5's (2.1's) shapes, none left over or missing."""
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(ROOT / "configs" / "controlnet" / name)
+    with torch.device("meta"):
+        ours = instantiate_from_config(config.model.params.control_stage_config)
+    assert len(ours.zero_convs) == 12 and ours.input_hint_block[0].in_channels == 3
+    cfg, checkpoint, converted = their_config(ours, config)
+    assert cfg["cross_attention_dim"] == (768 if heads else 1024)
+    with torch.device("meta"):
+        theirs = diffusers.ControlNetModel(**cfg)
+    want = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == want
+    assert len(checkpoint) == len(want)
 
 
 @torch.no_grad()
