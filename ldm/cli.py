@@ -240,6 +240,34 @@ def add_model_arguments(p):
                    default=1, metavar="N",
                    help="condition on the text encoder's N-th layer from the end (A1111's "
                         "meaning: 1 = the last, 2 = the penultimate), final layer norm applied")
+    c = p.add_argument_group("ControlNet (see the README's \"ControlNet\"); each flag "
+                             "repeats, the Nth of each going with the Nth --control")
+    c.add_argument("--control", action="append", type=nonempty, default=[], metavar="FILE",
+                   help="a ControlNet for the model (lllyasviel's control_*.pth/.safetensors "
+                        "or a diffusers ControlNetModel folder or file)")
+    c.add_argument("--control_image", "--control-image", dest="control_image",
+                   action="append", type=nonempty, default=[], metavar="IMAGE",
+                   help="its control map (edges, depth, pose...: the image it reads), "
+                        "resized to the image's size")
+    c.add_argument("--control_preprocess", "--control-preprocess", dest="control_preprocess",
+                   action="append", type=nonempty, default=[], metavar="NAME[:N:N]",
+                   help="make the map from the image first: canny[:LOW:HIGH] (edges), "
+                        "scribble[:LOW:HIGH] (thick edges), threshold[:LEVEL], invert, none "
+                        "(default); scripts/control_map.py saves what it makes")
+    c.add_argument("--control_weight", "--control-weight", dest="control_weight",
+                   action="append", type=number(float, 0.0, 2.0), default=[], metavar="W",
+                   help="its weight (default 1)")
+    c.add_argument("--control_mode", "--control-mode", dest="control_mode", action="append",
+                   choices=["balanced", "prompt", "control", "guess"], default=[],
+                   help="A1111's control modes: balanced (default), prompt (my prompt is "
+                        "more important), control (ControlNet is more important); guess: "
+                        "diffusers' guess mode (works without a prompt)")
+    c.add_argument("--control_start", "--control-start", dest="control_start",
+                   action="append", type=number(float, 0.0, 1.0), default=[], metavar="A",
+                   help="the fraction of the steps it starts at (default 0)")
+    c.add_argument("--control_end", "--control-end", dest="control_end", action="append",
+                   type=number(float, 0.0, 1.0), default=[], metavar="B",
+                   help="the fraction of the steps it ends at (default 1)")
     g = p.add_argument_group("speed and memory (all off by default; see the README's "
                              "\"Speed and precision\")")
     g.add_argument("--compile", action="store_true",
@@ -318,6 +346,28 @@ def check_model_files(args):
             raise InputError(f"--embedding {path}: " + (
                 "is a folder: give the embedding file itself" if Path(path).is_dir()
                 else "not found"))
+    controls = getattr(args, "control", None) or []
+    for path in controls:
+        if not Path(path).exists():
+            raise InputError(f"--control {path}: not found")
+    if controls or getattr(args, "control_image", None):
+        images = args.control_image
+        if len(images) != len(controls):
+            raise UsageError(f"{len(controls)} --control and {len(images)} --control_image: "
+                             "give one control image for each ControlNet")
+        for flag in ("control_preprocess", "control_mode", "control_weight", "control_start",
+                     "control_end"):
+            if len(getattr(args, flag)) > len(controls):
+                raise UsageError(f"more --{flag} than --control ({len(controls)})")
+        from ldm.controlnet import parse_preprocess
+        for spec in args.control_preprocess:
+            parse_preprocess(spec)
+        for i in range(len(controls)):
+            start = (args.control_start + [0.0] * len(controls))[i]
+            end = (args.control_end + [1.0] * len(controls))[i]
+            if start >= end:
+                raise UsageError(f"--control_start {start:g} is not before --control_end "
+                                 f"{end:g}: the ControlNet would act in no step")
     for flag in ("vae", "unet"):
         path = getattr(args, flag, None)
         if path is not None and not Path(path).exists():
@@ -796,6 +846,8 @@ def load_pipeline(args, choice):
     pipe.set_options(compile=args.compile, deepcache=args.deepcache,
                      attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
                      backend=args.backend or DEFAULT_BACKEND)
+    if getattr(args, "control", None):
+        pipe.set_controls(control_units(args, pipe))
     if getattr(args, "refiner", None):
         from ldm.config import choose_model
         try:
@@ -814,6 +866,29 @@ def load_pipeline(args, choice):
             f"; {INPAINTING_HINT if inpainting else INSTALL_HINT}")
     log.info("using %s on %s%s", pipe.model_name, pipe.device, hint)
     return pipe
+
+
+def control_units(args, pipe):
+    """--control and its companions as ``ldm.controlnet.ControlUnit``s for ``pipe``."""
+    from ldm.controlnet import ControlUnit, load_controlnet, preprocess
+    from ldm.image_io import load_image
+    n = len(args.control)
+    specs = args.control_preprocess + ["none"] * n
+    modes = args.control_mode + ["balanced"] * n
+    weights = args.control_weight + [1.0] * n
+    starts, ends = args.control_start + [0.0] * n, args.control_end + [1.0] * n
+    units = []
+    for i, (path, image) in enumerate(zip(args.control, args.control_image)):
+        try:
+            picture = load_image(image, "--control_image")
+        except LdmError as e:
+            raise type(e)(f"--control_image: {e}") from None
+        net = load_controlnet(path, pipe.model)
+        units.append(ControlUnit(net, preprocess(picture, specs[i]), weights[i], starts[i],
+                                 ends[i], name=Path(path).name, preprocess=specs[i],
+                                 mode="balanced" if modes[i] == "guess" else modes[i],
+                                 guess=modes[i] == "guess"))
+    return units
 
 
 def resolve_sampling(args, info=None, task="txt2img"):

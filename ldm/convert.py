@@ -55,8 +55,9 @@ def _unet_blocks(unet):
                 if getattr(unet, "adm_in_channels", None) else []),
               *([("time_embedding.cond_proj", "time_embedding.cond_proj", {})]  # LCM's
                 if getattr(unet, "time_cond_proj_dim", None) else []),
-              ("input_blocks.0.0", "conv_in", {}), ("out.0", "conv_norm_out", {}),
-              ("out.2", "conv_out", {})]
+              ("input_blocks.0.0", "conv_in", {}),
+              *([("out.0", "conv_norm_out", {}), ("out.2", "conv_out", {})]
+                if hasattr(unet, "out") else [])]   # a ControlNet has no decoder side
 
     def parts(ours, layers, level, j, up):
         for n, layer in enumerate(layers):
@@ -80,12 +81,23 @@ def _unet_blocks(unet):
         blocks.append((f"middle_block.{n}", f"mid_block.{name}",
                        RESBLOCK_INNER if name.startswith("resnets") else {}))
     level = j = 0
-    for k, block in enumerate(unet.output_blocks):
+    for k, block in enumerate(getattr(unet, "output_blocks", ())):
         parts(f"output_blocks.{k}", block, level, j, "up_blocks")
         if isinstance(block[-1], Upsample):
             level, j = level + 1, 0
         else:
             j += 1
+    if hasattr(unet, "input_hint_block"):   # a ControlNet's own parts (diffusers' names)
+        convs = [n for n, layer in enumerate(unet.input_hint_block)
+                 if isinstance(layer, torch.nn.Conv2d)]
+        blocks.append((f"input_hint_block.{convs[0]}", "controlnet_cond_embedding.conv_in", {}))
+        blocks += [(f"input_hint_block.{n}", f"controlnet_cond_embedding.blocks.{i}", {})
+                   for i, n in enumerate(convs[1:-1])]
+        blocks.append((f"input_hint_block.{convs[-1]}", "controlnet_cond_embedding.conv_out",
+                       {}))
+        blocks += [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}", {})
+                   for i in range(len(unet.zero_convs))]
+        blocks.append(("middle_block_out.0", "controlnet_mid_block", {}))
     return blocks
 
 
@@ -131,15 +143,49 @@ def module_names(model):
               _unet_blocks(model.model.diffusion_model)),
              (VAE, "vae.", model.first_stage_model, _vae_blocks(model.first_stage_model))]
     for ours_root, theirs_root, net, blocks in parts:
-        for ours, theirs, inner in blocks:
-            module = net.get_submodule(ours)
-            for name, sub in module.named_modules():
-                if any(True for _ in sub.parameters(recurse=False)):
-                    key = f"{ours}.{name}" if name else ours
-                    out[ours_root + key] = theirs_root + (f"{theirs}.{_rename(name, inner)}"
-                                                          if name else theirs)
+        out.update(_block_names(net, blocks, ours_root, theirs_root))
     for prefix, encoder, component in text_encoders(model):
         out.update(_text_modules(prefix, encoder, component))
+    return out
+
+
+def _block_names(net, blocks, ours_root="", theirs_root=""):
+    """{our module path: diffusers'} for the modules with weights in ``blocks``
+    (``_unet_blocks``, ``_vae_blocks``) of ``net``."""
+    out = {}
+    for ours, theirs, inner in blocks:
+        module = net.get_submodule(ours)
+        for name, sub in module.named_modules():
+            if any(True for _ in sub.parameters(recurse=False)):
+                key = f"{ours}.{name}" if name else ours
+                out[ours_root + key] = theirs_root + (f"{theirs}.{_rename(name, inner)}"
+                                                      if name else theirs)
+    return out
+
+
+def controlnet_from_diffusers(net, sd):
+    """A diffusers ``ControlNetModel`` state dict as ``net``'s (a
+    ``ldm.modules.diffusionmodules.controlnet.ControlNet``) keys: the encoder's names as
+    the UNet's (``_unet_blocks``), the hint encoder, zero convolutions and middle output
+    as diffusers names them. Keys left over or not filled raise CheckpointError."""
+    names = {f"{theirs}.{param}": f"{ours}.{param}"
+             for ours, theirs in _block_names(net, _unet_blocks(net)).items()
+             for param, _ in net.get_submodule(ours).named_parameters(recurse=False)}
+    own = net.state_dict()
+    out, left = {}, []
+    for key, value in sd.items():
+        ours = names.get(key)
+        if ours is None:
+            left.append(key)
+            continue
+        if value.dim() == 2 and own[ours].dim() == 4:   # 1x1 convolutions as Linear
+            value = value[:, :, None, None]
+        out[ours] = value
+    missing = sorted(own.keys() - out.keys())
+    if left or missing:
+        raise CheckpointError(f"not a ControlNet of this model's shape: "
+                              f"{len(left)} keys left over ({', '.join(left[:3])}), "
+                              f"{len(missing)} missing ({', '.join(missing[:3])})")
     return out
 
 

@@ -547,6 +547,9 @@ class Pipeline:
                                             ("--attention_slicing", attention_slicing),
                                             ("--offload", self.offload)) if on]
         self._set_backend(self.backend if backend is None else backend, torch_only)
+        if deepcache and deepcache > 1 and self.model.model.controls:
+            raise UsageError("--deepcache skips the UNet blocks a ControlNet's residuals go "
+                             "into: leave one of them out")
         self.deepcache = deepcache if deepcache and deepcache > 1 else None
         self.vae_tile = vae_tiling or None
         self.attention_slicing = attention_slicing
@@ -660,7 +663,11 @@ class Pipeline:
                   "backend": self.backend if self.backend != "torch" else None,
                   "refiner": self.refiner.model_name if self.refiner else None,
                   "refiner_hash": self.refiner.checkpoint_hash if self.refiner else None,
-                  "refiner_switch": self.refiner_switch if self.refiner else None}
+                  "refiner_switch": self.refiner_switch if self.refiner else None,
+                  "controlnets": [{"model": u.name, "preprocess": u.preprocess,
+                                   "weight": u.weight, "start": u.start, "end": u.end,
+                                   "mode": u.mode, **({"guess": True} if u.guess else {})}
+                                  for u in self.model.model.controls] or None}
         return {k: v for k, v in record.items() if v is not None}
 
     # -- the request's model facts and defaults ------------------------------------------
@@ -952,8 +959,25 @@ class Pipeline:
         def fresh_noise(shape):
             return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(self.device)
 
+        wrapper = self.model.model
+        if wrapper.controls:   # ControlNets: their images in the conditioning, steps counted
+            from ldm.controlnet import control_hints
+            extra["hint"] = control_hints(wrapper.controls, height, width, b, self.device,
+                                          torch.float32)
+            wrapper.control_progress = counted = {"step": 0, "steps": run}
+            inner = callback
+
+            def callback(i, x, x0):
+                counted["step"] = i + 1
+                if inner is not None:
+                    inner(i, x, x0)
+
         with self.autocast:
             cond, uncond = self.conditioning(r, extra, height, width)
+            if wrapper.controls:   # which half of a guided batch is the conditional one
+                cond["cond_mark"] = torch.ones(b, device=self.device)
+                if uncond is not None:
+                    uncond["cond_mark"] = torch.zeros(b, device=self.device)
             model = self.model
             if self.refiner is not None:   # the base above the switch, the refiner below
                 from ldm.models.diffusion.experts import Experts, switch_timestep
@@ -973,6 +997,14 @@ class Pipeline:
                 except StopSampling as stop:   # the callback ended it early
                     z = stop.latents
         return z
+
+    def set_controls(self, units):
+        """ControlNets for the runs that follow (``ldm.controlnet.ControlUnit``: network,
+        control image, weight, start and end), their residuals summed; [] for none."""
+        if units and self.deepcache:
+            raise UsageError("--deepcache skips the UNet blocks a ControlNet's residuals go "
+                             "into: leave one of them out")
+        self.model.model.controls = list(units)
 
     def conditioning(self, request, extra=None, height=None, width=None):
         """(cond, uncond): the conditioning dicts of the request's prompts and negative

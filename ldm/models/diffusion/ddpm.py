@@ -41,8 +41,13 @@ class DiffusionWrapper(nn.Module):
                              "(supported: 'crossattn', 'hybrid')")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
+        # ControlNets (``ldm.controlnet.ControlUnit``, a plain list: not part of the model's
+        # weights) and the sampling step they are at ({"step", "steps"}), set by the pipeline
+        self.controls = []
+        self.control_progress = None
 
     def forward(self, x, t, cond):
+        latents = x
         if "concat" in cond:
             x = torch.cat([x, cond["concat"]], dim=1)
         extra = {}
@@ -50,6 +55,10 @@ class DiffusionWrapper(nn.Module):
             extra["y"] = cond["vector"]
         if "guidance" in cond:
             extra["guidance"] = cond["guidance"]
+        if "hint" in cond and self.controls:
+            from ldm.modules.diffusionmodules.controlnet import control_residuals
+            extra["control"] = control_residuals(self.controls, self.control_progress,
+                                                 latents, t, cond)
         return self.diffusion_model(x, t, context=cond.get("crossattn"), **extra)
 
 

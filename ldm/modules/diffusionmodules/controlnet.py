@@ -49,3 +49,41 @@ class ControlNet(UNetModel):
         outs.append(self.middle_block_out(h, emb, context))
         return outs
 
+
+def residual_scales(n, mode="balanced", guess=False):
+    """Each of ``n`` residuals' factor (shallowest first, the middle block's last): 1 for
+    A1111's "balanced" mode; its "prompt" and "control" modes' soft weights 0.825 ** (n - 1
+    - i) (lllyasviel's guess mode's); diffusers' guess mode logspace(-1, 0, n)."""
+    import torch
+    if guess:
+        return torch.logspace(-1, 0, n).tolist()
+    if mode in ("prompt", "control"):
+        return [0.825 ** float(n - 1 - i) for i in range(n)]
+    return [1.0] * n
+
+
+def control_residuals(units, progress, x, t, cond):
+    """The sum over ``units`` of each ControlNet's residuals times its weight, for the UNet
+    at latents ``x``, timestep ``t`` and conditioning ``cond`` (its ``hint``: the units'
+    images along the channels), as diffusers' ``MultiControlNetModel`` sums them; units
+    outside their steps add nothing (None when none acts). A unit's ``mode`` and ``guess``
+    scale the residuals (``residual_scales``); A1111's "control" mode and guess mode give
+    them to the conditional half of a guided batch alone (``cond_mark``: 1 there, 0 in the
+    unconditional half), as A1111's cfg injection and diffusers' guess mode do."""
+    step, steps = (progress["step"], progress["steps"]) if progress else (0, 1)
+    total, first = None, 0
+    for unit in units:
+        channels = unit.net.input_hint_block[0].in_channels
+        hint = cond["hint"][:, first:first + channels]
+        first += channels
+        if not unit.acts(step, steps):
+            continue
+        res = unit.net(x, hint, t, cond.get("crossattn"), cond.get("vector"))
+        mode, guess = getattr(unit, "mode", "balanced"), getattr(unit, "guess", False)
+        res = [r * (unit.weight * s) for r, s in zip(res, residual_scales(len(res), mode,
+                                                                          guess))]
+        if (guess or mode == "control") and "cond_mark" in cond:
+            mark = cond["cond_mark"].to(res[0].dtype)[:, None, None, None]
+            res = [r * mark for r in res]
+        total = res if total is None else [a + b for a, b in zip(total, res)]
+    return total

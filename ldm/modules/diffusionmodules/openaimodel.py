@@ -114,7 +114,9 @@ class UNetModel(nn.Module):
                  adm_in_channels=None, transformer_depth_middle=None,
                  spatial_transformer_attn_type=None, disable_middle_self_attn=False,
                  disable_middle_transformer=False, time_cond_proj_dim=None):
+        params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
+        self.params = params   # what built it (a ControlNet copies its encoder from them)
         levels = len(channel_mult)
         if isinstance(transformer_depth, int):
             transformer_depth = [transformer_depth] * levels
