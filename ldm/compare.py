@@ -295,3 +295,30 @@ def kohya_lora(model, rank=4, alpha=2.0, seed=0, compvis_names=False, te=True, c
         sd[f"{name}.lora_up.weight"] = up
         sd[f"{name}.alpha"] = torch.tensor(alpha)
     return sd
+
+
+def to_diffusers_controlnet(net, config):
+    """diffusers' ``ControlNetModel`` holding the weights of ``net`` (ours, for the model of
+    ``config``), through diffusers' own converter of lllyasviel's layout
+    (``convert_controlnet_checkpoint``); its config as diffusers'
+    ``create_controlnet_diffusers_config_from_ldm`` makes it (which cannot run in
+    diffusers 0.37: it calls the UNet config maker without the checkpoint it now needs).
+    Returns (the model, its config, the converted state dict)."""
+    import diffusers
+    from diffusers.loaders import single_file_utils as su
+    checkpoint = {"control_model." + k: v for k, v in net.state_dict().items()}
+    original = OmegaConf.to_container(config)
+    if "control_stage_config" not in original["model"]["params"]:
+        original["model"]["params"]["control_stage_config"] = {"params": {"hint_channels": 3}}
+    unet_keys = {"model.diffusion_model." + k: v for k, v in net.state_dict().items()}
+    u = su.create_unet_diffusers_config_from_ldm(original, unet_keys)
+    cfg = {"conditioning_channels": net.input_hint_block[0].in_channels, **{k: u[k] for k in (
+        "in_channels", "down_block_types", "block_out_channels", "layers_per_block",
+        "cross_attention_dim", "attention_head_dim", "use_linear_projection",
+        "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim", "transformer_layers_per_block")}}
+    converted = su.convert_controlnet_checkpoint(checkpoint, cfg)
+    theirs = diffusers.ControlNetModel(**cfg)
+    if next(net.parameters()).device.type != "meta":
+        theirs.load_state_dict(converted, strict=True)
+    return theirs.eval(), cfg, converted

@@ -40,6 +40,11 @@ def read_controlnet(path):
             sd.update(load_state_dict_file(f))
     else:
         sd = load_state_dict_file(path)
+    kind = _unsupported_kind(sd)
+    if kind:
+        raise CheckpointError(f"{path.name} is {kind}, which is not run here yet: use a "
+                              "full ControlNet (lllyasviel's control_v11*, or a diffusers "
+                              "ControlNetModel)")
     if any(k.startswith(PREFIX) for k in sd):
         return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}, "cldm"
     if any(k.startswith("controlnet_cond_embedding.") for k in sd):
@@ -78,6 +83,19 @@ def load_controlnet(path, model):
     from ldm.devices import cast_weights
     param = next(model.model.diffusion_model.parameters())
     return cast_weights(net.to(param.device), param.dtype).eval().requires_grad_(False)
+
+
+def _unsupported_kind(sd):
+    """What a ControlNet-like file this code cannot run is, or None: Stability's
+    control-LoRAs (low-rank ``.up``/``.down`` pairs, a ``lora_controlnet`` marker) and
+    "union" models (one network for many map kinds: a task embedding)."""
+    if "lora_controlnet" in sd or any(k.endswith((".up", ".down")) for k in sd):
+        return "a control-LoRA (Stability's low-rank ControlNet)"
+    if any(k.split(".")[-2:-1] == ["task_embedding"] or k.startswith(
+            ("task_embedding", "control_add_embedding", "spatial_ch_projs",
+             "control_model.task_embedding")) for k in sd):
+        return "a \"union\" ControlNet (one network for many kinds of map)"
+    return None
 
 
 def _hint_channels(sd, layout):

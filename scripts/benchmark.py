@@ -48,6 +48,9 @@ Parts:
              compiled .pt2 package) and oneDNN Graph (TorchScript trace, freeze, oneDNN
              fusion): step time, compile time, GFLOP/s against the matmul peak, the
              output's distance to eager's (docs/benchmarks/*-fixedshape.md)
+  controlnet one UNet step (batch 2, the last of --sizes) with a ControlNet (random,
+             SD-1.5-sized) against the same step without, ours and diffusers'
+             (ControlNetModel + UNet2DConditionModel, the same weights): the extra cost
   peer       the fastest CPU engine: ours on torch and on the OpenVINO backend against
              optimum-intel's OVStableDiffusionPipeline (its own process and exporter, the
              same diffusers folder), per size and dtype: per step, 10-step image, first
@@ -72,7 +75,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 PROMPT = "a painting of a virus monster playing guitar"
 RECOMMENDED = dict(sampler="dpmpp_2m", schedule="karras", steps=20)  # README's "Samplers"
 PARTS = ("peak", "unet", "vae", "text", "denormals", "image", "builtin", "memory", "fidelity",
-         "options", "tiling", "fewstep", "fixedshape", "peer")
+         "options", "tiling", "fewstep", "fixedshape", "controlnet", "peer")
 
 
 def build_parser():
@@ -274,6 +277,8 @@ def main(argv=None):
         fewstep_part(args, device, dtypes, report, size=sizes[-1])
     if "fixedshape" in parts:
         fixedshape_part(args, device, dtypes, report, size=sizes[-1])
+    if "controlnet" in parts:
+        controlnet_part(args, device, dtypes, report, size=sizes[-1])
     report.summary()
     if "peer" in parts:   # its own summary: three engines, not ours against diffusers
         import benchmark_openvino
@@ -850,6 +855,75 @@ def fixedshape_part(args, device, dtypes, report, size=512):
                 torch.jit.enable_onednn_fusion(False)
             del fn
             gc.collect()
+
+
+def controlnet_part(args, device, dtypes, report, size=512):
+    """A ControlNet's extra cost per UNet step, ours against diffusers on the same weights:
+    each side's step with the ControlNet (its residuals, then the UNet given them) and
+    without, alternating."""
+    import tempfile
+
+    import torch
+    from ldm.compare import diffusers_components, random_sd, to_diffusers_controlnet
+    from ldm.controlnet import build_controlnet
+    from ldm.pipeline import Pipeline
+
+    model, config = random_sd(config_path=args.config)
+    net = build_controlnet(model)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (p.shape[1:].numel() if p.dim() > 1
+                                                           else 1) ** -0.5)
+    tmp = Path(tempfile.mkdtemp())
+    their_unet = diffusers_components(model, config, tmp / "tok")["unet"]
+    their_net = to_diffusers_controlnet(net, config)[0]
+    h = size // 8
+    x = torch.randn(2, 4, h, h, generator=gen).to(device)
+    hint = torch.rand(2, 3, size, size, generator=gen).to(device)
+    t = torch.full((2,), 501, device=device)
+    ctx = torch.randn(2, 77, context_width(config), generator=gen).to(device)
+    unet = model.model.diffusion_model
+    for d in sorted(dtypes, key=lambda d: d != "fp32"):   # fp32 first: the casts are one way
+        dtype = getattr(torch, DTYPES[d])
+        ours = Pipeline(model, device, PRECISION[d], watermark=False, model_name="random SD")
+        from ldm.devices import cast_weights
+        cast_weights(net.to(device), dtype)
+        their_unet.to(device, dtype)
+        their_net.to(device, dtype)
+
+        def ours_plain():
+            with ours.autocast:
+                return unet(x, t, context=ctx)
+
+        def ours_control():
+            with ours.autocast:
+                return unet(x, t, context=ctx, control=net(x, hint, t, ctx))
+
+        def theirs_plain():
+            return their_unet(x.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample
+
+        def theirs_control():
+            down, mid = their_net(x.to(dtype), t, encoder_hidden_states=ctx.to(dtype),
+                                  controlnet_cond=hint.to(dtype), return_dict=False)
+            return their_unet(x.to(dtype), t, encoder_hidden_states=ctx.to(dtype),
+                              down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid).sample
+        with torch.inference_mode():
+            a, b = ours_control().float(), theirs_control().float()
+        err = float((a - b).norm() / b.norm())
+        m = timed({"ours": ours_control, "diffusers": theirs_control,
+                   "ours plain": ours_plain, "diffusers plain": theirs_plain},
+                  args.repeats, device)
+        extra_ours = m["ours"] - m["ours plain"]
+        extra_theirs = m["diffusers"] - m["diffusers plain"]
+        report.add("controlnet", f"{size}x{size} batch 2 {d} step + ControlNet", m["ours"],
+                   m["diffusers"], paired=m["paired"],
+                   note=f"without: ours {m['ours plain']:.3f} s, diffusers "
+                        f"{m['diffusers plain']:.3f} s; extra per step: ours {extra_ours:.3f} s "
+                        f"(+{extra_ours / m['ours plain']:.0%}), diffusers {extra_theirs:.3f} s "
+                        f"(+{extra_theirs / m['diffusers plain']:.0%}); rel. distance "
+                        f"{err:.1e}")
 
 
 if __name__ == "__main__":

@@ -22,30 +22,10 @@ def tiny_controlnet(seed=3):
     return randomize(ControlNet(hint_channels=3, **params), seed).eval(), config
 
 
-def their_config(ours, config):
-    """diffusers' ControlNetModel config for ours, as diffusers'
-    ``create_controlnet_diffusers_config_from_ldm`` makes it (which cannot run in this
-    diffusers version: it calls the UNet config maker without the checkpoint it now
-    needs), and ours as the ``control_model.*`` checkpoint its converter reads."""
-    from diffusers.loaders import single_file_utils as su
-    checkpoint = {"control_model." + k: v for k, v in ours.state_dict().items()}
-    original = OmegaConf.to_container(config)
-    unet_keys = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
-    u = su.create_unet_diffusers_config_from_ldm(original, unet_keys)
-    cfg = {"conditioning_channels": 3, **{k: u[k] for k in (
-        "in_channels", "down_block_types", "block_out_channels", "layers_per_block",
-        "cross_attention_dim", "attention_head_dim", "use_linear_projection",
-        "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
-        "projection_class_embeddings_input_dim", "transformer_layers_per_block")}}
-    return cfg, checkpoint, su.convert_controlnet_checkpoint(checkpoint, cfg)
-
-
 def their_controlnet(ours, config):
     """diffusers' ControlNetModel holding our weights, through diffusers' converter."""
-    cfg, _, converted = their_config(ours, config)
-    theirs = diffusers.ControlNetModel(**cfg)
-    theirs.load_state_dict(converted, strict=True)
-    return theirs.eval()
+    from ldm.compare import to_diffusers_controlnet
+    return to_diffusers_controlnet(ours, config)[0]
 
 
 @pytest.mark.parametrize("name,heads", [("cldm_v15.yaml", [8] * 4), ("cldm_v21.yaml", None)])
@@ -58,13 +38,13 @@ def test_the_published_cldm_configs_build_the_keys_diffusers_reads(name, heads):
     with torch.device("meta"):
         ours = instantiate_from_config(config.model.params.control_stage_config)
     assert len(ours.zero_convs) == 12 and ours.input_hint_block[0].in_channels == 3
-    cfg, checkpoint, converted = their_config(ours, config)
-    assert cfg["cross_attention_dim"] == (768 if heads else 1024)
+    from ldm.compare import to_diffusers_controlnet
     with torch.device("meta"):
-        theirs = diffusers.ControlNetModel(**cfg)
+        theirs, cfg, converted = to_diffusers_controlnet(ours, config)
+    assert cfg["cross_attention_dim"] == (768 if heads else 1024)
     want = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in converted.items()} == want
-    assert len(checkpoint) == len(want)
+    assert len(ours.state_dict()) == len(want)
 
 
 @torch.no_grad()
@@ -146,6 +126,15 @@ def test_a_controlnet_for_another_model_or_no_controlnet_is_one_line(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
     with pytest.raises(CheckpointError, match="is not a ControlNet"):
         load_controlnet(tmp_path / "lora.safetensors", model)
+    save_file({"lora_controlnet": torch.zeros(1), "input_blocks.1.0.in_layers.2.up":
+               torch.zeros(4, 2)}, tmp_path / "control-lora-canny-rank128.safetensors")
+    with pytest.raises(CheckpointError, match="is a control-LoRA .* not run here yet"):
+        load_controlnet(tmp_path / "control-lora-canny-rank128.safetensors", model)
+    save_file({"task_embedding": torch.zeros(8, 32), "controlnet_cond_embedding.conv_in.weight":
+               torch.zeros(16, 3, 3, 3)}, tmp_path / "controlnet-union.safetensors")
+    with pytest.raises(CheckpointError, match="is a \"union\" ControlNet") as e:
+        load_controlnet(tmp_path / "controlnet-union.safetensors", model)
+    assert "\n" not in str(e.value)
 
 
 def f8_model(seed=1):
@@ -417,3 +406,73 @@ def test_a1111_control_modes_scale_and_place_the_residuals_as_documented():
                 assert torch.allclose(a[:2], b[:2] * 0.5 * soft, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="control mode 'loud'"):
         ControlUnit(net, None, mode="loud")
+
+
+def test_an_sdxl_controlnet_from_diffusers_equals_diffusers_sdxl_controlnet_pipeline(tmp_path):
+    """An SDXL ControlNet as diffusers publishes them (a ControlNetModel folder, the size
+    and pooled-text embedding included), loaded for a tiny SDXL model: text-to-image equals
+    StableDiffusionXLControlNetPipeline on the same weights, noise and control image."""
+    from ldm.compare import diffusers_components
+    from ldm.controlnet import ControlUnit, load_controlnet
+    from ldm.pipeline import Pipeline
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(ROOT / "configs" / "tiny" / "tiny-sdxl-inference.yaml")
+    config.model.params.first_stage_config.params.ddconfig.ch_mult = [1, 2, 2, 2]   # f8
+    model = randomize(instantiate_from_config(config.model), 31).eval()
+    parts = diffusers_components(model, config, tmp_path / "tok")
+    torch.manual_seed(0)
+    theirs = randomize(diffusers.ControlNetModel.from_unet(parts["unet"]), 17).eval()
+    theirs.save_pretrained(tmp_path / "controlnet-sdxl")
+    net = load_controlnet(tmp_path / "controlnet-sdxl", model)
+    assert net.adm_in_channels    # the size and pooled-text vector, as the UNet's
+    image = _control_image(3)
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    ours.set_controls([ControlUnit(net, image, 0.8)])
+    prompts, seeds = ["a red circle", "two blue squares"], [5, 6]
+    z_ours = ours.latents(prompts, seeds, sampler="ddim", steps=4, scale=5.0, height=64,
+                          width=64, progress=False)
+    pipe = diffusers.StableDiffusionXLControlNetPipeline(**parts, controlnet=theirs)
+    pipe.set_progress_bar_config(disable=True)
+    x, _ = ours.initial_noise(seeds, 64, 64)
+    z_theirs = pipe(prompts, image=image, num_inference_steps=4, guidance_scale=5.0,
+                    height=64, width=64, latents=x.clone(), controlnet_conditioning_scale=0.8,
+                    output_type="latent").images
+    assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-4
+
+
+@pytest.mark.parametrize("strength", [0.7, 1.0])
+def test_inpainting_with_a_controlnet_equals_diffusers_controlnet_inpaint(tmp_path, strength):
+    """A text-to-image model inpainting by latent blending with a ControlNet: the latents of
+    StableDiffusionControlNetInpaintPipeline, its autoencoder's encoding given our init
+    latents (it samples the posterior where we take its mean)."""
+    import numpy as np
+    from PIL import Image
+    from ldm.compare import diffusers_components
+    from ldm.controlnet import ControlUnit, build_controlnet
+    from ldm.pipeline import Pipeline
+    model, config = f8_model(6)
+    net = randomize(build_controlnet(model), 14).eval()
+    hint = _control_image(8)
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    ours.set_controls([ControlUnit(net, hint, 1.1)])
+    picture = _control_image(9)
+    init = ours.encode([picture])
+    m = np.zeros((64, 64), np.uint8)
+    m[8:40, 16:56] = 255
+    small, _ = ours.latent_mask(Image.fromarray(m))
+    prompts, seeds = ["a red circle", "a blue square"], [7, 8]
+    z_ours = ours.latents(prompts, seeds, sampler="ddim", steps=10, scale=7.5,
+                          strength=strength, height=64, width=64, init=init, mask=small,
+                          progress=False)
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
+        **diffusers_components(model, config, tmp_path / "tok"),
+        controlnet=their_controlnet(net, config))
+    pipe.set_progress_bar_config(disable=True)
+    pipe._encode_vae_image = lambda image, generator: init.expand(image.shape[0], -1, -1,
+                                                                   -1).clone()
+    z_theirs = pipe(prompts, image=picture, mask_image=Image.fromarray(m), control_image=hint,
+                    strength=strength, num_inference_steps=10, guidance_scale=7.5,
+                    height=64, width=64, controlnet_conditioning_scale=1.1,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    output_type="latent").images
+    assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-5
