@@ -61,6 +61,11 @@ def load_controlnet(path, model):
     in one line saying what it seems made for."""
     from ldm.checkpoint import mismatch_report
     from ldm.convert import controlnet_from_diffusers
+    factor = model.latent_downsampling_factor
+    if factor != 8:   # the hint encoder takes its image down 8x, to the latents' size
+        raise CheckpointError(f"ControlNets are made for latents of 8x8 pixels and this "
+                              f"model's are {factor}x{factor} (the built-in model): use a "
+                              "Stable Diffusion checkpoint with --control")
     sd, layout = read_controlnet(path)
     net = build_controlnet(model, hint_channels=_hint_channels(sd, layout))
     context = _context_width(sd, layout)

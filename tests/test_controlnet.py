@@ -87,9 +87,8 @@ def test_a_controlnet_loads_from_each_published_layout(tmp_path, layout):
     diffusers' ControlNetModel folder and its weights file: each loads for the model it was
     made for into the same weights, as a copy of that model's UNet encoder."""
     from safetensors.torch import save_file
-    from conftest import build_tiny
     from ldm.controlnet import build_controlnet, load_controlnet
-    model = build_tiny(2)
+    model, _ = f8_model(2)
     ours = randomize(build_controlnet(model), 7).eval()
     want = ours.state_dict()
     if layout.startswith("cldm"):
@@ -114,7 +113,7 @@ def test_a_controlnet_for_another_model_or_no_controlnet_is_one_line(tmp_path):
     from ldm.checkpoint import CheckpointError
     from ldm.controlnet import build_controlnet, load_controlnet
     from ldm.modules.diffusionmodules.controlnet import ControlNet
-    model = build_tiny(2)
+    model, _ = f8_model(2)
     params = dict(build_controlnet(model).params, context_dim=64)
     other = ControlNet(hint_channels=3, **params)
     save_file({"control_model." + k: v.contiguous() for k, v in other.state_dict().items()},
@@ -126,6 +125,8 @@ def test_a_controlnet_for_another_model_or_no_controlnet_is_one_line(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
     with pytest.raises(CheckpointError, match="is not a ControlNet"):
         load_controlnet(tmp_path / "lora.safetensors", model)
+    with pytest.raises(CheckpointError, match="latents of 8x8 pixels and this model's are 4x4"):
+        load_controlnet(tmp_path / "other.safetensors", build_tiny())   # the built-in's f4
     save_file({"lora_controlnet": torch.zeros(1), "input_blocks.1.0.in_layers.2.up":
                torch.zeros(4, 2)}, tmp_path / "control-lora-canny-rank128.safetensors")
     with pytest.raises(CheckpointError, match="is a control-LoRA .* not run here yet"):
