@@ -68,7 +68,7 @@ def load_controlnet(path, model):
                               "Stable Diffusion checkpoint with --control")
     sd, layout = read_controlnet(path)
     net = build_controlnet(model, hint_channels=_hint_channels(sd, layout))
-    context = _context_width(sd, layout)
+    context = _context_width(sd)
     own = net.params.get("context_dim")
     if context is not None and own is not None and context != own:
         from ldm.families import of_text_width
@@ -109,7 +109,7 @@ def _hint_channels(sd, layout):
     return sd[key].shape[1] if key in sd else 3
 
 
-def _context_width(sd, layout):
+def _context_width(sd):
     """The text width the ControlNet's cross-attention reads (its first attn2.to_k)."""
     for k, v in sd.items():
         if k.endswith("attn2.to_k.weight"):

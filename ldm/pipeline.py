@@ -162,6 +162,13 @@ def settle_guidance(choice, model):
     return choice
 
 
+def check_deepcache_controls(deepcache, controls):
+    """DeepCache skips the UNet blocks a ControlNet's residuals go into: one or the other."""
+    if deepcache and deepcache > 1 and controls:
+        raise UsageError("--deepcache skips the UNet blocks a ControlNet's residuals go "
+                         "into: leave one of them out")
+
+
 def load_vae(model, path):
     """Replace ``model``'s autoencoder weights with those of ``path``: a VAE file in
     CompVis' layout (``encoder.*``/``decoder.*``, e.g. vae-ft-mse-840000-ema-pruned.ckpt),
@@ -547,9 +554,7 @@ class Pipeline:
                                             ("--attention_slicing", attention_slicing),
                                             ("--offload", self.offload)) if on]
         self._set_backend(self.backend if backend is None else backend, torch_only)
-        if deepcache and deepcache > 1 and self.model.model.controls:
-            raise UsageError("--deepcache skips the UNet blocks a ControlNet's residuals go "
-                             "into: leave one of them out")
+        check_deepcache_controls(deepcache, self.model.model.controls)
         self.deepcache = deepcache if deepcache and deepcache > 1 else None
         self.vae_tile = vae_tiling or None
         self.attention_slicing = attention_slicing
@@ -1001,9 +1006,7 @@ class Pipeline:
     def set_controls(self, units):
         """ControlNets for the runs that follow (``ldm.controlnet.ControlUnit``: network,
         control image, weight, start and end), their residuals summed; [] for none."""
-        if units and self.deepcache:
-            raise UsageError("--deepcache skips the UNet blocks a ControlNet's residuals go "
-                             "into: leave one of them out")
+        check_deepcache_controls(self.deepcache, units)
         self.model.model.controls = list(units)
 
     def conditioning(self, request, extra=None, height=None, width=None):

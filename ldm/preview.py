@@ -45,9 +45,7 @@ class LatentPreview:
             (w * self.factor, h * self.factor), Image.BILINEAR)
 
     def png(self, latents):
-        buffer = io.BytesIO()
-        self.image(latents).save(buffer, format="PNG")
-        return buffer.getvalue()
+        return png_bytes(self.image(latents))
 
 
 class TinyPreview:
@@ -67,9 +65,26 @@ class TinyPreview:
         return tensor_to_pil(x.float().cpu())[0]
 
     def png(self, latents):
-        buffer = io.BytesIO()
-        self.image(latents).save(buffer, format="PNG")
-        return buffer.getvalue()
+        return png_bytes(self.image(latents))
+
+
+class FullPreview:
+    """A1111's "Full" live preview: the model's own autoencoder decodes the estimate."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def image(self, latents):
+        return self.pipe.decode(latents[:1].to(self.pipe.device))[0]
+
+    def png(self, latents):
+        return png_bytes(self.image(latents))
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def previewer(pipe, tiny_path=None):

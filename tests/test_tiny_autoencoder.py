@@ -227,7 +227,8 @@ def test_server_previews_decode_with_the_taesd_in_its_vae_approx_folder(tmp_path
     from safetensors.torch import save_file
     from conftest import build_tiny
     from ldm.pipeline import Pipeline
-    from ldm.server import FullPreview, tiny_preview
+    from ldm.preview import FullPreview
+    from ldm.server import tiny_preview
     from ldm.server.folders import Folders
     approx = tmp_path / "models" / "VAE-approx"
     approx.mkdir(parents=True)

@@ -71,7 +71,7 @@ def loader(args, folders):
     from ldm.errors import LdmError
 
     def load(entry, vae, device):
-        from ldm.preview import LatentPreview
+        from ldm.preview import FullPreview, LatentPreview
         a = copy.copy(args)
         a.ckpt, a.config = str(entry.path), (str(entry.config) if entry.config else None)
         a.vae = str(vae.path) if vae is not None else None
@@ -89,19 +89,6 @@ def loader(args, folders):
                           "taesd": tiny_preview(pipe, folders.found.get("vae_approx", ()))}
         return pipe
     return load
-
-
-class FullPreview:
-    """A1111's "Full" live preview: the model's own autoencoder decodes the estimate."""
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    def png(self, latents):
-        import io
-        buffer = io.BytesIO()
-        self.pipe.decode(latents[:1].to(self.pipe.device))[0].save(buffer, format="PNG")
-        return buffer.getvalue()
 
 
 def tiny_preview(pipe, entries):

@@ -79,10 +79,9 @@ def control_residuals(units, progress, x, t, cond):
         if not unit.acts(step, steps):
             continue
         res = unit.net(x, hint, t, cond.get("crossattn"), cond.get("vector"))
-        mode, guess = getattr(unit, "mode", "balanced"), getattr(unit, "guess", False)
-        res = [r * (unit.weight * s) for r, s in zip(res, residual_scales(len(res), mode,
-                                                                          guess))]
-        if (guess or mode == "control") and "cond_mark" in cond:
+        scales = residual_scales(len(res), unit.mode, unit.guess)
+        res = [r * (unit.weight * s) for r, s in zip(res, scales)]
+        if (unit.guess or unit.mode == "control") and "cond_mark" in cond:
             mark = cond["cond_mark"].to(res[0].dtype)[:, None, None, None]
             res = [r * mark for r in res]
         total = res if total is None else [a + b for a, b in zip(total, res)]
