@@ -295,6 +295,69 @@ def add_model_arguments(p):
                         "and autoencoder to the GPU only while each runs")
 
 
+def add_hires_arguments(p):
+    """A1111's hires fix flags (text-to-image)."""
+    h = p.add_argument_group("hires fix (A1111's): the image made at --H/--W, upscaled, then "
+                             "refined at the larger size with the same seed; any of these "
+                             "turns it on")
+    h.add_argument("--enable_hr", "--hr", dest="enable_hr", action="store_true",
+                   help="hires fix with A1111's defaults: --hr_scale 2, --hr_upscaler latent, "
+                        "--denoising_strength 0.7")
+    h.add_argument("--hr_scale", type=field("hr_scale"), default=None, metavar="X",
+                   help="upscale by X in [1, 8] (default 2)")
+    h.add_argument("--hr_resize_x", type=field("hr_resize_x"), default=None, metavar="W",
+                   help="upscale to this width instead (with --hr_resize_y: to cover both, "
+                        "then cropped to them; alone: the height from the aspect ratio)")
+    h.add_argument("--hr_resize_y", type=field("hr_resize_y"), default=None, metavar="H",
+                   help="upscale to this height instead")
+    h.add_argument("--hr_upscaler", type=nonempty, default=None, metavar="NAME|FILE",
+                   help="latent (default), latent-antialiased, latent-bicubic, "
+                        "latent-bicubic-antialiased, latent-nearest, latent-nearest-exact "
+                        "(the latents interpolated), lanczos, nearest (the image resized), "
+                        "A1111's names (\"Latent (nearest)\"), or an upscaler model's file "
+                        "(the SD x4 upscaler)")
+    h.add_argument("--hr_steps", "--hr_second_pass_steps", dest="hr_steps",
+                   type=field("hr_steps"), default=None, metavar="N",
+                   help="steps of the second pass (default 0: --ddim_steps'), all run, as A1111")
+    h.add_argument("--denoising_strength", type=field("hr_strength"), default=None,
+                   metavar="S", help="how much the second pass changes, in [0, 1] (default "
+                   "0.7; below 0.5 the latent upscalers leave a blur)")
+
+
+HIRES_FLAGS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_steps",
+               "denoising_strength")
+
+
+def hires_spec(args):
+    """The hires fix the flags ask for, as ``Hires.build``'s keywords (the upscaler still
+    a name or a file's path), or None. Checked before the load."""
+    if not (getattr(args, "enable_hr", False)
+            or any(getattr(args, k, None) is not None for k in HIRES_FLAGS)):
+        return None
+    from ldm.hires import Hires, upscaler_key
+    spec = dict(scale=args.hr_scale, upscaler=args.hr_upscaler, steps=args.hr_steps,
+                strength=args.denoising_strength, resize_x=args.hr_resize_x,
+                resize_y=args.hr_resize_y)
+    name = args.hr_upscaler
+    if name is not None and upscaler_key(name) is None:
+        if not Path(name).exists():
+            Hires.build(**spec, names=FLAGS)   # not a name: says which there are
+        spec["upscaler"] = None   # a file: loaded with the model
+    Hires.build(**spec, names=FLAGS)
+    spec["upscaler"] = name
+    return spec
+
+
+def hires_of(spec, pipe):
+    """``hires_spec``'s keywords with an upscaler model's file loaded for ``pipe``."""
+    from ldm.hires import upscaler_key
+    name = spec["upscaler"]
+    if name is None or upscaler_key(name) is not None:
+        return spec
+    from ldm.upscalers import load_upscaler
+    return dict(spec, upscaler=load_upscaler(name, pipe, flag="--hr_upscaler"))
+
+
 def lora_spec(text):
     """An argparse type: ``FILE`` or ``FILE:WEIGHT`` -> (FILE, weight). The weight is what
     follows the last colon when that parses as a finite number (so ``C:\\x.safetensors``

@@ -186,13 +186,21 @@ def fingerprint(prompt_file, args, extra=""):
 # started before them keep their fingerprint
 LATER_JOB_FLAGS = ("rescale", "backend", "original_size", "crop", "target_size",
                    "aesthetic_score", "negative_aesthetic_score", "refiner", "refiner_config",
-                   "refiner_switch", "unet")
+                   "refiner_switch", "unet", "control", "control_image", "control_preprocess",
+                   "control_mode", "control_weight", "control_start", "control_end",
+                   "enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler",
+                   "hr_steps", "denoising_strength")
+
+
+def _given(value):
+    return value is not None and value is not False and not (isinstance(value, list)
+                                                             and not value)
 
 
 def job_flags(args):
     flags = {name: getattr(args, name, None) for name in JOB_FLAGS}
     flags.update({name: getattr(args, name) for name in LATER_JOB_FLAGS
-                  if getattr(args, name, None) is not None})
+                  if _given(getattr(args, name, None))})
     return flags
 
 

@@ -714,9 +714,20 @@ class Pipeline:
         return sampler_spacing(sampler, default) if sampler else default
 
     def steps_run(self, request):
-        """The denoising steps ``request`` runs (image-to-image: its share of them)."""
+        """The denoising steps ``request`` runs (image-to-image: its share of them; the
+        hires fix: both passes)."""
         n = self.num_steps(request.steps, request.schedule, request.sampler)
+        if request.hires is not None:
+            return n + self._hires_steps(request)[1]
         return n if request.task == "txt2img" else strength_steps(n, request.strength)
+
+    def _hires_steps(self, request):
+        """(schedule length, steps run) of the hires fix's second pass."""
+        steps, run = request.hires.schedule_steps(request.steps)
+        if steps == 0:
+            return 0, 0
+        steps = min(steps, self.model.num_timesteps)
+        return steps, min(run, self.num_steps(steps, request.schedule, request.sampler))
 
     def initial_noise(self, seeds, height, width):
         """The reproducibility contract: one CPU generator per image, seeded with its seed."""
@@ -785,9 +796,11 @@ class Pipeline:
             height, width = image.height, image.width
         else:
             height, width = request.height, request.width
-        check_memory(self.geometry, height, width, request.batch_size, self.device.type,
-                     self.vae_tile, request.names)
-        check_work(self.geometry, height, width, self.vae_tile, request.names)
+        for h, w in [(height, width)] + ([] if request.hires is None else [
+                request.hires.sizes(width, height, self.factor)[1][::-1]]):
+            check_memory(self.geometry, h, w, request.batch_size, self.device.type,
+                         self.vae_tile, request.names)
+            check_work(self.geometry, h, w, self.vae_tile, request.names)
         # 3. the latents to start from: the init image's, the mask's, the masked image's
         init = small = masked = None
         if mask is not None:
@@ -801,9 +814,11 @@ class Pipeline:
         if image is not None and (mask is None or request.latent_blend
                                   or request.strength < 1.0):
             init = self.encode([image])  # noised (img2img, strength < 1) or blended back
-        # 4. denoising
+        # 4. denoising (and the hires fix's second pass, at its larger size)
         z = self._denoise(request, height, width, init=init, mask=small, masked=masked,
                           progress=progress, callback=callback)
+        if request.hires is not None:
+            z = self._hires(request, z, height, width, progress, callback)
         # 5. decoding, the safety check, the watermark
         self.check_finite(z, "the UNet's")
         images, notes = self.finish(self.decode(z))
@@ -813,6 +828,29 @@ class Pipeline:
         # 7. the parameters that make each image again
         return [Sample(im, self.record(request, i, height, width, note))
                 for i, (im, note) in enumerate(zip(images, notes))]
+
+    def _hires(self, request, z, height, width, progress, callback):
+        """The hires fix's second pass on the first pass's latents ``z``
+        (``ldm.hires``): upscaled (the latents, or the decoded images, encoded again),
+        cropped to the asked size, then refined as image-to-image from fresh noise of the
+        same seeds. Bit for bit our img2img on the upscaled latents, run for exactly the
+        hires steps."""
+        from ldm import hires
+        hr, f = request.hires, self.factor
+        (uw, uh), (w, h) = hr.sizes(width, height, f)
+        if hr.latent:
+            z = hires.upscale_latents(z, (uh // f, uw // f), hr.upscaler)
+        else:
+            images = self.decode(z)
+            z = self.encode([hires.upscale_image(im, uw, uh, hr.upscaler, request.prompts[i],
+                                                 request.seeds[i])
+                             for i, im in enumerate(images)])
+        z = hires.crop_latents(z, (h // f, w // f))
+        steps, run = self._hires_steps(request)
+        second = request.with_(task="img2img", steps=max(steps, 1), strength=hr.strength,
+                               height=h, width=w, hires=None)
+        return self._denoise(second, h, w, init=z, run=run, progress=progress,
+                             callback=callback)
 
     def check_finite(self, x, what):
         """A NaN or infinity where a number should be (a network that overflowed in float16:
@@ -884,6 +922,9 @@ class Pipeline:
                   "checkpoint_hash": self.checkpoint_hash,
                   "prediction": self.model.parameterization, "precision": self.precision,
                   **self.options_record([r.prompts[i], r.negative_prompts[i]])}
+        if r.hires is not None:   # A1111's Size is the first pass's
+            w, h = r.hires.sizes(width, height, self.factor)[1]
+            params.update(r.hires.record(), output_size=f"{w}x{h}")
         if r.task == "img2img":
             params.update(task="img2img", strength=r.strength,
                           init_image_sha256=r.image_hash or image_sha256(r.image))
@@ -937,13 +978,14 @@ class Pipeline:
                              masked=masked, progress=progress, callback=callback)
 
     def _denoise(self, request, height, width, init=None, mask=None, masked=None,
-                 progress=True, callback=None):
+                 progress=True, callback=None, run=None):
         r = request
         noise, gens = self.initial_noise(r.seeds, height, width)
         b = r.batch_size
         spacing = self.defaults.get("timestep_spacing", "uniform")
         n = self.num_steps(r.steps, r.schedule, r.sampler)
-        run = n if init is None else strength_steps(n, r.strength)
+        if run is None:   # the steps run: all, or image-to-image's share (the hires fix: its own)
+            run = n if init is None else strength_steps(n, r.strength)
         start, known, extra = None, None, {}
         if init is not None:
             init = init.to(self.device).expand(b, -1, -1, -1)

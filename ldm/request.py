@@ -55,6 +55,11 @@ LIMITS = {
     "refiner_switch": Limit(float, 0, 1),
     "aesthetic_score": Limit(float, 0, 10),
     "negative_aesthetic_score": Limit(float, 0, 10),
+    "hr_scale": Limit(float, 1, 8),         # the hires fix's (ldm.hires)
+    "hr_steps": Limit(int, 0, 1000),
+    "hr_strength": Limit(float, 0, 1),
+    "hr_resize_x": Limit(int, 0, 16384),
+    "hr_resize_y": Limit(int, 0, 16384),
 }
 # SDXL's size conditioning (the request's fields; ``DiffusionEngine.size_values``)
 SIZE_CONDITIONING = ("original_size", "crop", "target_size", "aesthetic_score",
@@ -72,7 +77,10 @@ FLAGS = {"steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta",
          "batch": "--n_samples", "vae_tiling": "--vae_tiling",
          "refiner_switch": "--refiner_switch", "original_size": "--original_size", "target_size": "--target_size", "crop": "--crop",
          "aesthetic_score": "--aesthetic_score",
-         "negative_aesthetic_score": "--negative_aesthetic_score"}
+         "negative_aesthetic_score": "--negative_aesthetic_score",
+         "hr_scale": "--hr_scale", "hr_upscaler": "--hr_upscaler", "hr_steps": "--hr_steps",
+         "hr_strength": "--denoising_strength", "hr_resize_x": "--hr_resize_x",
+         "hr_resize_y": "--hr_resize_y"}
 
 
 def check_number(value, kind, lo=None, hi=None):
@@ -184,6 +192,7 @@ class Request:
     target_size: tuple = None
     aesthetic_score: float = None
     negative_aesthetic_score: float = None
+    hires: object = None          # text-to-image: ``ldm.hires.Hires``, A1111's hires fix
     names: dict = field(default=None, compare=False, repr=False)  # its caller's words
 
     @property
@@ -200,12 +209,12 @@ class Request:
               image=None, mask=None, strength=None, resize_mode="resize", full_size=False,
               mask_blur=4, paste_back=True, latent_blend=True, image_hash=None,
               mask_hash=None, rescale=None, original_size=None, crop=None, target_size=None,
-              aesthetic_score=None, negative_aesthetic_score=None, names=None):
+              aesthetic_score=None, negative_aesthetic_score=None, hires=None, names=None):
         """A valid ``Request`` for ``task`` on ``model`` (a ``ModelInfo``), None fields
         completed from the model's defaults, -1 seeds drawn; else UsageError or WrongType
         naming the field in ``names`` (default: the keywords here). ``image`` and
         ``mask``: a PIL image, a path, or a numpy array (H x W [x C], uint8, or float in
-        [0, 1])."""
+        [0, 1]). ``hires``: a ``ldm.hires.Hires``, or a dict of ``Hires.build``'s keywords."""
         n = _namer(names)
         if task not in TASKS:
             raise UsageError(f"task must be one of {TASKS}, not {task!r}")
@@ -255,6 +264,16 @@ class Request:
             mask = as_image(mask, n("mask"), "L")
         elif mask is not None:
             raise UsageError("only inpainting takes a mask")
+        if hires is not None:
+            from ldm.hires import Hires
+            if task != "txt2img":
+                raise UsageError(f"hires fix is for text-to-image; {task} takes the size it "
+                                 f"is given ({n('height')}/{n('width')})")
+            if isinstance(hires, dict):
+                hires = Hires.build(**hires, names=names)
+            elif not isinstance(hires, Hires):
+                raise WrongType(f"hires must be a ldm.hires.Hires or a dict, not "
+                                f"{type(hires).__name__}")
         return cls(task, tuple(prompts), tuple(seeds), tuple(negative_prompts),
                    values["sampler"], values["schedule"], values["eta"], values["steps"],
                    values["scale"], height, width, image,
@@ -262,7 +281,7 @@ class Request:
                    bool(full_size), values["mask_blur"], bool(paste_back), bool(latent_blend),
                    image_hash, mask_hash, values["rescale"], values.get("original_size"),
                    values.get("crop"), values.get("target_size"), values.get("aesthetic_score"),
-                   values.get("negative_aesthetic_score"), names)
+                   values.get("negative_aesthetic_score"), hires, names)
 
 
 def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None, steps=None,

@@ -32,13 +32,15 @@ def build_parser():
                    help="latent channels (default: the model's, 4)")
     p.add_argument("--f", type=number(int, 1), default=None,
                    help="downsampling factor (default: the model's, 8 for SD v1)")
+    cli.add_hires_arguments(p)
     cli.add_job_arguments(p)
     cli.add_model_arguments(p)
     return p
 
 
 def check(args, choice):
-    """Everything that needs no weights, before the slow load: (height, width)."""
+    """Everything that needs no weights, before the slow load: (height, width, the hires
+    fix's keywords or None)."""
     cli.check_sampling(args, choice)
     g = choice.geometry
     if args.C is not None and g.channels is not None and args.C != g.channels:
@@ -48,13 +50,18 @@ def check(args, choice):
                              f"{g.factor}")
     height, width = args.H or g.native_size, args.W or g.native_size
     cli.check_size(g, height, width, args.n_samples, args.device, args.vae_tiling)
-    return height, width
+    hires = cli.hires_spec(args)
+    if hires is not None and g.factor:
+        from ldm.hires import Hires
+        w, h = Hires.build(**dict(hires, upscaler=None)).sizes(width, height, g.factor)[1]
+        cli.check_size(g, h, w, args.n_samples, args.device, args.vae_tiling)
+    return height, width, hires
 
 
 def run(args, job):
 
     choice = cli.choose_model(args)  # the config is read and checked; no weights yet
-    height, width = check(args, choice)
+    height, width, hires = check(args, choice)
     cli.check_model_files(args)
     cli.draw_seed(args)
     job_run = cli.prepare_job(args, choice)  # a JSONL --from-file: checked, before the load
@@ -65,18 +72,20 @@ def run(args, job):
         work, sampling = job_run.work, job_run.sampling
     out = job.outdir(args.outdir)
     pipe = cli.load_pipeline(args, choice)  # the slow part
+    if hires is not None:
+        hires = cli.hires_of(hires, pipe)
 
     def request(prompts, seeds, line=None):
         """The request of a batch: the flags', or a JSONL line's settings over them."""
         if line is None:
             return cli.build_request(args, pipe.info, "txt2img", prompts, seeds,
-                                     height=height, width=width)
+                                     height=height, width=width, hires=hires)
         negative, _, steps, scale, h, w = jobs.settings(line, args)
         sampler, schedule, eta = sampling[line.line]
         return cli.build_request(args, pipe.info, "txt2img", prompts, seeds,
                                  negative_prompts=negative, sampler=sampler,
                                  schedule=schedule, eta=eta, steps=steps, scale=scale,
-                                 height=h or height, width=w or width)
+                                 height=h or height, width=w or width, hires=hires)
 
     def make(prompts, seeds, callback, line=None):
         return pipe.run(request(prompts, seeds, line), progress=False, callback=callback)
