@@ -232,6 +232,7 @@ def checkpoint_shapes(path):
 # What real checkpoints carry besides our model's weights; dropped before the strict load.
 IGNORED_KEYS = re.compile(
     r"^(model_ema\.|cond_ema\.|first_stage_model\.loss\.|logvar$|lvlb_weights$|"
+    r"low_scale_model\.|"   # the x4 upscaler's noise schedule: derived from the config
     r"model_ema_decay|scale_factor$|scale_set$|"
     r"cond_stage_model\.transformer\.(text_model\.)?embeddings\.position_ids$)")
 

@@ -983,6 +983,10 @@ def check_sampling(args, choice, task="txt2img"):
     """The sampling flags against each other and the model's config; the guidance scale.
     A dedicated inpainting model (9-channel UNet) serves inpainting only."""
     g = choice.geometry
+    if (task == "upscale") != g.upscaler:
+        raise UsageError(f"{choice.ckpt} is the SD x4 upscaler: use scripts/upscale.py (or "
+                         "--hr_upscaler with scripts/txt2img.py)" if g.upscaler else
+                         "upscaling needs the SD x4 upscaler (x4-upscaler-ema) as --ckpt")
     if task != "inpaint" and g.is_inpainting:
         raise UsageError(f"{choice.ckpt} is an inpainting model ({g.unet_in_channels}-channel "
                          "UNet): use scripts/inpaint.py")
@@ -1003,7 +1007,7 @@ def build_request(args, info, task, prompts, seeds, **values):
                   scale=args.scale, height=getattr(args, "H", None),
                   width=getattr(args, "W", None), rescale=getattr(args, "rescale", None),
                   **{k: getattr(args, k, None) for k in req.SIZE_CONDITIONING})
-    if task != "txt2img":
+    if task in ("img2img", "inpaint"):
         fields.update(strength=args.strength, resize_mode=args.resize_mode,
                       full_size=args.full_size)
     fields.update(values)

@@ -143,6 +143,7 @@ class Geometry:
     decoder_channels: int = None  # the autoencoder decoder's width at full resolution
     refiner: bool = False       # SDXL's refiner (conditioned on an aesthetic score)
     guidance_embedded: bool = False  # a consistency model taking its guidance as an embedding
+    upscaler: bool = False      # the SD x4 upscaler (LatentUpscaleDiffusion)
 
     @property
     def is_inpainting(self):
@@ -193,6 +194,7 @@ def geometry(config):
     g.model_channels = unet.get("model_channels")
     g.guidance_embedded = bool(unet.get("time_cond_proj_dim"))
     embedders = ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models")
+    g.upscaler = str(config.model.get("target", "")).endswith("LatentUpscaleDiffusion")
     g.refiner = any(hasattr(e, "get") and e.get("input_key") == "aesthetic_score"
                     for e in embedders or ())
     return g

@@ -53,7 +53,7 @@ def parameters_text(p):
              "checkpoint_hash": "Model hash", "model": "Model",
              "strength": "Denoising strength", "hr_scale": "Hires upscale",
              "hr_resize": "Hires resize", "hr_steps": "Hires steps",
-             "hr_upscaler": "Hires upscaler", "mask_blur": "Mask blur",
+             "hr_upscaler": "Hires upscaler", "noise_level": "Noise level", "mask_blur": "Mask blur",
              "clip_skip": "Clip skip", "vae_hash": "VAE hash", "vae": "VAE",
              "lora_hashes": "Lora hashes", "ti_hashes": "TI hashes",
              "deepcache": "DeepCache interval", "vae_tiling": "Tiled VAE",

@@ -681,7 +681,13 @@ class Pipeline:
         """What requests are checked against and completed from (``ldm.request.ModelInfo``):
         the factor, native size, timesteps and the config's sampling defaults."""
         return ModelInfo(self.factor, self.native_size, self.model.num_timesteps,
-                         self.defaults, self.is_inpainting_model, self.model.guidance_embedded)
+                         self.defaults, self.is_inpainting_model, self.model.guidance_embedded,
+                         self.is_upscaler)
+
+    @property
+    def is_upscaler(self):
+        """The SD x4 upscaler (``LatentUpscaleDiffusion``): its one task is "upscale"."""
+        return hasattr(self.model, "upscale_condition")
 
     @property
     def is_refiner(self):
@@ -719,6 +725,8 @@ class Pipeline:
         n = self.num_steps(request.steps, request.schedule, request.sampler)
         if request.hires is not None:
             return n + self._hires_steps(request)[1]
+        if request.task == "upscale":
+            return n * len(self._tiles(request, warn=False)[1])
         return n if request.task == "txt2img" else strength_steps(n, request.strength)
 
     def _hires_steps(self, request):
@@ -782,6 +790,16 @@ class Pipeline:
 
     __call__ = generate
 
+    def upscale(self, prompts, seeds, image, *, progress=True, callback=None, **values):
+        """The SD x4 upscaler: ``image`` (PIL, a path or a numpy array; sides made multiples
+        of 8) four times larger, guided by the prompt. ``noise_level`` (0 to 350, default
+        20): how much noise the low-resolution image is given (more: more detail invented,
+        less of the input kept). ``tile`` (default 128, 0: none) and ``tile_overlap``
+        (default 32), in low-resolution pixels: large images are made in tiles, each
+        denoised alone from its share of one noise image and blended over the overlap."""
+        return self.run(self.request("upscale", prompts, seeds, image=image, **values),
+                        progress=progress, callback=callback)
+
     @torch.no_grad()
     def run(self, request, *, progress=True, callback=None):
         """The images a ``Request`` asks for, each with its reproduction parameters, in the
@@ -789,6 +807,8 @@ class Pipeline:
         may raise ``StopSampling(pred_x0)`` to finish the images from that step's estimate."""
         # 1. the task against the model
         self.check_task(request)
+        if request.task == "upscale":
+            return self._upscale(request, progress, callback)
         # 2. the input image (and mask) at the size to sample; the memory that size needs
         image = mask = None
         if request.task != "txt2img":
@@ -852,6 +872,58 @@ class Pipeline:
         return self._denoise(second, h, w, init=z, run=run, progress=progress,
                              callback=callback)
 
+    def _tiles(self, request, warn=True):
+        """(the low-resolution image at sides of multiples of 8, its tiles as (top, left,
+        height, width) in its pixels) of an upscaling request."""
+        from ldm.upscalers import tile_boxes
+        image, fitted = fit_image(request.image, 8)
+        if fitted and warn:
+            log.warning(fitted)
+        return image, tile_boxes(image.height, image.width, request.tile,
+                                 request.tile_overlap)
+
+    def _upscale(self, request, progress, callback):
+        """The SD x4 upscaler's task: the low-resolution image noised to the request's
+        level beside the latents (the same noise for every tile: one draw for the whole
+        image, after the start noise, from each seed's generator), tile by tile, each
+        decoded and blended with linear ramps over the overlaps (``ldm.upscalers``)."""
+        from ldm.upscalers import blend_weights
+        r, f = request, self.factor
+        image, boxes = self._tiles(r)
+        h, w = image.height, image.width
+        th, tw = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        check_memory(self.geometry, th * f, tw * f, r.batch_size, self.device.type,
+                     self.vae_tile, r.names)
+        check_work(self.geometry, th * f, tw * f, self.vae_tile, r.names)
+        noise, gens = self.initial_noise(r.seeds, h * f, w * f)
+        low_noise = torch.stack([torch.randn([3, h, w], generator=g) for g in gens])
+        low = pil_to_tensor([image]).expand(r.batch_size, -1, -1, -1)
+        condition = self.model.upscale_condition(low, r.noise_level, low_noise)
+        out = torch.zeros(r.batch_size, 3, h * f, w * f)
+        total = torch.zeros(1, 1, h * f, w * f)
+        for top, left, bh, bw in boxes:
+            box = (..., slice(top, top + bh), slice(left, left + bw))
+            extra = {"concat": condition["concat"][box].to(self.device),
+                     "vector": condition["vector"].to(self.device)}
+            z = self._denoise(r, bh * f, bw * f, progress=progress, callback=callback,
+                              extra=extra, start=(noise[box].contiguous(), gens))
+            self.check_finite(z, "the UNet's")
+            weight = blend_weights(bh * f, bw * f, top * f, left * f, h * f, w * f,
+                                   r.tile_overlap * f)
+            pixels = torch.cat(self.decode_pixels(z))
+            out[..., top * f:(top + bh) * f, left * f:(left + bw) * f] += pixels * weight
+            total[..., top * f:(top + bh) * f, left * f:(left + bw) * f] += weight
+        images, notes = self.finish(tensor_to_pil(out / total))
+        params = []
+        for i, note in enumerate(notes):
+            p = self.record(r, i, h * f, w * f, note)
+            p.update(task="upscale", noise_level=r.noise_level, tile=r.tile,
+                     tile_overlap=r.tile_overlap, tiles=len(boxes),
+                     init_image_sha256=r.image_hash or image_sha256(r.image),
+                     input_size=f"{image.width}x{image.height}")
+            params.append(p)
+        return [Sample(im, p) for im, p in zip(images, params)]
+
     def check_finite(self, x, what):
         """A NaN or infinity where a number should be (a network that overflowed in float16:
         SD 2.x's UNet or SDXL's autoencoder without their float32 parts) is a one-line
@@ -869,6 +941,10 @@ class Pipeline:
         raise UsageError(f"{what} output is not finite (NaN or infinity) in {dtype}: {hint}")
 
     def check_task(self, request):
+        if self.is_upscaler != (request.task == "upscale"):
+            raise UsageError("this is the SD x4 upscaler: it makes images 4x larger "
+                             "(scripts/upscale.py, Pipeline.upscale)" if self.is_upscaler else
+                             "upscaling needs the SD x4 upscaler (x4-upscaler-ema) as --ckpt")
         if request.task == "txt2img" and self.is_refiner:
             raise UsageError("this is SDXL's refiner: it refines images (Pipeline.img2img, "
                              "strength about 0.3) or a base's last steps (set_refiner)")
@@ -978,15 +1054,16 @@ class Pipeline:
                              masked=masked, progress=progress, callback=callback)
 
     def _denoise(self, request, height, width, init=None, mask=None, masked=None,
-                 progress=True, callback=None, run=None):
+                 progress=True, callback=None, run=None, extra=None, start=None):
         r = request
-        noise, gens = self.initial_noise(r.seeds, height, width)
+        # the start noise and the generators that go on from it (``start``: drawn already)
+        noise, gens = start or self.initial_noise(r.seeds, height, width)
         b = r.batch_size
         spacing = self.defaults.get("timestep_spacing", "uniform")
         n = self.num_steps(r.steps, r.schedule, r.sampler)
         if run is None:   # the steps run: all, or image-to-image's share (the hires fix: its own)
             run = n if init is None else strength_steps(n, r.strength)
-        start, known, extra = None, None, {}
+        start, known, extra = None, None, dict(extra or {})
         if init is not None:
             init = init.to(self.device).expand(b, -1, -1, -1)
             if run == 0:
@@ -1102,13 +1179,19 @@ class Pipeline:
 
     @torch.no_grad()
     def decode(self, z):
-        images = []
+        """Latents -> PIL images."""
+        return [image for x in self.decode_pixels(z) for image in tensor_to_pil(x)]
+
+    @torch.no_grad()
+    def decode_pixels(self, z):
+        """Latents -> one [1, 3, H, W] float32 CPU tensor in about [-1, 1] per image."""
+        out = []
         for i in range(z.shape[0]):  # one at a time: the decoder's peak memory is per image
             with self.vae_autocast, self.on_device("first_stage_model"):
                 x = self.model.decode_first_stage(z[i:i + 1], self.vae_tile)
             self.check_finite(x, "the autoencoder's")
-            images += tensor_to_pil(x.float().cpu())
-        return images
+            out.append(x.float().cpu())
+        return out
 
     def finish(self, images):
         """Safety check (flagged images are replaced), then the invisible watermark."""

@@ -25,7 +25,8 @@ from ldm.errors import ResourceError, UsageError, WrongType
 
 log = logging.getLogger(__name__)
 
-TASKS = ("txt2img", "img2img", "inpaint")
+TASKS = ("txt2img", "img2img", "inpaint", "upscale")   # upscale: the SD x4 upscaler's
+UPSCALE_DEFAULTS = {"noise_level": 20, "tile": 128, "tile_overlap": 32}   # diffusers' level
 SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed takes an unsigned 64-bit seed
 RANDOM_SEED = -1             # a seed to be drawn, as A1111's -1
 RANDOM_SEED_RANGE = 2 ** 32  # drawn seeds are below this, as A1111 draws them
@@ -60,6 +61,9 @@ LIMITS = {
     "hr_strength": Limit(float, 0, 1),
     "hr_resize_x": Limit(int, 0, 16384),
     "hr_resize_y": Limit(int, 0, 16384),
+    "noise_level": Limit(int, 0, 350),       # the x4 upscaler's (its max_noise_level)
+    "tile": Limit(int, 0, 16384),
+    "tile_overlap": Limit(int, 0, 1024),
 }
 # SDXL's size conditioning (the request's fields; ``DiffusionEngine.size_values``)
 SIZE_CONDITIONING = ("original_size", "crop", "target_size", "aesthetic_score",
@@ -80,7 +84,8 @@ FLAGS = {"steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta",
          "negative_aesthetic_score": "--negative_aesthetic_score",
          "hr_scale": "--hr_scale", "hr_upscaler": "--hr_upscaler", "hr_steps": "--hr_steps",
          "hr_strength": "--denoising_strength", "hr_resize_x": "--hr_resize_x",
-         "hr_resize_y": "--hr_resize_y"}
+         "hr_resize_y": "--hr_resize_y", "noise_level": "--noise_level", "tile": "--tile",
+         "tile_overlap": "--tile_overlap"}
 
 
 def check_number(value, kind, lo=None, hi=None):
@@ -137,13 +142,14 @@ class ModelInfo:
     defaults: dict = field(default_factory=dict)
     inpainting: bool = False  # a dedicated inpainting model (9-channel UNet)
     guidance_embedded: bool = False  # guidance as a UNet input, not by a negative pass
+    upscaler: bool = False    # the SD x4 upscaler (its one task: "upscale")
 
     @classmethod
     def of_choice(cls, choice):
         """From a ``ldm.config.ModelChoice`` (the config alone, no weights)."""
         g = choice.geometry
         return cls(g.factor or 8, g.native_size or 512, g.timesteps, choice.defaults,
-                   g.is_inpainting, g.guidance_embedded)
+                   g.is_inpainting, g.guidance_embedded, g.upscaler)
 
     def default(self, name, task="txt2img"):
         """The one place for sampling defaults: the model config's own (``sampling:``),
@@ -193,6 +199,11 @@ class Request:
     aesthetic_score: float = None
     negative_aesthetic_score: float = None
     hires: object = None          # text-to-image: ``ldm.hires.Hires``, A1111's hires fix
+    # upscaling (the SD x4 upscaler): the low-resolution image's noise level, and the tiles
+    # (in low-resolution pixels, multiples of 8; 0: one pass) and their overlap
+    noise_level: int = None
+    tile: int = None
+    tile_overlap: int = None
     names: dict = field(default=None, compare=False, repr=False)  # its caller's words
 
     @property
@@ -209,7 +220,8 @@ class Request:
               image=None, mask=None, strength=None, resize_mode="resize", full_size=False,
               mask_blur=4, paste_back=True, latent_blend=True, image_hash=None,
               mask_hash=None, rescale=None, original_size=None, crop=None, target_size=None,
-              aesthetic_score=None, negative_aesthetic_score=None, hires=None, names=None):
+              aesthetic_score=None, negative_aesthetic_score=None, hires=None,
+              noise_level=None, tile=None, tile_overlap=None, names=None):
         """A valid ``Request`` for ``task`` on ``model`` (a ``ModelInfo``), None fields
         completed from the model's defaults, -1 seeds drawn; else UsageError or WrongType
         naming the field in ``names`` (default: the keywords here). ``image`` and
@@ -260,6 +272,20 @@ class Request:
         check_size(model, height, width, names)
         if task != "txt2img":
             image = as_image(image, n("image"), "RGB")
+        upscale = {}
+        for key, value in (("noise_level", noise_level), ("tile", tile),
+                           ("tile_overlap", tile_overlap)):
+            if task == "upscale":
+                upscale[key] = _number(key, UPSCALE_DEFAULTS[key] if value is None else value, n)
+            elif value is not None:
+                raise UsageError(f"{n(key)} is for the SD x4 upscaler (scripts/upscale.py)")
+        if task == "upscale":
+            if upscale["tile"] % 8:
+                raise UsageError(f"{n('tile')} {upscale['tile']} is not a multiple of 8 "
+                                 f"(e.g. 128; 0: no tiles)")
+            if upscale["tile"] and 2 * upscale["tile_overlap"] >= upscale["tile"]:
+                raise UsageError(f"{n('tile_overlap')} {upscale['tile_overlap']} must be less "
+                                 f"than half of {n('tile')} {upscale['tile']}")
         if task == "inpaint":
             mask = as_image(mask, n("mask"), "L")
         elif mask is not None:
@@ -277,11 +303,12 @@ class Request:
         return cls(task, tuple(prompts), tuple(seeds), tuple(negative_prompts),
                    values["sampler"], values["schedule"], values["eta"], values["steps"],
                    values["scale"], height, width, image,
-                   mask, values["strength"] if task != "txt2img" else None, resize_mode,
+                   mask, values["strength"] if task in ("img2img", "inpaint") else None, resize_mode,
                    bool(full_size), values["mask_blur"], bool(paste_back), bool(latent_blend),
                    image_hash, mask_hash, values["rescale"], values.get("original_size"),
                    values.get("crop"), values.get("target_size"), values.get("aesthetic_score"),
-                   values.get("negative_aesthetic_score"), hires, names)
+                   values.get("negative_aesthetic_score"), hires, upscale.get("noise_level"),
+                   upscale.get("tile"), upscale.get("tile_overlap"), names)
 
 
 def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None, steps=None,

@@ -58,7 +58,7 @@ class Detected:
     def phrase(self):
         """What it is, for a message: "an SD 1.x inpainting checkpoint (config ...)"."""
         kind = {"txt2img": "", "v": "v-prediction ", "turbo": "Turbo ", "lcm": "LCM ",
-                "zero-snr": "zero-terminal-SNR "}.get(self.variant, f"{self.variant} ")
+                "zero-snr": "zero-terminal-SNR ", "x4-upscaler": "x4 upscaler "}.get(self.variant, f"{self.variant} ")
         return (f"a {self.family.label} {kind}checkpoint, whose config is "
                 f"{self.config.relative_to(CONFIGS.parent)} (chosen by itself when --config "
                 f"is not given)")

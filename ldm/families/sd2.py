@@ -9,7 +9,8 @@ scheduler says which it is. Two more share those keys: SD-Turbo ("turbo",
 ``sd-turbo.yaml``: 1 Euler step on trailing timesteps, no guidance), told by a file name
 with "turbo" in it (``name_variants``) or a folder's trailing scheduler, and SD 2.1
 zero-terminal-SNR fine-tunes ("zero-snr"), told by a folder's scheduler or ``--config``.
-Depth-to-image
+The SD x4 upscaler ("x4-upscaler", ``x4-upscaling.yaml``: 7 input channels, a 256-wide
+UNet, the f4 autoencoder) shares the text encoder and runs one task, upscaling. Depth-to-image
 and unCLIP checkpoints (also OpenCLIP, other inputs) are not this family
 (``known.generation`` names them). Configs are Stability's."""
 from ldm.families.base import Family
@@ -23,8 +24,12 @@ OTHER_INPUTS = (UNET + "label_emb.", "embedder.", "noise_augmentor.", "depth_mod
 
 
 def match(shapes):
-    """"txt2img" or "inpainting" for an SD 2.x checkpoint's {key: shape}, else None."""
+    """"txt2img", "inpainting" or "x4-upscaler" for an SD 2.x checkpoint's {key: shape},
+    else None."""
     conv_in, cross, tokens = shapes.get(IN), shapes.get(CROSS), shapes.get(TOKENS)
+    if (tuple(conv_in or ()) == (256, 7, 3, 3) and tokens is not None and tokens[-1] == 1024
+            and UNET + "label_emb.weight" in shapes):
+        return "x4-upscaler"   # the x4 upscaler: 4 latent + 3 image channels, noise level label
     if conv_in is None or cross is None or tokens is None or len(conv_in) != 4:
         return None
     if conv_in[0] != 320 or tuple(cross) != (320, 1024) or tokens[-1] != 1024:
@@ -61,7 +66,8 @@ FAMILY = Family(
              "v": "stable-diffusion/v2-inference-v.yaml",
              "inpainting": "stable-diffusion/v2-inpainting-inference.yaml",
              "zero-snr": "stable-diffusion/v2-inference-v-zero-snr.yaml",
-             "turbo": "stable-diffusion/sd-turbo.yaml"},
+             "turbo": "stable-diffusion/sd-turbo.yaml",
+             "x4-upscaler": "stable-diffusion/x4-upscaling.yaml"},
     match=match, match_folder=match_folder,
     defaults={"scale": 9.0},   # Stability's scripts' guidance; DDIM 50 as CompVis' else
     prefixes={"unet": UNET, "vae": "first_stage_model.", "text": "cond_stage_model.model."},

@@ -32,13 +32,14 @@ class DiffusionWrapper(nn.Module):
     inpainting model's mask and masked-image latents) and ``vector`` (SDXL's pooled text
     embedding and size conditioning, the UNet's ADM input ``y``) and ``guidance`` (a
     consistency model's guidance-scale embedding). ``conditioning_key`` is CompVis':
-    "crossattn", or "hybrid" for crossattn + concat."""
+    "crossattn", "hybrid" for crossattn + concat, or Stability's "hybrid-adm" for those and
+    the ADM input (the x4 upscaler's noise level as a class label)."""
 
     def __init__(self, diff_model_config, conditioning_key):
         super().__init__()
-        if conditioning_key not in ("crossattn", "hybrid"):
+        if conditioning_key not in ("crossattn", "hybrid", "hybrid-adm"):
             raise ValueError(f"conditioning_key {conditioning_key!r} is not supported "
-                             "(supported: 'crossattn', 'hybrid')")
+                             "(supported: 'crossattn', 'hybrid', 'hybrid-adm')")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
         # ControlNets (``ldm.controlnet.ControlUnit``, a plain list: not part of the model's
@@ -244,3 +245,29 @@ class LatentInpaintDiffusion(LatentDiffusion):
             raise ValueError(f"an inpainting UNet takes {2 * self.channels + 1} input channels "
                              f"(latents, mask, masked-image latents), not {unet_in}")
         self.concat_keys, self.masked_image_key = tuple(concat_keys), masked_image_key
+
+
+class LatentUpscaleDiffusion(LatentDiffusion):
+    """The SD x4 upscaler (Stability's ``x4-upscaler-ema``, ``x4-upscaling.yaml``):
+    ``conditioning_key: hybrid-adm``, the UNet's input ``[x, the low-resolution image noised
+    by low_scale_model]`` (4 + 3 channels; the latents are the low-resolution image's size,
+    the f4 autoencoder decoding them to 4x), the noise level as its class label. The other
+    parameters are ``LatentDiffusion``'s."""
+
+    def __init__(self, *args, low_scale_config, low_scale_key="LR", noise_level_key=None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.model.conditioning_key != "hybrid-adm":
+            raise ValueError("LatentUpscaleDiffusion needs conditioning_key: hybrid-adm")
+        self.low_scale_model = instantiate_from_config(low_scale_config)
+        self.low_scale_key, self.noise_level_key = low_scale_key, noise_level_key
+
+    @property
+    def max_noise_level(self):
+        return self.low_scale_model.max_noise_level
+
+    def upscale_condition(self, image, noise_level, noise):
+        """The UNet's extra inputs for a low-resolution ``image`` [B, 3, h, w] in [-1, 1]:
+        {"concat": it noised to ``noise_level`` with ``noise``, "vector": the level}."""
+        noised, level = self.low_scale_model(image, noise_level, noise)
+        return {"concat": noised, "vector": level}

@@ -134,14 +134,17 @@ class UNetModel(nn.Module):
         unsupported = {"dims != 2": dims != 2,
                        "disable_middle_self_attn": disable_middle_self_attn,
                        "disable_middle_transformer": disable_middle_transformer,
-                       "num_classes other than 'sequential'": num_classes not in (None, "sequential"),
+                       "num_classes other than a count or 'sequential'": not (
+                           num_classes in (None, "sequential") or isinstance(num_classes, int)),
                        "num_classes: sequential without adm_in_channels": (
                            num_classes == "sequential" and not adm_in_channels),
                        "use_scale_shift_norm": use_scale_shift_norm,
                        "resblock_updown": resblock_updown, "n_embed": n_embed is not None,
                        "use_spatial_transformer=False": use_spatial_transformer is False,
                        "num_attention_blocks": num_attention_blocks is not None,
-                       "disable_self_attentions": disable_self_attentions is not None}
+                       "disable_self_attentions not one per level": (
+                           disable_self_attentions is not None
+                           and len(disable_self_attentions) != len(channel_mult))}
         bad = [name for name, on in unsupported.items() if on]
         if bad:
             raise ValueError(f"UNetModel options not supported by this implementation: {bad}")
@@ -152,14 +155,16 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         self.channel_mult = tuple(channel_mult)
 
-        def transformer(ch, depth, context):
+        def transformer(ch, depth, context, level=None):
             if num_head_channels == -1:
                 heads, dim_head = num_heads, ch // num_heads
             else:
                 heads, dim_head = ch // num_head_channels, num_head_channels
+            cross_only = bool(disable_self_attentions[level]) if (
+                disable_self_attentions is not None and level is not None) else False
             return SpatialTransformer(ch, heads, dim_head, depth=depth, dropout=dropout,
                                       context_dim=context, use_linear=use_linear_in_transformer,
-                                      pos_emb=spatial_pos_emb)
+                                      pos_emb=spatial_pos_emb, disable_self_attn=cross_only)
 
         emb_dim = model_channels * 4
         # time_embed.1 is the SiLU slot between the two Linear layers.
@@ -172,6 +177,9 @@ class UNetModel(nn.Module):
         if self.adm_in_channels:   # label_emb.0.{0,2}: sgm's Sequential in a Sequential
             self.label_emb = nn.Sequential(nn.Sequential(
                 nn.Linear(adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+        self.num_classes = num_classes if isinstance(num_classes, int) else None
+        if self.num_classes:   # class labels (the x4 upscaler's noise level): an embedding
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(
             Conv2d(in_channels, model_channels, 3, padding=1))])
@@ -182,7 +190,8 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, emb_dim, dropout, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch, transformer_depth[level], context_dim))
+                    layers.append(transformer(ch, transformer_depth[level], context_dim,
+                                              level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -203,7 +212,8 @@ class UNetModel(nn.Module):
                                    model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch, transformer_depth[level], context_dim))
+                    layers.append(transformer(ch, transformer_depth[level], context_dim,
+                                              level))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -241,6 +251,11 @@ class UNetModel(nn.Module):
                 raise ValueError(f"this UNet takes a {self.adm_in_channels}-wide vector y "
                                  f"(its ADM input), got {None if y is None else tuple(y.shape)}")
             emb = emb + self.label_emb(y.to(emb.dtype))
+        elif self.num_classes:
+            if y is None or y.dim() != 1:
+                raise ValueError(f"this UNet takes a class label per image (y: [batch] "
+                                 f"integers), got {None if y is None else tuple(y.shape)}")
+            emb = emb + self.label_emb(y.long()).to(emb.dtype)
         cache = self.feature_cache
         reuse = cache is not None and cache.reuse(x)
         # with a feature cache, only the `keep` shallowest blocks of each side run on the
