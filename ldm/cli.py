@@ -533,13 +533,16 @@ def add_image_size_arguments(p):
                         "take hours)")
 
 
-def read_image(path, args, info, what="image"):
-    """(image, (width, height)): an input image as a person brings it (``load_image``), and
-    the size it is sampled at (``ldm.request.working_size``: ``--H``/``--W``, else its own
-    down to multiples of the model's factor, or the model's own area for a very large
-    image unless --full-size), said in one line when it changes."""
+def read_image(path, args, info, what="image", change=None):
+    """(image, (width, height)): an input image as a person brings it (``load_image``;
+    ``change``: a function of it, e.g. the outpainting canvas), and the size it is sampled
+    at (``ldm.request.working_size``: ``--H``/``--W``, else its own down to multiples of
+    the model's factor, or the model's own area for a very large image unless
+    --full-size), said in one line when it changes."""
     from ldm.image_io import load_image
     image = load_image(path, what)
+    if change is not None:
+        image = change(image)
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and value % info.factor:
             raise UsageError(f"{flag} {value} is not a multiple of {info.factor}, this "

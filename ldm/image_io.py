@@ -365,7 +365,7 @@ def fill_masked(image, mask, rounds=8):
     spread inwards by blurs of growing radius (A1111's inpainting_fill "fill"): a start for
     image-to-image that does not keep what was under the mask. Pixels outside the mask are
     unchanged."""
-    from PIL import ImageFilter
+    from scipy.ndimage import gaussian_filter
     hard = np.asarray(mask.convert("L")) >= 128
     if not hard.any():
         return image
@@ -378,8 +378,7 @@ def fill_masked(image, mask, rounds=8):
     for k in range(rounds):
         radius = 2 ** k
         def blur(a):
-            im = Image.fromarray(a.astype(np.float32), "F")
-            return np.asarray(im.filter(ImageFilter.GaussianBlur(radius)), np.float64)
+            return gaussian_filter(a, radius, mode="constant")
         weight = blur(known)
         colour = np.stack([blur(rgb[..., c] * known) for c in range(3)], -1)
         reach = (weight > 1e-3) & ~filled
@@ -389,6 +388,43 @@ def fill_masked(image, mask, rounds=8):
             break
     out[~filled] = (rgb * known[..., None]).sum((0, 1)) / known.sum()
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+OUTPAINT_SIDES = ("left", "right", "up", "down")
+
+
+def outpaint_canvas(image, left=0, right=0, up=0, down=0, blur=4, fill="fill"):
+    """(canvas, mask) for outpainting ``image`` by so many pixels on each side, as A1111's
+    "Poor man's outpainting": the image pasted on a larger black canvas, the mask white
+    over the new part and reaching 2 x ``blur`` pixels into the image on each extended
+    side (a band repainted so the seam blends; the paste-back feathers it by ``blur``),
+    black over the rest of the image, whose pixels the result keeps exactly. ``fill`` is
+    checked here and applied by the pipeline (the request's ``fill``)."""
+    from ldm.errors import UsageError
+    from ldm.request import FILLS, check_number
+    sides = {}
+    for name, value in zip(OUTPAINT_SIDES, (left, right, up, down)):
+        try:
+            sides[name] = check_number(value, int, 0, 8192)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"outpaint {name}: {e}") from None
+    if not any(sides.values()):
+        raise UsageError("outpaint: give at least one side to extend (e.g. left=128)")
+    if fill not in FILLS:
+        raise UsageError(f"fill must be one of {', '.join(FILLS)}, not {fill!r}")
+    w, h = image.size
+    seam = 2 * blur
+    left, right, up, down = (sides[k] for k in OUTPAINT_SIDES)
+    inner = (left + (seam if left else 0), up + (seam if up else 0),
+             left + w - (seam if right else 0), up + h - (seam if down else 0))
+    if inner[2] <= inner[0] or inner[3] <= inner[1]:
+        raise UsageError(f"the {w}x{h} image is too small for a seam of {seam} pixels on "
+                         f"each extended side (2 x mask blur): lower the mask blur")
+    canvas = Image.new("RGB", (w + left + right, h + up + down))
+    canvas.paste(image.convert("RGB"), (left, up))
+    mask = Image.new("L", canvas.size, 255)
+    mask.paste(0, inner)
+    return canvas, mask
 
 
 def mask_region(mask, padding, width, height):

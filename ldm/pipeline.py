@@ -31,13 +31,13 @@ from ldm.config import (BUILTIN_DIR, BUILTIN_INPAINTING_DIR, INSTALL_HINT, ROOT,
                         SD_CKPT, SD_CONFIG, ModelChoice, build_error, choose_model, load_config,
                         distillate_defaults, sampling_defaults)
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
-from ldm.image_io import (fit_image, fit_mask, image_sha256, paste_back, pil_to_tensor,
-                          tensor_to_pil)
+from ldm.image_io import (fill_masked, fit_image, fit_mask, image_sha256, outpaint_canvas,
+                          paste_back, pil_to_tensor, tensor_to_pil)
 from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
                                            sampler_spacing,
                                            sampling_timesteps, strength_steps)
-from ldm.request import (SIZE_CONDITIONING, ModelInfo, Request, available_memory, check_field,
-                         check_memory, check_size, check_work, working_size)
+from ldm.request import (SIZE_CONDITIONING, ModelInfo, Request, as_image, available_memory,
+                         check_field, check_memory, check_size, check_work, working_size)
 from ldm import devices
 from ldm.devices import (NORMS, PRECISIONS, autocast_for, bf16_is_native, cast_weights,  # noqa: F401
                          channels_last_pays, check_compiler, compute_dtype, packing_pays,
@@ -788,6 +788,25 @@ class Pipeline:
         return self.run(self.request("inpaint", prompts, seeds, image=image, mask=mask,
                                      **values), progress=progress, callback=callback)
 
+    def outpaint(self, prompts, seeds, image, *, left=0, right=0, up=0, down=0,
+                 fill="fill", progress=True, callback=None, **values):
+        """Outpainting: ``image`` extended by ``left``/``right``/``up``/``down`` pixels and
+        the new part painted (``ldm.image_io.outpaint_canvas``: the mask reaches
+        2 x ``mask_blur`` pixels into the image on the extended sides, for a seam that
+        blends; every pixel further in is the input's own). ``fill``: what the new part
+        starts from (``FILLS``; it matters at a strength below 1). Then ``inpaint``, with
+        the inpainting model when this is one."""
+        blur = values.get("mask_blur", 4)
+        image = as_image(image, "image", "RGB")
+        canvas, mask = outpaint_canvas(image, left, right, up, down, blur, fill)
+        samples = self.inpaint(prompts, seeds, canvas, mask, progress=progress,
+                               callback=callback, fill=fill if fill != "original" else None,
+                               **values)
+        for s in samples:
+            s.parameters["outpaint"] = dict(left=left, right=right, up=up, down=down)
+            s.parameters["init_image_sha256"] = values.get("image_hash") or image_sha256(image)
+        return samples
+
     __call__ = generate
 
     def upscale(self, prompts, seeds, image, *, progress=True, callback=None, **values):
@@ -833,7 +852,15 @@ class Pipeline:
                 masked = self.encode_pixels(pil_to_tensor([image]) * (1 - full))
         if image is not None and (mask is None or request.latent_blend
                                   or request.strength < 1.0):
-            init = self.encode([image])  # noised (img2img, strength < 1) or blended back
+            # noised (img2img, strength < 1) or blended back; the masked part filled first
+            # as asked (A1111's inpainting_fill): with the colours around it, or its
+            # latents replaced by the seeds' noise or by zeros
+            init = self.encode([fill_masked(image, mask) if request.fill == "fill" else image])
+            if request.fill in ("latent-noise", "latent-nothing"):
+                other = (self.initial_noise(request.seeds, height, width)[0]
+                         if request.fill == "latent-noise" else torch.zeros_like(init))
+                m = small.to(init.device)
+                init = init * (1 - m) + other.to(init.device) * m
         # 4. denoising (and the hires fix's second pass, at its larger size)
         z = self._denoise(request, height, width, init=init, mask=small, masked=masked,
                           progress=progress, callback=callback)
@@ -1011,6 +1038,8 @@ class Pipeline:
                           mask_sha256=r.mask_hash or image_sha256(r.mask),
                           mask_blur=r.mask_blur if r.paste_back else None,
                           paste_back=r.paste_back, latent_blend=r.latent_blend)
+            if r.fill != "original":
+                params["fill"] = r.fill
             if r.image.size != (width, height):
                 params["output_size"] = f"{r.image.width}x{r.image.height}"
         if self.family is not None:

@@ -26,6 +26,9 @@ from ldm.errors import ResourceError, UsageError, WrongType
 log = logging.getLogger(__name__)
 
 TASKS = ("txt2img", "img2img", "inpaint", "upscale")   # upscale: the SD x4 upscaler's
+# what the masked part starts from before inpainting at a strength below 1 (A1111's
+# inpainting_fill: 0 fill, 1 original, 2 latent noise, 3 latent nothing)
+FILLS = ("fill", "original", "latent-noise", "latent-nothing")
 UPSCALE_DEFAULTS = {"noise_level": 20, "tile": 128, "tile_overlap": 32}   # diffusers' level
 SEED_MAX = 2 ** 64 - 1       # torch.Generator.manual_seed takes an unsigned 64-bit seed
 RANDOM_SEED = -1             # a seed to be drawn, as A1111's -1
@@ -85,7 +88,7 @@ FLAGS = {"steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta",
          "hr_scale": "--hr_scale", "hr_upscaler": "--hr_upscaler", "hr_steps": "--hr_steps",
          "hr_strength": "--denoising_strength", "hr_resize_x": "--hr_resize_x",
          "hr_resize_y": "--hr_resize_y", "noise_level": "--noise_level", "tile": "--tile",
-         "tile_overlap": "--tile_overlap"}
+         "tile_overlap": "--tile_overlap", "fill": "--fill"}
 
 
 def check_number(value, kind, lo=None, hi=None):
@@ -204,6 +207,7 @@ class Request:
     noise_level: int = None
     tile: int = None
     tile_overlap: int = None
+    fill: str = "original"        # inpainting: ``FILLS``
     names: dict = field(default=None, compare=False, repr=False)  # its caller's words
 
     @property
@@ -221,7 +225,7 @@ class Request:
               mask_blur=4, paste_back=True, latent_blend=True, image_hash=None,
               mask_hash=None, rescale=None, original_size=None, crop=None, target_size=None,
               aesthetic_score=None, negative_aesthetic_score=None, hires=None,
-              noise_level=None, tile=None, tile_overlap=None, names=None):
+              noise_level=None, tile=None, tile_overlap=None, fill=None, names=None):
         """A valid ``Request`` for ``task`` on ``model`` (a ``ModelInfo``), None fields
         completed from the model's defaults, -1 seeds drawn; else UsageError or WrongType
         naming the field in ``names`` (default: the keywords here). ``image`` and
@@ -279,6 +283,11 @@ class Request:
                 upscale[key] = _number(key, UPSCALE_DEFAULTS[key] if value is None else value, n)
             elif value is not None:
                 raise UsageError(f"{n(key)} is for the SD x4 upscaler (scripts/upscale.py)")
+        if fill is not None and fill not in FILLS:
+            raise UsageError(f"{n('fill')} must be one of {', '.join(FILLS)}, not {fill!r}")
+        if fill not in (None, "original") and task != "inpaint":
+            raise UsageError(f"{n('fill')} {fill} is for inpainting (what the masked part "
+                             "starts from)")
         if task == "upscale":
             if upscale["tile"] % 8:
                 raise UsageError(f"{n('tile')} {upscale['tile']} is not a multiple of 8 "
@@ -303,12 +312,14 @@ class Request:
         return cls(task, tuple(prompts), tuple(seeds), tuple(negative_prompts),
                    values["sampler"], values["schedule"], values["eta"], values["steps"],
                    values["scale"], height, width, image,
-                   mask, values["strength"] if task in ("img2img", "inpaint") else None, resize_mode,
+                   mask, values["strength"] if task in ("img2img", "inpaint") else None,
+                   resize_mode,
                    bool(full_size), values["mask_blur"], bool(paste_back), bool(latent_blend),
                    image_hash, mask_hash, values["rescale"], values.get("original_size"),
                    values.get("crop"), values.get("target_size"), values.get("aesthetic_score"),
                    values.get("negative_aesthetic_score"), hires, upscale.get("noise_level"),
-                   upscale.get("tile"), upscale.get("tile_overlap"), names)
+                   upscale.get("tile"), upscale.get("tile_overlap"), fill or "original",
+                   names)
 
 
 def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None, steps=None,

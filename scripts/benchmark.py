@@ -51,6 +51,16 @@ Parts:
   controlnet one UNet step (batch 2, the last of --sizes) with a ControlNet (random,
              SD-1.5-sized) against the same step without, ours and diffusers'
              (ControlNetModel + UNet2DConditionModel, the same weights): the extra cost
+  hires      A1111's hires fix on a random SD-1.5-sized model, 512 -> 1024 (the last of
+             --sizes doubled): DPM++ 2M Karras 20 steps, then the latent upscale and 20
+             steps at strength 0.7; ours against diffusers' StableDiffusionPipeline (latents
+             out) + interpolation + StableDiffusionImg2ImgPipeline running as many steps,
+             the same weights; each side's first pass alone too
+  upscale    the SD x4 upscaler (random weights, x4-upscaling.yaml): one UNet step on one
+             128x128 tile (batch 2: guidance), ours against diffusers' UNet; then ours
+             upscaling a 512x512 image to 2048x2048 in 128-pixel tiles overlapping by 32
+             with --upscale_steps DDIM steps, in the last of --dtypes (and the time 75
+             steps would take)
   peer       the fastest CPU engine: ours on torch and on the OpenVINO backend against
              optimum-intel's OVStableDiffusionPipeline (its own process and exporter, the
              same diffusers folder), per size and dtype: per step, 10-step image, first
@@ -75,7 +85,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 PROMPT = "a painting of a virus monster playing guitar"
 RECOMMENDED = dict(sampler="dpmpp_2m", schedule="karras", steps=20)  # README's "Samplers"
 PARTS = ("peak", "unet", "vae", "text", "denormals", "image", "builtin", "memory", "fidelity",
-         "options", "tiling", "fewstep", "fixedshape", "controlnet", "peer")
+         "options", "tiling", "fewstep", "fixedshape", "controlnet", "hires", "upscale",
+         "peer")
 
 
 def build_parser():
@@ -96,6 +107,8 @@ def build_parser():
     p.add_argument("--config", type=Path, default=None,
                    help="the random model's config for unet, vae, text and image (default: "
                         "SD v1's; e.g. configs/stable-diffusion/v2-inference-v.yaml)")
+    p.add_argument("--upscale_steps", type=int, default=5,
+                   help="DDIM steps of the upscale part's whole 512 -> 2048 image")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peer_python", default=str(Path.home() / ".cache/ov-peer/bin/python"),
@@ -279,6 +292,10 @@ def main(argv=None):
         fixedshape_part(args, device, dtypes, report, size=sizes[-1])
     if "controlnet" in parts:
         controlnet_part(args, device, dtypes, report, size=sizes[-1])
+    if "hires" in parts:
+        hires_part(args, device, dtypes, report, size=sizes[-1])
+    if "upscale" in parts:
+        upscale_part(args, device, dtypes, report)
     report.summary()
     if "peer" in parts:   # its own summary: three engines, not ours against diffusers
         import benchmark_openvino
@@ -924,6 +941,120 @@ def controlnet_part(args, device, dtypes, report, size=512):
                         f"(+{extra_ours / m['ours plain']:.0%}), diffusers {extra_theirs:.3f} s "
                         f"(+{extra_theirs / m['diffusers plain']:.0%}); rel. distance "
                         f"{err:.1e}")
+
+
+def hires_part(args, device, dtypes, report, size=512):
+    """The hires fix size -> 2 x size on the same random SD weights: ours (one call) against
+    diffusers composed as A1111 runs it (latents out, bilinear interpolation, img2img
+    running the same 20 steps); each side's first pass alone as well."""
+    import tempfile
+
+    import diffusers
+    import torch
+    import torch.nn.functional as F
+    from ldm.compare import diffusers_components, random_sd
+    from ldm.pipeline import Pipeline
+
+    model, config = random_sd(config_path=args.config)
+    components = diffusers_components(model, config, Path(tempfile.mkdtemp()) / "tok")
+    karras = diffusers.DPMSolverMultistepScheduler.from_config(
+        components["scheduler"].config, use_karras_sigmas=True)
+    first = diffusers.StableDiffusionPipeline(**dict(components, scheduler=karras))
+    second = diffusers.StableDiffusionImg2ImgPipeline(**dict(components, scheduler=karras))
+    for pipe in (first, second):
+        pipe.set_progress_bar_config(disable=True)
+    hr = dict(scale=2, upscaler="latent", strength=0.7)
+    n = int(20 / 0.7)   # A1111's schedule for 20 hires steps at 0.7; diffusers runs int(n s)
+    s2 = (20 + 0.5) / n
+    for d in sorted(dtypes, key=lambda d: d != "fp32"):
+        dtype = getattr(torch, DTYPES[d])
+        ours = Pipeline(model, device, PRECISION[d], watermark=False, model_name="random SD")
+        first.to(device, dtype)   # the components second shares
+
+        def ours_first():
+            return ours.generate(PROMPT, 1, progress=False, height=size, width=size,
+                                 **RECOMMENDED)
+
+        def ours_hires():
+            return ours.generate(PROMPT, 1, progress=False, height=size, width=size,
+                                 hires=hr, **RECOMMENDED)
+
+        def theirs_first(output_type="pil"):
+            return first(PROMPT, height=size, width=size, num_inference_steps=20,
+                         generator=torch.Generator().manual_seed(1), output_type=output_type
+                         ).images
+
+        def theirs_hires():
+            z = theirs_first("latent")
+            z = F.interpolate(z, scale_factor=2, mode="bilinear")
+            return second(PROMPT, image=z, strength=s2, num_inference_steps=n,
+                          generator=torch.Generator().manual_seed(1)).images
+        ours.generate(PROMPT, 1, progress=False, height=size, width=size, steps=2,
+                      hires=dict(hr, steps=2))   # warm-ups at both sizes, both sides
+        first(PROMPT, height=size, width=size, num_inference_steps=2)
+        second(PROMPT, image=torch.randn(1, 4, size // 4, size // 4), strength=0.5,
+               num_inference_steps=4)
+        m = timed({"ours": ours_hires, "diffusers": theirs_hires, "ours first": ours_first,
+                   "diffusers first": theirs_first}, args.image_repeats, device, warmup=False)
+        report.add("hires", f"{size}->{2 * size} {d} 20 + 20 steps", m["ours"], m["diffusers"],
+                   paired=m["paired"],
+                   note=f"first pass alone: ours {m['ours first']:.1f} s, diffusers "
+                        f"{m['diffusers first']:.1f} s; second pass + upscale: ours "
+                        f"{m['ours'] - m['ours first']:.1f} s, diffusers "
+                        f"{m['diffusers'] - m['diffusers first']:.1f} s")
+
+
+def upscale_part(args, device, dtypes, report):
+    """The SD x4 upscaler on random weights: a tile's UNet step against diffusers', then a
+    whole 512 -> 2048 upscale of ours in tiles."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from ldm.compare import diffusers_components, random_sd
+    from ldm.pipeline import Pipeline
+
+    model, config = random_sd(config_path=ROOT / "configs/stable-diffusion/x4-upscaling.yaml")
+    their_unet = diffusers_components(model, config, Path(tempfile.mkdtemp()) / "tok")["unet"]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 128, 128, generator=gen).to(device)
+    t = torch.full((2,), 501, device=device)
+    level = torch.full((2,), 20, device=device)
+    ctx = torch.randn(2, 77, 1024, generator=gen).to(device)
+    unet = model.model.diffusion_model
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((np.kron(rng.rand(64, 64, 3), np.ones((8, 8, 1))) * 255)
+                            .astype(np.uint8))   # 512 x 512
+    for d in sorted(dtypes, key=lambda d: d != "fp32"):
+        dtype = getattr(torch, DTYPES[d])
+        ours = Pipeline(model, device, PRECISION[d], watermark=False, model_name="random x4")
+        their_unet.to(device, dtype)
+
+        def ours_step():
+            with ours.autocast:
+                return unet(x, t, context=ctx, y=level)
+
+        def theirs_step():
+            return their_unet(x.to(dtype), t, encoder_hidden_states=ctx.to(dtype),
+                              class_labels=level).sample
+        with torch.inference_mode():
+            a, b = ours_step().float(), theirs_step().float()
+        err = float((a - b).norm() / b.norm())
+        m = timed({"ours": ours_step, "diffusers": theirs_step}, args.repeats, device)
+        report.add("upscale", f"x4 UNet step 128x128 tile batch 2 {d}", m["ours"],
+                   m["diffusers"], paired=m["paired"], note=f"rel. distance {err:.1e}")
+        if d != sorted(dtypes, key=lambda d: d != "fp32")[-1]:
+            continue   # the whole image in the last dtype only (bf16 on a CPU): minutes each
+        steps = args.upscale_steps
+        start = time.perf_counter()
+        out = ours.upscale("a photograph", 1, image, steps=steps, progress=False)[0]
+        whole = time.perf_counter() - start
+        tiles = out.parameters["tiles"]
+        at75 = whole + (75 - ours.num_steps(steps)) * tiles * m["ours"]
+        report.add("upscale", f"512->2048 {tiles} tiles {steps} steps {d}", whole,
+                   note=f"75 steps (diffusers' default) about {at75 / 60:.0f} min from the "
+                        f"step time above")
 
 
 if __name__ == "__main__":

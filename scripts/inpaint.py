@@ -10,6 +10,8 @@ inpainting model, as diffusers). The mask is white where to repaint
 (binarised at 0.5 for the model); the pixels outside it, feathered by --mask-blur, are the
 input's own. With --image: OUTDIR/samples/NNNNN.png and a grid, as txt2img. With --indir (the
 CompVis form): every NAME.png with a NAME_mask.png beside it becomes OUTDIR/NAME.png.
+Outpainting: --image photo.png --outpaint left=128,down=64 extends the picture and paints
+the new part (OUTDIR defaults to outputs/outpainting-samples).
 """
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from ldm import cli  # noqa: E402  (standard library only: nothing slow before main)
+from ldm.request import FILLS  # noqa: E402
 
 
 def build_parser():
@@ -44,10 +47,42 @@ def build_parser():
                    help="an inpainting model only: do not blend the known latents back after "
                         "each step (diffusers' behaviour; by default they are, as in "
                         "ComfyUI)")
+    p.add_argument("--outpaint", type=outpaint_spec, default=None,
+                   metavar="left=N,right=N,up=N,down=N",
+                   help="extend --image by so many pixels on those sides and paint the new "
+                        "part (no --mask: the mask is the new part and a seam of 2 x "
+                        "--mask-blur pixels into the image; every pixel further in stays "
+                        "the input's)")
+    p.add_argument("--fill", choices=FILLS, default=None,
+                   help="what the masked part starts from (A1111's masked content; it "
+                        "matters below --strength 1): fill (the colours around it; "
+                        "outpainting's default), original (inpainting's default), "
+                        "latent-noise, latent-nothing")
     cli.add_sampling_arguments(p, outdir=None, n_samples=2, n_iter=1)
     cli.add_image_size_arguments(p)
     cli.add_model_arguments(p)
     return p
+
+
+def outpaint_spec(text):
+    """An argparse type: "left=128,right=128,up=0,down=64" (any of the four; top and bottom
+    are up and down) -> {side: pixels}."""
+    from ldm.image_io import OUTPAINT_SIDES
+    sides = {}
+    for part in text.split(","):
+        key, eq, value = part.strip().partition("=")
+        key = {"top": "up", "bottom": "down"}.get(key.strip().lower(), key.strip().lower())
+        if not eq or key not in OUTPAINT_SIDES:
+            raise cli.argparse.ArgumentTypeError(
+                f"{part.strip()!r}: give SIDE=PIXELS for sides of left, right, up, down "
+                "(e.g. left=128,down=64)")
+        try:
+            sides[key] = cli.number(int, 0, 8192)(value.strip())
+        except cli.argparse.ArgumentTypeError as e:
+            raise cli.argparse.ArgumentTypeError(f"{key}: {e}") from None
+    if not any(sides.values()):
+        raise cli.argparse.ArgumentTypeError("extend at least one side (e.g. left=128)")
+    return sides
 
 
 def read_mask(path, args, size):
@@ -98,6 +133,18 @@ def pairs(indir):
 
 
 def check_form(args):
+    if args.outpaint:
+        if args.indir or args.mask:
+            raise cli.UsageError("--outpaint makes its own mask: give --image alone (no "
+                                 "--mask, no --indir)")
+        if not args.image:
+            raise cli.UsageError("--outpaint needs --image, the picture to extend")
+        if args.invert_mask:
+            raise cli.UsageError("--invert-mask is for a --mask; --outpaint paints the new "
+                                 "part")
+        if args.outdir is None:
+            args.outdir = "outputs/outpainting-samples"
+        return
     if args.indir:
         if args.image or args.mask:
             raise cli.UsageError("give --indir, or --image with --mask, not both")
@@ -123,8 +170,23 @@ def run(args, job):
                              f"a text-to-image model, which inpaints by latent blending only")
     info = ModelInfo.of_choice(choice)
     jobs = []  # (name, image, mask, image hash, mask hash)
+    fill = args.fill or ("fill" if args.outpaint else "original")
     for image_path, mask_path in (pairs(args.indir) if args.indir else
-                                  [(Path(args.image), Path(args.mask))]):
+                                  [(Path(args.image), None if args.outpaint else
+                                    Path(args.mask))]):
+        if args.outpaint:   # the canvas and its mask, made from the image
+            from ldm.image_io import image_sha256, outpaint_canvas
+            made = {}
+
+            def extend(image):
+                made["canvas"], made["mask"] = outpaint_canvas(
+                    image, **args.outpaint, blur=args.mask_blur, fill=fill)
+                return made["canvas"]
+            image, (width, height) = cli.read_image(image_path, args, info, change=extend)
+            cli.check_size(g, height, width, args.n_samples, args.device, args.vae_tiling)
+            jobs.append((image_path.stem, image, made["mask"], file_hash(image_path, chars=64),
+                         image_sha256(made["mask"])))
+            continue
         image, (width, height) = cli.read_image(image_path, args, info)
         try:
             mask = read_mask(mask_path, args, image.size)
@@ -159,11 +221,19 @@ def run(args, job):
         return cli.build_request(args, pipe.info, "inpaint", prompts, seeds, image=image,
                                  mask=mask, mask_blur=args.mask_blur,
                                  paste_back=args.paste_back, latent_blend=args.latent_blend,
-                                 image_hash=image_hash, mask_hash=mask_hash)
+                                 image_hash=image_hash, mask_hash=mask_hash, fill=fill)
+
+    def record(samples):
+        if args.outpaint:
+            for s in samples:
+                s.parameters["outpaint"] = {k: args.outpaint.get(k, 0) for k in
+                                            ("left", "right", "up", "down")}
+        return samples
 
     def maker(item):
         def make(prompts, seeds, callback):
-            return pipe.run(request(item, prompts, seeds), progress=False, callback=callback)
+            return record(pipe.run(request(item, prompts, seeds), progress=False,
+                                   callback=callback))
         return make
     if work is not None:
         steps = pipe.steps_run(request(jobs[0], *work[0]))

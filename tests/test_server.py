@@ -168,6 +168,31 @@ def test_webuiapi_img2img_with_a_mask_keeps_every_pixel_outside_it(server, api):
     assert r.info["parameters"][0]["task"] == "img2img" and r.info["denoising_strength"] == 0.5
 
 
+def test_webuiapi_hires_fix_and_latent_fills(server, api):
+    """enable_hr: A1111's hires fix (its fields, its infotext); inpainting_fill 2 and 3
+    (latent noise, latent nothing) keep every pixel outside the mask."""
+    r = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, steps=STEPS,
+                    enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (nearest)",
+                    hr_second_pass_steps=2, denoising_strength=0.6)
+    assert r.image.size == (96, 96)
+    p = r.info["parameters"][0]
+    assert (p["hr_scale"], p["hr_steps"], p["strength"]) == (1.5, 2, 0.6)
+    assert ("Size: 64x64" in r.info["infotexts"][0] and "Hires upscale: 1.5, Hires steps: 2, "
+            "Hires upscaler: Latent (nearest)" in r.info["infotexts"][0])
+    assert [m["name"] for m in requests.get(server.base + "/sdapi/v1/latent-upscale-modes"
+                                            ).json()][:2] == ["Latent", "Latent (antialiased)"]
+    base = Image.new("RGB", (64, 64), (200, 40, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 40))
+    outside = np.asarray(mask) < 128
+    for fill, name in ((2, "latent-noise"), (3, "latent-nothing")):
+        r = api.img2img(images=[base], mask_image=mask, prompt="a blue square", seed=4,
+                        denoising_strength=0.8, inpainting_fill=fill, mask_blur=0,
+                        inpaint_full_res=False, width=64, height=64, steps=STEPS)
+        assert (_pixels(r.image)[outside] == _pixels(base)[outside]).all()
+        assert r.info["parameters"][0]["fill"] == name
+
+
 def test_options_switch_the_model_and_lists(server, api):
     names = api.util_get_model_names()
     assert any("shapes-inpainting" in n for n in names)
@@ -411,7 +436,10 @@ BAD = [  # (method, path, body (raw str or JSON), status, words in the message)
     ("POST", T2I, {"prompt": 123}, 422, "prompt"),
     ("POST", T2I, {"prompt": "x" * 20001}, 422, "more than the server's"),
     ("POST", T2I, {"prompt": "<lora:nope:0.5> x"}, 404, "no lora named 'nope'"),
-    ("POST", T2I, {"enable_hr": True}, 422, "hires fix"),
+    ("POST", T2I, {"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, 422,
+     "hr_upscaler: 'ESRGAN_4x' is not available"),
+    ("POST", T2I, {"enable_hr": True, "hr_sampler_name": "DDIM"}, 422, "hr_sampler_name"),
+    ("POST", T2I, {"enable_hr": True, "hr_scale": 20}, 422, "hr_scale: 20 is out of range"),
     ("POST", T2I, {"alwayson_scripts": {"controlnet": {"args": [{"enabled": True}]}}}, 422,
      "controlnet"),
     ("POST", T2I, {"override_settings": {"sd_model_checkpoint": "../../../etc/passwd"}}, 404,
@@ -430,7 +458,7 @@ BAD = [  # (method, path, body (raw str or JSON), status, words in the message)
      "mask of the image's size"),
     ("POST", I2I, {"init_images": [_png_bytes()], "denoising_strength": 1.5}, 422,
      "denoising_strength"),
-    ("POST", I2I, {"init_images": [_png_bytes()], "mask": _png_bytes(), "inpainting_fill": 2},
+    ("POST", I2I, {"init_images": [_png_bytes()], "mask": _png_bytes(), "inpainting_fill": 4},
      422, "inpainting_fill"),
     ("POST", "/sdapi/v1/png-info", {"image": "abc"}, 422, "image"),
     ("GET", "/sdapi/v1/progress?id_task=never", None, 404, "no job"),

@@ -6,12 +6,15 @@ What A1111 fields do here:
   batch_size, n_iter, steps, cfg_scale, width, height, eta, override_settings (checkpoint,
   VAE, clip skip), send_images, save_images, do_not_save_grid, force_task_id; img2img's
   init_images, denoising_strength, resize_mode, mask, mask_blur, inpainting_fill (0 fill,
-  1 original), inpaint_full_res(_padding), inpainting_mask_invert; ``<lora:name:weight>``
-  in the prompt.
+  1 original, 2 latent noise, 3 latent nothing), inpaint_full_res(_padding),
+  inpainting_mask_invert; ``<lora:name:weight>`` in the prompt; txt2img's hires fix:
+  enable_hr, hr_scale, hr_resize_x/y, hr_upscaler (the Latent ones, Lanczos, Nearest),
+  hr_second_pass_steps, denoising_strength (``ldm.hires``).
 - refused with 422, because the client would get a different kind of picture than it asked
-  for without knowing: enable_hr (hires fix), subseed_strength > 0 (variation seeds),
-  tiling, script_name, enabled alwayson_scripts (ControlNet, ADetailer...), a refiner,
-  inpainting_fill 2/3, resize_mode 3 (latent upscale), more than one init image.
+  for without knowing: subseed_strength > 0 (variation seeds), tiling, script_name,
+  enabled alwayson_scripts (ControlNet, ADetailer...), a refiner, a hires fix with another
+  upscaler, sampler, checkpoint or prompt (hr_sampler_name, hr_checkpoint_name,
+  hr_prompt...), resize_mode 3 (latent upscale), more than one init image.
 - accepted and ignored with a note in ``info`` ("notes"): restore_faces, styles, the s_*
   sampler tunings, initial_noise_multiplier, image_cfg_scale and other fields that change
   nothing here; override_settings_restore_afterwards=false (overrides never outlive their
@@ -23,7 +26,7 @@ import re
 import time
 
 from ldm.errors import UsageError, WrongType
-from ldm.request import RANDOM_SEED, check_seed, draw_seed
+from ldm.request import FILLS, RANDOM_SEED, check_seed, draw_seed
 from ldm.server.service import Generation, check_bool, check_int, check_text, decode_image
 
 # our Request fields in A1111's words (for one-line errors)
@@ -33,7 +36,9 @@ NAMES = {"steps": "steps", "scale": "cfg_scale", "eta": "eta", "strength": "deno
          "schedule": "scheduler", "image": "init_images", "mask": "mask",
          "resize_mode": "resize_mode", "batch": "batch_size",
          "vae_tiling": "the server's --vae_tiling", "full_size": "a smaller image",
-         "rescale": "rescale"}
+         "rescale": "rescale", "hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler",
+         "hr_steps": "hr_second_pass_steps", "hr_strength": "denoising_strength",
+         "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y"}
 
 # A1111's schedulers and ours
 SCHEDULERS = [  # (name, label, ours)
@@ -115,6 +120,8 @@ def read(body, service, task):
     for key in ("width", "height"):
         if body.get(key) not in (None, 0):
             values[key] = body[key]
+    if task == "txt2img" and check_bool(body.get("enable_hr", False) or False, "enable_hr"):
+        values["hires"] = hires(body)
     gen = Generation(task, prompt, negative, seed, batch_size, n_iter, values, NAMES,
                      save=check_bool(body.get("save_images", False), "save_images"),
                      save_grid=not check_bool(body.get("do_not_save_grid", False),
@@ -129,9 +136,6 @@ def read(body, service, task):
 
 def refuse(body, task):
     """422 for what would change the picture in a way we cannot do."""
-    if check_bool(body.get("enable_hr", False) or False, "enable_hr") and task == "txt2img":
-        raise UsageError("enable_hr: hires fix is not available on this server yet; ask for "
-                         "the size itself or upscale afterwards")
     if body.get("subseed_strength") not in (None, 0, 0.0):
         raise UsageError("subseed_strength: variation seeds are not available on this "
                          "server; use 0")
@@ -151,6 +155,32 @@ def refuse(body, task):
         if args and not (args[0] is False or (isinstance(args[0], dict)
                                               and args[0].get("enabled") is False)):
             raise UsageError(f"alwayson_scripts: {name!r} is not available on this server")
+
+
+def hires(body):
+    """The hires fix a txt2img body asks for, as ``Hires.build``'s keywords (A1111's
+    defaults: scale 2, Latent, the first pass's steps, denoising strength 0.7)."""
+    from ldm.hires import upscaler_key
+    for key in ("hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+                "hr_negative_prompt"):
+        if body.get(key) not in (None, "", "Use same checkpoint", "Use same sampler",
+                                 "Use same scheduler"):
+            raise UsageError(f"{key}: a second pass with another {key[3:].split('_')[0]} is "
+                             "not available on this server; leave it empty")
+    name = body.get("hr_upscaler")
+    if name is not None and not isinstance(name, str):
+        raise WrongType("hr_upscaler: give an upscaler's name (see /sdapi/v1/upscalers)")
+    if name in ("None", ""):
+        name = "lanczos"   # A1111's "None": a plain resize
+    if name is not None and upscaler_key(name) is None:
+        raise UsageError(f"hr_upscaler: {name!r} is not available on this server; choose "
+                         "Latent (or its antialiased, bicubic, nearest variants), Lanczos or "
+                         "Nearest")
+    return dict(scale=body.get("hr_scale", 2.0), upscaler=name,
+                steps=body.get("hr_second_pass_steps", 0) or 0,
+                strength=body.get("denoising_strength"),
+                resize_x=body.get("hr_resize_x", 0) or 0,
+                resize_y=body.get("hr_resize_y", 0) or 0)
 
 
 def _same(value, quiet):
@@ -255,11 +285,10 @@ def image_fields(body, gen, service):
     blur = body.get("mask_blur")
     values["mask_blur"] = check_int(4 if blur is None else blur, "mask_blur", 0, 256)
     fill = check_int(body.get("inpainting_fill", 0), "inpainting_fill", 0, 3)
-    if fill >= 2:
-        raise UsageError(f"inpainting_fill: {fill} ({'latent noise' if fill == 2 else 'latent nothing'}) "
-                         "is not available yet; use 0 (fill) or 1 (original)")
     if fill == 0:
         image = fill_masked(image, mask)
+    elif fill >= 2:   # latent noise, latent nothing: the pipeline's (``Request.fill``)
+        values["fill"] = FILLS[fill]
     gen.task = "inpaint"
     if check_bool(body.get("inpaint_full_res", True), "inpaint_full_res"):
         padding = check_int(body.get("inpaint_full_res_padding", 0) or 0,

@@ -209,8 +209,13 @@ def create_app(service, auth=None):
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
-        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None,
-                 "scale": 4}]
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None,
+                 "scale": 4} for name in ("None", "Lanczos", "Nearest")]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        from ldm.hires import LABELS, LATENT_MODES
+        return [{"name": LABELS[key]} for key in LATENT_MODES]
 
     @app.post("/sdapi/v1/refresh-checkpoints")
     async def refresh_checkpoints():
