@@ -49,6 +49,20 @@ def _models(root):
     (root / "Lora").mkdir()
     model = load_model(BUILTIN_DIR / "model.safetensors", BUILTIN_DIR / "config.yaml")
     save_file(kohya_lora(model, seed=3), root / "Lora" / "style.safetensors")
+    # a tiny SD-1-shaped model with an f8 autoencoder and a ControlNet for it
+    from omegaconf import OmegaConf
+    from test_controlnet import f8_model
+    from conftest import randomize
+    from ldm.controlnet import build_controlnet
+    tiny, config = f8_model(9)
+    (root / "tiny-f8").mkdir()
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()},
+              root / "tiny-f8" / "model.safetensors")
+    OmegaConf.save(config, root / "tiny-f8" / "config.yaml")
+    (root / "ControlNet").mkdir()
+    net = randomize(build_controlnet(tiny), 21)
+    save_file({"control_model." + k: v.contiguous() for k, v in net.state_dict().items()},
+              root / "ControlNet" / "control_tiny.safetensors")
     (root / "embeddings").mkdir()
     save_file({"emb_params": torch.randn(2, 128, generator=torch.Generator().manual_seed(1))},
               root / "embeddings" / "zqshape.safetensors")
@@ -191,6 +205,55 @@ def test_webuiapi_hires_fix_and_latent_fills(server, api):
                         inpaint_full_res=False, width=64, height=64, steps=STEPS)
         assert (_pixels(r.image)[outside] == _pixels(base)[outside]).all()
         assert r.info["parameters"][0]["fill"] == name
+
+
+def test_controlnet_units_are_the_librarys(server, api):
+    """alwayson_scripts.controlnet as webuiapi sends it (canny with thresholds, a weight, a
+    step range): the image the library makes with that ControlNet; the extension's lists
+    and detect route; a module that needs weights and a model not in the folder refused."""
+    from ldm.controlnet import ControlUnit, load_controlnet, preprocess
+    from ldm.pipeline import Pipeline
+    rng = np.random.default_rng(2)
+    picture = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert api.controlnet_model_list() == ["control_tiny"]
+    assert "canny" in api.controlnet_module_list()
+    unit = webuiapi.ControlNetUnit(image=picture, module="canny", model="control_tiny",
+                                   weight=0.8, guidance_end=0.8, threshold_a=50,
+                                   threshold_b=150)
+    common = dict(prompt="a red circle", seed=8, width=64, height=64, steps=STEPS,
+                  cfg_scale=7.0, override_settings={"sd_model_checkpoint": "tiny-f8/model"})
+    # a fresh alwayson_scripts each call: webuiapi writes the units into its default dict
+    r = api.txt2img(controlnet_units=[unit], alwayson_scripts={}, **common)
+    plain = api.txt2img(alwayson_scripts={}, **common)
+    ours = Pipeline.load(server.models / "tiny-f8" / "model.safetensors", device="cpu",
+                         safety=False)
+    ours.set_text_options(prompt_syntax="a1111")   # the server's
+    net = load_controlnet(server.models / "ControlNet" / "control_tiny.safetensors",
+                          ours.model)
+    ours.set_controls([ControlUnit(net, preprocess(picture, "canny:50:150"), 0.8, 0.0, 0.8)])
+    want = ours.generate("a red circle", 8, sampler="euler", steps=STEPS, scale=7.0,
+                         height=64, width=64, progress=False)[0].image
+    ours.set_controls([])
+    want_plain = ours.generate("a red circle", 8, sampler="euler", steps=STEPS, scale=7.0,
+                               height=64, width=64, progress=False)[0].image
+    assert _pixels(plain.image).tobytes() == _pixels(want_plain).tobytes()
+    assert _pixels(r.image).tobytes() == _pixels(want).tobytes()
+    assert _pixels(plain.image).tobytes() != _pixels(want).tobytes()
+    assert r.info["parameters"][0]["controlnets"][0]["weight"] == 0.8
+    detected = requests.post(server.base + "/controlnet/detect", json={
+        "controlnet_module": "canny", "controlnet_input_images": [webuiapi.raw_b64_img(picture)],
+        "controlnet_threshold_a": 50, "controlnet_threshold_b": 150}).json()["images"]
+    edges = Image.open(io.BytesIO(base64.b64decode(detected[0])))
+    assert _pixels(edges).tobytes() == _pixels(preprocess(picture, "canny:50:150")).tobytes()
+    for unit, status, message in (
+            (dict(model="control_tiny", module="openpose", image=webuiapi.raw_b64_img(picture)),
+             422, "module: 'openpose' is not available"),
+            (dict(model="control_sd15_depth", image=webuiapi.raw_b64_img(picture)), 404,
+             "no controlnet named 'control_sd15_depth'"),
+            (dict(model="control_tiny"), 422, "give the control image")):
+        bad = requests.post(server.base + "/sdapi/v1/txt2img", json={
+            "prompt": "x", "steps": 2, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
+        assert bad.status_code == status and message in bad.json()["detail"], bad.text
 
 
 def test_options_switch_the_model_and_lists(server, api):

@@ -9,10 +9,13 @@ What A1111 fields do here:
   1 original, 2 latent noise, 3 latent nothing), inpaint_full_res(_padding),
   inpainting_mask_invert; ``<lora:name:weight>`` in the prompt; txt2img's hires fix:
   enable_hr, hr_scale, hr_resize_x/y, hr_upscaler (the Latent ones, Lanczos, Nearest),
-  hr_second_pass_steps, denoising_strength (``ldm.hires``).
+  hr_second_pass_steps, denoising_strength (``ldm.hires``); ``alwayson_scripts.controlnet``
+  units (model from the ControlNet folder, image, module none/canny/invert/threshold,
+  weight, guidance_start/end, control_mode, resize_mode; ``control_units``).
 - refused with 422, because the client would get a different kind of picture than it asked
   for without knowing: subseed_strength > 0 (variation seeds), tiling, script_name,
-  enabled alwayson_scripts (ControlNet, ADetailer...), a refiner, a hires fix with another
+  enabled alwayson_scripts other than ControlNet (ADetailer...), a ControlNet module that
+  needs downloaded weights, a refiner, a hires fix with another
   upscaler, sampler, checkpoint or prompt (hr_sampler_name, hr_checkpoint_name,
   hr_prompt...), resize_mode 3 (latent upscale), more than one init image.
 - accepted and ignored with a note in ``info`` ("notes"): restore_faces, styles, the s_*
@@ -27,7 +30,8 @@ import time
 
 from ldm.errors import UsageError, WrongType
 from ldm.request import FILLS, RANDOM_SEED, check_seed, draw_seed
-from ldm.server.service import Generation, check_bool, check_int, check_text, decode_image
+from ldm.server.service import (Generation, check_bool, check_float, check_int, check_text,
+                                decode_image)
 
 # our Request fields in A1111's words (for one-line errors)
 NAMES = {"steps": "steps", "scale": "cfg_scale", "eta": "eta", "strength": "denoising_strength",
@@ -129,6 +133,10 @@ def read(body, service, task):
                      notes=notes, kind="txt2img" if task == "txt2img" else "img2img")
     if task != "txt2img":
         image_fields(body, gen, service)
+    scripts = body.get("alwayson_scripts") or {}
+    for name, value in scripts.items():
+        if name.lower() == "controlnet":
+            gen.controls = control_units(value, service, values.get("image"))
     service.check(gen, settings)
     job_id = body.get("force_task_id")
     return gen, settings, job_id
@@ -151,10 +159,111 @@ def refuse(body, task):
     if not isinstance(scripts, dict):
         raise WrongType("alwayson_scripts: give a JSON object")
     for name, value in scripts.items():
+        if name.lower() == "controlnet":
+            continue   # ``control_units``
         args = value.get("args") if isinstance(value, dict) else None
         if args and not (args[0] is False or (isinstance(args[0], dict)
                                               and args[0].get("enabled") is False)):
             raise UsageError(f"alwayson_scripts: {name!r} is not available on this server")
+
+
+# the ControlNet extension's control modes and resize modes, and its preprocessors that
+# run here (``ldm.controlnet.PREPROCESSORS``): module -> our spec from threshold_a/_b
+CONTROL_MODES = {0: "balanced", 1: "prompt", 2: "control", "balanced": "balanced",
+                 "my prompt is more important": "prompt",
+                 "controlnet is more important": "control"}
+CONTROL_RESIZE = {0: "resize", 1: "crop", 2: "fill", "just resize": "resize",
+                  "crop and resize": "crop", "resize and fill": "fill"}
+CONTROL_MODULES = {
+    "none": lambda a, b: "none",
+    "canny": lambda a, b: f"canny:{int(100 if a is None else a)}:{int(200 if b is None else b)}",
+    "invert": lambda a, b: "invert",
+    "invert (from white bg & black line)": lambda a, b: "invert",
+    "threshold": lambda a, b: f"threshold:{int(127 if a is None else a)}"}
+
+
+def control_units(value, service, init_image=None):
+    """The enabled units of ``alwayson_scripts.controlnet`` (the sd-webui-controlnet
+    extension's fields) as specs for ``Engine.control_units``: the model a name in the
+    server's ControlNet folder, the image a base64 image (img2img: the init image when
+    none is given), the module one that needs no downloaded weights."""
+    from ldm.controlnet import parse_preprocess
+    args = value.get("args") if isinstance(value, dict) else None
+    if not isinstance(args, list):
+        raise WrongType("alwayson_scripts.controlnet: give {\"args\": [unit, ...]}")
+    specs = []
+    for i, unit in enumerate(args):
+        where = f"controlnet unit {i}"
+        if unit is False or unit is None:
+            continue
+        if not isinstance(unit, dict):
+            raise WrongType(f"{where}: give a JSON object")
+        if not check_bool(unit.get("enabled", True), f"{where} enabled"):
+            continue
+        entry = service.folders.lookup("controlnet", unit.get("model"), f"{where} model")
+        image = unit.get("image") or unit.get("input_image")
+        if isinstance(image, dict):
+            image = image.get("image")
+        if image:
+            image = decode_image(image, f"{where} image", service.limits)
+        elif init_image is not None:
+            image = init_image
+        else:
+            raise UsageError(f"{where} image: give the control image (base64)")
+        if unit.get("mask") not in (None, ""):
+            raise UsageError(f"{where} mask: a ControlNet mask is not available on this "
+                             "server")
+        module = str(unit.get("module") or "none").lower()
+        if module not in CONTROL_MODULES:
+            raise UsageError(f"{where} module: {unit.get('module')!r} is not available on "
+                             f"this server ({', '.join(CONTROL_MODULES)}); give the "
+                             "processed map with module none")
+        spec = CONTROL_MODULES[module](unit.get("threshold_a"), unit.get("threshold_b"))
+        parse_preprocess(spec, f"{where} thresholds")
+        mode = unit.get("control_mode", 0)
+        mode = mode.lower() if isinstance(mode, str) else mode
+        if mode not in CONTROL_MODES:
+            raise UsageError(f"{where} control_mode: {unit.get('control_mode')!r}; one of "
+                             "0 Balanced, 1 My prompt is more important, 2 ControlNet is "
+                             "more important")
+        resize = unit.get("resize_mode", 1)
+        resize = resize.lower() if isinstance(resize, str) else resize
+        if resize not in CONTROL_RESIZE:
+            raise UsageError(f"{where} resize_mode: {unit.get('resize_mode')!r}; one of Just "
+                             "Resize, Crop and Resize, Resize and Fill")
+        start = check_float(unit.get("guidance_start", 0.0), f"{where} guidance_start", 0, 1)
+        end = check_float(unit.get("guidance_end", 1.0), f"{where} guidance_end", 0, 1)
+        if start >= end:
+            raise UsageError(f"{where}: guidance_start {start:g} is not before guidance_end "
+                             f"{end:g}")
+        if unit.get("hr_option", "Both") not in ("Both", None):
+            raise UsageError(f"{where} hr_option: only Both is available on this server")
+        specs.append(dict(entry=entry, image=image, preprocess=spec,
+                          weight=check_float(unit.get("weight", 1.0), f"{where} weight", 0, 2),
+                          start=start, end=end, mode=CONTROL_MODES[mode],
+                          resize_mode=CONTROL_RESIZE[resize]))
+    return specs
+
+
+def control_detect(body, service):
+    """The extension's /controlnet/detect: each image through a module, as base64 PNGs."""
+    from ldm.controlnet import preprocess
+    from ldm.server.service import b64_png
+    if not isinstance(body, dict):
+        raise WrongType("the request body must be a JSON object")
+    module = str(body.get("controlnet_module") or "none").lower()
+    if module not in CONTROL_MODULES:
+        raise UsageError(f"controlnet_module: {body.get('controlnet_module')!r} is not "
+                         f"available on this server ({', '.join(CONTROL_MODULES)})")
+    spec = CONTROL_MODULES[module](body.get("controlnet_threshold_a"),
+                                   body.get("controlnet_threshold_b"))
+    images = body.get("controlnet_input_images") or body.get("controlnet_images")
+    if not isinstance(images, list) or not images:
+        raise UsageError("controlnet_input_images: give a list of base64 images")
+    out = [b64_png(preprocess(decode_image(x, f"controlnet_input_images[{i}]",
+                                           service.limits), spec))
+           for i, x in enumerate(images)]
+    return {"images": out, "info": "Success"}
 
 
 def hires(body):

@@ -237,6 +237,23 @@ def create_app(service, auth=None):
     async def png_info(request: Request):
         return a1111.png_info(await _json(request), service)
 
+    # -- the sd-webui-controlnet extension's routes -----------------------------------------
+    @app.get("/controlnet/version")
+    async def controlnet_version():
+        return {"version": 2}
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models():
+        return {"model_list": [e.name for e in service.folders.found.get("controlnet", ())]}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules():
+        return {"module_list": list(a1111.CONTROL_MODULES)}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(request: Request):
+        return a1111.control_detect(await _json(request), service)
+
     # -- OpenAI ---------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models():

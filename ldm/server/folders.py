@@ -5,7 +5,8 @@ path or a link out of the folder cannot reach another file.
 
 The layout follows A1111's: checkpoints anywhere under the models folder (``--ckpt-dir``),
 autoencoders in ``VAE/``, LoRAs in ``Lora/``, embeddings in ``embeddings/``, each folder
-settable on its own, and the previews' tiny autoencoders (TAESD's ``taesd_decoder.pth``,
+settable on its own, ControlNets in ``ControlNet/`` (files or diffusers folders with a
+``config.json``), and the previews' tiny autoencoders (TAESD's ``taesd_decoder.pth``,
 ``taesdxl_decoder.pth``) in ``VAE-approx/``. A diffusers folder (one with ``model_index.json``) is a checkpoint.
 """
 import os
@@ -43,8 +44,9 @@ class Entry:
         return f"{rel} [{self.hash}]" if self.hash else rel
 
     def matches(self, text):
+        # "name [hash]" as A1111's ControlNet lists models: the name decides
         return text in (self.title, self.name, self.filename, self.title.split(" [")[0]) or (
-            self.hash is not None and text == self.hash)
+            self.hash is not None and text == self.hash) or text.split(" [")[0] == self.name
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Folders:
     lora: Path
     embeddings: Path
     vae_approx: Path = None
+    controlnet: Path = None
     extra_checkpoints: list = field(default_factory=list)  # --ckpt given outside the folder
     found: dict = field(default_factory=dict)
 
@@ -65,7 +68,7 @@ class Folders:
                    Path(vae_dir) if vae_dir else models / "VAE",
                    Path(lora_dir) if lora_dir else models / "Lora",
                    Path(embeddings_dir) if embeddings_dir else models / "embeddings",
-                   models / "VAE-approx")
+                   models / "VAE-approx", models / "ControlNet")
 
     def refresh(self):
         """Scan the folders again (A1111's refresh-checkpoints); hashes already computed
@@ -85,6 +88,7 @@ class Folders:
             "embeddings": [keep(e) for e in _files(self.embeddings, WEIGHTS)],
             "vae_approx": [e for e in (_files(self.vae_approx, WEIGHTS) if self.vae_approx
                                        else []) if "decoder" in e.filename.lower()],
+            "controlnet": [keep(e) for e in _controlnets(self.controlnet)],
         }
         return self
 
@@ -123,12 +127,13 @@ class Folders:
         for entry in self.found.get(kind, ()):
             if entry.matches(text):
                 return entry
-        route = {"checkpoints": "sd-models", "vae": "sd-vae", "lora": "loras",
-                 "embeddings": "embeddings"}[kind]
+        route = {"checkpoints": "sdapi/v1/sd-models", "vae": "sdapi/v1/sd-vae",
+                 "lora": "sdapi/v1/loras", "embeddings": "sdapi/v1/embeddings",
+                 "controlnet": "controlnet/model_list"}[kind]
         where = ("" if "/" not in text and "\\" not in text and ".." not in text else
                  " (only files in the server's models folders can be loaded, by name)")
         raise NotFound(f"{what}: no {kind[:-1] if kind.endswith('s') else kind} named "
-                       f"{text!r}{where}; see /sdapi/v1/{route}")
+                       f"{text!r}{where}; see /{route}")
 
     def entry_for(self, path):
         """The checkpoint entry of a loaded path (None if it is not listed)."""
@@ -158,6 +163,19 @@ def _files(folder, suffixes):
             out.append(Entry(path, path.relative_to(folder).with_suffix("").as_posix(),
                              path.name))
     return out
+
+
+def _controlnets(folder):
+    """The ControlNet files of a folder, and its diffusers ControlNet folders (a
+    ``config.json`` beside the weights)."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    files = [e for e in _files(folder, WEIGHTS) if e.path.with_name("config.json").is_file()
+             is False]
+    dirs = [Entry(p.parent, p.parent.relative_to(folder).as_posix(), p.parent.name)
+            for p in sorted(Path(folder).rglob("config.json"))
+            if p.parent != Path(folder) and not p.parent.is_symlink()]
+    return files + dirs
 
 
 def _stamp(path):

@@ -55,6 +55,9 @@ class Generation:
     notes: list = field(default_factory=list)     # what was ignored, said in the info
     kind: str = "txt2img"          # the output folder's name (txt2img, img2img)
     response_format: str = "b64_json"   # OpenAI's: b64_json or url
+    # ControlNet units (A1111's alwayson_scripts.controlnet, ``a1111.control_units``):
+    # {entry, image, preprocess, weight, start, end, mode, resize_mode}
+    controls: list = field(default_factory=list)
 
 
 @dataclass
@@ -220,7 +223,7 @@ class Service:
         if count > self.limits.max_batch:
             raise UsageError(f"{count} images in one request: at most "
                              f"{self.limits.max_batch} (batch_size x n_iter)")
-        w, h = sampled_size(request, info)
+        w, h = sampled_size(request, info, final=True)
         if w * h > self.limits.max_pixels:
             raise UsageError(f"{w}x{h} is more than the server's {self.limits.max_pixels:,} "
                              "pixels per image: ask for a smaller size")
@@ -249,7 +252,12 @@ class Service:
                                     negative_prompts=gen.negative_prompt, names=gen.names,
                                     **gen.values)
             steps = pipe.steps_run(request)
-            out = pipe.run(request, progress=False, callback=job.callback(steps))
+            pipe.set_controls(engine.control_units(gen.controls, *sampled_size(request,
+                                                                                 pipe.info)))
+            try:
+                out = pipe.run(request, progress=False, callback=job.callback(steps))
+            finally:
+                pipe.set_controls([])
             if job.step < steps:
                 stopped = True
                 for s in out:
@@ -309,9 +317,12 @@ def uncrop(sample, gen):
     return Sample(whole, params)
 
 
-def sampled_size(request, info):
-    """(width, height) a request samples at (``working_size``'s answer for an image)."""
+def sampled_size(request, info, final=False):
+    """(width, height) a request samples at (``working_size``'s answer for an image;
+    ``final``: with the hires fix, the second pass's)."""
     if request.task == "txt2img":
+        if final and request.hires is not None:
+            return request.hires.sizes(request.width, request.height, info.factor)[1]
         return request.width, request.height
     from ldm.request import working_size
     (w, h), _ = working_size(request.image.size, info.factor, info.native_size,

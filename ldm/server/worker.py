@@ -40,6 +40,7 @@ class Engine:
         self.device = device
         self.pipe = None
         self.loaded = None   # the Settings the pipe matches
+        self.controlnets = {}   # path -> ControlNet loaded for this pipe
 
     def ready(self, settings):
         """The pipeline for ``settings``, after whatever load or change they need."""
@@ -48,6 +49,7 @@ class Engine:
                 settings.checkpoint.path, _path(settings.vae)):
             self.pipe = None   # the old weights go before the new ones are read
             self.loaded = None
+            self.controlnets = {}
             self.pipe = self._load(settings.checkpoint, settings.vae, self.device)
             have = Settings(settings.checkpoint, settings.vae, 1, ())
         if have.clip_skip != settings.clip_skip:
@@ -57,6 +59,25 @@ class Engine:
             self.pipe.set_loras([(e.path, w) for e, w in settings.loras])
         self.loaded = settings
         return self.pipe
+
+
+    def control_units(self, specs, width, height):
+        """``ldm.controlnet.ControlUnit``s of a generation's ControlNet specs for images of
+        ``width`` x ``height``: each network loaded once for the loaded model, each
+        control image fitted to the size by its resize mode, then preprocessed."""
+        from ldm.controlnet import ControlUnit, load_controlnet, preprocess
+        from ldm.image_io import fit_image
+        units = []
+        for spec in specs:
+            path = spec["entry"].path
+            if path not in self.controlnets:
+                self.controlnets[path] = load_controlnet(path, self.pipe.model)
+            image, _ = fit_image(spec["image"], 1, width, height, spec["resize_mode"])
+            units.append(ControlUnit(self.controlnets[path], preprocess(image, spec["preprocess"]),
+                                     spec["weight"], spec["start"], spec["end"],
+                                     name=spec["entry"].name, preprocess=spec["preprocess"],
+                                     mode=spec["mode"]))
+        return units
 
 
 def _path(entry):
