@@ -55,6 +55,8 @@ def _unet_blocks(unet):
                 if getattr(unet, "adm_in_channels", None) else []),
               *([("time_embedding.cond_proj", "time_embedding.cond_proj", {})]  # LCM's
                 if getattr(unet, "time_cond_proj_dim", None) else []),
+              *([("label_emb", "class_embedding", {})]   # the x4 upscaler's noise level
+                if getattr(unet, "num_classes", None) else []),
               ("input_blocks.0.0", "conv_in", {}),
               *([("out.0", "conv_norm_out", {}), ("out.2", "conv_out", {})]
                 if hasattr(unet, "out") else [])]   # a ControlNet has no decoder side

@@ -114,6 +114,26 @@ def test_equals_diffusers_upscale_pipeline(tmp_path, tiny, low_res, noise_level)
         "upscale", noise_level, "40x24", 160)
 
 
+def test_a_diffusers_folder_loads(tmp_path, tiny, low_res):
+    """StableDiffusionUpscalePipeline.save_pretrained's folder as --ckpt (the tiny config in
+    it): the same image; a full-size folder's JSON files are told the x4 upscaler."""
+    from ldm import families
+    model, config = tiny
+    folder = tmp_path / "x4-folder"
+    diffusers_upscaler(model, config, tmp_path / "tok").save_pretrained(folder)
+    (folder / "config.yaml").write_text(TINY.read_text())
+    loaded = Pipeline.load(folder, device="cpu", safety=False)
+    ours = Pipeline(model, torch.device("cpu"), "full")
+    a = loaded.upscale("x", 2, low_res, steps=3, scale=9.0, tile=0, progress=False)[0].image
+    b = ours.upscale("x", 2, low_res, steps=3, scale=9.0, tile=0, progress=False)[0].image
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    found = families.detect_folder(
+        {"_class_name": "StableDiffusionUpscalePipeline", "text_encoder": ["transformers", "x"]},
+        {"in_channels": 7, "num_class_embeds": 1000, "cross_attention_dim": 1024},
+        {"prediction_type": "v_prediction"})
+    assert (found.family.name, found.variant) == ("sd2", "x4-upscaler")
+
+
 def test_tiles():
     assert tile_boxes(100, 60, 0, 0) == [(0, 0, 100, 60)]
     assert tile_boxes(100, 60, 128, 32) == [(0, 0, 100, 60)]

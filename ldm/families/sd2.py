@@ -41,7 +41,8 @@ def match(shapes):
 
 def match_folder(index, unet, scheduler):
     """The variant of a diffusers SD 2.x pipeline folder: one text encoder, a UNet that
-    attends to 1,024-wide text with no extra embedding; its scheduler tells the v model
+    attends to 1,024-wide text with no extra embedding (or the x4 upscaler's 7-channel one
+    with its noise-level classes); its scheduler tells the v model
     from the eps one, a zero-terminal-SNR fine-tune (``rescale_betas_zero_snr``) from the v
     model, and SD-Turbo (trailing timesteps) from the eps one."""
     if "text_encoder_2" in index or "XL" in index.get("_class_name", ""):
@@ -51,6 +52,8 @@ def match_folder(index, unet, scheduler):
     if "Depth" in index.get("_class_name", "") or "UnCLIP" in index.get("_class_name", ""):
         return None
     in_channels = unet.get("in_channels", 4)
+    if in_channels == 7 and unet.get("num_class_embeds"):
+        return "x4-upscaler"   # StableDiffusionUpscalePipeline
     if in_channels == 9:
         return "inpainting"
     if in_channels != 4:
