@@ -170,8 +170,9 @@ def _load_safetensors(path):
 def load_state_dict_file(path):
     """A checkpoint file (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``) -> {key: tensor}.
 
-    Lightning checkpoints keep the weights under ``state_dict``; other entries (optimizer
-    states, callbacks, hyper-parameters) are ignored.
+    Lightning checkpoints keep the weights under ``state_dict`` (BasicSR's, as Real-ESRGAN's,
+    under ``params_ema`` or ``params``); other entries (optimizer states, callbacks,
+    hyper-parameters) are ignored.
     """
     path = Path(path)
     try:
@@ -184,8 +185,10 @@ def load_state_dict_file(path):
         sd = _load_safetensors(path)
     else:
         sd = _load_pickle(path)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
+    for wrapper in ("state_dict", "params_ema", "params"):   # Lightning's, BasicSR's
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+            break
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} holds no state_dict (found {type(sd).__name__})")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}

@@ -1,19 +1,26 @@
-"""Upscalers: the SD x4 upscaler as a hires-fix upscaler (``SDUpscaler``), and the tiles
-the x4 upscaler works in (``tile_boxes``, ``blend_weights``).
+"""Upscalers for the hires fix and ``scripts/upscale.py``: the SD x4 upscaler
+(``SDUpscaler``) and the pixel upscalers people download (``PixelUpscaler``: ESRGAN,
+Real-ESRGAN, 4x-UltraSharp and others of ESRGAN's architecture, Real-ESRGAN's compact
+models; ``ldm.modules.sr``), and the tiles both work in (``tile_boxes``,
+``blend_weights``).
 
-Pixel upscalers people download (ESRGAN, RealESRGAN, SwinIR, 4x-UltraSharp) are loaded by
-``spandrel`` in ComfyUI and A1111's forks. It cannot be installed beside a CPU build of
-torch from the package registry: it needs torchvision, whose only build for torch 2.13 on
-PyPI is a CUDA one (its operators fail to load without libtorch_cuda), and a newer one
-replaces torch with a CUDA build. Such a file is refused in one line (``load_upscaler``).
+ComfyUI and A1111's forks load pixel upscalers with ``spandrel``, which knows many more
+architectures (SwinIR, HAT, DAT...). It cannot be installed beside a CPU build of torch
+from the package registry: it needs torchvision, whose only build for torch 2.13 on PyPI is
+a CUDA one (its operators fail to load without libtorch_cuda), and a newer one replaces
+torch with a CUDA build. So the two architectures most used for the hires fix are written
+here, checked against outputs spandrel made (``tests/upscaler_reference.py``), and other
+files are refused in one line (``load_upscaler``).
 """
 from pathlib import Path
 
 from ldm.errors import CheckpointError
 
-SPANDREL_NOTE = ("pixel upscalers (ESRGAN, RealESRGAN, SwinIR, 4x-UltraSharp) are not run "
-                 "here yet: spandrel, which loads them, needs a torchvision that PyPI has "
-                 "only for CUDA builds of torch")
+SPANDREL_NOTE = ("of pixel upscalers, ESRGAN (RealESRGAN_x4plus, 4x-UltraSharp...) and "
+                 "Real-ESRGAN's compact models run here; others (SwinIR, HAT, DAT...) need "
+                 "spandrel, which needs a torchvision that PyPI has only for CUDA builds of "
+                 "torch")
+SR_KEYS = ("conv_first.weight", "model.0.weight", "body.0.weight")
 
 
 def tile_boxes(height, width, tile, overlap):
@@ -67,15 +74,84 @@ class SDUpscaler:
                                                                   Image.LANCZOS)
 
 
+class PixelUpscaler:
+    """A pixel upscaler (``ldm.modules.sr``) on ``device``: ``upscale`` makes an image
+    ``scale`` times larger in tiles of at most ``tile`` input pixels overlapping by
+    ``overlap``, blended with linear ramps, then resizes it to the size asked (Lanczos), as
+    A1111 does with an upscaler of another scale."""
+
+    def __init__(self, net, name, architecture, device="cpu", tile=192, overlap=16):
+        self.net, self.name, self.architecture = net.to(device), name, architecture
+        self.scale, self.device = net.scale, device
+        self.tile, self.overlap = tile, overlap
+
+    def __call__(self, x):
+        """[B, 3, h, w] in [0, 1] -> [B, 3, scale h, scale w] in [0, 1], tiled."""
+        import torch
+        b, _, h, w = x.shape
+        s = self.scale
+        pad = getattr(self.net, "unshuffle", 1)
+        out = torch.zeros(b, 3, h * s, w * s)
+        total = torch.zeros(1, 1, h * s, w * s)
+        for top, left, th, tw in tile_boxes(h, w, self.tile, self.overlap):
+            part = x[..., top:top + th, left:left + tw].to(self.device)
+            ph, pw = -th % pad, -tw % pad   # the unshuffle needs sides it divides
+            if ph or pw:
+                part = torch.nn.functional.pad(part, (0, pw, 0, ph), mode="reflect")
+            with torch.no_grad():
+                y = self.net(part).float().cpu()[..., :th * s, :tw * s]
+            weight = blend_weights(th * s, tw * s, top * s, left * s, h * s, w * s,
+                                   self.overlap * s)
+            out[..., top * s:(top + th) * s, left * s:(left + tw) * s] += y * weight
+            total[..., top * s:(top + th) * s, left * s:(left + tw) * s] += weight
+        return (out / total).clamp(0, 1)
+
+    def upscale(self, image, width, height, prompt="", seed=0):
+        import numpy as np
+        import torch
+        from PIL import Image
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255)
+        y = self(x.permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+        out = Image.fromarray((y * 255).round().astype(np.uint8))
+        return out if out.size == (width, height) else out.resize((width, height),
+                                                                  Image.LANCZOS)
+
+
+def load_pixel_upscaler(path, device="cpu", flag="--upscaler"):
+    """A pixel upscaler's file (read by the restricted loader: never code from a pickle)
+    as a ``PixelUpscaler``; a CheckpointError in one line for an architecture not run
+    here."""
+    from ldm.checkpoint import load_state_dict_file
+    from ldm.modules.sr import from_state_dict
+    path = Path(path)
+    try:
+        sd = load_state_dict_file(path)
+    except CheckpointError as e:
+        raise type(e)(f"{flag} {e}" if str(path) in str(e) else f"{flag} {path}: {e}") from None
+    try:
+        net, architecture = from_state_dict(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{flag} {path}: {e}; {SPANDREL_NOTE}") from None
+    return PixelUpscaler(net, path.stem, architecture, device)
+
+
 def load_upscaler(path, pipe, flag="--upscaler"):
-    """An upscaler's file, for ``pipe`` (its device and precision): the SD x4 upscaler
-    (x4-upscaler-ema in Stability's layout, found by its keys or by a config.yaml beside
-    it) as an ``SDUpscaler``; anything else a CheckpointError in one line."""
+    """An upscaler's file, for ``pipe`` (its device and precision): a pixel upscaler
+    (``load_pixel_upscaler``), or the SD x4 upscaler (x4-upscaler-ema in Stability's
+    layout, found by its keys or by a config.yaml beside it) as an ``SDUpscaler``; anything
+    else a CheckpointError in one line."""
     from ldm import families
     from ldm.checkpoint import checkpoint_shapes
     from ldm.config import choose_model
     from ldm.errors import InputError
     path = Path(path)
+    if path.is_file():
+        try:
+            shapes = checkpoint_shapes(path)
+        except CheckpointError as e:
+            raise type(e)(f"{flag} {e}" if str(path) in str(e) else f"{flag} {path}: {e}") from None
+        if any(k in shapes for k in SR_KEYS):   # ESRGAN's or Real-ESRGAN's first layer
+            return load_pixel_upscaler(path, pipe.device, flag)
     try:
         choice = choose_model(path)
     except InputError as e:

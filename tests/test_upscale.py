@@ -237,6 +237,6 @@ def test_as_hires_upscaler(tiny_file, tmp_path):
         load_upscaler(ROOT / "models" / "ldm" / "shapes" / "model.safetensors", pipe,
                       "--hr_upscaler")
     torch.save({"conv_first.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "esrgan.pth")
-    with pytest.raises(CheckpointError, match="esrgan.pth: not an upscaler") as e:
+    with pytest.raises(CheckpointError, match="esrgan.pth: not an ESRGAN") as e:
         load_upscaler(tmp_path / "esrgan.pth", pipe, "--hr_upscaler")
     assert "\n" not in str(e.value)
