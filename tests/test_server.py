@@ -63,6 +63,9 @@ def _models(root):
     net = randomize(build_controlnet(tiny), 21)
     save_file({"control_model." + k: v.contiguous() for k, v in net.state_dict().items()},
               root / "ControlNet" / "control_tiny.safetensors")
+    (root / "RealESRGAN").mkdir()   # a tiny compact x2 network under Real-ESRGAN's name
+    from test_upscalers import case
+    torch.save(case("compact_x2")[0], root / "RealESRGAN" / "RealESRGAN_x2plus.pth")
     (root / "embeddings").mkdir()
     save_file({"emb_params": torch.randn(2, 128, generator=torch.Generator().manual_seed(1))},
               root / "embeddings" / "zqshape.safetensors")
@@ -195,6 +198,23 @@ def test_webuiapi_hires_fix_and_latent_fills(server, api):
             "Hires upscaler: Latent (nearest)" in r.info["infotexts"][0])
     assert [m["name"] for m in requests.get(server.base + "/sdapi/v1/latent-upscale-modes"
                                             ).json()][:2] == ["Latent", "Latent (antialiased)"]
+    # a Real-ESRGAN file of the RealESRGAN/ folder, by the name A1111 lists it by
+    assert "R-ESRGAN 2x+" in [u["name"] for u in api.get_upscalers()]
+    r = api.txt2img(prompt="a red circle", seed=5, width=64, height=64, steps=STEPS,
+                    enable_hr=True, hr_scale=2, hr_upscaler="R-ESRGAN 2x+",
+                    hr_second_pass_steps=2, denoising_strength=0.5)
+    from ldm.pipeline import Pipeline
+    from ldm.upscalers import load_pixel_upscaler
+    ours = Pipeline.load(BUILTIN_DIR / "model.safetensors", device="cpu", safety=False)
+    ours.set_text_options(prompt_syntax="a1111")
+    up = load_pixel_upscaler(server.models / "RealESRGAN" / "RealESRGAN_x2plus.pth")
+    up.name = "R-ESRGAN 2x+"
+    want = ours.generate("a red circle", 5, sampler="euler", steps=STEPS, scale=7.0,
+                         height=64, width=64, progress=False,
+                         hires=dict(upscaler=up, steps=2, strength=0.5))[0]
+    assert r.image.size == (128, 128)
+    assert _pixels(r.image).tobytes() == _pixels(want.image).tobytes()
+    assert "Hires upscaler: R-ESRGAN 2x+" in r.info["infotexts"][0]
     base = Image.new("RGB", (64, 64), (200, 40, 40))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (8, 8, 40, 40))

@@ -8,7 +8,8 @@ What A1111 fields do here:
   init_images, denoising_strength, resize_mode, mask, mask_blur, inpainting_fill (0 fill,
   1 original, 2 latent noise, 3 latent nothing), inpaint_full_res(_padding),
   inpainting_mask_invert; ``<lora:name:weight>`` in the prompt; txt2img's hires fix:
-  enable_hr, hr_scale, hr_resize_x/y, hr_upscaler (the Latent ones, Lanczos, Nearest),
+  enable_hr, hr_scale, hr_resize_x/y, hr_upscaler (the Latent ones, Lanczos, Nearest,
+  ESRGAN and Real-ESRGAN files of the models' ESRGAN/ and RealESRGAN/ folders),
   hr_second_pass_steps, denoising_strength (``ldm.hires``); ``alwayson_scripts.controlnet``
   units (model from the ControlNet folder, image, module none/canny/invert/threshold,
   weight, guidance_start/end, control_mode, resize_mode; ``control_units``).
@@ -125,7 +126,7 @@ def read(body, service, task):
         if body.get(key) not in (None, 0):
             values[key] = body[key]
     if task == "txt2img" and check_bool(body.get("enable_hr", False) or False, "enable_hr"):
-        values["hires"] = hires(body)
+        values["hires"] = hires(body, service)
     gen = Generation(task, prompt, negative, seed, batch_size, n_iter, values, NAMES,
                      save=check_bool(body.get("save_images", False), "save_images"),
                      save_grid=not check_bool(body.get("do_not_save_grid", False),
@@ -266,9 +267,11 @@ def control_detect(body, service):
     return {"images": out, "info": "Success"}
 
 
-def hires(body):
+def hires(body, service):
     """The hires fix a txt2img body asks for, as ``Hires.build``'s keywords (A1111's
-    defaults: scale 2, Latent, the first pass's steps, denoising strength 0.7)."""
+    defaults: scale 2, Latent, the first pass's steps, denoising strength 0.7); an
+    upscaler file of the ESRGAN/ or RealESRGAN/ folder as its entry (loaded by the
+    worker: ``Engine.upscaler``)."""
     from ldm.hires import upscaler_key
     for key in ("hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
                 "hr_negative_prompt"):
@@ -282,9 +285,13 @@ def hires(body):
     if name in ("None", ""):
         name = "lanczos"   # A1111's "None": a plain resize
     if name is not None and upscaler_key(name) is None:
-        raise UsageError(f"hr_upscaler: {name!r} is not available on this server; choose "
-                         "Latent (or its antialiased, bicubic, nearest variants), Lanczos or "
-                         "Nearest")
+        found = [e for e in service.folders.found.get("upscalers", ()) if e.matches(name)]
+        if not found:
+            raise UsageError(f"hr_upscaler: {name!r} is not available on this server; choose "
+                             "Latent (or its antialiased, bicubic, nearest variants), "
+                             "Lanczos, Nearest, or a file of the ESRGAN/ or RealESRGAN/ "
+                             "folder (see /sdapi/v1/upscalers)")
+        name = found[0]
     return dict(scale=body.get("hr_scale", 2.0), upscaler=name,
                 steps=body.get("hr_second_pass_steps", 0) or 0,
                 strength=body.get("denoising_strength"),

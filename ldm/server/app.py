@@ -210,7 +210,10 @@ def create_app(service, auth=None):
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
         return [{"name": name, "model_name": None, "model_path": None, "model_url": None,
-                 "scale": 4} for name in ("None", "Lanczos", "Nearest")]
+                 "scale": 4} for name in ("None", "Lanczos", "Nearest")] + [
+            {"name": e.name, "model_name": e.path.stem, "model_path": e.filename,
+             "model_url": None, "scale": None}
+            for e in service.folders.found.get("upscalers", ())]
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     async def latent_upscale_modes():

@@ -58,6 +58,7 @@ class Folders:
     embeddings: Path
     vae_approx: Path = None
     controlnet: Path = None
+    upscalers: tuple = ()   # ESRGAN/ and RealESRGAN/: pixel upscalers for the hires fix
     extra_checkpoints: list = field(default_factory=list)  # --ckpt given outside the folder
     found: dict = field(default_factory=dict)
 
@@ -68,7 +69,8 @@ class Folders:
                    Path(vae_dir) if vae_dir else models / "VAE",
                    Path(lora_dir) if lora_dir else models / "Lora",
                    Path(embeddings_dir) if embeddings_dir else models / "embeddings",
-                   models / "VAE-approx", models / "ControlNet")
+                   models / "VAE-approx", models / "ControlNet",
+                   (models / "ESRGAN", models / "RealESRGAN"))
 
     def refresh(self):
         """Scan the folders again (A1111's refresh-checkpoints); hashes already computed
@@ -89,6 +91,8 @@ class Folders:
             "vae_approx": [e for e in (_files(self.vae_approx, WEIGHTS) if self.vae_approx
                                        else []) if "decoder" in e.filename.lower()],
             "controlnet": [keep(e) for e in _controlnets(self.controlnet)],
+            "upscalers": [keep(_upscaler_named(e)) for folder in self.upscalers
+                          for e in _files(folder, (".pth", ".safetensors"))],
         }
         return self
 
@@ -129,7 +133,8 @@ class Folders:
                 return entry
         route = {"checkpoints": "sdapi/v1/sd-models", "vae": "sdapi/v1/sd-vae",
                  "lora": "sdapi/v1/loras", "embeddings": "sdapi/v1/embeddings",
-                 "controlnet": "controlnet/model_list"}[kind]
+                 "controlnet": "controlnet/model_list",
+                 "upscalers": "sdapi/v1/upscalers"}[kind]
         where = ("" if "/" not in text and "\\" not in text and ".." not in text else
                  " (only files in the server's models folders can be loaded, by name)")
         raise NotFound(f"{what}: no {kind[:-1] if kind.endswith('s') else kind} named "
@@ -163,6 +168,22 @@ def _files(folder, suffixes):
             out.append(Entry(path, path.relative_to(folder).with_suffix("").as_posix(),
                              path.name))
     return out
+
+
+# A1111's names of the Real-ESRGAN files it knows (its realesrgan_model.py)
+REALESRGAN_NAMES = {"RealESRGAN_x4plus": "R-ESRGAN 4x+",
+                    "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B",
+                    "RealESRGAN_x2plus": "R-ESRGAN 2x+",
+                    "realesr-general-x4v3": "R-ESRGAN General 4xV3",
+                    "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
+                    "realesr-animevideov3": "R-ESRGAN AnimeVideo"}
+
+
+def _upscaler_named(entry):
+    """An upscaler file under the name A1111 lists it by ("R-ESRGAN 4x+" for
+    RealESRGAN_x4plus.pth, else the file's stem)."""
+    entry.name = REALESRGAN_NAMES.get(entry.path.stem, entry.name)
+    return entry
 
 
 def _controlnets(folder):

@@ -218,7 +218,7 @@ class Service:
             values.setdefault("height", info.native_size)
             values.setdefault("width", info.native_size)
         request = Request.build(gen.task, info, [gen.prompt], [gen.seed or 0],
-                                names=gen.names, **values)
+                                names=gen.names, **_upscaler_named(values, "lanczos"))
         count = gen.batch_size * gen.n_iter
         if count > self.limits.max_batch:
             raise UsageError(f"{count} images in one request: at most "
@@ -250,7 +250,7 @@ class Service:
             seeds = list(range(first, first + gen.batch_size))
             request = Request.build(gen.task, pipe.info, [gen.prompt] * len(seeds), seeds,
                                     negative_prompts=gen.negative_prompt, names=gen.names,
-                                    **gen.values)
+                                    **_upscaler_named(gen.values, engine.upscaler))
             steps = pipe.steps_run(request)
             pipe.set_controls(engine.control_units(gen.controls, *sampled_size(request,
                                                                                  pipe.info)))
@@ -303,6 +303,18 @@ class Service:
         if cached is None or cached[0] is not latest or cached[1] is not previewer:
             cached = job._preview = (latest, previewer, previewer.png(latest))
         return cached[2]
+
+
+def _upscaler_named(values, replacement):
+    """``values`` with a hires upscaler file's entry (``a1111.hires``) replaced: by a
+    name (checking, before the queue) or by ``replacement(entry)`` (the worker's loaded
+    upscaler)."""
+    hires = values.get("hires")
+    if not hires or isinstance(hires.get("upscaler"), (str, type(None))):
+        return values
+    entry = hires["upscaler"]
+    return {**values, "hires": {**hires, "upscaler": replacement if isinstance(
+        replacement, str) else replacement(entry)}}
 
 
 def uncrop(sample, gen):

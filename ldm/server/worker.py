@@ -41,6 +41,7 @@ class Engine:
         self.pipe = None
         self.loaded = None   # the Settings the pipe matches
         self.controlnets = {}   # path -> ControlNet loaded for this pipe
+        self.upscalers = {}     # path -> PixelUpscaler
 
     def ready(self, settings):
         """The pipeline for ``settings``, after whatever load or change they need."""
@@ -60,6 +61,16 @@ class Engine:
         self.loaded = settings
         return self.pipe
 
+
+    def upscaler(self, entry):
+        """The pixel upscaler of an upscaler folder's entry, loaded once, named as A1111
+        lists it."""
+        if entry.path not in self.upscalers:
+            from ldm.upscalers import load_pixel_upscaler
+            up = load_pixel_upscaler(entry.path, self.pipe.device, "hr_upscaler")
+            up.name = entry.name
+            self.upscalers[entry.path] = up
+        return self.upscalers[entry.path]
 
     def control_units(self, specs, width, height):
         """``ldm.controlnet.ControlUnit``s of a generation's ControlNet specs for images of
