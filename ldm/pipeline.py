@@ -933,7 +933,7 @@ class Pipeline:
             extra = {"concat": condition["concat"][box].to(self.device),
                      "vector": condition["vector"].to(self.device)}
             z = self._denoise(r, bh * f, bw * f, progress=progress, callback=callback,
-                              extra=extra, start=(noise[box].contiguous(), gens))
+                              extra=extra, drawn=(noise[box].contiguous(), gens))
             self.check_finite(z, "the UNet's")
             weight = blend_weights(bh * f, bw * f, top * f, left * f, h * f, w * f,
                                    r.tile_overlap * f)
@@ -1083,10 +1083,10 @@ class Pipeline:
                              masked=masked, progress=progress, callback=callback)
 
     def _denoise(self, request, height, width, init=None, mask=None, masked=None,
-                 progress=True, callback=None, run=None, extra=None, start=None):
+                 progress=True, callback=None, run=None, extra=None, drawn=None):
         r = request
-        # the start noise and the generators that go on from it (``start``: drawn already)
-        noise, gens = start or self.initial_noise(r.seeds, height, width)
+        # the start noise and the generators that go on from it (``drawn``: already drawn)
+        noise, gens = drawn or self.initial_noise(r.seeds, height, width)
         b = r.batch_size
         spacing = self.defaults.get("timestep_spacing", "uniform")
         n = self.num_steps(r.steps, r.schedule, r.sampler)

@@ -108,7 +108,8 @@ def build_parser():
                    help="the random model's config for unet, vae, text and image (default: "
                         "SD v1's; e.g. configs/stable-diffusion/v2-inference-v.yaml)")
     p.add_argument("--upscale_steps", type=int, default=5,
-                   help="DDIM steps of the upscale part's whole 512 -> 2048 image")
+                   help="DDIM steps of the upscale part's whole 512 -> 2048 image (0: the "
+                        "step alone)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peer_python", default=str(Path.home() / ".cache/ov-peer/bin/python"),
@@ -1044,7 +1045,7 @@ def upscale_part(args, device, dtypes, report):
         m = timed({"ours": ours_step, "diffusers": theirs_step}, args.repeats, device)
         report.add("upscale", f"x4 UNet step 128x128 tile batch 2 {d}", m["ours"],
                    m["diffusers"], paired=m["paired"], note=f"rel. distance {err:.1e}")
-        if d != sorted(dtypes, key=lambda d: d != "fp32")[-1]:
+        if d != sorted(dtypes, key=lambda d: d != "fp32")[-1] or not args.upscale_steps:
             continue   # the whole image in the last dtype only (bf16 on a CPU): minutes each
         steps = args.upscale_steps
         start = time.perf_counter()
