@@ -640,6 +640,18 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         assert caption.startswith("a red circle") and "Seed: 7" in caption
         if shots:
             page.screenshot(full_page=True, path=f"{shots}/2-result.png")
+        # the hires fix: twice the size, A1111's fields in the caption
+        page.check("#hires")
+        page.fill("#steps", "10")
+        page.fill("#hrSteps", "3")
+        page.click("#go")
+        page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2",
+                               timeout=120000)
+        caption = page.inner_text("#gallery figure figcaption")
+        assert "Hires upscale: 2" in caption and "Hires steps: 3" in caption, caption
+        src = page.get_attribute("#gallery figure img", "src")
+        assert Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size == (128, 128)
+        page.uncheck("#hires")
         # image to image with a painted mask
         page.click("#tabImg")
         page.set_input_files("#initFile", str(tmp_path / "blue.png"))
@@ -655,7 +667,7 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         if shots:
             page.screenshot(full_page=True, path=f"{shots}/3-mask.png")
         page.click("#go")
-        page.wait_for_function("document.querySelectorAll('#gallery figure').length === 2",
+        page.wait_for_function("document.querySelectorAll('#gallery figure').length === 3",
                                timeout=120000)
         caption = page.inner_text("#gallery figure figcaption")
         assert caption.startswith("a yellow square") and "Mask blur" in caption
