@@ -1014,6 +1014,9 @@ def build_request(args, info, task, prompts, seeds, **values):
         fields.update(strength=args.strength, resize_mode=args.resize_mode,
                       full_size=args.full_size)
     fields.update(values)
+    if isinstance(fields.get("hires"), dict):
+        from ldm.hires import Hires
+        fields["hires"] = Hires.build(**fields["hires"], names=FLAGS)
     return req.Request.build(task, info, prompts, seeds, names=FLAGS, **fields)
 
 

@@ -5,10 +5,14 @@ file). The network is built as a copy of the model's own UNet encoder
 (``ldm.modules.diffusionmodules.controlnet.ControlNet`` from the UNet's parameters), so a
 ControlNet made for another model is a one-line error, not a shape mismatch deep in a
 step. Untrusted files go through the restricted unpickler (``ldm.checkpoint``)."""
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from ldm.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+_said = set()   # (control image, size) pairs whose resizing was said
 
 PREFIX = "control_model."
 CONTROL_MODES = ("balanced", "prompt", "control")
@@ -154,6 +158,10 @@ def control_hints(units, height, width, batch, device, dtype):
     for unit in units:
         image = unit.image.convert("RGB")
         if image.size != (width, height):
+            if (id(unit.image), (width, height)) not in _said:   # once per image and size
+                _said.add((id(unit.image), (width, height)))
+                log.warning("the control image of %s is %dx%d: resized to %dx%d, the image's "
+                            "size", unit.name, *image.size, width, height)
             image = image.resize((width, height), Image.LANCZOS)
         t = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         parts.append(t)

@@ -1,6 +1,7 @@
 """Images in and out: tensors to PIL, PNGs written whole and never over an existing file,
 numbered CompVis-style, carrying their generation parameters; grids; input images."""
 import json
+import numbers
 import os
 import re
 import tempfile
@@ -393,28 +394,25 @@ def fill_masked(image, mask, rounds=8):
 OUTPAINT_SIDES = ("left", "right", "up", "down")
 
 
-def outpaint_canvas(image, left=0, right=0, up=0, down=0, blur=4, fill="fill"):
+def outpaint_canvas(image, left=0, right=0, up=0, down=0, blur=4):
     """(canvas, mask) for outpainting ``image`` by so many pixels on each side, as A1111's
     "Poor man's outpainting": the image pasted on a larger black canvas, the mask white
     over the new part and reaching 2 x ``blur`` pixels into the image on each extended
     side (a band repainted so the seam blends; the paste-back feathers it by ``blur``),
-    black over the rest of the image, whose pixels the result keeps exactly. ``fill`` is
-    checked here and applied by the pipeline (the request's ``fill``)."""
+    black over the rest of the image, whose pixels the result keeps exactly. What the new
+    part starts from is the request's ``fill``."""
     from ldm.errors import UsageError
-    from ldm.request import FILLS, check_number
-    sides = {}
-    for name, value in zip(OUTPAINT_SIDES, (left, right, up, down)):
-        try:
-            sides[name] = check_number(value, int, 0, 8192)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"outpaint {name}: {e}") from None
+    sides = dict(zip(OUTPAINT_SIDES, (left, right, up, down)))
+    for name, value in sides.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise UsageError(f"outpaint {name}: {value!r} is not a whole number of pixels")
+        if not 0 <= value <= 8192:
+            raise UsageError(f"outpaint {name}: {value} is out of range: must be in [0, 8192]")
     if not any(sides.values()):
         raise UsageError("outpaint: give at least one side to extend (e.g. left=128)")
-    if fill not in FILLS:
-        raise UsageError(f"fill must be one of {', '.join(FILLS)}, not {fill!r}")
     w, h = image.size
     seam = 2 * blur
-    left, right, up, down = (sides[k] for k in OUTPAINT_SIDES)
+    left, right, up, down = (int(sides[k]) for k in OUTPAINT_SIDES)
     inner = (left + (seam if left else 0), up + (seam if up else 0),
              left + w - (seam if right else 0), up + h - (seam if down else 0))
     if inner[2] <= inner[0] or inner[3] <= inner[1]:
@@ -455,3 +453,35 @@ def _grow(lo, hi, by, limit):
     if lo < 0:
         hi, lo = min(limit, hi - lo), 0
     return lo, hi
+
+
+def tile_boxes(height, width, tile, overlap):
+    """The tiles covering a ``height`` x ``width`` image as (top, left, height, width):
+    ``tile`` x ``tile`` squares (the image's side where it is smaller) overlapping by at
+    least ``overlap``, the last of each row and column flush with the edge; one box for
+    ``tile`` 0 or an image no larger than a tile."""
+    def spans(n):
+        if not tile or n <= tile:
+            return [(0, n)]
+        starts = list(range(0, n - tile, tile - overlap)) + [n - tile]
+        return [(s, tile) for s in starts]
+    return [(top, left, h, w) for top, h in spans(height) for left, w in spans(width)]
+
+
+def blend_weights(height, width, top, left, full_height, full_width, ramp):
+    """[1, 1, height, width] weights of a tile at (top, left) in a full_height x full_width
+    image: 1 inside, rising linearly over ``ramp`` pixels from each edge that another tile
+    overlaps (never 0, so every pixel has weight); tiles' sums are divided by the total."""
+    import torch
+
+    def along(n, start, full):
+        w = torch.ones(n)
+        if ramp:
+            i = torch.arange(n, dtype=torch.float32)
+            if start > 0:
+                w = torch.minimum(w, (i + 0.5) / ramp)
+            if start + n < full:
+                w = torch.minimum(w, (n - i - 0.5) / ramp)
+        return w
+    return (along(height, top, full_height)[:, None]
+            * along(width, left, full_width)[None, :])[None, None]

@@ -31,8 +31,9 @@ from ldm.config import (BUILTIN_DIR, BUILTIN_INPAINTING_DIR, INSTALL_HINT, ROOT,
                         SD_CKPT, SD_CONFIG, ModelChoice, build_error, choose_model, load_config,
                         distillate_defaults, sampling_defaults)
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
-from ldm.image_io import (fill_masked, fit_image, fit_mask, image_sha256, outpaint_canvas,
-                          paste_back, pil_to_tensor, tensor_to_pil)
+from ldm.image_io import (blend_weights, fill_masked, fit_image, fit_mask, image_sha256,
+                          outpaint_canvas, paste_back, pil_to_tensor, tensor_to_pil,
+                          tile_boxes)
 from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
                                            sampler_spacing,
                                            sampling_timesteps, strength_steps)
@@ -702,7 +703,10 @@ class Pipeline:
 
     def request(self, task, prompts, seeds, **values):
         """A validated ``Request`` for this model (``Request.build``; ``values``: any of
-        its fields by keyword)."""
+        its fields by keyword; ``hires`` may be a dict of ``Hires.build``'s)."""
+        if isinstance(values.get("hires"), dict):
+            from ldm.hires import Hires
+            values["hires"] = Hires.build(**values["hires"])
         return Request.build(task, self.info, prompts, seeds, **values)
 
     def num_steps(self, steps, schedule="discrete", sampler=None):
@@ -798,7 +802,7 @@ class Pipeline:
         the inpainting model when this is one."""
         blur = values.get("mask_blur", 4)
         image = as_image(image, "image", "RGB")
-        canvas, mask = outpaint_canvas(image, left, right, up, down, blur, fill)
+        canvas, mask = outpaint_canvas(image, left, right, up, down, blur)
         samples = self.inpaint(prompts, seeds, canvas, mask, progress=progress,
                                callback=callback, fill=fill if fill != "original" else None,
                                **values)
@@ -902,7 +906,6 @@ class Pipeline:
     def _tiles(self, request, warn=True):
         """(the low-resolution image at sides of multiples of 8, its tiles as (top, left,
         height, width) in its pixels) of an upscaling request."""
-        from ldm.upscalers import tile_boxes
         image, fitted = fit_image(request.image, 8)
         if fitted and warn:
             log.warning(fitted)
@@ -914,7 +917,6 @@ class Pipeline:
         level beside the latents (the same noise for every tile: one draw for the whole
         image, after the start noise, from each seed's generator), tile by tile, each
         decoded and blended with linear ramps over the overlaps (``ldm.upscalers``)."""
-        from ldm.upscalers import blend_weights
         r, f = request, self.factor
         image, boxes = self._tiles(r)
         h, w = image.height, image.width

@@ -230,7 +230,7 @@ class Request:
         completed from the model's defaults, -1 seeds drawn; else UsageError or WrongType
         naming the field in ``names`` (default: the keywords here). ``image`` and
         ``mask``: a PIL image, a path, or a numpy array (H x W [x C], uint8, or float in
-        [0, 1]). ``hires``: a ``ldm.hires.Hires``, or a dict of ``Hires.build``'s keywords."""
+        [0, 1]). ``hires``: a ``ldm.hires.Hires`` (``Hires.build``)."""
         n = _namer(names)
         if task not in TASKS:
             raise UsageError(f"task must be one of {TASKS}, not {task!r}")
@@ -300,15 +300,12 @@ class Request:
         elif mask is not None:
             raise UsageError("only inpainting takes a mask")
         if hires is not None:
-            from ldm.hires import Hires
+            if not callable(getattr(hires, "sizes", None)):
+                raise WrongType(f"hires must be a ldm.hires.Hires (Hires.build), not "
+                                f"{type(hires).__name__}")
             if task != "txt2img":
                 raise UsageError(f"hires fix is for text-to-image; {task} takes the size it "
                                  f"is given ({n('height')}/{n('width')})")
-            if isinstance(hires, dict):
-                hires = Hires.build(**hires, names=names)
-            elif not isinstance(hires, Hires):
-                raise WrongType(f"hires must be a ldm.hires.Hires or a dict, not "
-                                f"{type(hires).__name__}")
         return cls(task, tuple(prompts), tuple(seeds), tuple(negative_prompts),
                    values["sampler"], values["schedule"], values["eta"], values["steps"],
                    values["scale"], height, width, image,

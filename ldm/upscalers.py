@@ -1,7 +1,7 @@
 """Upscalers for the hires fix and ``scripts/upscale.py``: the SD x4 upscaler
 (``SDUpscaler``) and the pixel upscalers people download (``PixelUpscaler``: ESRGAN,
 Real-ESRGAN, 4x-UltraSharp and others of ESRGAN's architecture, Real-ESRGAN's compact
-models; ``ldm.modules.sr``), and the tiles both work in (``tile_boxes``,
+models; ``ldm.modules.sr``); both work in tiles (``ldm.image_io.tile_boxes``,
 ``blend_weights``).
 
 ComfyUI and A1111's forks load pixel upscalers with ``spandrel``, which knows many more
@@ -15,44 +15,13 @@ files are refused in one line (``load_upscaler``).
 from pathlib import Path
 
 from ldm.errors import CheckpointError
+from ldm.image_io import blend_weights, tile_boxes  # noqa: F401  (the tiles both use)
 
 SPANDREL_NOTE = ("of pixel upscalers, ESRGAN (RealESRGAN_x4plus, 4x-UltraSharp...) and "
                  "Real-ESRGAN's compact models run here; others (SwinIR, HAT, DAT...) need "
                  "spandrel, which needs a torchvision that PyPI has only for CUDA builds of "
                  "torch")
 SR_KEYS = ("conv_first.weight", "model.0.weight", "body.0.weight")
-
-
-def tile_boxes(height, width, tile, overlap):
-    """The tiles covering a ``height`` x ``width`` image as (top, left, height, width):
-    ``tile`` x ``tile`` squares (the image's side where it is smaller) overlapping by at
-    least ``overlap``, the last of each row and column flush with the edge; one box for
-    ``tile`` 0 or an image no larger than a tile."""
-    def spans(n):
-        if not tile or n <= tile:
-            return [(0, n)]
-        starts = list(range(0, n - tile, tile - overlap)) + [n - tile]
-        return [(s, tile) for s in starts]
-    return [(top, left, h, w) for top, h in spans(height) for left, w in spans(width)]
-
-
-def blend_weights(height, width, top, left, full_height, full_width, ramp):
-    """[1, 1, height, width] weights of a tile at (top, left) in a full_height x full_width
-    image: 1 inside, rising linearly over ``ramp`` pixels from each edge that another tile
-    overlaps (never 0, so every pixel has weight); tiles' sums are divided by the total."""
-    import torch
-
-    def along(n, start, full):
-        w = torch.ones(n)
-        if ramp:
-            i = torch.arange(n, dtype=torch.float32)
-            if start > 0:
-                w = torch.minimum(w, (i + 0.5) / ramp)
-            if start + n < full:
-                w = torch.minimum(w, (n - i - 0.5) / ramp)
-        return w
-    return (along(height, top, full_height)[:, None]
-            * along(width, left, full_width)[None, :])[None, None]
 
 
 class SDUpscaler:

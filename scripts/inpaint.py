@@ -180,7 +180,7 @@ def run(args, job):
 
             def extend(image):
                 made["canvas"], made["mask"] = outpaint_canvas(
-                    image, **args.outpaint, blur=args.mask_blur, fill=fill)
+                    image, **args.outpaint, blur=args.mask_blur)
                 return made["canvas"]
             image, (width, height) = cli.read_image(image_path, args, info, change=extend)
             cli.check_size(g, height, width, args.n_samples, args.device, args.vae_tiling)

@@ -477,3 +477,15 @@ def test_inpainting_with_a_controlnet_equals_diffusers_controlnet_inpaint(tmp_pa
                     generator=[torch.Generator().manual_seed(s) for s in seeds],
                     output_type="latent").images
     assert z_ours.abs().max() > 0.1 and rel_err(z_ours, z_theirs) < 1e-5
+
+
+def test_a_control_image_of_another_size_is_resized_and_said_once(caplog):
+    from PIL import Image
+    from ldm.controlnet import ControlUnit, control_hints
+    unit = ControlUnit(None, Image.new("RGB", (40, 24), (255, 0, 0)), name="edges")
+    with caplog.at_level("WARNING"):
+        for _ in range(3):   # every step asks; the run says it once
+            hint = control_hints([unit], 32, 48, 2, "cpu", torch.float32)
+    assert hint.shape == (2, 3, 32, 48) and torch.allclose(hint[:, 0], torch.ones(1))
+    said = [r.message for r in caplog.records if "control image" in r.message]
+    assert said == ["the control image of edges is 40x24: resized to 48x32, the image's size"]

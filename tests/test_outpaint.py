@@ -37,10 +37,10 @@ def test_canvas_and_mask(picture):
         outpaint_canvas(picture)
     with pytest.raises(UsageError, match="outpaint left: -4 is out of range"):
         outpaint_canvas(picture, left=-4)
+    with pytest.raises(UsageError, match="outpaint up: 2.5 is not a whole number"):
+        outpaint_canvas(picture, up=2.5)
     with pytest.raises(UsageError, match="too small for a seam"):
         outpaint_canvas(picture, left=8, right=8, blur=20)
-    with pytest.raises(UsageError, match="fill must be one of"):
-        outpaint_canvas(picture, left=8, fill="blur")
 
 
 def test_fill_spreads_the_colours_around(picture):

@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import ROOT, randomize, rel_err, run_here
 from ldm.errors import CheckpointError, UsageError
 from ldm.pipeline import Pipeline, build_model
-from ldm.upscalers import blend_weights, load_upscaler, tile_boxes
+from ldm.image_io import blend_weights, tile_boxes
+from ldm.upscalers import load_upscaler
 from ldm.util import instantiate_from_config
 
 diffusers = pytest.importorskip("diffusers")

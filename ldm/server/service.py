@@ -218,7 +218,8 @@ class Service:
             values.setdefault("height", info.native_size)
             values.setdefault("width", info.native_size)
         request = Request.build(gen.task, info, [gen.prompt], [gen.seed or 0],
-                                names=gen.names, **_upscaler_named(values, "lanczos"))
+                                names=gen.names,
+                                **_upscaler_named(values, "lanczos", gen.names))
         count = gen.batch_size * gen.n_iter
         if count > self.limits.max_batch:
             raise UsageError(f"{count} images in one request: at most "
@@ -250,7 +251,7 @@ class Service:
             seeds = list(range(first, first + gen.batch_size))
             request = Request.build(gen.task, pipe.info, [gen.prompt] * len(seeds), seeds,
                                     negative_prompts=gen.negative_prompt, names=gen.names,
-                                    **_upscaler_named(gen.values, engine.upscaler))
+                                    **_upscaler_named(gen.values, engine.upscaler, gen.names))
             steps = pipe.steps_run(request)
             pipe.set_controls(engine.control_units(gen.controls, *sampled_size(request,
                                                                                  pipe.info)))
@@ -305,16 +306,19 @@ class Service:
         return cached[2]
 
 
-def _upscaler_named(values, replacement):
-    """``values`` with a hires upscaler file's entry (``a1111.hires``) replaced: by a
-    name (checking, before the queue) or by ``replacement(entry)`` (the worker's loaded
-    upscaler)."""
+def _upscaler_named(values, replacement, names=None):
+    """``values`` with the hires fix's keywords (``a1111.hires``) built into a ``Hires``,
+    an upscaler file's entry replaced first: by a name (checking, before the queue) or by
+    ``replacement(entry)`` (the worker's loaded upscaler)."""
     hires = values.get("hires")
-    if not hires or isinstance(hires.get("upscaler"), (str, type(None))):
+    if hires is None:
         return values
-    entry = hires["upscaler"]
-    return {**values, "hires": {**hires, "upscaler": replacement if isinstance(
-        replacement, str) else replacement(entry)}}
+    from ldm.hires import Hires
+    entry = hires.get("upscaler")
+    if not isinstance(entry, (str, type(None))):
+        hires = {**hires, "upscaler": replacement if isinstance(replacement, str)
+                 else replacement(entry)}
+    return {**values, "hires": Hires.build(**hires, names=names)}
 
 
 def uncrop(sample, gen):
