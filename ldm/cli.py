@@ -354,8 +354,13 @@ def hires_of(spec, pipe):
     name = spec["upscaler"]
     if name is None or upscaler_key(name) is not None:
         return spec
-    from ldm.upscalers import load_upscaler
-    return dict(spec, upscaler=load_upscaler(name, pipe, flag="--hr_upscaler"))
+    from ldm.upscalers import SDUpscaler, load_upscaler
+    upscaler = load_upscaler(name, pipe, flag="--hr_upscaler")
+    if isinstance(upscaler, SDUpscaler):
+        log.info("--hr_upscaler %s is the SD x4 upscaler: each first-pass image is made 4x "
+                 "larger in its own denoising steps between the two passes (not on the "
+                 "progress bar)", upscaler.name)
+    return dict(spec, upscaler=upscaler)
 
 
 def lora_spec(text):

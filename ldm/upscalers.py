@@ -12,10 +12,13 @@ torch with a CUDA build. So the two architectures most used for the hires fix ar
 here, checked against outputs spandrel made (``tests/upscaler_reference.py``), and other
 files are refused in one line (``load_upscaler``).
 """
+import logging
 from pathlib import Path
 
 from ldm.errors import CheckpointError
 from ldm.image_io import blend_weights, tile_boxes  # noqa: F401  (the tiles both use)
+
+log = logging.getLogger(__name__)
 
 SPANDREL_NOTE = ("of pixel upscalers, ESRGAN (RealESRGAN_x4plus, 4x-UltraSharp...) and "
                  "Real-ESRGAN's compact models run here; others (SwinIR, HAT, DAT...) need "
@@ -38,7 +41,10 @@ class SDUpscaler:
 
     def upscale(self, image, width, height, prompt="", seed=0):
         from PIL import Image
-        out = self.pipe.upscale(prompt, seed, image, progress=False, **self.values)[0].image
+        request = self.pipe.request("upscale", prompt, seed, image=image, **self.values)
+        log.info("upscaling %dx%d 4x with %s: %d denoising steps (the progress bar waits)",
+                 image.width, image.height, self.name, self.pipe.steps_run(request))
+        out = self.pipe.run(request, progress=False)[0].image
         return out if out.size == (width, height) else out.resize((width, height),
                                                                   Image.LANCZOS)
 
