@@ -485,3 +485,22 @@ def blend_weights(height, width, top, left, full_height, full_width, ramp):
         return w
     return (along(height, top, full_height)[:, None]
             * along(width, left, full_width)[None, :])[None, None]
+
+
+def blend_tiles(boxes, height, width, scale, ramp, make):
+    """The tiles of a ``height`` x ``width`` image (``tile_boxes``) made larger by
+    ``scale``: ``make(top, left, h, w)`` gives a tile's output [B, C, h * scale, w * scale],
+    placed and blended with ``blend_weights`` over ``ramp`` input pixels."""
+    out = total = None
+    for top, left, th, tw in boxes:
+        y = make(top, left, th, tw)
+        if out is None:
+            out = y.new_zeros(*y.shape[:2], height * scale, width * scale)
+            total = y.new_zeros(1, 1, height * scale, width * scale)
+        weight = blend_weights(th * scale, tw * scale, top * scale, left * scale,
+                               height * scale, width * scale, ramp * scale)
+        region = (..., slice(top * scale, (top + th) * scale),
+                  slice(left * scale, (left + tw) * scale))
+        out[region] += y * weight
+        total[region] += weight
+    return out / total

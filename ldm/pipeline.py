@@ -31,7 +31,7 @@ from ldm.config import (BUILTIN_DIR, BUILTIN_INPAINTING_DIR, INSTALL_HINT, ROOT,
                         SD_CKPT, SD_CONFIG, ModelChoice, build_error, choose_model, load_config,
                         distillate_defaults, sampling_defaults)
 from ldm.errors import ModelNotFound, ResourceError, UsageError  # noqa: F401
-from ldm.image_io import (blend_weights, fill_masked, fit_image, fit_mask, image_sha256,
+from ldm.image_io import (blend_tiles, fill_masked, fit_image, fit_mask, image_sha256,
                           outpaint_canvas, paste_back, pil_to_tensor, tensor_to_pil,
                           tile_boxes)
 from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
@@ -804,8 +804,7 @@ class Pipeline:
         image = as_image(image, "image", "RGB")
         canvas, mask = outpaint_canvas(image, left, right, up, down, blur)
         samples = self.inpaint(prompts, seeds, canvas, mask, progress=progress,
-                               callback=callback, fill=fill if fill != "original" else None,
-                               **values)
+                               callback=callback, fill=fill, **values)
         for s in samples:
             s.parameters["outpaint"] = dict(left=left, right=right, up=up, down=down)
             s.parameters["init_image_sha256"] = values.get("image_hash") or image_sha256(image)
@@ -928,21 +927,17 @@ class Pipeline:
         low_noise = torch.stack([torch.randn([3, h, w], generator=g) for g in gens])
         low = pil_to_tensor([image]).expand(r.batch_size, -1, -1, -1)
         condition = self.model.upscale_condition(low, r.noise_level, low_noise)
-        out = torch.zeros(r.batch_size, 3, h * f, w * f)
-        total = torch.zeros(1, 1, h * f, w * f)
-        for top, left, bh, bw in boxes:
+
+        def make(top, left, bh, bw):
             box = (..., slice(top, top + bh), slice(left, left + bw))
             extra = {"concat": condition["concat"][box].to(self.device),
                      "vector": condition["vector"].to(self.device)}
             z = self._denoise(r, bh * f, bw * f, progress=progress, callback=callback,
                               extra=extra, drawn=(noise[box].contiguous(), gens))
             self.check_finite(z, "the UNet's")
-            weight = blend_weights(bh * f, bw * f, top * f, left * f, h * f, w * f,
-                                   r.tile_overlap * f)
-            pixels = torch.cat(self.decode_pixels(z))
-            out[..., top * f:(top + bh) * f, left * f:(left + bw) * f] += pixels * weight
-            total[..., top * f:(top + bh) * f, left * f:(left + bw) * f] += weight
-        images, notes = self.finish(tensor_to_pil(out / total))
+            return torch.cat(self.decode_pixels(z))
+        pixels = blend_tiles(boxes, h, w, f, r.tile_overlap, make)
+        images, notes = self.finish(tensor_to_pil(pixels))
         params = []
         for i, note in enumerate(notes):
             p = self.record(r, i, h * f, w * f, note)

@@ -2,7 +2,7 @@
 (``SDUpscaler``) and the pixel upscalers people download (``PixelUpscaler``: ESRGAN,
 Real-ESRGAN, 4x-UltraSharp and others of ESRGAN's architecture, Real-ESRGAN's compact
 models; ``ldm.modules.sr``); both work in tiles (``ldm.image_io.tile_boxes``,
-``blend_weights``).
+``blend_tiles``).
 
 ComfyUI and A1111's forks load pixel upscalers with ``spandrel``, which knows many more
 architectures (SwinIR, HAT, DAT...). It cannot be installed beside a CPU build of torch
@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from ldm.errors import CheckpointError
-from ldm.image_io import blend_weights, tile_boxes  # noqa: F401  (the tiles both use)
+from ldm.image_io import blend_tiles, tile_boxes
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +63,18 @@ class PixelUpscaler:
     def __call__(self, x):
         """[B, 3, h, w] in [0, 1] -> [B, 3, scale h, scale w] in [0, 1], tiled."""
         import torch
-        b, _, h, w = x.shape
-        s = self.scale
-        pad = getattr(self.net, "unshuffle", 1)
-        out = torch.zeros(b, 3, h * s, w * s)
-        total = torch.zeros(1, 1, h * s, w * s)
-        for top, left, th, tw in tile_boxes(h, w, self.tile, self.overlap):
+        s, pad = self.scale, getattr(self.net, "unshuffle", 1)
+
+        def make(top, left, th, tw):
             part = x[..., top:top + th, left:left + tw].to(self.device)
             ph, pw = -th % pad, -tw % pad   # the unshuffle needs sides it divides
             if ph or pw:
                 part = torch.nn.functional.pad(part, (0, pw, 0, ph), mode="reflect")
             with torch.no_grad():
-                y = self.net(part).float().cpu()[..., :th * s, :tw * s]
-            weight = blend_weights(th * s, tw * s, top * s, left * s, h * s, w * s,
-                                   self.overlap * s)
-            out[..., top * s:(top + th) * s, left * s:(left + tw) * s] += y * weight
-            total[..., top * s:(top + th) * s, left * s:(left + tw) * s] += weight
-        return (out / total).clamp(0, 1)
+                return self.net(part).float().cpu()[..., :th * s, :tw * s]
+        h, w = x.shape[-2:]
+        return blend_tiles(tile_boxes(h, w, self.tile, self.overlap), h, w, s, self.overlap,
+                           make).clamp(0, 1)
 
     def upscale(self, image, width, height, prompt="", seed=0):
         import numpy as np
