@@ -322,3 +322,112 @@ def to_diffusers_controlnet(net, config):
     if next(net.parameters()).device.type != "meta":
         theirs.load_state_dict(converted, strict=True)
     return theirs.eval(), cfg, converted
+
+
+def to_diffusers_sd3(model, share=False):
+    """{"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}: an SD 3
+    ``RectifiedFlow``'s weights in diffusers' SD3Transformer2DModel and AutoencoderKL and
+    transformers' CLIPTextModelWithProjection (x2) and T5EncoderModel, through diffusers'
+    converters of Stability's single-file layout (``convert_sd3_transformer_checkpoint_to_
+    diffusers``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``,
+    ``convert_sd3_t5_checkpoint_to_diffusers``). ``share``: built on ``meta`` and loaded
+    with ``assign`` (no second copy of the weights); without T5 ``text_encoder_3`` is None."""
+    import diffusers
+    import transformers
+    from diffusers.loaders import single_file_utils as su
+    sd = model.state_dict()
+    net = model.model.diffusion_model
+    dim = net.x_embedder.proj.out_channels
+    blocks = net.joint_blocks
+    first = blocks[0].x_block.attn
+    maker = torch.device("meta") if share else nullcontext()
+    with maker:
+        transformer = diffusers.SD3Transformer2DModel(
+            sample_size=model.image_size, patch_size=net.patch_size, in_channels=net.in_channels,
+            num_layers=len(blocks), attention_head_dim=dim // first.heads,
+            num_attention_heads=first.heads, joint_attention_dim=net.context_embedder.in_features,
+            caption_projection_dim=dim, pooled_projection_dim=net.y_embedder.mlp[0].in_features,
+            out_channels=net.out_channels, pos_embed_max_size=net.pos_embed_max_size,
+            dual_attention_layers=tuple(i for i, b in enumerate(blocks) if b.x_block.self_attn2),
+            qk_norm="rms_norm" if isinstance(first.ln_q, torch.nn.Module)
+            and not isinstance(first.ln_q, torch.nn.Identity) else None)
+    converted = su.convert_sd3_transformer_checkpoint_to_diffusers(
+        {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")})
+    transformer.load_state_dict(converted, strict=True, assign=share)
+    ae = model.first_stage_model
+    ch = ae.encoder.conv_in.out_channels
+    dd = dict(ch=ch, ch_mult=[d.block[0].conv2.out_channels // ch for d in ae.encoder.down],
+              num_res_blocks=len(ae.encoder.down[0].block),
+              z_channels=ae.encoder.conv_out.out_channels // 2)
+    with maker:
+        vae = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=dd["z_channels"],
+            down_block_types=["DownEncoderBlock2D"] * len(dd["ch_mult"]),
+            up_block_types=["UpDecoderBlock2D"] * len(dd["ch_mult"]),
+            block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]],
+            layers_per_block=dd["num_res_blocks"], scaling_factor=model.scale_factor,
+            shift_factor=model.shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+    vae.load_state_dict(su.convert_ldm_vae_checkpoint(sd, dict(vae.config)), strict=True,
+                        assign=share)
+    out = {"transformer": transformer.eval(), "vae": vae.eval()}
+    for name, encoder in (("text_encoder", model.text_encoders.clip_l),
+                          ("text_encoder_2", model.text_encoders.clip_g)):
+        cfg = encoder.transformer.config
+        with maker:
+            clip = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                num_attention_heads=cfg.num_attention_heads, projection_dim=cfg.hidden_size,
+                max_position_embeddings=cfg.max_position_embeddings, hidden_act=cfg.hidden_act,
+                attn_implementation="eager"))
+        prefix = f"text_encoders.{'clip_l' if name == 'text_encoder' else 'clip_g'}.transformer."
+        converted = su.convert_ldm_clip_checkpoint(
+            {k: v for k, v in sd.items() if k.startswith(prefix)}, prefix)
+        if not any(k.startswith("text_model.") for k in clip.state_dict()):   # transformers 5
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        missing, unexpected = clip.load_state_dict(converted, strict=False, assign=share)
+        if unexpected or any("position_ids" not in k for k in missing):
+            raise RuntimeError(f"{name} conversion: missing {missing}, unexpected {unexpected}")
+        out[name] = clip.eval()
+    t5 = model.text_encoders.t5xxl
+    out["text_encoder_3"] = None
+    if t5 is not None:
+        stack = t5.transformer.encoder
+        attn = stack.block[0].layer[0].SelfAttention
+        with maker:
+            enc = transformers.T5EncoderModel(transformers.T5Config(
+                vocab_size=t5.transformer.shared.num_embeddings, d_model=t5.width,
+                d_kv=attn.q.out_features // attn.heads, num_heads=attn.heads,
+                d_ff=stack.block[0].layer[1].DenseReluDense.wi_0.out_features,
+                num_layers=len(stack.block), feed_forward_proj="gated-gelu"))
+        converted = su.convert_sd3_t5_checkpoint_to_diffusers(sd)
+        converted["encoder.embed_tokens.weight"] = converted["shared.weight"]
+        enc.load_state_dict(converted, strict=True, assign=share)
+        out["text_encoder_3"] = enc.eval()
+    return out
+
+
+def sd3_components(model, folder, t5_tokenizer=None):
+    """The keyword arguments of diffusers' StableDiffusion3 pipelines with ``model``'s
+    weights: CLIP tokenizer files written to ``folder`` (CLIP-L padding with the end token,
+    CLIP-G with "!"), T5's from the folder ``t5_tokenizer`` (a ``tokenizer.json``), and a
+    FlowMatchEulerDiscreteScheduler with the model's shift."""
+    import diffusers
+    import transformers
+    folder.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer_files(folder)
+    parts = to_diffusers_sd3(model)
+
+    def clip_tokenizer(pad):
+        return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                          pad_token=pad, model_max_length=77)
+    t5 = None
+    if t5_tokenizer is not None and parts["text_encoder_3"] is not None:
+        t5 = transformers.T5TokenizerFast(tokenizer_file=str(t5_tokenizer / "tokenizer.json"),
+                                          eos_token="</s>", pad_token="<pad>",
+                                          unk_token="<unk>", extra_ids=0)
+    elif parts["text_encoder_3"] is not None:
+        raise ValueError("a model with T5 needs its tokenizer folder")
+    return dict(**parts, tokenizer=clip_tokenizer("<|endoftext|>"),
+                tokenizer_2=clip_tokenizer("!"), tokenizer_3=t5,
+                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=model.flow_shift))

@@ -144,6 +144,7 @@ class Geometry:
     refiner: bool = False       # SDXL's refiner (conditioned on an aesthetic score)
     guidance_embedded: bool = False  # a consistency model taking its guidance as an embedding
     upscaler: bool = False      # the SD x4 upscaler (LatentUpscaleDiffusion)
+    flow: bool = False          # a rectified-flow model (SD 3: RectifiedFlow)
 
     @property
     def is_inpainting(self):
@@ -195,6 +196,7 @@ def geometry(config):
     g.guidance_embedded = bool(unet.get("time_cond_proj_dim"))
     embedders = ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models")
     g.upscaler = str(config.model.get("target", "")).endswith("LatentUpscaleDiffusion")
+    g.flow = str(config.model.get("target", "")).endswith("RectifiedFlow")
     g.refiner = any(hasattr(e, "get") and e.get("input_key") == "aesthetic_score"
                     for e in embedders or ())
     return g

@@ -715,7 +715,7 @@ class Pipeline:
         own (which can differ above half the training timesteps)."""
         if schedule not in (None, "discrete"):
             return steps
-        return len(sampling_timesteps(steps, self.model.num_timesteps, self.spacing(sampler)))
+        return len(self.model.schedule.discrete(steps, self.spacing(sampler)))
 
     def spacing(self, sampler=None):
         """The timestep spacing ``sampler`` runs on with this model: the sampler's own

@@ -146,13 +146,14 @@ class ModelInfo:
     inpainting: bool = False  # a dedicated inpainting model (9-channel UNet)
     guidance_embedded: bool = False  # guidance as a UNet input, not by a negative pass
     upscaler: bool = False    # the SD x4 upscaler (its one task: "upscale")
+    flow: bool = False        # a rectified-flow model (SD 3): the flow samplers only
 
     @classmethod
     def of_choice(cls, choice):
         """From a ``ldm.config.ModelChoice`` (the config alone, no weights)."""
         g = choice.geometry
         return cls(g.factor or 8, g.native_size or 512, g.timesteps, choice.defaults,
-                   g.is_inpainting, g.guidance_embedded, g.upscaler)
+                   g.is_inpainting, g.guidance_embedded, g.upscaler, g.flow)
 
     def default(self, name, task="txt2img"):
         """The one place for sampling defaults: the model config's own (``sampling:``),
@@ -343,7 +344,12 @@ def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None,
                          f"{n('scale')} or drop {n('negative_prompts')}")
     values["sampler"], values["schedule"], values["eta"] = resolve_sampling(
         model.default("sampler", task) if sampler is None else sampler, schedule, eta, n)
-    from ldm.samplers import SAMPLERS, sampler_label
+    from ldm.samplers import SAMPLERS, check_flow_sampler, sampler_label
+    if model.flow:
+        try:
+            check_flow_sampler(values["sampler"])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if SAMPLERS[values["sampler"]].spacing == "lcm" and values["steps"] > 50:
         raise UsageError(f"{n('steps')} {values['steps']}: {sampler_label(values['sampler'])} "
                          "takes at most 50 steps (its distillation's schedule; 2 to 8 is "

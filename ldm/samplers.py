@@ -130,6 +130,24 @@ def resolve_eta(sampler, eta=None):
     return eta
 
 
+def flow_samplers():
+    """The samplers a rectified-flow model (SD 3) runs: the deterministic sigma samplers,
+    which solve its ODE dx/ds = (x - x0) / s as they solve the variance-exploding one
+    (the same form). The ancestral and SDE samplers add noise of the variance-exploding
+    kind, and DDIM, PLMS, DDPM, LCM and TCD step DDPM timesteps: not for it."""
+    return [s.id for s in SAMPLERS.values() if not s.timesteps and not s.stochastic]
+
+
+def check_flow_sampler(sampler):
+    """ValueError naming the choices when ``sampler`` cannot drive a rectified-flow model."""
+    if sampler not in flow_samplers():
+        info = SAMPLERS[sampler]
+        why = ("steps DDPM timesteps" if info.timesteps else
+               "adds noise as a DDPM model's marginals need it")
+        raise ValueError(f"{info.label} {why}; a rectified-flow model (SD 3) takes "
+                         + ", ".join(flow_samplers()))
+
+
 def sampler_spacing(sampler, spacing="uniform"):
     """The timestep spacing ``sampler`` runs on: its own (LCM, TCD), else ``spacing``
     (the model's)."""

@@ -172,3 +172,25 @@ def run_here(script, *args, cwd=None):
         os.environ.update(env)
     return subprocess.CompletedProcess([script, *map(str, args)], code or 0, out.getvalue(),
                                        err.getvalue())
+
+
+def write_tiny_t5_tokenizer(folder, vocab_size=320):
+    """A tiny SentencePiece-style Unigram tokenizer in T5's form (``<pad>`` 0, ``</s>`` 1,
+    ``<unk>`` 2, metaspace pre-tokenisation), as ``folder/tokenizer.json``: T5's own
+    vocabulary does not ship here. Pieces: single characters, then common words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'&;:-()"
+    words = ("a photo of cat dog red blue green circle square tree two three in the on with "
+             "and painting house sky sun moon river mountain city night").split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -2.0 - i * 0.01) for i, w in enumerate(words)]
+    pieces += [(w, -6.0 - i * 0.01) for i, w in enumerate(words)]
+    pieces += [("\u2581", -5.0)] + [(c, -8.0 - i * 0.01) for i, c in enumerate(chars)]
+    pieces = pieces[:vocab_size]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder

@@ -165,8 +165,8 @@ def test_a_partial_sdxl_file_is_refused_in_one_line_before_any_load(tmp_path, ca
     assert rc == 3 and err == (
         f"error: {path} is a checkpoint in SDXL's layout (two text encoders, 2,816-wide ADM "
         "input) but not a whole SDXL model; a distilled or partial one: this project runs "
-        "Stable Diffusion 1.x, Stable Diffusion 2.x and Stable Diffusion XL checkpoints; "
-        "pass --config if it is one")
+        "Stable Diffusion 1.x, Stable Diffusion 2.x, Stable Diffusion XL and Stable "
+        "Diffusion 3 checkpoints; pass --config if it is one")
     assert not (tmp_path / "o").exists()
 
 

@@ -14,10 +14,10 @@ Nothing here imports torch or any other ``ldm`` module.
 """
 from typing import Optional
 
-from ldm.families import distilled, known, sd1, sd2, sdxl  # noqa: F401
+from ldm.families import distilled, known, sd1, sd2, sd3, sdxl  # noqa: F401
 from ldm.families.base import CONFIGS, Detected, Family  # noqa: F401
 
-FAMILIES = (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY)   # asked in this order
+FAMILIES = (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, sd3.FAMILY)   # asked in this order
 
 
 def detect(shapes) -> Optional[Detected]:

@@ -31,6 +31,7 @@ class Family:
     # variants a single file's name tells when its keys cannot: {variant: {word: variant}}
     # (SD-Turbo is SD 2.1-base's keys; "sd_turbo.safetensors")
     name_variants: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)   # variant -> its name ("SD 3.5 Large")
 
     def named_variant(self, variant, file_name):
         """The variant a file called ``file_name`` with the keys of ``variant`` is."""
@@ -57,6 +58,10 @@ class Detected:
     @property
     def phrase(self):
         """What it is, for a message: "an SD 1.x inpainting checkpoint (config ...)"."""
+        if self.variant in self.family.labels:
+            return (f"an {self.family.labels[self.variant]} checkpoint, whose config is "
+                    f"{self.config.relative_to(CONFIGS.parent)} (chosen by itself when "
+                    f"--config is not given)")
         kind = {"txt2img": "", "v": "v-prediction ", "turbo": "Turbo ", "lcm": "LCM ",
                 "zero-snr": "zero-terminal-SNR ", "x4-upscaler": "x4 upscaler "}.get(self.variant, f"{self.variant} ")
         return (f"a {self.family.label} {kind}checkpoint, whose config is "

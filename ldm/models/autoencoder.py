@@ -13,10 +13,13 @@ class AutoencoderKL(nn.Module):
 
     Accepts the CompVis config; ``lossconfig`` and the other training-only parameters are
     accepted for config compatibility and used only by the trainer (``ldm.lightning``).
+    ``use_quant_conv=False`` (diffusers' name): no 1x1 convolutions around the latents
+    (SD 3's 16-channel autoencoder has none).
     """
 
     def __init__(self, ddconfig, embed_dim, lossconfig=None, ckpt_path=None, ignore_keys=(),
-                 image_key="image", colorize_nlabels=None, monitor=None, **training_kwargs):
+                 image_key="image", colorize_nlabels=None, monitor=None, use_quant_conv=True,
+                 **training_kwargs):
         super().__init__()
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z=True (mean and log-variance)")
@@ -25,8 +28,11 @@ class AutoencoderKL(nn.Module):
         self.lossconfig = lossconfig
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
-        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        if use_quant_conv:
+            self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        else:
+            self.quant_conv, self.post_quant_conv = nn.Identity(), nn.Identity()
         self.downsampling_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
 
     def encode(self, x, tile=None):

@@ -137,8 +137,9 @@ def test_sampler_matches_diffusers(tiny_model, unet, start, monkeypatch, name, k
             unrounded = sampling.sample(tiny_model, name, x, STEPS, ctx, uncond, SCALE,
                                         noise=Feed(noises), disable=True, sigmas=levels)
         assert rel_err(unrounded, theirs) > 1e-5
-        exact = sampling.Denoiser.t
-        monkeypatch.setattr(sampling.Denoiser, "t", lambda self, s: (
+        from ldm.models.diffusion.noise_model import DiscreteSchedule
+        exact = DiscreteSchedule.t
+        monkeypatch.setattr(DiscreteSchedule, "t", lambda self, s: (
             round(exact(self, s)) if any(abs(s - v) < 1e-6 * v for v in levels[:-1])
             else exact(self, s)))
     with torch.no_grad():
@@ -205,7 +206,7 @@ def test_dpmpp_2s_step_matches_diffusers_singlestep(tiny_model, unet, start, mon
 def test_discrete_schedule_is_diffusers_leading(tiny_model, steps):
     """"discrete": the sigmas of the timesteps DDIM visits, SD's "leading" spacing with
     offset 1, then 0: diffusers' EulerDiscreteScheduler with SD's scheduler config."""
-    denoiser = sampling.Denoiser(tiny_model, None)
+    denoiser = sampling.Denoiser(tiny_model, None).schedule
     ours = sampling.sigma_schedule(denoiser, "discrete", steps)
     theirs = diffusers.EulerDiscreteScheduler(**BASE)
     theirs.set_timesteps(steps)
@@ -218,7 +219,7 @@ def test_karras_and_exponential_schedules(tiny_model, kind):
     diffusers with the same range configured gives the same levels. Left to itself,
     diffusers starts at the top spaced timestep's sigma (951 for 20 steps): the documented
     difference."""
-    denoiser = sampling.Denoiser(tiny_model, None)
+    denoiser = sampling.Denoiser(tiny_model, None).schedule
     ours = sampling.sigma_schedule(denoiser, kind, 20)
     flag = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas"}[kind]
     same_range = diffusers.EulerDiscreteScheduler(
@@ -233,7 +234,7 @@ def test_karras_and_exponential_schedules(tiny_model, kind):
 
 
 def test_denoiser_timestep_interpolates_log_sigma(tiny_model):
-    denoiser = sampling.Denoiser(tiny_model, None)
+    denoiser = sampling.Denoiser(tiny_model, None).schedule
     for t in (0, 1, 500, 998, 999):
         assert denoiser.t(denoiser.sigma(t)) == pytest.approx(t, abs=1e-6)
     mid = math.exp((math.log(denoiser.sigma(400)) + math.log(denoiser.sigma(401))) / 2)
@@ -258,7 +259,7 @@ def test_euler_on_discrete_levels_is_ddim(tiny_model, start):
     x, ctx, uncond, _ = start
     with torch.no_grad():
         ddim = sampling.sample(tiny_model, "ddim", x, STEPS, ctx, uncond, SCALE, disable=True)
-        denoiser = sampling.Denoiser(tiny_model, None)
+        denoiser = sampling.Denoiser(tiny_model, None).schedule
         levels = sampling.sigma_schedule(denoiser, "discrete", STEPS)
         levels[-1] = denoiser.sigma_min
         euler = sampling.sample(tiny_model, "euler", x, STEPS, ctx, uncond, SCALE,
@@ -362,7 +363,7 @@ def test_sgm_uniform_schedule_and_euler_on_it_match_diffusers(tiny_model, unet, 
     log_sigmas = np.log(((1 - euler.alphas_cumprod) / euler.alphas_cumprod).numpy() ** 0.5)
     t = np.linspace(999, 0, steps + 1)[:-1]
     want = np.append(np.exp(np.interp(t, np.arange(1000), log_sigmas)), 0.0)
-    denoiser = sampling.Denoiser(tiny_model, None)
+    denoiser = sampling.Denoiser(tiny_model, None).schedule
     ours = sampling.sigma_schedule(denoiser, "sgm_uniform", steps)
     assert np.allclose(ours.numpy(), want, rtol=1e-5)
     euler.set_timesteps(sigmas=want.tolist())   # diffusers takes the final 0 too

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ldm.models.diffusion.noise_model import PREDICTIONS
+from ldm.models.diffusion.noise_model import PREDICTIONS, DiscreteSchedule
 from ldm.modules.diffusionmodules.util import make_beta_schedule, rescale_zero_terminal_snr
 from ldm.util import instantiate_from_config
 
@@ -215,10 +215,23 @@ class LatentDiffusion(nn.Module):
         """The noise model: what the UNet's output is (``noise_model.EPS`` or ``V``)."""
         return PREDICTIONS[self.parameterization]
 
+    @property
+    def schedule(self):
+        """The noise levels the sigma samplers run on (``noise_model.DiscreteSchedule``)."""
+        return DiscreteSchedule(self.alphas_cumprod)
+
     def eps_from_output(self, x_t, t, output):
         """The model output as a noise prediction, whatever the parameterisation."""
         return self.prediction.eps(x_t, self._at(self.sqrt_alphas_cumprod, t, x_t),
                                    self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t), output)
+
+    def prepare_weights(self, sd, files=None):
+        """A checkpoint's state dict as the strict load takes it: as it is (SD 3's text
+        encoder files are ``RectifiedFlow``'s)."""
+        if files:
+            raise ValueError(f"--{sorted(files)[0]} gives SD 3's text encoders; this is not "
+                             "an SD 3 model")
+        return sd
 
     @contextmanager
     def ema_scope(self, context=None):

@@ -4,12 +4,17 @@ drive (ComfyUI's ``model_sampling`` has the same shape).
 
 - ``EPS`` (DDPM, SD 1.x, SD 2.x 512-base): the network predicts the noise.
 - ``V`` (Salimans & Ho 2022; SD 2.x 768-v): it predicts v = alpha eps - sigma_t x0.
-Flow matching (SD 3) will join them as a third prediction with its own schedule.
+- ``FLOW`` (rectified flow, Liu et al. 2022, Esser et al. 2024; SD 3): it predicts the
+  velocity v = eps - x0 of x_s = (1 - s) x0 + s eps.
 
+A schedule says where the samplers work and how the network is called there:
 ``DiscreteSchedule`` is a DDPM forward process of T training timesteps seen as noise levels
 sigma (Karras et al. 2022's variance-exploding form, x = x0 + sigma eps): the table of the
 timesteps' sigmas and the fractional timestep of any sigma, as k-diffusion and diffusers
-interpolate it.
+interpolate it. ``FlowSchedule`` is rectified flow's: the samplers work on x_s itself with
+sigma = s, where the probability-flow ODE dx/ds = (x - x0(x)) / s has the variance-exploding
+ODE's very form, so the deterministic samplers written for the one solve the other
+unchanged (ComfyUI's and Stability's reference code run them so).
 """
 import math
 
@@ -50,7 +55,20 @@ class V:
         return alpha * noise - sigma_t * x0
 
 
-PREDICTIONS = {"eps": EPS(), "v": V()}
+class FLOW:
+    """The network predicts the velocity v = eps - x0 of x_s = (1 - s) x0 + s eps
+    (rectified flow; Esser et al. 2024, eq. 2-3)."""
+    name = "flow"
+
+    def x0(self, x, sigma, c_in, output):
+        """The clean image from the velocity at x_s (``c_in`` = 1: the network sees x_s)."""
+        return x - sigma * output
+
+    def target(self, x0, noise, alpha, sigma_t):
+        return noise - x0
+
+
+PREDICTIONS = {"eps": EPS(), "v": V(), "flow": FLOW()}
 
 
 class DiscreteSchedule:
@@ -81,6 +99,27 @@ class DiscreteSchedule:
         return math.exp((1 - w) * float(self.log_sigmas[low])
                         + w * float(self.log_sigmas[low + 1]))
 
+    def c_in(self, sigma):
+        """The network's input is the DDPM latent: x / sqrt(1 + sigma^2)."""
+        return (sigma ** 2 + 1) ** -0.5
+
+    def noised(self, x0, noise, sigma):
+        """x0 at noise level ``sigma`` in the samplers' space: x0 + sigma noise."""
+        return x0 + sigma * noise
+
+    def from_latents(self, x, sigma):
+        """DDPM latents at ``sigma`` -> the samplers' space (x sqrt(1 + sigma^2))."""
+        return x * (1 + sigma ** 2) ** 0.5
+
+    def to_latents(self, x, sigma):
+        return x / (1 + sigma ** 2) ** 0.5
+
+    def discrete(self, steps, spacing="uniform"):
+        """The descending levels of the model's own sampling timesteps (those DDIM runs)."""
+        from ldm.models.diffusion.sampling import sampling_timesteps
+        t = torch.as_tensor(sampling_timesteps(steps, len(self.sigmas), spacing))
+        return self.sigmas[t.flip(0)]
+
     def t(self, sigma):
         """The timestep of noise level ``sigma``: linear in log sigma between the two
         training timesteps around it (clamped to the table)."""
@@ -91,6 +130,61 @@ class DiscreteSchedule:
         low = min(max(low, 0), len(table) - 2)
         w = (float(table[low]) - log_sigma) / (float(table[low]) - float(table[low + 1]))
         return low + min(max(w, 0.0), 1.0)
+
+
+class FlowSchedule:
+    """Rectified flow's noise levels s in (0, 1] (x_s = (1 - s) x0 + s eps), with the
+    timestep shift of SD 3 (Esser et al. 2024, sec. 5.3.2): the uniform training time
+    u = t / T becomes s = shift u / (1 + (shift - 1) u), spending more of the schedule at
+    high noise (shift 3.0 for SD 3 and 3.5). The network's timestep is 1000 s. The table
+    holds the levels of t = 1 ... T, as Stability's ``ModelSamplingDiscreteFlow``."""
+
+    def __init__(self, shift=3.0, timesteps=1000):
+        self.shift, self.timesteps = float(shift), int(timesteps)
+        u = torch.arange(1, self.timesteps + 1, dtype=torch.float64) / self.timesteps
+        self.sigmas = self.shifted(u)
+
+    def shifted(self, u):
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    @property
+    def sigma_min(self):
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self):
+        return float(self.sigmas[-1])
+
+    def sigma(self, t):
+        """The level of table index ``t`` (0 ... T - 1; fractional ones between)."""
+        t = min(max(float(t), 0.0), self.timesteps - 1.0)
+        return float(self.shifted(torch.tensor((t + 1) / self.timesteps, dtype=torch.float64)))
+
+    def t(self, sigma):
+        """The network's timestep at level ``sigma``: 1000 s (the shifted level, as
+        Stability's ``timestep`` and diffusers' ``sigmas * num_train_timesteps``)."""
+        return float(sigma) * self.timesteps
+
+    def c_in(self, sigma):
+        return 1.0
+
+    def noised(self, x0, noise, sigma):
+        return (1 - sigma) * x0 + sigma * noise
+
+    def from_latents(self, x, sigma):
+        return x
+
+    def to_latents(self, x, sigma):
+        return x
+
+    def discrete(self, steps, spacing="uniform"):
+        """diffusers' ``FlowMatchEulerDiscreteScheduler`` and Stability's ``get_sigmas``:
+        ``steps`` timesteps evenly spaced from the largest level's to the smallest's, each
+        shifted (the smallest is shifted twice, as both do)."""
+        if spacing != "uniform":
+            raise ValueError(f"a rectified-flow schedule has no {spacing!r} spacing")
+        ends = self.sigma_max, self.sigma_min
+        return self.shifted(torch.linspace(ends[0], ends[1], steps, dtype=torch.float64))
 
 
 def fitting_prediction(model, threshold=0.5):

@@ -26,9 +26,8 @@ from functools import partial
 import torch
 
 from ldm.models.diffusion import solvers
-from ldm.models.diffusion.noise_model import DiscreteSchedule
-from ldm.samplers import (SAMPLERS, SCHEDULES, resolve_eta, resolve_sampler,  # noqa: F401
-                          sampler_label, sampler_spacing)
+from ldm.samplers import (SAMPLERS, SCHEDULES, check_flow_sampler, resolve_eta,  # noqa: F401
+                          resolve_sampler, sampler_label, sampler_spacing)
 from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
 from ldm.progress import progress
 
@@ -92,22 +91,23 @@ def guided_eps(model, cond, uncond=None, scale=1.0, rescale=0.0):
     return eps
 
 
-class Denoiser(DiscreteSchedule):
-    """The model as a denoiser of ``x = x0 + sigma * eps`` (Karras et al. 2022, eq. 7):
-    ``D(x, sigma) -> x0``. x is the DDPM chain's latent times ``sqrt(1 + sigma^2)``; the
-    network gets ``x / sqrt(1 + sigma^2)`` at the (possibly fractional) timestep of that
-    sigma (``DiscreteSchedule.t``), and its output is read by the model's noise model
-    (``model.prediction``: eps or v). ``output(x, t)`` is the guided raw output
-    (``guided``)."""
+class Denoiser:
+    """The model as a denoiser on its noise schedule (``model.schedule``): ``D(x, sigma)
+    -> x0``. For a DDPM model (``DiscreteSchedule``) x is the DDPM chain's latent times
+    ``sqrt(1 + sigma^2)`` (Karras et al. 2022, eq. 7: x = x0 + sigma eps) and the network
+    gets ``x / sqrt(1 + sigma^2)`` at the (possibly fractional) timestep of that sigma; for
+    a rectified-flow model (``FlowSchedule``) x is x_s itself, given as it is at timestep
+    1000 s. The output is read by the model's noise model (``model.prediction``: eps, v or
+    flow). ``output(x, t)`` is the guided raw output (``guided``)."""
 
     def __init__(self, model, output):
-        super().__init__(model.alphas_cumprod)
+        self.schedule = model.schedule
         self.prediction = model.prediction
         self.output = output
 
     def __call__(self, x, sigma):
-        c_in = (sigma ** 2 + 1) ** -0.5
-        return self.prediction.x0(x, sigma, c_in, self.output(x * c_in, self.t(sigma)))
+        c_in = self.schedule.c_in(sigma)
+        return self.prediction.x0(x, sigma, c_in, self.output(x * c_in, self.schedule.t(sigma)))
 
 
 def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
@@ -124,22 +124,22 @@ def exponential_sigmas(n, sigma_min, sigma_max):
                           dtype=torch.float64).exp()
 
 
-def sigma_schedule(denoiser, schedule, steps, spacing="uniform"):
-    """The descending noise levels a sigma sampler visits, ending in 0: "discrete", the
-    sigmas of the model's own sampling timesteps (those DDIM runs, ``sampling_timesteps``);
-    "karras" and "exponential" between the model's smallest and largest sigma (its whole
-    training range, as k-diffusion and A1111 use; diffusers takes the range of the spaced
-    timesteps instead)."""
+def sigma_schedule(space, schedule, steps, spacing="uniform"):
+    """The descending noise levels a sigma sampler visits, ending in 0, on the model's
+    schedule ``space`` (``DiscreteSchedule``, ``FlowSchedule``): "discrete", the
+    levels of the model's own sampling timesteps (those DDIM runs, ``sampling_timesteps``;
+    rectified flow: diffusers' and Stability's); "karras" and "exponential" between the
+    model's smallest and largest sigma (its whole training range, as k-diffusion and A1111
+    use; diffusers takes the range of the spaced timesteps instead)."""
     if schedule == "discrete":
-        t = torch.as_tensor(sampling_timesteps(steps, len(denoiser.sigmas), spacing))
-        levels = denoiser.sigmas[t.flip(0)]
+        levels = space.discrete(steps, spacing)
     elif schedule == "karras":
-        levels = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max)
+        levels = karras_sigmas(steps, space.sigma_min, space.sigma_max)
     elif schedule == "exponential":
-        levels = exponential_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max)
+        levels = exponential_sigmas(steps, space.sigma_min, space.sigma_max)
     elif schedule == "sgm_uniform":
-        levels = torch.tensor([denoiser.sigma(t) for t in sgm_uniform_timesteps(
-            steps, len(denoiser.sigmas))], dtype=torch.float64)
+        levels = torch.tensor([space.sigma(t) for t in sgm_uniform_timesteps(
+            steps, len(space.sigmas))], dtype=torch.float64)
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
     return torch.cat([levels, levels.new_zeros(1)])
@@ -344,11 +344,12 @@ def latent_blend(mask, x0, noise, alphas_cumprod):
 
 
 
-def sigma_blend(mask, x0, noise):
+def sigma_blend(mask, x0, noise, space):
     """``latent_blend`` for the sigma samplers: the known latents at noise level sigma are
-    ``x0 + sigma * noise`` (x0 itself at sigma = 0)."""
+    ``space.noised(x0, noise, sigma)`` (x0 + sigma noise; rectified flow's
+    (1 - sigma) x0 + sigma noise; x0 itself at sigma = 0)."""
     def blend(x, sigma_next):
-        return (1 - mask) * (x0 + sigma_next * noise) + mask * x
+        return (1 - mask) * space.noised(x0, noise, sigma_next) + mask * x
     return blend
 
 
@@ -385,6 +386,8 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
     info = SAMPLERS[sampler]
+    if model.prediction.name == "flow":
+        check_flow_sampler(sampler)
     cond, uncond = conditioning_dict(cond, concat), conditioning_dict(uncond, concat)
     eta = resolve_eta(sampler, eta)
     if eta > 0 and noise is None:
@@ -397,25 +400,26 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
         raise ValueError("blend(x, t_next) is for the timestep samplers; give mask and known")
     output = guided(model, cond, uncond, scale, rescale)
     denoiser = Denoiser(model, output)
-    levels = (sigma_schedule(denoiser, schedule, steps, spacing) if sigmas is None
+    space = denoiser.schedule
+    levels = (sigma_schedule(space, schedule, steps, spacing) if sigmas is None
               else torch.as_tensor(sigmas, dtype=torch.float64))
     if run_steps is not None:
         levels = levels[len(levels) - 1 - run_steps:]
     if len(levels) < 2:
         return x if init is None else init
     top = float(levels[0])
-    start = x * (1 + top ** 2) ** 0.5 if init is None else init + top * x
-    ve_blend = None if mask is None else sigma_blend(mask, known, x)
+    start = space.from_latents(x, top) if init is None else space.noised(init, x, top)
+    ve_blend = None if mask is None else sigma_blend(mask, known, x, space)
     fn = STEPS[info.id]
     step = fn if eta == 1.0 or not info.stochastic else partial(fn, eta=eta)
 
-    def report(i, z, denoised):  # the callback sees DDPM-scaled latents, as for DDIM
-        callback(i, z / (1 + float(levels[i + 1]) ** 2) ** 0.5, denoised)
+    def report(i, z, denoised):  # the callback sees the model's latents, as for DDIM
+        callback(i, space.to_latents(z, float(levels[i + 1])), denoised)
 
     out = solvers.run(step, denoiser, start, levels, noise, report if callback else None,
                       ve_blend, disable, info.label)
     last = float(levels[-1])
-    return out if last == 0 else out / (1 + last ** 2) ** 0.5
+    return out if last == 0 else space.to_latents(out, last)
 
 
 def _sample_timesteps(model, info, x, steps, cond, uncond, scale, rescale, eta, noise,

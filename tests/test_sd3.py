@@ -1,0 +1,255 @@
+"""Stable Diffusion 3 / 3.5 through the family seam: our configs build Stability's key layout
+(committed manifests; diffusers' converters of the single-file layout load our full-size
+state dicts strictly), the MMDiT equals diffusers' SD3Transformer2DModel (SD 3, 3.5 Large's
+qk norm, 3.5 Medium's second attention, skipped layers), our T5 encoder equals
+transformers', the three text encoders give diffusers' prompt embeddings, the flow
+schedule is FlowMatchEulerDiscreteScheduler's, and the three tasks equal diffusers'
+StableDiffusion3 pipelines on identical tiny weights."""
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, randomize, rel_err, write_tiny_t5_tokenizer
+from ldm.pipeline import build_model
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = ROOT / "configs" / "stable-diffusion"
+TINY = ROOT / "configs" / "tiny" / "tiny-sd3-inference.yaml"
+MANIFESTS = ROOT / "tests" / "manifests"
+FULL = [("sd3_medium", "sd3-medium", 2_028_328_000), ("sd3.5_medium", "sd3.5-medium", 2_243_171_520),
+        ("sd3.5_large", "sd3.5-large", 8_056_627_520)]
+
+
+def tiny_sd3(seed=3, t5=True, **network):
+    """Our tiny SD 3 with seeded random weights (``network``: MMDiT parameters to change)."""
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(TINY)
+    for k, v in network.items():
+        config.model.params.network_config.params[k] = v
+    if not t5:   # its place: as many zeros as the T5 tokens diffusers is told of (32)
+        del config.model.params.text_encoders_config.params["t5xxl"]
+        config.model.params.text_encoders_config.params["t5_zeros"] = 32
+    return randomize(instantiate_from_config(config.model), seed).eval()
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer(tmp_path_factory):
+    return write_tiny_t5_tokenizer(tmp_path_factory.mktemp("t5"))
+
+
+@pytest.fixture(scope="module")
+def pair(t5_tokenizer, tmp_path_factory):
+    """(our tiny SD 3 with T5 and its tokenizer, diffusers' StableDiffusion3Pipeline with
+    its weights)."""
+    from ldm.compare import sd3_components
+    from ldm.modules.encoders.t5 import T5Tokenizer
+    model = tiny_sd3()
+    model.text_encoders.t5xxl.tokenizer = T5Tokenizer(t5_tokenizer)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        **sd3_components(model, tmp_path_factory.mktemp("tok"), t5_tokenizer))
+    pipe.set_progress_bar_config(disable=True)
+    return model, pipe
+
+
+@pytest.mark.parametrize("name,manifest,params", FULL)
+def test_sd3_configs_build_the_committed_key_manifest_and_diffusers_reads_it(name, manifest,
+                                                                             params):
+    """Every key and shape of Stability's layout; diffusers' own converters of that layout
+    load our full-size state dict into its models strictly (on the meta device), with the
+    published parameter counts (T5-XXL's encoder 4.89 billion)."""
+    from ldm.compare import to_diffusers_sd3
+    model = build_model(CONFIGS / f"{name}.yaml", meta=True)
+    got = [f"{k} {list(v.shape)}" for k, v in model.state_dict().items()]
+    assert got == (MANIFESTS / f"{manifest}.txt").read_text().splitlines()
+    with torch.device("meta"):
+        parts = to_diffusers_sd3(model, share=True)
+    counts = {k: sum(p.numel() for p in v.parameters()) for k, v in parts.items()}
+    assert counts["transformer"] == params == sum(p.numel() for p in model.model.parameters())
+    assert counts["text_encoder_3"] == 4_893_906_944 and counts["text_encoder_2"] == 694_659_840
+    assert counts["vae"] == 83_819_683
+    assert model.scale_factor == 1.5305 and model.shift_factor == 0.0609
+    assert model.image_size * model.latent_downsampling_factor == 1024
+
+
+@pytest.mark.parametrize("network", [{}, {"qk_norm": "rms"},
+                                     {"qk_norm": "rms", "x_block_self_attn_layers": [0, 1]}],
+                         ids=["sd3", "sd3.5-large", "sd3.5-medium"])
+@torch.no_grad()
+def test_the_mmdit_matches_diffusers_sd3_transformer(network):
+    """Random weights in Stability's layout, converted by diffusers: the same velocity for
+    a non-square latent at a high and a fractional timestep, and with a block skipped
+    (skip-layer guidance)."""
+    from ldm.compare import to_diffusers_sd3
+    model = tiny_sd3(depth=3, **network)
+    theirs = to_diffusers_sd3(model)["transformer"]
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 12, 8, generator=g), torch.tensor([1000.0, 3.5])
+    ctx, y = torch.randn(2, 7, 96, generator=g), torch.randn(2, 80, generator=g)
+    net = model.model.diffusion_model
+    for skip in ([], [1]):
+        ours = net(x, t, ctx, y, skip_layers=skip)
+        want = theirs(hidden_states=x, timestep=t, encoder_hidden_states=ctx,
+                      pooled_projections=y, skip_layers=skip or None).sample
+        assert ours.abs().max() > 0.1 and rel_err(ours, want) < 1e-5
+
+
+@torch.no_grad()
+def test_our_t5_encoder_matches_transformers():
+    """T5 v1.1's encoder (relative position buckets past 128 tokens, gated GELU, RMS
+    norms) loads transformers' T5EncoderModel weights and gives its last hidden state."""
+    from ldm.modules.encoders.t5 import T5EncoderModel
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=3,
+                                   num_heads=4, feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    theirs = transformers.T5EncoderModel(config).eval()
+    ours = T5EncoderModel(100, 32, 8, 64, 3, 4).eval()
+    sd = theirs.state_dict()
+    sd.pop("encoder.embed_tokens.weight")    # the tied copy of ``shared``
+    ours.load_state_dict(sd, strict=True)
+    ids = torch.randint(0, 100, (2, 150), generator=torch.Generator().manual_seed(1))
+    assert rel_err(ours(ids), theirs(ids).last_hidden_state) < 1e-5
+
+
+def test_the_t5_tokenizer_gives_diffusers_ids(t5_tokenizer):
+    """Ids then the end token, padded with 0 or cut (the end token kept), as diffusers'
+    T5TokenizerFast call in its SD 3 pipelines."""
+    from ldm.modules.encoders.t5 import T5Tokenizer
+    theirs = transformers.T5TokenizerFast(tokenizer_file=str(t5_tokenizer / "tokenizer.json"),
+                                          eos_token="</s>", pad_token="<pad>",
+                                          unk_token="<unk>", extra_ids=0)
+    texts = ["a photo of a cat", "Two RED squares & a tree, at night " * 3]
+    for length in (8, 32):
+        want = theirs(texts, padding="max_length", max_length=length, truncation=True).input_ids
+        assert T5Tokenizer(t5_tokenizer)(texts, length).tolist() == want
+
+
+@torch.no_grad()
+def test_the_three_text_encoders_give_diffusers_prompt_embeddings(pair):
+    """CLIP-L and CLIP-G's penultimate states padded to T5's width, then T5's states along
+    the sequence, and the two projected pooled embeddings: diffusers' encode_prompt (also
+    for an empty negative prompt, encoded as any other)."""
+    model, pipe = pair
+    prompts = ["a photo of a cat", "two red circles"]
+    pe, npe, pooled, npooled = pipe.encode_prompt(prompts, prompts, prompts,
+                                                  negative_prompt=["", "blue"],
+                                                  max_sequence_length=32)
+    cond, uncond = model.conditioning(prompts), model.conditioning(["", "blue"])
+    assert cond["crossattn"].shape == (2, 77 + 32, 96) and cond["vector"].shape == (2, 80)
+    assert rel_err(cond["crossattn"], pe) < 1e-5 and rel_err(cond["vector"], pooled) < 1e-5
+    assert rel_err(uncond["crossattn"], npe) < 1e-5 and rel_err(uncond["vector"], npooled) < 1e-5
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("steps", [4, 28, 50])
+def test_the_flow_schedule_is_flow_match_euler(shift, steps):
+    """The levels and the network's timesteps of diffusers' FlowMatchEulerDiscreteScheduler
+    (Stability's get_sigmas)."""
+    from ldm.models.diffusion.noise_model import FlowSchedule
+    from ldm.models.diffusion.sampling import sigma_schedule
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    theirs.set_timesteps(steps)
+    ours = sigma_schedule(FlowSchedule(shift), "discrete", steps)
+    assert torch.allclose(ours.float(), theirs.sigmas, atol=1e-6)
+    schedule = FlowSchedule(shift)
+    assert [schedule.t(s) for s in ours[:-1].tolist()] == pytest.approx(
+        theirs.timesteps.tolist(), abs=1e-3)
+
+
+@pytest.mark.parametrize("sampler,scheduler", [("euler", "FlowMatchEulerDiscreteScheduler"),
+                                               ("heun", "FlowMatchHeunDiscreteScheduler")])
+@pytest.mark.parametrize("t5", [True, False], ids=["t5", "no-t5"])
+@torch.no_grad()
+def test_tiny_sd3_txt2img_matches_diffusers_pipeline(pair, t5_tokenizer, tmp_path, sampler,
+                                                     scheduler, t5):
+    """The same latents as StableDiffusion3Pipeline from the same noise: a non-square size,
+    guidance 5, Euler (its default scheduler) and Heun (FlowMatchHeunDiscreteScheduler:
+    Heun on the flow ODE, as ours); without T5 its tokens are zeros on both sides."""
+    from ldm.compare import sd3_components
+    from ldm.pipeline import Pipeline
+    model, pipe = pair
+    if not t5:
+        model = tiny_sd3(t5=False)
+        pipe = diffusers.StableDiffusion3Pipeline(**sd3_components(model, tmp_path))
+        pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        **{**pipe.components, "scheduler": getattr(diffusers, scheduler)(shift=3.0)})
+    pipe.set_progress_bar_config(disable=True)
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    prompts, seeds = ["a photo of a cat", "two red circles"], [7, 8]
+    x, _ = ours.initial_noise(seeds, 64, 48)
+    z = ours.latents(prompts, seeds, sampler=sampler, steps=6, scale=5.0, height=64, width=48,
+                     progress=False)
+    want = pipe(prompts, num_inference_steps=6, guidance_scale=5.0, height=64, width=48,
+                latents=x.clone(), output_type="latent", max_sequence_length=32).images
+    assert z.abs().max() > 0.5 and rel_err(z, want) < 1e-5
+
+
+@torch.no_grad()
+def test_tiny_sd3_img2img_and_inpainting_match_diffusers(pair):
+    """Image-to-image: the flow schedule started part-way, the init latents noised as
+    (1 - s) x0 + s noise (StableDiffusion3Img2ImgPipeline; 10 steps at strength 0.6 runs
+    the last 6 on both sides). Inpainting by latent blending on the flow schedule, the
+    known latents noised to each next level (StableDiffusion3InpaintPipeline)."""
+    from ldm.pipeline import Pipeline
+    model, pipe = pair
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    prompts, seeds = ["a photo of a cat", "two red circles"], [3, 4]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    init = torch.randn(1, 16, 8, 6, generator=torch.Generator().manual_seed(9))
+    mask = torch.zeros(1, 1, 8, 6)
+    mask[..., 2:6, 1:4] = 1
+    common = dict(num_inference_steps=10, guidance_scale=5.0, output_type="latent",
+                  max_sequence_length=32)
+    z = ours.latents(prompts, seeds, init=init, strength=0.6, sampler="euler", steps=10,
+                     scale=5.0, progress=False)
+    img2img = diffusers.StableDiffusion3Img2ImgPipeline(**pipe.components)
+    want = img2img(prompts, image=init.expand(2, -1, -1, -1), strength=0.6, generator=gens(),
+                   **common).images
+    assert rel_err(z, want) < 1e-5 and rel_err(z, init.expand(2, -1, -1, -1)) > 0.05
+    z = ours.latents(prompts, seeds, init=init, mask=mask, strength=1.0, sampler="euler",
+                     steps=10, scale=5.0, progress=False)
+    inpaint = diffusers.StableDiffusion3InpaintPipeline(**pipe.components)
+    pixels = torch.nn.functional.interpolate(mask, scale_factor=8).expand(2, -1, -1, -1)
+    want = inpaint(prompts, image=init.expand(2, -1, -1, -1), mask_image=pixels, height=64,
+                   width=48, strength=1.0, generator=gens(), **common,
+                   masked_image_latents=init.expand(2, -1, -1, -1)).images   # unused: 16 ch
+    assert rel_err(z, want) < 1e-5
+    assert torch.equal(z * (1 - mask), init.expand(2, -1, -1, -1) * (1 - mask))
+
+
+def test_samplers_that_cannot_drive_a_flow_model_are_refused_in_one_line():
+    """The deterministic sigma samplers run; DDIM, PLMS (DDPM timesteps) and the ancestral
+    and SDE samplers (noise of the variance-exploding kind) are refused naming the ones
+    that run, before any work."""
+    from ldm.errors import UsageError
+    from ldm.request import ModelInfo, Request
+    info = ModelInfo(8, 1024, flow=True, defaults={"sampler": "euler", "steps": 28, "scale": 7.0})
+    assert Request.build("txt2img", info, "a cat", 1).sampler == "euler"
+    for name in ("DPM++ 2M Karras", "heun", "unipc", "lms", "dpm_2"):
+        Request.build("txt2img", info, "a cat", 1, sampler=name)
+    for name, why in (("ddim", "DDPM timesteps"), ("plms", "DDPM timesteps"),
+                      ("euler_a", "marginals"), ("dpmpp_2m_sde", "marginals")):
+        with pytest.raises(UsageError, match=why) as e:
+            Request.build("txt2img", info, "a cat", 1, sampler=name)
+        assert "euler, heun" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sd3_checkpoints_are_detected_by_their_keys():
+    """The variant from the network's depth, position table and SD 3.5's layers (the
+    committed manifests as the files' shapes); Turbo by its file name."""
+    from ldm import families
+    for _, manifest, _ in FULL:
+        shapes = {}
+        for line in (MANIFESTS / f"{manifest}.txt").read_text().splitlines():
+            key, shape = line.split(" ", 1)
+            shapes[key] = tuple(int(n) for n in shape.strip("[]").split(", ") if n)
+        found = families.detect(shapes)
+        assert found.family.name == "sd3" and found.variant == manifest
+        assert found.config == CONFIGS.parent / families.sd3.FAMILY.configs[manifest]
+    assert families.sd3.FAMILY.named_variant("sd3.5-large", "sd3.5_large_turbo.safetensors") \
+        == "sd3.5-large-turbo"
+    assert "SD 3.5 Large" in families.Detected(families.sd3.FAMILY, "sd3.5-large").phrase
