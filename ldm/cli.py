@@ -236,6 +236,15 @@ def add_model_arguments(p):
     t.add_argument("--unet", type=nonempty, default=None, metavar="FILE",
                    help="a UNet that replaces the checkpoint's (e.g. SDXL-Lightning's "
                         "sdxl_lightning_4step_unet.safetensors; original or diffusers layout)")
+    for name, what in (("clip_l", "CLIP ViT-L (clip_l.safetensors)"),
+                       ("clip_g", "OpenCLIP ViT-bigG (clip_g.safetensors)"),
+                       ("t5xxl", "T5-XXL's encoder (t5xxl_fp16.safetensors)")):
+        t.add_argument(f"--{name}", type=nonempty, default=None, metavar="FILE",
+                       help=f"SD 3: {what}, for a checkpoint without it or to replace it")
+    t.add_argument("--t5_tokenizer", "--t5-tokenizer", dest="t5_tokenizer", type=nonempty,
+                   default=None, metavar="PATH",
+                   help="SD 3: T5's tokenizer (spiece.model, tokenizer.json, or a folder with "
+                        "either: a diffusers folder's tokenizer_3/); default models/t5/")
     t.add_argument("--clip-skip", "--clip_skip", dest="clip_skip", type=number(int, 1, 12),
                    default=1, metavar="N",
                    help="condition on the text encoder's N-th layer from the end (A1111's "
@@ -909,7 +918,9 @@ def load_pipeline(args, choice):
     pipe = Pipeline.load(choice, device=device, precision=args.precision,
                          safety=args.safety_checker != "none",
                          safety_checker_path=args.safety_checker, offload=args.offload,
-                         vae=args.vae, backend="torch")   # chosen with the other options below
+                         vae=args.vae, backend="torch",   # chosen with the other options below
+                         text_encoders={k: getattr(args, k) for k in
+                                        ("clip_l", "clip_g", "t5xxl", "t5_tokenizer")})
     pipe.set_loras(args.lora)
     for path, token in args.embedding:
         pipe.load_embedding(path, token)

@@ -66,13 +66,15 @@ def build_model(config, meta=False, path=None):
         raise build_error(path or "config", e) from None
 
 
-def load_model(ckpt, config, device="cpu", dtype=torch.float32):
+def load_model(ckpt, config, device="cpu", dtype=torch.float32, text_encoders=None):
     """A ``LatentDiffusion`` with the checkpoint's weights, in eval mode, on ``device``,
     its weights in ``dtype`` as ``cast_weights`` leaves them (the normalisation layers'
     in float32): cast while they are read, so a bfloat16 SDXL never holds a float32 copy.
     The model is built (on ``meta``, instantly) before the weights are read, so a config
     that does not build, or a model this machine's memory cannot hold
-    (``check_load_memory``), is reported before the slow part."""
+    (``check_load_memory``), is reported before the slow part. ``text_encoders``: SD 3's
+    text encoder files and T5 tokenizer ({"clip_l": path, ..., "t5_tokenizer": path};
+    ``RectifiedFlow.prepare_weights``)."""
     from ldm.checkpoint import load_model_weights, load_state_dict_file
     from ldm.convert import is_diffusers_folder, load_diffusers_folder
     model = build_model(config, meta=True)
@@ -81,6 +83,7 @@ def load_model(ckpt, config, device="cpu", dtype=torch.float32):
             if isinstance(module, NORMS) for p, _ in module.named_parameters(recurse=False)}
     sd = (load_diffusers_folder(ckpt, model) if is_diffusers_folder(ckpt)
           else load_state_dict_file(ckpt))
+    sd = model.prepare_weights(sd, {k: v for k, v in (text_encoders or {}).items() if v})
     load_model_weights(model, sd, source=str(ckpt), dtype=dtype, keep_float32=keep)
     return model.eval().requires_grad_(False).to(device)
 
@@ -384,7 +387,7 @@ class Pipeline:
     @classmethod
     def load(cls, ckpt=None, config=None, device="auto", precision="autocast", safety=True,
              safety_checker_path=None, watermark=True, task="txt2img", offload=False,
-             vae=None, backend="auto", unet=None):
+             vae=None, backend="auto", unet=None, text_encoders=None):
         """Load a checkpoint (a path, or a ``ModelChoice`` from ``choose_model``; None: SD v1
         if installed, for ``task="inpaint"`` SD's inpainting model first, else the built-in
         model). ``safety=False`` turns the safety checker off;
@@ -396,14 +399,17 @@ class Pipeline:
         ``unet``: a UNet file that does (``load_unet``: SDXL-Lightning's UNets). A few-step
         distillate named by the checkpoint's or the UNet's file sets the sampling defaults
         (``ldm.families.distilled``), said in one line.
-        ``backend``: what runs the networks ("auto", "torch", "openvino"; ``set_options``)."""
+        ``backend``: what runs the networks ("auto", "torch", "openvino"; ``set_options``).
+        ``text_encoders``: SD 3's separate text encoder files and T5 tokenizer
+        ({"clip_l", "clip_g", "t5xxl", "t5_tokenizer": path}; ``load_model``)."""
         from ldm.checkpoint import file_hash
         device = pick_device(device) if isinstance(device, str) else device
         choice = ckpt if isinstance(ckpt, ModelChoice) else choose_model(ckpt, config, task)
         if unet is not None:
             choice = replace(choice, unet=Path(unet))
         choice.named_defaults()   # refused before the load
-        model = load_model(choice.ckpt, choice.config, "cpu", compute_dtype(device, precision))
+        model = load_model(choice.ckpt, choice.config, "cpu", compute_dtype(device, precision),
+                           text_encoders)
         unet_record = load_unet(model, choice.unet) if choice.unet is not None else None
         choice = settle_prediction(choice, model)   # the UNet that runs tells
         choice = settle_guidance(choice, model)

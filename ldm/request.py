@@ -157,11 +157,13 @@ class ModelInfo:
 
     def default(self, name, task="txt2img"):
         """The one place for sampling defaults: the model config's own (``sampling:``),
-        else CompVis': DDIM, 50 steps, guidance 7.5 (5.0 for image-to-image, as CompVis'
+        else CompVis': DDIM (Euler for a rectified-flow model), 50 steps, guidance 7.5 (5.0 for image-to-image, as CompVis'
         img2img.py), strength 0.75 for image-to-image and 1 for inpainting, no guidance
         rescale."""
         if name in self.defaults:
             return self.defaults[name]
+        if name == "sampler" and self.flow:   # rectified flow: diffusers' and KerasHub's
+            return "euler"
         from ldm.samplers import DEFAULT_SAMPLER
         return {"sampler": DEFAULT_SAMPLER, "steps": 50,
                 "scale": 5.0 if task == "img2img" else 7.5,

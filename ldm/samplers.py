@@ -142,7 +142,7 @@ def check_flow_sampler(sampler):
     """ValueError naming the choices when ``sampler`` cannot drive a rectified-flow model."""
     if sampler not in flow_samplers():
         info = SAMPLERS[sampler]
-        why = ("steps DDPM timesteps" if info.timesteps else
+        why = ("runs on a DDPM model's timesteps" if info.timesteps else
                "adds noise as a DDPM model's marginals need it")
         raise ValueError(f"{info.label} {why}; a rectified-flow model (SD 3) takes "
                          + ", ".join(flow_samplers()))

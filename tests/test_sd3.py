@@ -231,7 +231,8 @@ def test_samplers_that_cannot_drive_a_flow_model_are_refused_in_one_line():
     assert Request.build("txt2img", info, "a cat", 1).sampler == "euler"
     for name in ("DPM++ 2M Karras", "heun", "unipc", "lms", "dpm_2"):
         Request.build("txt2img", info, "a cat", 1, sampler=name)
-    for name, why in (("ddim", "DDPM timesteps"), ("plms", "DDPM timesteps"),
+    assert Request.build("txt2img", ModelInfo(8, 1024, flow=True), "a cat", 1).sampler == "euler"
+    for name, why in (("ddim", "DDPM model's timesteps"), ("plms", "DDPM model's timesteps"),
                       ("euler_a", "marginals"), ("dpmpp_2m_sde", "marginals")):
         with pytest.raises(UsageError, match=why) as e:
             Request.build("txt2img", info, "a cat", 1, sampler=name)
@@ -253,3 +254,44 @@ def test_sd3_checkpoints_are_detected_by_their_keys():
     assert families.sd3.FAMILY.named_variant("sd3.5-large", "sd3.5_large_turbo.safetensors") \
         == "sd3.5-large-turbo"
     assert "SD 3.5 Large" in families.Detected(families.sd3.FAMILY, "sd3.5-large").phrase
+
+
+def test_the_scripts_run_an_sd3_file_with_its_encoders_apart(tmp_path, t5_tokenizer, capsys):
+    """A single file without T5 and a separate T5 file (--t5xxl) with --t5_tokenizer make
+    PNGs with the three scripts' flags; without the tokenizer the run goes on without T5
+    and says so; a missing CLIP, --plms and --clip_l for an SD 1 model are one-line errors
+    before any sampling."""
+    import json
+    import sys
+    from PIL import Image
+    from safetensors.torch import save_file
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import txt2img
+    import img2img
+    sd = {k: v.contiguous() for k, v in tiny_sd3().state_dict().items()}
+    t5 = "text_encoders.t5xxl.transformer."
+    ckpt, t5_file, no_g = tmp_path / "sd3.safetensors", tmp_path / "t5.safetensors", tmp_path / "g.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith(t5)}, ckpt)
+    save_file({k[len(t5):]: v for k, v in sd.items() if k.startswith(t5)}, t5_file)
+    save_file({k: v for k, v in sd.items() if "clip_g" not in k}, no_g)
+    common = ["--config", str(TINY), "--prompt", "a photo of a cat", "--H", "64", "--W", "48",
+              "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "3", "--safety_checker", "none"]
+    out = tmp_path / "o"
+    assert txt2img.main(["--ckpt", str(ckpt), "--t5xxl", str(t5_file), "--t5_tokenizer",
+                         str(t5_tokenizer), "--outdir", str(out)] + common) == 0
+    image = Image.open(out / "samples" / "00000.png")
+    params = json.loads(image.info["ldm_parameters"])
+    assert image.size == (48, 64) and params["sampler"] == "euler" and params["prediction"] == "flow"
+    capsys.readouterr()
+    assert img2img.main(["--ckpt", str(ckpt), "--t5xxl", str(t5_file), "--init-img",
+                         str(out / "samples" / "00000.png"), "--strength", "0.5",
+                         "--outdir", str(tmp_path / "i")] + common) == 0
+    assert "T5" in capsys.readouterr().err   # no tokenizer: said, run without T5
+    for args, want in (([str(no_g)], "no CLIP-G text encoder: give it with --clip_g"),
+                       ([str(ckpt), "--plms"], "PLMS runs on a DDPM model's timesteps"),
+                       (["builtin", "--clip_l", str(t5_file)], "--clip_l is for SD 3's")):
+        extra = [] if args[0] == "builtin" else common[:2]
+        rc = txt2img.main(["--ckpt"] + args + ["--outdir", str(tmp_path / "x")] + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc != 0 and want in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

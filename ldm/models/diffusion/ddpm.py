@@ -12,6 +12,7 @@ from torch import nn
 
 from ldm.models.diffusion.noise_model import PREDICTIONS, DiscreteSchedule
 from ldm.modules.diffusionmodules.util import make_beta_schedule, rescale_zero_terminal_snr
+from ldm.errors import CheckpointError
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -229,8 +230,8 @@ class LatentDiffusion(nn.Module):
         """A checkpoint's state dict as the strict load takes it: as it is (SD 3's text
         encoder files are ``RectifiedFlow``'s)."""
         if files:
-            raise ValueError(f"--{sorted(files)[0]} gives SD 3's text encoders; this is not "
-                             "an SD 3 model")
+            raise CheckpointError(f"--{sorted(files)[0]} is for SD 3's text encoders; this is "
+                                  "not an SD 3 model: drop it")
         return sd
 
     @contextmanager

@@ -95,14 +95,20 @@ class RectifiedFlow(LatentDiffusion):
 
     # -- weights --------------------------------------------------------------------------
     def prepare_weights(self, sd, files=None):
-        """A checkpoint's state dict made whole for a strict load: ``files``
-        ({"clip_l": path, ...}, the ``--clip_l``/``--clip_g``/``--t5xxl`` files: bare
-        encoders, or under any of our prefixes) fill or replace the text encoders; the
-        keys in ``EXTRA`` are dropped; a CLIP-L without ``text_projection`` gets the
-        identity (Stability's reference leaves CLIP-L's pooled output unprojected). Without
-        T5 weights the model is left without T5 (said in one line)."""
+        """A checkpoint's state dict made whole for a strict load. ``files``: the
+        ``--clip_l``/``--clip_g``/``--t5xxl`` files ({"clip_l": path, ...}: bare encoders,
+        or under any of our prefixes), which fill or replace the checkpoint's, and
+        ``t5_tokenizer`` (``ldm.modules.encoders.t5.find_tokenizer``). The keys in
+        ``EXTRA`` are dropped; a CLIP-L without ``text_projection`` gets the identity
+        (Stability's reference leaves CLIP-L's pooled output unprojected). Without T5
+        weights or its tokenizer the model runs without T5 (said in one line); without a
+        CLIP encoder, a CheckpointError says which flag gives it."""
         from ldm.checkpoint import load_state_dict_file
-        for name, path in (files or {}).items():
+        from ldm.errors import CheckpointError
+        from ldm.modules.encoders.t5 import find_tokenizer
+        files = dict(files or {})
+        tokenizer_path = files.pop("t5_tokenizer", None)
+        for name, path in files.items():
             prefix = f"{TEXT}{name}.transformer."
             sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
             for k, v in load_state_dict_file(path).items():
@@ -112,13 +118,30 @@ class RectifiedFlow(LatentDiffusion):
                         break
                 sd[prefix + k] = v
         sd = {k: v for k, v in sd.items() if not (k.startswith(TEXT) and k[len(TEXT):] in EXTRA)}
+        for name, file in (("clip_l", "clip_l.safetensors"), ("clip_g", "clip_g.safetensors")):
+            if not any(k.startswith(f"{TEXT}{name}.") for k in sd):
+                raise CheckpointError(f"the checkpoint has no {name.upper().replace('_', '-')} "
+                                      f"text encoder: give it with --{name} FILE (Stability's "
+                                      f"text_encoders/{file})")
         projection = f"{TEXT}clip_l.transformer.text_projection.weight"
         clip_l = f"{TEXT}clip_l.transformer.text_model.final_layer_norm.weight"
         if clip_l in sd and projection not in sd:
             sd[projection] = torch.eye(sd[clip_l].shape[0], dtype=sd[clip_l].dtype)
-        t5 = self.text_encoders.t5xxl
-        if t5 is not None and not any(k.startswith(f"{TEXT}t5xxl.") for k in sd):
-            log.warning("no T5-XXL weights (the checkpoint has none and no --t5xxl was "
-                        "given): SD 3 runs on its two CLIP encoders, T5's part zeros")
-            self.text_encoders.drop_t5()
+        encoders = self.text_encoders
+        if encoders.t5xxl is None:
+            sd = {k: v for k, v in sd.items() if not k.startswith(f"{TEXT}t5xxl.")}
+        elif not any(k.startswith(f"{TEXT}t5xxl.") for k in sd):
+            log.warning("no T5-XXL weights (none in the checkpoint, no --t5xxl): SD 3 runs on "
+                        "its two CLIP encoders, T5's part zeros")
+            encoders.drop_t5()
+        else:
+            tokenizer = find_tokenizer(tokenizer_path)
+            if tokenizer is None:
+                log.warning("T5-XXL's tokenizer is not here: SD 3 runs without T5 (give "
+                            "--t5_tokenizer, a diffusers folder's tokenizer_3/, or put "
+                            "spiece.model in models/t5/)")
+                encoders.drop_t5()
+                sd = {k: v for k, v in sd.items() if not k.startswith(f"{TEXT}t5xxl.")}
+            else:
+                encoders.t5xxl.tokenizer = tokenizer
         return sd

