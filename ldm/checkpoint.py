@@ -209,10 +209,11 @@ def file_hash(path, chars=10):
 
 def folder_weights_hash(folder):
     """A short hash of a diffusers folder's weight files (as one checkpoint's hash): those of
-    ``source.WEIGHT_FILES`` it has (SD 1/2: three; SDXL's second text encoder too)."""
+    ``source.WEIGHT_FILES`` it has (SD 1/2: three; SDXL's second text encoder too; SD 3's
+    transformer and three text encoders)."""
     h = hashlib.sha256()
     for c in source.WEIGHT_FILES:
-        if c != "unet" and not (Path(folder) / c).is_dir():
+        if not (Path(folder) / c).is_dir():
             continue
         for path in source.component_files(folder, c):
             h.update(file_hash(path, 64).encode())

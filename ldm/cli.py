@@ -156,6 +156,9 @@ def add_sampling_arguments(p, outdir, n_samples=3, n_iter=2, scale=7.5, jsonl=Fa
                    help="classifier-free guidance scale in [0, 100] (default: the model "
                         f"config's own `sampling: scale:`, as the built-in model has, else "
                         f"{scale})")
+    p.add_argument("--slg", type=field("slg"), default=None, metavar="SCALE",
+                   help="SD 3: skip-layer guidance at this scale (Stability's SD 3.5 Medium: "
+                        "2.5 with --scale 4; blocks 7-9, 1%%-20%% of the steps); default 0: none")
     p.add_argument("--rescale", type=field("rescale"), default=None,
                    help="guidance rescale in [0, 1] (Lin et al. 2023; diffusers' "
                         "guidance_rescale, 0.7 for zero-terminal-SNR v models; default 0: "
@@ -1025,6 +1028,7 @@ def build_request(args, info, task, prompts, seeds, **values):
                   schedule=args.schedule, eta=args.ddim_eta, steps=args.ddim_steps,
                   scale=args.scale, height=getattr(args, "H", None),
                   width=getattr(args, "W", None), rescale=getattr(args, "rescale", None),
+                  slg=getattr(args, "slg", None),
                   **{k: getattr(args, k, None) for k in req.SIZE_CONDITIONING})
     if task in ("img2img", "inpaint"):
         fields.update(strength=args.strength, resize_mode=args.resize_mode,

@@ -15,7 +15,8 @@ from ldm.samplers import TIMESTEP_SPACINGS as TIMESTEP_SPACING_NAMES
 
 log = logging.getLogger(__name__)
 
-SAMPLING_KEYS = ("sampler", "steps", "scale", "rescale", "timestep_spacing")
+SAMPLING_KEYS = ("sampler", "steps", "scale", "rescale", "timestep_spacing", "slg",
+                 "slg_layers", "slg_start", "slg_stop")
 
 
 def load_config(path):
@@ -116,7 +117,7 @@ def sampling_defaults(config, path="config"):
                           f"{defaults['timestep_spacing']!r}")
     from ldm.request import LIMITS, check_number
     from ldm.samplers import resolve_sampler
-    for key in ("steps", "scale", "rescale"):
+    for key in ("steps", "scale", "rescale", "slg"):
         if key in defaults:
             limit = LIMITS[key]
             try:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import load_state_dict_file
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.errors import CheckpointError
 from ldm.source import WEIGHT_FILES, component_files, is_diffusers_folder  # noqa: F401
 
@@ -141,9 +142,10 @@ def module_names(model):
     """{our module path: diffusers module path} for every module of ``model`` (a
     ``LatentDiffusion``) that holds weights: UNet, autoencoder and text encoder."""
     out = {}
-    parts = [(UNET, "unet.", model.model.diffusion_model,
-              _unet_blocks(model.model.diffusion_model)),
-             (VAE, "vae.", model.first_stage_model, _vae_blocks(model.first_stage_model))]
+    net = model.model.diffusion_model
+    parts = [(VAE, "vae.", model.first_stage_model, _vae_blocks(model.first_stage_model))]
+    if isinstance(net, UNetModel):   # SD 3's MMDiT: ``mmdit_from_diffusers``
+        parts.insert(0, (UNET, "unet.", net, _unet_blocks(net)))
     for ours_root, theirs_root, net, blocks in parts:
         out.update(_block_names(net, blocks, ours_root, theirs_root))
     for prefix, encoder, component in text_encoders(model):
@@ -197,6 +199,11 @@ def text_encoders(model):
     (``conditioner.embedders.N.``): CLIP ViT-L as "text_encoder" and OpenCLIP bigG as
     "text_encoder_2" (the refiner's bigG alone too)."""
     conditioner = model.cond_stage_model
+    if hasattr(conditioner, "clips"):   # SD 3's three, under text_encoders.NAME.
+        named = [("clip_l", conditioner.clip_l, "text_encoder"),
+                 ("clip_g", conditioner.clip_g, "text_encoder_2"),
+                 ("t5xxl", conditioner.t5xxl, "text_encoder_3")]
+        return [(f"text_encoders.{n}.", e, c) for n, e, c in named if e is not None]
     if not hasattr(conditioner, "embedders"):
         return [("cond_stage_model.", conditioner, "text_encoder")]
     texts = conditioner.text_embedders
@@ -317,7 +324,9 @@ def from_diffusers(model, components):
     own = model.state_dict()
     out, left = {}, []
     for component, sd in components.items():
-        if component.startswith("text_encoder"):
+        if component == "text_encoder_3":   # T5: its tied second token table left out
+            sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+        elif component.startswith("text_encoder"):
             sd = {(k if k.startswith(("text_model.", "text_projection.")) else
                    "text_model." + k): v
                   for k, v in sd.items() if not k.endswith("position_ids")}
@@ -401,6 +410,12 @@ def load_diffusers_folder(folder, model):
     (``unet/``, ``vae/``, the text encoders the model has: ``text_encoder/``,
     ``text_encoder_2/``; safetensors or .bin through the safe unpickler, fp16 or fp32)."""
     folder = Path(folder)
+    if not isinstance(model.model.diffusion_model, UNetModel):   # SD 3
+        wanted = ["vae"] + [c for _, _, c in text_encoders(model)
+                            if (folder / c).is_dir() or c != "text_encoder_3"]
+        out = from_diffusers(model, {c: load_component(folder, c) for c in wanted})
+        out.update(mmdit_from_diffusers(load_component(folder, "transformer")))
+        return out
     wanted = ["unet", "vae"] + [c for _, _, c in text_encoders(model)]
     components = {c: load_component(folder, c) for c in wanted}
     return from_diffusers(model, components)
@@ -428,3 +443,65 @@ def unet_state_dict(sd, model):
     if any(k.startswith(("down_blocks.", "up_blocks.", "mid_block.", "conv_in.")) for k in sd):
         return from_diffusers(model, {"unet": sd})
     return {UNET + k: v for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# SD 3: diffusers' SD3Transformer2DModel and friends -> Stability's single-file layout
+
+def _swap_halves(w):
+    """diffusers' AdaLayerNormContinuous gives (scale, shift); Stability's adaLN (shift,
+    scale): the two halves of the projection swapped."""
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def mmdit_from_diffusers(sd):
+    """A diffusers SD3Transformer2DModel state dict in Stability's MMDiT names (the inverse
+    of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``: q, k and v stacked
+    into ``qkv``, the final layer's and the last text block's modulation halves swapped)."""
+    out = {"pos_embed": sd["pos_embed.pos_embed"],
+           "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+           "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+           "context_embedder.weight": sd["context_embedder.weight"],
+           "context_embedder.bias": sd["context_embedder.bias"],
+           "final_layer.linear.weight": sd["proj_out.weight"],
+           "final_layer.linear.bias": sd["proj_out.bias"],
+           "final_layer.adaLN_modulation.1.weight": _swap_halves(sd["norm_out.linear.weight"]),
+           "final_layer.adaLN_modulation.1.bias": _swap_halves(sd["norm_out.linear.bias"])}
+    for ours, theirs in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
+        for i, n in ((0, 1), (2, 2)):
+            for p in ("weight", "bias"):
+                out[f"{ours}.mlp.{i}.{p}"] = sd[f"time_text_embed.{theirs}.linear_{n}.{p}"]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    for i in range(depth):
+        b, j = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == depth - 1
+
+        def put(ours, theirs, swap=False):
+            for p in ("weight", "bias"):
+                if b + f"{theirs}.{p}" in sd:
+                    value = sd[b + f"{theirs}.{p}"]
+                    out[j + f"{ours}.{p}"] = _swap_halves(value) if swap else value
+
+        for p in ("weight", "bias"):
+            out[j + f"x_block.attn.qkv.{p}"] = torch.cat(
+                [sd[b + f"attn.to_{n}.{p}"] for n in "qkv"])
+            out[j + f"context_block.attn.qkv.{p}"] = torch.cat(
+                [sd[b + f"attn.add_{n}_proj.{p}"] for n in "qkv"])
+            if b + f"attn2.to_q.{p}" in sd:
+                out[j + f"x_block.attn2.qkv.{p}"] = torch.cat(
+                    [sd[b + f"attn2.to_{n}.{p}"] for n in "qkv"])
+        for ours, theirs in (("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
+                             ("context_block.attn.ln_q", "attn.norm_added_q"),
+                             ("context_block.attn.ln_k", "attn.norm_added_k"),
+                             ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k"),
+                             ("x_block.attn.proj", "attn.to_out.0"),
+                             ("x_block.attn2.proj", "attn2.to_out.0"),
+                             ("context_block.attn.proj", "attn.to_add_out"),
+                             ("x_block.adaLN_modulation.1", "norm1.linear"),
+                             ("x_block.mlp.fc1", "ff.net.0.proj"), ("x_block.mlp.fc2", "ff.net.2"),
+                             ("context_block.mlp.fc1", "ff_context.net.0.proj"),
+                             ("context_block.mlp.fc2", "ff_context.net.2")):
+            put(ours, theirs)
+        put("context_block.adaLN_modulation.1", "norm1_context.linear", swap=last)
+    return {"model.diffusion_model." + k: v for k, v in out.items()}

@@ -81,9 +81,14 @@ def load_model(ckpt, config, device="cpu", dtype=torch.float32, text_encoders=No
     check_load_memory(model, ckpt, dtype)
     keep = {f"{name}.{p}" if name else p for name, module in model.named_modules()
             if isinstance(module, NORMS) for p, _ in module.named_parameters(recurse=False)}
-    sd = (load_diffusers_folder(ckpt, model) if is_diffusers_folder(ckpt)
-          else load_state_dict_file(ckpt))
-    sd = model.prepare_weights(sd, {k: v for k, v in (text_encoders or {}).items() if v})
+    files = {k: v for k, v in (text_encoders or {}).items() if v}
+    if is_diffusers_folder(ckpt):
+        sd = load_diffusers_folder(ckpt, model)
+        if (Path(ckpt) / "tokenizer_3").is_dir():   # SD 3's T5 tokenizer, unless one is given
+            files.setdefault("t5_tokenizer", Path(ckpt) / "tokenizer_3")
+    else:
+        sd = load_state_dict_file(ckpt)
+    sd = model.prepare_weights(sd, files)
     load_model_weights(model, sd, source=str(ckpt), dtype=dtype, keep_float32=keep)
     return model.eval().requires_grad_(False).to(device)
 
@@ -689,7 +694,7 @@ class Pipeline:
         the factor, native size, timesteps and the config's sampling defaults."""
         return ModelInfo(self.factor, self.native_size, self.model.num_timesteps,
                          self.defaults, self.is_inpainting_model, self.model.guidance_embedded,
-                         self.is_upscaler)
+                         self.is_upscaler, self.model.parameterization == "flow")
 
     @property
     def is_upscaler(self):
@@ -1049,6 +1054,10 @@ class Pipeline:
             params["family"] = self.family.name
         if r.rescale:
             params["rescale"] = r.rescale
+        if r.slg:
+            layers = self.skip_layers(r)
+            params.update(slg=r.slg, slg_layers=list(layers.layers), slg_start=layers.start,
+                          slg_stop=layers.stop)
         if self.model.size_values() is not None:   # SDXL: what its conditioning was told
             params.update({k: (list(v) if isinstance(v, tuple) else v)
                            for k in SIZE_CONDITIONING if (v := getattr(r, k)) is not None})
@@ -1149,10 +1158,22 @@ class Pipeline:
                                eta=r.eta, noise=fresh_noise, disable=not progress,
                                callback=callback, spacing=spacing, run_steps=run,
                                schedule=r.schedule, init=start, mask=mask, known=known,
-                               rescale=r.rescale)
+                               rescale=r.rescale, skip=self.skip_layers(r))
                 except StopSampling as stop:   # the callback ended it early
                     z = stop.latents
         return z
+
+    def skip_layers(self, request):
+        """The request's skip-layer guidance (``sampling.SkipLayers``), or None: its
+        scale, with the layers and the share of the schedule the model's config says
+        (``sampling: slg_layers, slg_start, slg_stop``), else Stability's for SD 3.5
+        Medium (blocks 7, 8, 9 from 1% to 20% of the steps)."""
+        if not request.slg:
+            return None
+        from ldm.models.diffusion.sampling import SkipLayers
+        d = self.defaults
+        return SkipLayers(request.slg, tuple(d.get("slg_layers", (7, 8, 9))),
+                          float(d.get("slg_start", 0.01)), float(d.get("slg_stop", 0.2)))
 
     def set_controls(self, units):
         """ControlNets for the runs that follow (``ldm.controlnet.ControlUnit``: network,

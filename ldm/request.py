@@ -52,6 +52,7 @@ LIMITS = {
     "scale": Limit(float, 0, 100),
     "eta": Limit(float, 0, 1),
     "rescale": Limit(float, 0, 1),
+    "slg": Limit(float, 0, 20),
     "strength": Limit(float, 0, 1),
     "height": Limit(int, 1, None),
     "width": Limit(int, 1, None),
@@ -76,7 +77,7 @@ PAIRS = {"original_size": Limit(int, 1, 16384), "target_size": Limit(int, 1, 163
          "crop": Limit(int, 0, 16384)}
 # how the scripts name each field (their flags); the library uses the keys themselves
 FLAGS = {"steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta",
-         "rescale": "--rescale",
+         "rescale": "--rescale", "slg": "--slg",
          "strength": "--strength", "height": "--H", "width": "--W", "mask_blur": "--mask-blur",
          "seeds": "--seed", "prompts": "--prompt", "negative_prompts": "--negative-prompt",
          "sampler": "--sampler", "schedule": "--schedule", "image": "--init-img",
@@ -167,7 +168,8 @@ class ModelInfo:
         from ldm.samplers import DEFAULT_SAMPLER
         return {"sampler": DEFAULT_SAMPLER, "steps": 50,
                 "scale": 5.0 if task == "img2img" else 7.5,
-                "strength": 0.75 if task == "img2img" else 1.0, "rescale": 0.0}[name]
+                "strength": 0.75 if task == "img2img" else 1.0, "rescale": 0.0,
+                "slg": 0.0}[name]
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ class Request:
     tile: int = None
     tile_overlap: int = None
     fill: str = "original"        # inpainting: ``FILLS``
+    slg: float = 0.0              # skip-layer guidance's scale (an MMDiT's), 0: none
     names: dict = field(default=None, compare=False, repr=False)  # its caller's words
 
     @property
@@ -228,7 +231,8 @@ class Request:
               mask_blur=4, paste_back=True, latent_blend=True, image_hash=None,
               mask_hash=None, rescale=None, original_size=None, crop=None, target_size=None,
               aesthetic_score=None, negative_aesthetic_score=None, hires=None,
-              noise_level=None, tile=None, tile_overlap=None, fill=None, names=None):
+              noise_level=None, tile=None, tile_overlap=None, fill=None, slg=None,
+              names=None):
         """A valid ``Request`` for ``task`` on ``model`` (a ``ModelInfo``), None fields
         completed from the model's defaults, -1 seeds drawn; else UsageError or WrongType
         naming the field in ``names`` (default: the keywords here). ``image`` and
@@ -252,10 +256,14 @@ class Request:
         values = sampling(task, model, any(negative_prompts), sampler, schedule, eta, steps,
                           scale, names)
         for key, value in (("strength", strength), ("mask_blur", mask_blur),
-                           ("rescale", rescale)):
+                           ("rescale", rescale), ("slg", slg)):
             if value is None:
                 value = model.default(key, task) if key != "mask_blur" else 4
             values[key] = _number(key, value, n)
+        if values["slg"] and not model.flow:
+            raise UsageError(f"{n('slg')} (skip-layer guidance) is for SD 3's MMDiT")
+        if values["slg"] and values["scale"] == 1.0:
+            raise UsageError(f"{n('slg')} works with guidance: raise {n('scale')} above 1")
         for key, value in (("height", height), ("width", width),
                            ("aesthetic_score", aesthetic_score),
                            ("negative_aesthetic_score", negative_aesthetic_score)):
@@ -319,7 +327,7 @@ class Request:
                    values.get("crop"), values.get("target_size"), values.get("aesthetic_score"),
                    values.get("negative_aesthetic_score"), hires, upscale.get("noise_level"),
                    upscale.get("tile"), upscale.get("tile_overlap"), fill or "original",
-                   names)
+                   values["slg"], names)
 
 
 def sampling(task, model, negative=False, sampler=None, schedule=None, eta=None, steps=None,

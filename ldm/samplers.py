@@ -131,21 +131,19 @@ def resolve_eta(sampler, eta=None):
 
 
 def flow_samplers():
-    """The samplers a rectified-flow model (SD 3) runs: the deterministic sigma samplers,
-    which solve its ODE dx/ds = (x - x0) / s as they solve the variance-exploding one
-    (the same form). The ancestral and SDE samplers add noise of the variance-exploding
-    kind, and DDIM, PLMS, DDPM, LCM and TCD step DDPM timesteps: not for it."""
-    return [s.id for s in SAMPLERS.values() if not s.timesteps and not s.stochastic]
+    """The samplers a rectified-flow model (SD 3) runs: the sigma samplers. Its ODE
+    dx/ds = (x - x0) / s has the variance-exploding one's form, so the deterministic ones
+    solve it unchanged; the ancestral and SDE ones add their noise through the model's
+    schedule, in rectified flow's form (``noise_model.FlowSchedule.ancestral``). DDIM,
+    PLMS, DDPM, LCM and TCD step a DDPM model's timesteps: not for it."""
+    return [s.id for s in SAMPLERS.values() if not s.timesteps]
 
 
 def check_flow_sampler(sampler):
     """ValueError naming the choices when ``sampler`` cannot drive a rectified-flow model."""
     if sampler not in flow_samplers():
-        info = SAMPLERS[sampler]
-        why = ("runs on a DDPM model's timesteps" if info.timesteps else
-               "adds noise as a DDPM model's marginals need it")
-        raise ValueError(f"{info.label} {why}; a rectified-flow model (SD 3) takes "
-                         + ", ".join(flow_samplers()))
+        raise ValueError(f"{SAMPLERS[sampler].label} runs on a DDPM model's timesteps; a "
+                         "rectified-flow model (SD 3) takes " + ", ".join(flow_samplers()))
 
 
 def sampler_spacing(sampler, spacing="uniform"):

@@ -21,6 +21,8 @@ WEIGHT_FILES = {
     "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
     "text_encoder": ("model", "pytorch_model"),
     "text_encoder_2": ("model", "pytorch_model"),   # SDXL's OpenCLIP bigG
+    "text_encoder_3": ("model", "pytorch_model"),   # SD 3's T5-XXL
+    "transformer": ("diffusion_pytorch_model", "diffusion_pytorch_model"),   # SD 3's MMDiT
 }
 
 
@@ -115,10 +117,13 @@ def read_json(path):
 
 def folder_configs(folder):
     """(model_index, unet config, scheduler config) of a diffusers pipeline folder, as dicts
-    (the scheduler's {} when it has none)."""
+    (the scheduler's {} when it has none; SD 3's transformer config in the UNet's place)."""
     folder = Path(folder)
     index = read_json(folder / "model_index.json")
-    unet = read_json(folder / "unet" / "config.json") if (folder / "unet").is_dir() else {}
+    # the denoiser's config: the UNet's, or SD 3's transformer's
+    unet = (read_json(folder / "unet" / "config.json") if (folder / "unet").is_dir() else
+            read_json(folder / "transformer" / "config.json")
+            if (folder / "transformer").is_dir() else {})
     scheduler = folder / "scheduler" / "scheduler_config.json"
     return index, unet, read_json(scheduler) if scheduler.is_file() else {}
 

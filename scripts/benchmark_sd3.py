@@ -3,6 +3,7 @@ on identical random weights, on this machine.
 
     python scripts/benchmark_sd3.py                          # SD 3 Medium, 1024x1024, fp32 and bf16
     python scripts/benchmark_sd3.py --config sd3.5_large --dtypes bf16 --size 512
+    python scripts/benchmark_sd3.py --parts memory --dtypes bf16   # peak memory, with and without T5
 
 The tests compare every SD 3 path with diffusers on tiny configs; this times what only the
 real shapes show: the MMDiT of ``configs/stable-diffusion/<config>.yaml`` with seeded
@@ -11,6 +12,13 @@ random weights in Stability's layout (official weights cannot be downloaded here
 model holds our tensors where its converter keeps them (``to_diffusers_sd3``-style, loaded
 with ``assign``), so two 8 GB fp32 networks are not needed. The text encoders and the
 autoencoder are not built (T5-XXL alone is 19.6 GB in fp32).
+
+``--parts memory``: the peak resident memory of whole ``scripts/txt2img.py`` runs (fresh
+processes, ``--memory_steps`` steps: the peak does not grow with them) on random fp16
+files in Stability's layout written once to ``--cache``: ``sd3_medium_incl_clips`` (the
+MMDiT, the autoencoder, both CLIPs) alone, and with ``t5xxl_fp16`` given by ``--t5xxl``
+(T5's tokenizer: ``--t5_tokenizer`` or one ``ldm.modules.encoders.t5.find_tokenizer``
+finds).
 """
 import argparse
 import sys
@@ -26,8 +34,20 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=1024, help="image side in pixels")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per side (the best counts)")
+    p.add_argument("--parts", default="step", help="step, memory, or both (comma-separated)")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "sd3-bench"))
+    p.add_argument("--memory_steps", type=int, default=2)
+    p.add_argument("--t5_tokenizer", default=None)
     args = p.parse_args(argv)
+    parts = args.parts.split(",")
+    if "step" in parts:
+        step(args)
+    if "memory" in parts:
+        memory(args)
 
+
+def step(args):
+    """One MMDiT step, ours against diffusers', per dtype."""
     import torch
     import diffusers
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
@@ -98,6 +118,61 @@ def main(argv=None):
               f"{[round(s, 2) for s in times['diffusers']]}); max rel diff {err:.1e}",
               flush=True)
         del ours, theirs, outs
+
+
+def write_random_files(cache, config):
+    """sd3_medium_incl_clips.safetensors and t5xxl_fp16.safetensors of random fp16 weights
+    in Stability's layout (once)."""
+    import torch
+    from safetensors.torch import save_file
+    from ldm.pipeline import build_model
+    cache.mkdir(parents=True, exist_ok=True)
+    model_file, t5_file = cache / "sd3_medium_incl_clips.safetensors", cache / "t5xxl_fp16.safetensors"
+    if model_file.exists() and t5_file.exists():
+        return model_file, t5_file
+    shapes = {k: v.shape for k, v in build_model(config, meta=True).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    t5 = "text_encoders.t5xxl.transformer."
+
+    def tensors(keep):
+        return {k: (torch.randn(shape, generator=g) * 0.02).half() for k, shape in shapes.items()
+                if keep(k)}
+    save_file(tensors(lambda k: not k.startswith(t5)), model_file)
+    part = tensors(lambda k: k.startswith(t5))
+    save_file({k[len(t5):]: v for k, v in part.items()}, t5_file)
+    return model_file, t5_file
+
+
+def memory(args):
+    """Peak resident memory of whole runs, with and without T5, each alone."""
+    import subprocess
+    config = ROOT / "configs" / "stable-diffusion" / f"{args.config}.yaml"
+    model_file, t5_file = write_random_files(Path(args.cache), config)
+    for dtype in args.dtypes.split(","):
+        for label, extra in (("without T5", []), ("with T5", ["--t5xxl", str(t5_file)] + (
+                ["--t5_tokenizer", args.t5_tokenizer] if args.t5_tokenizer else []))):
+            out = Path(args.cache) / f"out-{dtype}-{len(extra)}"
+            cmd = [sys.executable, str(ROOT / "scripts" / "txt2img.py"), "--ckpt", str(model_file),
+                   "--config", str(config), "--prompt", "a lighthouse at dusk", "--H",
+                   str(args.size), "--W", str(args.size), "--n_samples", "1", "--n_iter", "1",
+                   "--ddim_steps", str(args.memory_steps), "--precision",
+                   {"fp32": "full", "bf16": "bf16"}[dtype], "--safety_checker", "none",
+                   "--outdir", str(out)] + extra
+            wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+                       "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+                       "sys.stderr.write(r.stderr[-2000:]); "
+                       "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "
+                       "time.perf_counter() - t); sys.exit(r.returncode)")
+            r = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+            lines = [l for l in r.stderr.splitlines() if not l.startswith("sampling:")]
+            if r.returncode:
+                print(f"{dtype} {label}: failed: {lines[-1] if lines else r.returncode}", flush=True)
+                continue
+            kib, seconds = r.stdout.split()
+            said = [l for l in lines if "T5" in l or "using" in l]
+            print(f"{args.config} {dtype} {args.size}x{args.size} {label}, {args.memory_steps} "
+                  f"steps: peak {int(kib) / 2**20:.1f} GiB, {float(seconds):.0f} s; {said}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ def run_here(script, *args, cwd=None):
 def write_tiny_t5_tokenizer(folder, vocab_size=320):
     """A tiny SentencePiece-style Unigram tokenizer in T5's form (``<pad>`` 0, ``</s>`` 1,
     ``<unk>`` 2, metaspace pre-tokenisation), as ``folder/tokenizer.json``: T5's own
-    vocabulary does not ship here. Pieces: single characters, then common words."""
+    vocabulary does not ship here. Pieces: common words, single characters, then fillers
+    up to ``vocab_size``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,7 +189,7 @@ def write_tiny_t5_tokenizer(folder, vocab_size=320):
     pieces += [("\u2581" + w, -2.0 - i * 0.01) for i, w in enumerate(words)]
     pieces += [(w, -6.0 - i * 0.01) for i, w in enumerate(words)]
     pieces += [("\u2581", -5.0)] + [(c, -8.0 - i * 0.01) for i, c in enumerate(chars)]
-    pieces = pieces[:vocab_size]
+    pieces = (pieces + [(f"<fill_{i}>", -30.0) for i in range(vocab_size)])[:vocab_size]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")

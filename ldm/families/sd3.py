@@ -34,8 +34,19 @@ def match(shapes):
     return None
 
 
-def match_folder(index, unet, scheduler):
-    """diffusers' SD 3 folders are not read yet (``known.describe_folder`` names them)."""
+def match_folder(index, transformer, scheduler):
+    """The variant of a diffusers SD 3 pipeline folder, from its transformer's config
+    (``source.folder_configs`` gives it in the UNet's place)."""
+    if "transformer" not in index or transformer.get("in_channels", 16) != 16:
+        return None
+    depth, side = transformer.get("num_layers"), transformer.get("pos_embed_max_size")
+    norm, attn2 = bool(transformer.get("qk_norm")), bool(transformer.get("dual_attention_layers"))
+    if depth == 24 and side == 192 and not norm and not attn2:
+        return "sd3-medium"
+    if depth == 24 and side == 384 and norm and attn2:
+        return "sd3.5-medium"
+    if depth == 38 and side == 192 and norm and not attn2:
+        return "sd3.5-large"
     return None
 
 

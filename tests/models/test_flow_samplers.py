@@ -49,16 +49,17 @@ def exact():
     return x, sample(MixtureFlow(), "euler", x, 1000, {}, disable=True)
 
 
-@pytest.mark.parametrize("sampler", flow_samplers())
+@pytest.mark.parametrize("sampler", [s for s in flow_samplers() if not SAMPLERS[s].stochastic])
 def test_ode_samplers_converge_to_the_1000_step_euler_solution(exact, sampler):
-    """From the same noise, 8 and 32 steps: the error to the 1,000-step Euler solution
-    falls, and at 32 steps it is small (second-order methods smaller than Euler's)."""
+    """From the same noise, 8, 32 and 128 steps: the largest error to the 1,000-step Euler
+    solution falls each time, and at 128 steps it is small (the mixture's narrow modes
+    make the flow stiff near s = 0: multistep methods need the steps there)."""
     x, reference = exact
-    errors = [(sample(MixtureFlow(), sampler, x, n, {}, disable=True) - reference).abs().max()
-              for n in (8, 32)]
-    print(f"\n  {sampler}: 8 steps {errors[0]:.1e}, 32 steps {errors[1]:.1e}", end=" ")
-    assert errors[1] < errors[0]
-    assert errors[1] < (0.05 if sampler == "euler" else 0.02)
+    errors = [float((sample(MixtureFlow(), sampler, x, n, {}, disable=True) - reference)
+                    .abs().max()) for n in (8, 32, 128)]
+    print(f"\n  {sampler}: 8, 32, 128 steps: " + ", ".join(f"{e:.1e}" for e in errors), end=" ")
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < (0.06 if sampler == "euler" else 0.03)
 
 
 def mixture_statistics(z):
@@ -73,14 +74,17 @@ def mixture_statistics(z):
 @pytest.mark.parametrize("sampler", [s.id for s in SAMPLERS.values()
                                      if s.stochastic and not s.timesteps])
 def test_stochastic_samplers_draw_from_the_mixture(sampler):
-    """4,000 draws at 30 steps: half of them near each mean, each spread by the
-    components' standard deviation, as the exact ODE's draws are."""
-    x, noise = noise_of(1, 4000)
-    z = sample(MixtureFlow(), sampler, x, 30, {}, noise=noise, disable=True)
-    share, stds = mixture_statistics(z)
-    ode_share, ode_stds = mixture_statistics(sample(MixtureFlow(), "euler", x, 200, {},
-                                                    disable=True))
-    print(f"\n  {sampler}: share {share:.3f} (ODE {ode_share:.3f}), stds "
-          f"{stds[0]:.3f} {stds[1]:.3f} (ODE {ode_stds[0]:.3f} {ode_stds[1]:.3f})", end=" ")
-    assert abs(share - 0.5) < 0.04 and abs(ode_share - 0.5) < 0.04
-    assert all(abs(s - STD) < 0.04 for s in stds + ode_stds)
+    """4,000 draws: half of them near each mean at any step count, and each component's
+    spread converging to its standard deviation (0.3) as the steps grow from 30 to 300:
+    noise added in the variance-exploding way instead of rectified flow's would not."""
+    share, off = [], []
+    for steps in (30, 300):
+        x, noise = noise_of(1, 4000)
+        z = sample(MixtureFlow(), sampler, x, steps, {}, noise=noise, disable=True)
+        s, stds = mixture_statistics(z)
+        share.append(s)
+        off.append(max(abs(v - STD) for v in stds))
+    print(f"\n  {sampler}: shares {share[0]:.3f} {share[1]:.3f}, std off by "
+          f"{off[0]:.3f} at 30 steps, {off[1]:.3f} at 300", end=" ")
+    assert all(abs(s - 0.5) < 0.04 for s in share)
+    assert off[1] < off[0] and off[1] < 0.025

@@ -87,6 +87,14 @@ class RectifiedFlow(LatentDiffusion):
         as any other, as Stability and diffusers do."""
         return self.text_encoders.conditioning(list(prompts))
 
+    def apply_model(self, x_noisy, t, cond, c_concat=None, skip_layers=()):
+        """The MMDiT's velocity (float32); ``skip_layers``: blocks left out (skip-layer
+        guidance)."""
+        if not skip_layers:
+            return super().apply_model(x_noisy, t, cond, c_concat)
+        return self.model.diffusion_model(x_noisy, t, cond["crossattn"], cond["vector"],
+                                          skip_layers=tuple(skip_layers)).float()
+
     def q_sample(self, x_start, t, noise):
         raise ValueError("a rectified-flow model has no DDPM timesteps: use a sigma sampler")
 
@@ -143,5 +151,10 @@ class RectifiedFlow(LatentDiffusion):
                 encoders.drop_t5()
                 sd = {k: v for k, v in sd.items() if not k.startswith(f"{TEXT}t5xxl.")}
             else:
+                rows = sd[f"{TEXT}t5xxl.transformer.shared.weight"].shape[0]
+                if tokenizer.size > rows:
+                    raise CheckpointError(f"T5's tokenizer {tokenizer.path} has {tokenizer.size:,} "
+                                          f"tokens, its weights {rows:,}: give the tokenizer of "
+                                          "these weights (--t5_tokenizer)")
                 encoders.t5xxl.tokenizer = tokenizer
         return sd

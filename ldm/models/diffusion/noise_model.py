@@ -114,6 +114,21 @@ class DiscreteSchedule:
     def to_latents(self, x, sigma):
         return x / (1 + sigma ** 2) ** 0.5
 
+    def ancestral(self, sigma, sigma_next, eta=1.0):
+        """(sigma_down, 1, sigma_up): an ancestral step to ``sigma_next`` is a deterministic
+        one to sigma_down, then x * 1 + sigma_up z (``solvers.ancestral``)."""
+        from ldm.models.diffusion.solvers import ancestral
+        down, up = ancestral(sigma, sigma_next, eta)
+        return down, 1.0, up
+
+    def alpha(self, sigma):
+        """The signal's scale at ``sigma`` in the samplers' space: 1 (x = x0 + sigma eps)."""
+        return 1.0
+
+    def lam(self, sigma):
+        """Half the log signal-to-noise ratio, log(alpha / sigma): -log sigma here."""
+        return math.inf if sigma == 0 else -math.log(sigma)
+
     def discrete(self, steps, spacing="uniform"):
         """The descending levels of the model's own sampling timesteps (those DDIM runs)."""
         from ldm.models.diffusion.sampling import sampling_timesteps
@@ -176,6 +191,30 @@ class FlowSchedule:
 
     def to_latents(self, x, sigma):
         return x
+
+    def ancestral(self, s, s_next, eta=1.0):
+        """(s_down, scale, up): an ancestral step from ``s`` to ``s_next`` in rectified
+        flow's form. It is the variance-exploding step of x / (1 - s) at sigma = s / (1 - s)
+        (Karras et al.'s split of sigma_next into sigma_down and sigma_up), mapped back:
+        deterministic to s_down, then x * (1 - s_next) / (1 - s_down) + up z, so the
+        marginal at s_next is (1 - s_next) x0 + s_next eps again. Finite at s = 1 (pure
+        noise, sigma = infinity)."""
+        if s_next == 0 or eta == 0:
+            return s_next, 1.0, 0.0
+        ve, ve_next = (math.inf if s >= 1 else s / (1 - s)), s_next / (1 - s_next)
+        up = min(ve_next, eta * ve_next * math.sqrt(max(0.0, 1 - (ve_next / ve) ** 2)))
+        down = math.sqrt(max(0.0, ve_next ** 2 - up ** 2))
+        s_down = down / (1 + down)
+        return s_down, (1 - s_next) / (1 - s_down), (1 - s_next) * up
+
+    def alpha(self, s):
+        return 1.0 - s
+
+    def lam(self, s):
+        """log((1 - s) / s): -infinity at s = 1, +infinity at 0."""
+        if s == 0:
+            return math.inf
+        return -math.inf if s >= 1 else math.log(1 - s) - math.log(s)
 
     def discrete(self, steps, spacing="uniform"):
         """diffusers' ``FlowMatchEulerDiscreteScheduler`` and Stability's ``get_sigmas``:

@@ -21,6 +21,7 @@ of them, and inpainting with latent blending puts the known latents back after e
 latents through ``concat``.
 """
 import math
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -32,7 +33,23 @@ from ldm.modules.diffusionmodules.util import TIMESTEP_SPACINGS
 from ldm.progress import progress
 
 
-def guided(model, cond, uncond=None, scale=1.0, rescale=0.0):
+@dataclass(frozen=True)
+class SkipLayers:
+    """Skip-layer guidance (Stability's SD 3.5 reference ``SkipLayerCFGDenoiser``,
+    diffusers' ``skip_guidance_layers``): at the network calls between ``start`` and
+    ``stop`` of ``steps`` (fractions, exclusive), the guided output also moves away from
+    the conditional output of the network with ``layers`` left out, by ``scale``."""
+    scale: float
+    layers: tuple = (7, 8, 9)
+    start: float = 0.01
+    stop: float = 0.2
+    steps: int = 0
+
+    def active(self, call):
+        return self.steps * self.start < call < self.steps * self.stop
+
+
+def guided(model, cond, uncond=None, scale=1.0, rescale=0.0, skip=None):
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6), written once, on the model's
     raw output (eps or v; guidance is the same on either, the conversion being affine):
     out = out(x, uncond) + scale * (out(x, cond) - out(x, uncond)), both halves in one
@@ -43,11 +60,13 @@ def guided(model, cond, uncond=None, scale=1.0, rescale=0.0):
     too. ``rescale`` (Lin et al. 2023, eq. 15-16, diffusers' ``guidance_rescale``): the
     guided output rescaled to the conditional output's standard deviation per image, mixed
     in at that weight; it keeps high guidance from over-exposing zero-terminal-SNR
-    models."""
+    models. ``skip``: skip-layer guidance (``SkipLayers``; an MMDiT's), counted in network
+    calls, as Stability's reference counts them."""
     cond, uncond = conditioning_dict(cond), conditioning_dict(uncond)
     use_guidance = uncond is not None and scale != 1.0
     if use_guidance:
         both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    calls = [0]
 
     def output(x, t):
         t = float(t)
@@ -58,6 +77,11 @@ def guided(model, cond, uncond=None, scale=1.0, rescale=0.0):
         out_uncond, out_cond = model.apply_model(
             torch.cat([x, x]), torch.cat([ts, ts]), both).chunk(2)
         out = out_uncond + scale * (out_cond - out_uncond)
+        if skip is not None:
+            if skip.active(calls[0]):
+                skipped = model.apply_model(x, ts, cond, skip_layers=skip.layers)
+                out = out + skip.scale * (out_cond - skipped)
+            calls[0] += 1
         return out if not rescale else rescaled(out, out_cond, rescale)
 
     return output
@@ -366,7 +390,7 @@ assert set(STEPS) == set(SAMPLERS), "every named sampler has its step function"
 def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noise=None,
            callback=None, disable=False, spacing="uniform", run_steps=None, blend=None,
            concat=None, schedule="discrete", init=None, mask=None, known=None, sigmas=None,
-           rescale=0.0):
+           rescale=0.0, skip=None):
     """Run ``sampler`` (an id of ``SAMPLERS``) for ``steps`` steps and return the final
     latents.
 
@@ -382,7 +406,8 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
     ("uniform": CompVis' 1, 1 + c, ...; "trailing": counted down from T - 1, for
     zero-terminal-SNR models) and accept ``blend(x, t_next)`` (CompVis' own blending, for
     ``DDIMSampler``). Sigma samplers visit ``sigma_schedule(schedule, ...)``, or ``sigmas``
-    given explicitly (descending, ending in 0)."""
+    given explicitly (descending, ending in 0). ``skip``: skip-layer guidance
+    (``SkipLayers``, sigma samplers on an MMDiT)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
     info = SAMPLERS[sampler]
@@ -393,18 +418,21 @@ def sample(model, sampler, x, steps, cond, uncond=None, scale=1.0, eta=None, noi
     if eta > 0 and noise is None:
         raise ValueError(f"{info.label} with eta > 0 needs a noise source")
     if info.timesteps:
+        if skip is not None:
+            raise ValueError("skip-layer guidance needs a sigma sampler on an MMDiT")
         return _sample_timesteps(model, info, x, steps, cond, uncond, scale, rescale, eta,
                                  noise, callback, disable, spacing, run_steps, blend, concat,
                                  init, mask, known)
     if blend is not None:
         raise ValueError("blend(x, t_next) is for the timestep samplers; give mask and known")
-    output = guided(model, cond, uncond, scale, rescale)
-    denoiser = Denoiser(model, output)
-    space = denoiser.schedule
+    space = model.schedule
     levels = (sigma_schedule(space, schedule, steps, spacing) if sigmas is None
               else torch.as_tensor(sigmas, dtype=torch.float64))
     if run_steps is not None:
         levels = levels[len(levels) - 1 - run_steps:]
+    if skip is not None:
+        skip = replace(skip, steps=len(levels) - 1)
+    denoiser = Denoiser(model, guided(model, cond, uncond, scale, rescale, skip))
     if len(levels) < 2:
         return x if init is None else init
     top = float(levels[0])

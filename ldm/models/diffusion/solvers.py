@@ -60,6 +60,14 @@ def ancestral(sigma, sigma_next, eta=1.0):
     return math.sqrt(sigma_next ** 2 - up ** 2), up
 
 
+def _renoise(x, scale, up, noise):
+    """After an ancestral step's deterministic part: x * scale + up * fresh noise (scale 1
+    in the variance-exploding space; rectified flow's rescales the signal)."""
+    if scale != 1.0:
+        x = x * scale
+    return x + noise(x.shape) * up if up > 0 else x
+
+
 def _d(x, denoised, sigma):
     """The probability-flow ODE's derivative dx/dsigma = (x - D(x)) / sigma."""
     return (x - denoised) / sigma
@@ -75,9 +83,9 @@ def euler(denoise, x, sigmas, i, state, noise):
 def euler_ancestral(denoise, x, sigmas, i, state, noise, eta=1.0):
     s, s_next = _levels(sigmas, i)
     denoised = denoise(x, s)
-    down, up = ancestral(s, s_next, eta)
+    down, scale, up = denoise.schedule.ancestral(s, s_next, eta)
     x = x + _d(x, denoised, s) * (down - s)
-    return (x + noise(x.shape) * up if up > 0 else x), denoised
+    return _renoise(x, scale, up, noise), denoised
 
 
 def heun(denoise, x, sigmas, i, state, noise):
@@ -112,12 +120,12 @@ def dpm2(denoise, x, sigmas, i, state, noise):
 def dpm2_ancestral(denoise, x, sigmas, i, state, noise, eta=1.0):
     s, s_next = _levels(sigmas, i)
     denoised = denoise(x, s)
-    down, up = ancestral(s, s_next, eta)
+    down, scale, up = denoise.schedule.ancestral(s, s_next, eta)
     if down == 0:
         x = x + _d(x, denoised, s) * (down - s)
     else:
         x = _dpm2_to(denoise, x, denoised, s, down)
-    return (x + noise(x.shape) * up if up > 0 else x), denoised
+    return _renoise(x, scale, up, noise), denoised
 
 
 # -- linear multistep -----------------------------------------------------------------
@@ -175,13 +183,13 @@ def dpmpp_2s_ancestral(denoise, x, sigmas, i, state, noise, eta=1.0):
     lambda midpoint, then fresh noise (k-diffusion's arrangement, as A1111 runs it)."""
     s, s_next = _levels(sigmas, i)
     denoised = denoise(x, s)
-    down, up = ancestral(s, s_next, eta)
+    down, scale, up = denoise.schedule.ancestral(s, s_next, eta)
     if down == 0:
         x = denoised
     else:
         mid = math.exp(-(_lam(s) + _lam(down)) / 2)
         x = dpmpp_2s_step(denoise, x, denoised, s, mid, down)
-    return (x + noise(x.shape) * up if up > 0 else x), denoised
+    return _renoise(x, scale, up, noise), denoised
 
 
 def dpmpp_2m(denoise, x, sigmas, i, state, noise):
@@ -201,19 +209,23 @@ def dpmpp_2m(denoise, x, sigmas, i, state, noise):
 
 def dpmpp_2m_sde(denoise, x, sigmas, i, state, noise, eta=1.0):
     """DPM-Solver++(2M) SDE, midpoint form: the 2M update of the SDE (the exponential
-    integrator of the reverse SDE with ``eta`` times its noise), fresh noise every step."""
+    integrator of the reverse SDE with ``eta`` times its noise), fresh noise every step.
+    In the schedule's half log-SNR lambda and signal scale alpha (-log sigma and 1 in the
+    variance-exploding space; rectified flow's log((1 - s) / s) and 1 - s)."""
     s, s_next = _levels(sigmas, i)
     denoised = denoise(x, s)
     old = state.get("old")
     state["old"] = (denoised, s)
     if s_next == 0:
         return denoised, denoised
-    h = _lam(s_next) - _lam(s)
-    eta_h = eta * h
-    x = (s_next / s) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
+    space = denoise.schedule
+    lam, lam_next, alpha_next = space.lam(s), space.lam(s_next), space.alpha(s_next)
+    h = lam_next - lam
+    eta_h = eta * h if eta else 0.0   # (rectified flow's first h is infinite)
+    x = (s_next / s) * math.exp(-eta_h) * x - alpha_next * math.expm1(-h - eta_h) * denoised
     if old is not None:
-        r = (_lam(s) - _lam(old[1])) / h
-        x = x - 0.5 * math.expm1(-h - eta_h) / r * (denoised - old[0])
+        r = (lam - space.lam(old[1])) / h
+        x = x - alpha_next * 0.5 * math.expm1(-h - eta_h) / r * (denoised - old[0])
     if eta:
         x = x + noise(x.shape) * s_next * math.sqrt(-math.expm1(-2 * eta_h))
     return x, denoised
@@ -230,15 +242,14 @@ def dpmpp_sde(denoise, x, sigmas, i, state, noise, eta=1.0, r=0.5):
         return denoised, denoised
     lam, h = _lam(s), _lam(s_next) - _lam(s)
     s_mid = math.exp(-(lam + h * r))
-    down, up = ancestral(s, s_mid, eta)
-    x_mid = _first_order(x, denoised, s, down)
-    if up > 0:
-        x_mid = x_mid + noise(x.shape) * up
+    schedule = denoise.schedule
+    down, scale, up = schedule.ancestral(s, s_mid, eta)
+    x_mid = _renoise(_first_order(x, denoised, s, down), scale, up, noise)
     d_mid = denoise(x_mid, s_mid)
-    down, up = ancestral(s, s_next, eta)
+    down, scale, up = schedule.ancestral(s, s_next, eta)
     mix = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * d_mid
     x = _first_order(x, mix, s, down)
-    return (x + noise(x.shape) * up if up > 0 else x), denoised
+    return _renoise(x, scale, up, noise), denoised
 
 
 # -- UniPC ------------------------------------------------------------------------------

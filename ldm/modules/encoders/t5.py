@@ -166,10 +166,12 @@ class T5Tokenizer:
             tok.no_padding()
             tok.no_truncation()
             self._encode = lambda text: [i for i in tok.encode(text, add_special_tokens=False).ids]
+            self.size = tok.get_vocab_size()
         else:
             import sentencepiece
             sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
             self._encode = sp.encode
+            self.size = sp.get_piece_size()
 
     def ids(self, text):
         """The ids of ``text`` without the end token."""
