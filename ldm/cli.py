@@ -1018,6 +1018,14 @@ def check_sampling(args, choice, task="txt2img"):
                          f"base (--refiner {Path(choice.ckpt).name} beside --ckpt of a base)")
     if args.skip_save and args.skip_grid:
         raise UsageError("--skip_save with --skip_grid would write nothing: drop one")
+    if g.flow:   # what SD 3 does not take, said before the load
+        for flag, given in (("--prompt-syntax a1111", args.prompt_syntax == "a1111"),
+                            ("--embedding", args.embedding),
+                            ("--deepcache", (args.deepcache or 1) > 1),
+                            ("--backend openvino", args.backend == "openvino"),
+                            ("--control", getattr(args, "control", None))):
+            if given:
+                raise UsageError(f"{flag} is not supported for SD 3 here: drop it")
     return resolve_sampling(args, req.ModelInfo.of_choice(choice), task)
 
 

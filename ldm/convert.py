@@ -144,8 +144,10 @@ def module_names(model):
     out = {}
     net = model.model.diffusion_model
     parts = [(VAE, "vae.", model.first_stage_model, _vae_blocks(model.first_stage_model))]
-    if isinstance(net, UNetModel):   # SD 3's MMDiT: ``mmdit_from_diffusers``
+    if isinstance(net, UNetModel):
         parts.insert(0, (UNET, "unet.", net, _unet_blocks(net)))
+    else:   # SD 3's MMDiT (its stacked q/k/v: ``qkv_slices``)
+        out.update(mmdit_names(net))
     for ours_root, theirs_root, net, blocks in parts:
         out.update(_block_names(net, blocks, ours_root, theirs_root))
     for prefix, encoder, component in text_encoders(model):
@@ -244,9 +246,21 @@ def qkv_slices(model):
             continue
         width = encoder.model.token_embedding.weight.shape[1]
         out.update({f"{component}.text_model.encoder.layers.{i}.self_attn.{proj}":
-                    (f"{prefix}model.transformer.resblocks.{i}.attn", "in_proj", n * width,
-                     (n + 1) * width)
+                    (f"{prefix}model.transformer.resblocks.{i}.attn", "in_proj_weight",
+                     n * width, (n + 1) * width)
                     for i in range(encoder.model.layers) for n, proj in enumerate(QKV)})
+    net = model.model.diffusion_model
+    if not isinstance(net, UNetModel):   # SD 3: q, k, v of each stream stacked in ``qkv``
+        width = net.x_embedder.proj.out_channels
+        for i, block in enumerate(net.joint_blocks):
+            ours = f"{UNET}joint_blocks.{i}."
+            streams = [("x_block.attn", "attn.to_{}"), ("context_block.attn", "attn.add_{}_proj")]
+            if block.x_block.self_attn2:
+                streams.append(("x_block.attn2", "attn2.to_{}"))
+            for module, theirs in streams:
+                for n, part in enumerate("qkv"):
+                    out[f"transformer.transformer_blocks.{i}.{theirs.format(part)}"] = (
+                        ours + module + ".qkv", "weight", n * width, (n + 1) * width)
     return out
 
 
@@ -505,3 +519,34 @@ def mmdit_from_diffusers(sd):
             put(ours, theirs)
         put("context_block.adaLN_modulation.1", "norm1_context.linear", swap=last)
     return {"model.diffusion_model." + k: v for k, v in out.items()}
+
+
+# our MMDiT module -> diffusers' SD3Transformer2DModel module, per joint block (the
+# stacked q/k/v and the modulations whose halves diffusers swaps are left out)
+MMDIT_BLOCK = {"x_block.attn.proj": "attn.to_out.0", "x_block.attn2.proj": "attn2.to_out.0",
+               "context_block.attn.proj": "attn.to_add_out",
+               "x_block.adaLN_modulation.1": "norm1.linear",
+               "x_block.mlp.fc1": "ff.net.0.proj", "x_block.mlp.fc2": "ff.net.2",
+               "context_block.mlp.fc1": "ff_context.net.0.proj",
+               "context_block.mlp.fc2": "ff_context.net.2"}
+MMDIT_TOP = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
+             "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+             "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+             "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+             "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+             "final_layer.linear": "proj_out"}
+
+
+def mmdit_names(net):
+    """{our module path: "transformer." + diffusers' module path} for an MMDiT's layers
+    that both hold whole (what LoRA files name)."""
+    own = dict(net.named_modules())
+    out = {UNET + ours: "transformer." + theirs for ours, theirs in MMDIT_TOP.items()}
+    for i, block in enumerate(net.joint_blocks):
+        for ours, theirs in MMDIT_BLOCK.items():
+            if f"joint_blocks.{i}.{ours}" in own:
+                out[f"{UNET}joint_blocks.{i}.{ours}"] = f"transformer.transformer_blocks.{i}.{theirs}"
+        if not block.context_block.pre_only:
+            out[f"{UNET}joint_blocks.{i}.context_block.adaLN_modulation.1"] = (
+                f"transformer.transformer_blocks.{i}.norm1_context.linear")
+    return out

@@ -122,9 +122,10 @@ def kohya_names(model_names, slices=None):
     from ldm.convert import UNET
     two = any(t.startswith("text_encoder_2.") for t in model_names.values())
     # kohya's text encoder prefixes: lora_te_ for SD 1/2's one, lora_te1_ / lora_te2_ for
-    # SDXL's CLIP ViT-L and OpenCLIP bigG (transformers' names for both)
+    # SDXL's CLIP ViT-L and OpenCLIP bigG (transformers' names for both), lora_te3_ for
+    # SD 3's T5
     prefixes = {"text_encoder": "lora_te1_" if two else "lora_te_",
-                "text_encoder_2": "lora_te2_"}
+                "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
 
     def text_name(theirs):
         component, _, inner = theirs.partition(".")
@@ -132,12 +133,13 @@ def kohya_names(model_names, slices=None):
     out = {}
     for ours, theirs in model_names.items():
         if ours.startswith(UNET):
-            out["lora_unet_" + theirs[len("unet."):].replace(".", "_")] = ours
+            out["lora_unet_" + theirs.partition(".")[2].replace(".", "_")] = ours
             out["lora_unet_" + ours[len(UNET):].replace(".", "_")] = ours
-        elif theirs.startswith(("text_encoder.", "text_encoder_2.")):
+        elif theirs.startswith(("text_encoder.", "text_encoder_2.", "text_encoder_3.")):
             out[text_name(theirs)] = ours
     for theirs, (module, param, first, end) in (slices or {}).items():
-        out[text_name(theirs)] = (module, param + "_weight", (first, end))
+        if not theirs.startswith("transformer."):
+            out[text_name(theirs)] = (module, param, (first, end))
     return out
 
 
@@ -146,8 +148,9 @@ def peft_names(model_names, slices=None):
     kept as given): our module path, or (module, parameter, rows)}, for the UNet and text
     encoder."""
     out = {theirs: ours for ours, theirs in model_names.items()
-           if theirs.startswith(("unet.", "text_encoder.", "text_encoder_2."))}
-    out.update({theirs: (module, param + "_weight", (first, end))
+           if theirs.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.",
+                                 "text_encoder_3."))}
+    out.update({theirs: (module, param, (first, end))
                 for theirs, (module, param, first, end) in (slices or {}).items()})
     return out
 
@@ -177,6 +180,8 @@ def made_for(sd):
     from ldm import families
     keys = list(sd)
     xl = any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys)
+    if any("joint_blocks" in k or k.startswith("lora_te3_") for k in keys):   # kohya's SD 3
+        return "Stable Diffusion 3 (an MMDiT, not a UNet)", None
     if any(k.startswith(("lora_transformer_", "transformer.", "diffusion_model.")) for k in keys):
         return "a transformer model (SD3, Flux or similar), not a UNet", None
     for k, v in sd.items():   # the width the UNet's cross-attention keys take
@@ -194,7 +199,7 @@ def read_lora(path, model, model_names=None):
     """A ``Lora`` for ``model`` from a file; LoraError (one line, nothing applied) for a
     file that is not a LoRA, is for another architecture, or names layers ``model`` lacks."""
     from ldm import families
-    from ldm.convert import module_names, qkv_slices
+    from ldm.convert import UNET, module_names, qkv_slices
     path = lora_file(path)
     try:
         sd = load_state_dict_file(path)
@@ -202,15 +207,23 @@ def read_lora(path, model, model_names=None):
         raise LoraError(str(e).replace("checkpoint", "LoRA file")) from None
     if not sd:
         raise LoraError(f"LoRA {path} holds no tensors")
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
     width = model.cond_stage_model.text_width
+    transformer = not isinstance(model.model.diffusion_model, UNetModel)   # SD 3's MMDiT
     found = made_for(sd)
-    if found is not None and found[1] != width:
+    if found is not None and found[1] != width and not (transformer and found[1] is None):
         raise LoraError(f"LoRA {path} is for {found[0]}; this model is "
                         f"{families.of_text_width(width)}")
     names = model_names or module_names(model)
     slices = qkv_slices(model)
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in sd):
-        layers, leftover, layout = _kohya_layers(sd, kohya_names(names, slices))
+    kohya = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+    if any(k.startswith(kohya) for k in sd):
+        table = kohya_names(names, slices)
+        if transformer:   # kohya's SD 3 names are Stability's, stacked q/k/v included
+            table.update({"lora_unet_" + name.replace(".", "_"): UNET + name
+                          for name, m in model.model.diffusion_model.named_modules()
+                          if isinstance(m, torch.nn.Linear)})
+        layers, leftover, layout = _kohya_layers(sd, table)
     elif any(_PEFT_SUFFIX.match(k) for k in sd):
         layers, leftover, layout = _peft_layers(sd, peft_names(names, slices), peft_alphas(path))
     else:
@@ -354,10 +367,13 @@ def _peft_layers(sd, names, settings=None):
             module = module.removeprefix(prefix)
         module = _PROCESSOR.sub(lambda p: "." + {"to_out": "to_out.0"}.get(p[1], p[1]), module)
         module = _TEXT_OLD.sub(lambda p: ".self_attn." + _TEXT_PROJ[p[1]], module)
-        if not module.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
-            module = ("text_encoder." if module.startswith("text_model.") else "unet.") + module
+        if not module.startswith(("unet.", "transformer.", "text_encoder.", "text_encoder_2.",
+                                  "text_encoder_3.")):
+            module = ("text_encoder." if module.startswith("text_model.") else
+                      "transformer." if module.startswith("transformer_blocks.") else
+                      "unet.") + module
         component, _, inner = module.partition(".")
-        if component.startswith("text_encoder") and not inner.startswith(
+        if component in ("text_encoder", "text_encoder_2") and not inner.startswith(
                 ("text_model.", "text_projection")):
             # transformers 5's CLIPTextModel keys have no text_model. level
             module = f"{component}.text_model.{inner}"

@@ -455,7 +455,10 @@ class Pipeline:
         if prompt_syntax not in PROMPT_SYNTAXES:
             raise UsageError(f"--prompt-syntax must be one of {PROMPT_SYNTAXES}")
         encoder.clip_skip = int(clip_skip)
-        encoder.syntax = prompt_syntax
+        try:
+            encoder.syntax = prompt_syntax
+        except ValueError as e:   # SD 3's encoders take plain prompts only
+            raise UsageError(str(e)) from None
         return self
 
     def load_embedding(self, path, token=None):
@@ -463,6 +466,9 @@ class Pipeline:
         name unless given) stands for its vectors in prompts and negative prompts. A file
         that cannot be added raises EmbeddingError and nothing is added."""
         from ldm.embeddings import check_embedding, read_embedding
+        if self.model.parameterization == "flow":
+            raise UsageError("textual-inversion embeddings are not read for SD 3 here "
+                             "(--embedding): drop it")
         embedding = read_embedding(path, token)
         encoder = self.model.cond_stage_model
         check_embedding(embedding, encoder)
@@ -564,9 +570,15 @@ class Pipeline:
         torch_only = [flag for flag, on in (("--compile", compile),
                                             ("--deepcache", deepcache and deepcache > 1),
                                             ("--attention_slicing", attention_slicing),
-                                            ("--offload", self.offload)) if on]
+                                            ("--offload", self.offload),
+                                            # the OpenVINO export is the UNet's
+                                            ("SD 3's MMDiT",
+                                             self.model.parameterization == "flow")) if on]
         self._set_backend(self.backend if backend is None else backend, torch_only)
         check_deepcache_controls(deepcache, self.model.model.controls)
+        if deepcache and deepcache > 1 and self.model.parameterization == "flow":
+            raise UsageError("--deepcache caches a UNet's skip branches; SD 3's MMDiT has "
+                             "none: drop it")
         self.deepcache = deepcache if deepcache and deepcache > 1 else None
         self.vae_tile = vae_tiling or None
         self.attention_slicing = attention_slicing

@@ -4,6 +4,7 @@ on identical random weights, on this machine.
     python scripts/benchmark_sd3.py                          # SD 3 Medium, 1024x1024, fp32 and bf16
     python scripts/benchmark_sd3.py --config sd3.5_large --dtypes bf16 --size 512
     python scripts/benchmark_sd3.py --parts memory --dtypes bf16   # peak memory, with and without T5
+    python scripts/benchmark_sd3.py --parts check --size 512       # the whole pipeline vs diffusers
 
 The tests compare every SD 3 path with diffusers on tiny configs; this times what only the
 real shapes show: the MMDiT of ``configs/stable-diffusion/<config>.yaml`` with seeded
@@ -12,6 +13,11 @@ random weights in Stability's layout (official weights cannot be downloaded here
 model holds our tensors where its converter keeps them (``to_diffusers_sd3``-style, loaded
 with ``assign``), so two 8 GB fp32 networks are not needed. The text encoders and the
 autoencoder are not built (T5-XXL alone is 19.6 GB in fp32).
+
+``--parts check``: the whole text-to-image pipeline at the config's full size, T5 left out
+(its 4.9 billion parameters would not fit twice), random fp32 weights: our latents and
+decoded image against diffusers' StableDiffusion3Pipeline holding the same tensors, Euler
+``--check_steps`` steps, guidance 7, at ``--size``.
 
 ``--parts memory``: the peak resident memory of whole ``scripts/txt2img.py`` runs (fresh
 processes, ``--memory_steps`` steps: the peak does not grow with them) on random fp16
@@ -38,8 +44,11 @@ def main(argv=None):
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "sd3-bench"))
     p.add_argument("--memory_steps", type=int, default=2)
     p.add_argument("--t5_tokenizer", default=None)
+    p.add_argument("--check_steps", type=int, default=4)
     args = p.parse_args(argv)
     parts = args.parts.split(",")
+    if "check" in parts:
+        check(args)
     if "step" in parts:
         step(args)
     if "memory" in parts:
@@ -120,26 +129,86 @@ def step(args):
         del ours, theirs, outs
 
 
+def check(args):
+    """Our whole txt2img against diffusers' StableDiffusion3Pipeline, T5 left out."""
+    import tempfile
+    import numpy as np
+    import torch
+    import diffusers
+    from omegaconf import OmegaConf
+    from ldm.compare import sd3_components
+    from ldm.modules.diffusionmodules.mmdit import sincos_2d
+    from ldm.pipeline import Pipeline
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(ROOT / "configs" / "stable-diffusion" / f"{args.config}.yaml")
+    del config.model.params.text_encoders_config.params["t5xxl"]
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("pos_embed"):
+            sd[k] = sincos_2d(v.shape[-1], round(v.shape[1] ** 0.5))[None]
+        elif "norm" in k and k.endswith("weight") and v.dim() == 1:
+            sd[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            sd[k] = torch.randn(v.shape, generator=g) * (0.02 if v.dim() > 1 else 0.01)
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.eval().requires_grad_(False)
+    del sd
+    ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
+    theirs = diffusers.StableDiffusion3Pipeline(**sd3_components(model, Path(tempfile.mkdtemp())))
+    theirs.set_progress_bar_config(disable=True)
+    prompt, seed, n = "a lighthouse at dusk, oil painting", 42, args.check_steps
+    x, _ = ours.initial_noise([seed], args.size, args.size)
+    z = ours.latents([prompt], [seed], sampler="euler", steps=n, scale=7.0, height=args.size,
+                     width=args.size, progress=False)
+    want = theirs(prompt, num_inference_steps=n, guidance_scale=7.0, height=args.size,
+                  width=args.size, latents=x.clone(), output_type="latent").images
+    ours_image = np.asarray(ours.decode(z)[0], dtype=np.int16)
+    with torch.no_grad():
+        pixels = theirs.vae.decode(want / theirs.vae.config.scaling_factor
+                                   + theirs.vae.config.shift_factor).sample
+    their_image = np.asarray(theirs.image_processor.postprocess(pixels)[0], dtype=np.int16)
+    err = ((z - want).abs().max() / want.abs().max()).item()
+    print(f"{args.config} without T5, {args.size}x{args.size}, Euler {n} steps, guidance 7, "
+          f"fp32: latents max rel diff {err:.1e}; images differ by at most "
+          f"{np.abs(ours_image - their_image).max()} of 255", flush=True)
+
+
+def write_random_file(path, shapes, seed):
+    """A safetensors file of random fp16 tensors of ``shapes`` ({key: shape}), written one
+    tensor at a time (T5-XXL alone is 9.8 GB in fp16: never held whole)."""
+    import json
+    import struct
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    header, offset = {}, 0
+    for k, shape in shapes.items():
+        n = 2 * int(torch.Size(shape).numel())
+        header[k] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for k, shape in shapes.items():
+            f.write((torch.randn(shape, generator=g) * 0.02).half().numpy().tobytes())
+
+
 def write_random_files(cache, config):
     """sd3_medium_incl_clips.safetensors and t5xxl_fp16.safetensors of random fp16 weights
     in Stability's layout (once)."""
-    import torch
-    from safetensors.torch import save_file
     from ldm.pipeline import build_model
     cache.mkdir(parents=True, exist_ok=True)
     model_file, t5_file = cache / "sd3_medium_incl_clips.safetensors", cache / "t5xxl_fp16.safetensors"
-    if model_file.exists() and t5_file.exists():
-        return model_file, t5_file
-    shapes = {k: v.shape for k, v in build_model(config, meta=True).state_dict().items()}
-    g = torch.Generator().manual_seed(0)
+    shapes = {k: tuple(v.shape) for k, v in build_model(config, meta=True).state_dict().items()}
     t5 = "text_encoders.t5xxl.transformer."
-
-    def tensors(keep):
-        return {k: (torch.randn(shape, generator=g) * 0.02).half() for k, shape in shapes.items()
-                if keep(k)}
-    save_file(tensors(lambda k: not k.startswith(t5)), model_file)
-    part = tensors(lambda k: k.startswith(t5))
-    save_file({k[len(t5):]: v for k, v in part.items()}, t5_file)
+    if not model_file.exists():
+        write_random_file(model_file, {k: v for k, v in shapes.items() if not k.startswith(t5)}, 0)
+    if not t5_file.exists():
+        write_random_file(t5_file, {k[len(t5):]: v for k, v in shapes.items()
+                                    if k.startswith(t5)}, 1)
     return model_file, t5_file
 
 

@@ -259,8 +259,9 @@ def test_the_scripts_run_an_sd3_file_with_its_encoders_apart(tmp_path, t5_tokeni
                                                             monkeypatch):
     """A single file without T5 and a separate T5 file (--t5xxl) with --t5_tokenizer make
     PNGs with the three scripts' flags; without the tokenizer the run goes on without T5
-    and says so; a missing CLIP, --plms, --clip_l for an SD 1 model and a tokenizer larger
-    than T5's table are one-line errors before any sampling."""
+    and says so; a missing CLIP, --plms, --clip_l for an SD 1 model, a tokenizer larger
+    than T5's table, and the flags SD 3 does not take (A1111 prompts, DeepCache,
+    embeddings) are one-line errors before any sampling."""
     import json
     from ldm.modules.encoders import t5 as t5_module
     monkeypatch.setattr(t5_module, "PACKAGED", ())   # no installed vocabulary found
@@ -295,7 +296,10 @@ def test_the_scripts_run_an_sd3_file_with_its_encoders_apart(tmp_path, t5_tokeni
                        ([str(ckpt), "--t5xxl", str(t5_file), "--t5_tokenizer", str(big)],
                         "tokens, its weights 320"),
                        ([str(ckpt), "--plms"], "PLMS runs on a DDPM model's timesteps"),
-                       (["builtin", "--clip_l", str(t5_file)], "--clip_l is for SD 3's")):
+                       (["builtin", "--clip_l", str(t5_file)], "--clip_l is for SD 3's"),
+                       ([str(ckpt), "--prompt-syntax", "a1111"], "--prompt-syntax a1111 is not"),
+                       ([str(ckpt), "--deepcache", "2"], "--deepcache is not supported"),
+                       ([str(ckpt), "--embedding", str(t5_file)], "--embedding is not")):
         extra = [] if args[0] == "builtin" else common[:2]
         rc = txt2img.main(["--ckpt"] + args + ["--outdir", str(tmp_path / "x")] + extra)
         err = capsys.readouterr().err.strip()
@@ -372,3 +376,128 @@ def test_the_real_t5_tokenizer_when_a_package_ships_it():
     want = theirs(texts, padding="max_length", max_length=77, truncation=True).input_ids
     assert found(texts, 77).tolist() == want
     assert want[0][:8] == [3, 9, 1202, 13, 3, 9, 1712, 1]
+
+
+def sd3_lora(pipe, rank=4, seed=0):
+    """A random LoRA in diffusers' PEFT form for SD 3 (``transformer.`` attention,
+    feed-forward and modulation layers; ``text_encoder.``/``text_encoder_2.`` layers)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for component, net in (("transformer.", pipe.transformer), ("text_encoder.", pipe.text_encoder),
+                           ("text_encoder_2.", pipe.text_encoder_2)):
+        for name, m in net.named_modules():
+            if not isinstance(m, torch.nn.Linear):
+                continue
+            if component == "transformer." and not name.startswith("transformer_blocks."):
+                continue
+            if component != "transformer." and "layers" not in name:
+                continue
+            if name.endswith("norm1_context.linear") and name.startswith(
+                    f"transformer_blocks.{len(pipe.transformer.transformer_blocks) - 1}."):
+                continue   # the last text block's modulation: diffusers swaps its halves
+            w = m.weight
+            sd[f"{component}{name}.lora_A.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.3
+            sd[f"{component}{name}.lora_B.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.3
+    return sd
+
+
+@pytest.mark.parametrize("form", ["peft", "kohya"])
+@torch.no_grad()
+def test_sd3_loras_match_diffusers_load_lora_weights(tmp_path, t5_tokenizer, form):
+    """A LoRA on the MMDiT (q, k and v landing in their thirds of ``qkv``) and both CLIPs,
+    in diffusers' PEFT form, or in kohya's SD 3 form (Stability's module names: one update
+    of the stacked ``qkv``, ``lora_te1_``/``lora_te2_``): merged by us at 0.7, the
+    transformer's velocity and the conditioning equal diffusers' load_lora_weights of the
+    PEFT form; unmerged, the weights are back bit for bit."""
+    from safetensors.torch import save_file
+    from ldm.compare import sd3_components
+    from ldm.convert import module_names, qkv_slices
+    from ldm.modules.encoders.t5 import T5Tokenizer
+    from ldm.pipeline import Pipeline
+    model = tiny_sd3(seed=5)
+    model.text_encoders.t5xxl.tokenizer = T5Tokenizer(t5_tokenizer)
+    pipe = diffusers.StableDiffusion3Pipeline(**sd3_components(model, tmp_path / "tok",
+                                                                t5_tokenizer))
+    lora = sd3_lora(pipe)
+    theirs_path, ours_path = tmp_path / "peft.safetensors", tmp_path / "ours.safetensors"
+    save_file(lora, theirs_path)
+    if form == "kohya":   # one update per stacked qkv: A shared, B stacked, as sd-scripts
+        names, slices = module_names(model), qkv_slices(model)
+        by_diffusers = {v: k for k, v in names.items()}
+        kohya, stacked = {}, {}
+        for key, value in lora.items():
+            module, _, suffix = key.rpartition(".lora_")
+            if module in slices:
+                target, _, first, _ = slices[module]
+                stacked.setdefault(target, {})[first] = (lora[module + ".lora_A.weight"],
+                                                         lora[module + ".lora_B.weight"])
+                continue
+            ours = by_diffusers[module]
+            prefix = ("lora_unet_" + ours[len("model.diffusion_model."):] if
+                      ours.startswith("model.diffusion_model.") else
+                      {"text_encoders.clip_l.transformer.": "lora_te1_",
+                       "text_encoders.clip_g.transformer.": "lora_te2_"}[
+                          ours[:ours.index(".transformer.") + len(".transformer.")]]
+                      + ours.partition(".transformer.")[2])
+            name = prefix.replace(".", "_")
+            part = "lora_down" if suffix.startswith("A") else "lora_up"
+            kohya[f"{name}.{part}.weight"] = value
+            kohya[f"{name}.alpha"] = torch.tensor(4.0)   # alpha = rank: scale 1
+        for target, parts in stacked.items():
+            downs = [parts[k][0] for k in sorted(parts)]
+            ups = [parts[k][1] for k in sorted(parts)]
+            name = "lora_unet_" + target[len("model.diffusion_model."):].replace(".", "_")
+            # a rank-12 update: the three downs stacked, each up in its third
+            kohya[f"{name}.lora_down.weight"] = torch.cat(downs)
+            kohya[f"{name}.lora_up.weight"] = torch.block_diag(*ups)
+            kohya[f"{name}.alpha"] = torch.tensor(12.0)
+        save_file(kohya, ours_path)
+        assert any("attn_qkv" in k for k in kohya)
+    else:
+        ours_path = theirs_path
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 16, 8, 6, generator=g), torch.tensor([900.0, 250.0])
+    prompts = ["a photo of a cat", "two red circles"]
+    pipe.load_lora_weights(str(theirs_path), adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.7])
+    theirs_cond = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
+                                     max_sequence_length=32)
+    ours = Pipeline(model, torch.device("cpu"), "full")
+    before = model.conditioning(prompts)
+    ours.set_loras([(ours_path, 0.7)])
+    cond = model.conditioning(prompts)
+    assert rel_err(cond["crossattn"], theirs_cond[0]) < 1e-4
+    assert rel_err(cond["vector"], theirs_cond[2]) < 1e-4
+    assert rel_err(cond["vector"], before["vector"]) > 1e-2
+    v_ours = model.apply_model(x, t, cond)
+    v_theirs = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["crossattn"],
+                                pooled_projections=cond["vector"]).sample
+    assert rel_err(v_ours, v_theirs) < 1e-4
+    ours.set_loras([])
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
+def test_loras_of_other_generations_are_refused_in_one_line(tmp_path, tiny_model):
+    """An SD 3 LoRA on an SD 1 model and an SD 1 LoRA on SD 3: one line each naming what
+    the file is for, nothing applied."""
+    from safetensors.torch import save_file
+    from ldm.lora import LoraError, read_lora
+    sd3 = tmp_path / "sd3.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, sd3)
+    kohya_sd3 = tmp_path / "kohya_sd3.safetensors"
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(96, 4)},
+              kohya_sd3)
+    sd1 = tmp_path / "sd1.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+               torch.zeros(4, 768),
+               "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight":
+               torch.zeros(320, 4)}, sd1)
+    for path, model, want in ((sd3, tiny_model, "a transformer model"),
+                              (kohya_sd3, tiny_model, "Stable Diffusion 3 (an MMDiT"),
+                              (sd1, tiny_sd3(), "Stable Diffusion 1.x")):
+        with pytest.raises(LoraError, match="is for") as e:
+            read_lora(path, model)
+        assert want in str(e.value) and "\n" not in str(e.value)

@@ -71,14 +71,8 @@ class FLOW:
 PREDICTIONS = {"eps": EPS(), "v": V(), "flow": FLOW()}
 
 
-class DiscreteSchedule:
-    """The noise levels of a discrete DDPM schedule: sigma_t^2 = (1 - abar_t) / abar_t,
-    ascending with t (float64, on the CPU)."""
-
-    def __init__(self, alphas_cumprod):
-        a = alphas_cumprod.detach().double().cpu()
-        self.sigmas = ((1 - a) / a).sqrt()
-        self.log_sigmas = self.sigmas.log()
+class Levels:
+    """A schedule's table of noise levels ``sigmas``, ascending (float64, on the CPU)."""
 
     @property
     def sigma_min(self):
@@ -87,6 +81,16 @@ class DiscreteSchedule:
     @property
     def sigma_max(self):
         return float(self.sigmas[-1])
+
+
+class DiscreteSchedule(Levels):
+    """The noise levels of a discrete DDPM schedule: sigma_t^2 = (1 - abar_t) / abar_t,
+    ascending with t (float64, on the CPU)."""
+
+    def __init__(self, alphas_cumprod):
+        a = alphas_cumprod.detach().double().cpu()
+        self.sigmas = ((1 - a) / a).sqrt()
+        self.log_sigmas = self.sigmas.log()
 
     def sigma(self, t):
         """The noise level of timestep ``t``; between two training timesteps, linear in log
@@ -147,7 +151,7 @@ class DiscreteSchedule:
         return low + min(max(w, 0.0), 1.0)
 
 
-class FlowSchedule:
+class FlowSchedule(Levels):
     """Rectified flow's noise levels s in (0, 1] (x_s = (1 - s) x0 + s eps), with the
     timestep shift of SD 3 (Esser et al. 2024, sec. 5.3.2): the uniform training time
     u = t / T becomes s = shift u / (1 + (shift - 1) u), spending more of the schedule at
@@ -161,14 +165,6 @@ class FlowSchedule:
 
     def shifted(self, u):
         return self.shift * u / (1 + (self.shift - 1) * u)
-
-    @property
-    def sigma_min(self):
-        return float(self.sigmas[0])
-
-    @property
-    def sigma_max(self):
-        return float(self.sigmas[-1])
 
     def sigma(self, t):
         """The level of table index ``t`` (0 ... T - 1; fractional ones between)."""

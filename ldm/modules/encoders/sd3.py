@@ -129,7 +129,7 @@ class SD3TextEncoders(nn.Module):
     def syntax(self, value):
         if value != "compvis":
             raise ValueError("SD 3 takes plain prompts here: A1111's weights and BREAK "
-                             "(--prompt-syntax a1111) are not supported for it")
+                             "(--prompt-syntax a1111) are not read for it: drop the flag")
 
     @property
     def layers(self):
