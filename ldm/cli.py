@@ -248,6 +248,10 @@ def add_model_arguments(p):
                    default=None, metavar="PATH",
                    help="SD 3: T5's tokenizer (spiece.model, tokenizer.json, or a folder with "
                         "either: a diffusers folder's tokenizer_3/); default models/t5/")
+    t.add_argument("--t5_length", "--t5-length", dest="t5_length", type=number(int, 1, 512),
+                   default=None, metavar="N",
+                   help="SD 3: the tokens T5 reads (default 256, diffusers'; Stability's "
+                        "reference: 77)")
     t.add_argument("--clip-skip", "--clip_skip", dest="clip_skip", type=number(int, 1, 12),
                    default=1, metavar="N",
                    help="condition on the text encoder's N-th layer from the end (A1111's "
@@ -927,7 +931,8 @@ def load_pipeline(args, choice):
     pipe.set_loras(args.lora)
     for path, token in args.embedding:
         pipe.load_embedding(path, token)
-    pipe.set_text_options(clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax)
+    pipe.set_text_options(clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
+                          t5_length=args.t5_length)
     pipe.set_options(compile=args.compile, deepcache=args.deepcache,
                      attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
                      backend=args.backend or DEFAULT_BACKEND)
@@ -1018,6 +1023,11 @@ def check_sampling(args, choice, task="txt2img"):
                          f"base (--refiner {Path(choice.ckpt).name} beside --ckpt of a base)")
     if args.skip_save and args.skip_grid:
         raise UsageError("--skip_save with --skip_grid would write nothing: drop one")
+    if not g.flow:
+        for flag in ("clip_l", "clip_g", "t5xxl", "t5_tokenizer", "t5_length"):
+            if getattr(args, flag, None):
+                raise UsageError(f"--{flag} is for SD 3 models; {choice.ckpt} is not one: "
+                                 "drop it")
     if g.flow:   # what SD 3 does not take, said before the load
         for flag, given in (("--prompt-syntax a1111", args.prompt_syntax == "a1111"),
                             ("--embedding", args.embedding),

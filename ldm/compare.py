@@ -330,8 +330,10 @@ def to_diffusers_sd3(model, share=False):
     transformers' CLIPTextModelWithProjection (x2) and T5EncoderModel, through diffusers'
     converters of Stability's single-file layout (``convert_sd3_transformer_checkpoint_to_
     diffusers``, ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``,
-    ``convert_sd3_t5_checkpoint_to_diffusers``). ``share``: built on ``meta`` and loaded
-    with ``assign`` (no second copy of the weights); without T5 ``text_encoder_3`` is None."""
+    ``convert_sd3_t5_checkpoint_to_diffusers``). ``share``: the transformer and T5 built
+    on ``meta`` and loaded with ``assign`` (no second copy of the big weights; the CLIPs,
+    whose transformers models keep buffers outside the state dict, and the autoencoder are
+    copies); without T5 ``text_encoder_3`` is None."""
     import diffusers
     import transformers
     from diffusers.loaders import single_file_utils as su
@@ -359,33 +361,30 @@ def to_diffusers_sd3(model, share=False):
     dd = dict(ch=ch, ch_mult=[d.block[0].conv2.out_channels // ch for d in ae.encoder.down],
               num_res_blocks=len(ae.encoder.down[0].block),
               z_channels=ae.encoder.conv_out.out_channels // 2)
-    with maker:
-        vae = diffusers.AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=dd["z_channels"],
-            down_block_types=["DownEncoderBlock2D"] * len(dd["ch_mult"]),
-            up_block_types=["UpDecoderBlock2D"] * len(dd["ch_mult"]),
-            block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]],
-            layers_per_block=dd["num_res_blocks"], scaling_factor=model.scale_factor,
-            shift_factor=model.shift_factor, use_quant_conv=False, use_post_quant_conv=False)
-    vae.load_state_dict(su.convert_ldm_vae_checkpoint(sd, dict(vae.config)), strict=True,
-                        assign=share)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=dd["z_channels"],
+        down_block_types=["DownEncoderBlock2D"] * len(dd["ch_mult"]),
+        up_block_types=["UpDecoderBlock2D"] * len(dd["ch_mult"]),
+        block_out_channels=[dd["ch"] * m for m in dd["ch_mult"]],
+        layers_per_block=dd["num_res_blocks"], scaling_factor=model.scale_factor,
+        shift_factor=model.shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+    vae.load_state_dict(su.convert_ldm_vae_checkpoint(sd, dict(vae.config)), strict=True)
     out = {"transformer": transformer.eval(), "vae": vae.eval()}
     for name, encoder in (("text_encoder", model.text_encoders.clip_l),
                           ("text_encoder_2", model.text_encoders.clip_g)):
         cfg = encoder.transformer.config
-        with maker:
-            clip = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-                vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                num_attention_heads=cfg.num_attention_heads, projection_dim=cfg.hidden_size,
-                max_position_embeddings=cfg.max_position_embeddings, hidden_act=cfg.hidden_act,
-                attn_implementation="eager"))
+        clip = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads, projection_dim=cfg.hidden_size,
+            max_position_embeddings=cfg.max_position_embeddings, hidden_act=cfg.hidden_act,
+            attn_implementation="eager"))
         prefix = f"text_encoders.{'clip_l' if name == 'text_encoder' else 'clip_g'}.transformer."
         converted = su.convert_ldm_clip_checkpoint(
             {k: v for k, v in sd.items() if k.startswith(prefix)}, prefix)
         if not any(k.startswith("text_model.") for k in clip.state_dict()):   # transformers 5
             converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-        missing, unexpected = clip.load_state_dict(converted, strict=False, assign=share)
+        missing, unexpected = clip.load_state_dict(converted, strict=False)
         if unexpected or any("position_ids" not in k for k in missing):
             raise RuntimeError(f"{name} conversion: missing {missing}, unexpected {unexpected}")
         out[name] = clip.eval()
@@ -407,16 +406,17 @@ def to_diffusers_sd3(model, share=False):
     return out
 
 
-def sd3_components(model, folder, t5_tokenizer=None):
+def sd3_components(model, folder, t5_tokenizer=None, share=False):
     """The keyword arguments of diffusers' StableDiffusion3 pipelines with ``model``'s
     weights: CLIP tokenizer files written to ``folder`` (CLIP-L padding with the end token,
     CLIP-G with "!"), T5's from the folder ``t5_tokenizer`` (a ``tokenizer.json``), and a
-    FlowMatchEulerDiscreteScheduler with the model's shift."""
+    FlowMatchEulerDiscreteScheduler with the model's shift. ``share``: see
+    ``to_diffusers_sd3``."""
     import diffusers
     import transformers
     folder.mkdir(parents=True, exist_ok=True)
     write_clip_tokenizer_files(folder)
-    parts = to_diffusers_sd3(model)
+    parts = to_diffusers_sd3(model, share)
 
     def clip_tokenizer(pad):
         return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),

@@ -441,12 +441,13 @@ class Pipeline:
         return pipe
 
     # -- text conditioning ---------------------------------------------------------------
-    def set_text_options(self, clip_skip=1, prompt_syntax="compvis"):
+    def set_text_options(self, clip_skip=1, prompt_syntax="compvis", t5_length=None):
         """``clip_skip``: condition on the text encoder's ``clip_skip``-th layer from the
         end (1: the last, SD's own; 2: the penultimate, which many SD 1.x fine-tunes were
         trained with), with the final layer norm applied, as A1111. ``prompt_syntax``:
         "compvis" (plain text, cut at 77 tokens) or "a1111" (weights, BREAK, any length:
-        ``ldm.modules.encoders.prompts``)."""
+        ``ldm.modules.encoders.prompts``). ``t5_length``: SD 3's T5 tokens (None: the
+        config's, 256)."""
         encoder = self.model.cond_stage_model
         layers = encoder.layers
         if not 1 <= int(clip_skip) <= layers:
@@ -454,6 +455,12 @@ class Pipeline:
                              f"({layers} layers), got {clip_skip}")
         if prompt_syntax not in PROMPT_SYNTAXES:
             raise UsageError(f"--prompt-syntax must be one of {PROMPT_SYNTAXES}")
+        if t5_length is not None:
+            if self.model.parameterization != "flow":
+                raise UsageError("--t5_length is for SD 3's T5 encoder: drop it")
+            if not 1 <= int(t5_length) <= 512:
+                raise UsageError(f"--t5_length must be in [1, 512], got {t5_length}")
+            encoder.t5_length = int(t5_length)
         encoder.clip_skip = int(clip_skip)
         try:
             encoder.syntax = prompt_syntax
@@ -1064,6 +1071,10 @@ class Pipeline:
                 params["output_size"] = f"{r.image.width}x{r.image.height}"
         if self.family is not None:
             params["family"] = self.family.name
+        if self.model.parameterization == "flow":   # SD 3: what T5 read, or that it did not
+            encoders = self.model.cond_stage_model
+            params.update(t5="used" if encoders.use_t5 else "left out (zeros)",
+                          t5_tokens=encoders.t5_length)
         if r.rescale:
             params["rescale"] = r.rescale
         if r.slg:

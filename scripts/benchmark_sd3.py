@@ -157,7 +157,8 @@ def check(args):
     model.eval().requires_grad_(False)
     del sd
     ours = Pipeline(model, torch.device("cpu"), "full", watermark=False)
-    theirs = diffusers.StableDiffusion3Pipeline(**sd3_components(model, Path(tempfile.mkdtemp())))
+    theirs = diffusers.StableDiffusion3Pipeline(**sd3_components(model, Path(tempfile.mkdtemp()),
+                                                                 share=True))
     theirs.set_progress_bar_config(disable=True)
     prompt, seed, n = "a lighthouse at dusk, oil painting", 42, args.check_steps
     x, _ = ours.initial_noise([seed], args.size, args.size)

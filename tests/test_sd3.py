@@ -141,6 +141,14 @@ def test_the_three_text_encoders_give_diffusers_prompt_embeddings(pair):
     assert cond["crossattn"].shape == (2, 77 + 32, 96) and cond["vector"].shape == (2, 80)
     assert rel_err(cond["crossattn"], pe) < 1e-5 and rel_err(cond["vector"], pooled) < 1e-5
     assert rel_err(uncond["crossattn"], npe) < 1e-5 and rel_err(uncond["vector"], npooled) < 1e-5
+    try:   # --t5_length: T5 reads fewer tokens (Stability's reference: 77)
+        model.text_encoders.t5_length = 12
+        short = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
+                                   max_sequence_length=12)[0]
+        assert short.shape[1] == 77 + 12
+        assert rel_err(model.conditioning(prompts)["crossattn"], short) < 1e-5
+    finally:
+        model.text_encoders.t5_length = 32
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
@@ -286,17 +294,20 @@ def test_the_scripts_run_an_sd3_file_with_its_encoders_apart(tmp_path, t5_tokeni
     image = Image.open(out / "samples" / "00000.png")
     params = json.loads(image.info["ldm_parameters"])
     assert image.size == (48, 64) and params["sampler"] == "euler" and params["prediction"] == "flow"
+    assert params["t5"] == "used" and params["t5_tokens"] == 32
     capsys.readouterr()
     assert img2img.main(["--ckpt", str(ckpt), "--t5xxl", str(t5_file), "--init-img",
                          str(out / "samples" / "00000.png"), "--strength", "0.5",
                          "--outdir", str(tmp_path / "i")] + common) == 0
     assert "T5" in capsys.readouterr().err   # no tokenizer: said, run without T5
+    params = json.loads(Image.open(tmp_path / "i" / "samples" / "00000.png").info["ldm_parameters"])
+    assert params["t5"] == "left out (zeros)" and params["t5_tokens"] == 32   # as many as T5's
     big = write_tiny_t5_tokenizer(tmp_path / "big", vocab_size=400)
     for args, want in (([str(no_g)], "no CLIP-G text encoder: give it with --clip_g"),
                        ([str(ckpt), "--t5xxl", str(t5_file), "--t5_tokenizer", str(big)],
                         "tokens, its weights 320"),
                        ([str(ckpt), "--plms"], "PLMS runs on a DDPM model's timesteps"),
-                       (["builtin", "--clip_l", str(t5_file)], "--clip_l is for SD 3's"),
+                       (["builtin", "--clip_l", str(t5_file)], "--clip_l is for SD 3 models"),
                        ([str(ckpt), "--prompt-syntax", "a1111"], "--prompt-syntax a1111 is not"),
                        ([str(ckpt), "--deepcache", "2"], "--deepcache is not supported"),
                        ([str(ckpt), "--embedding", str(t5_file)], "--embedding is not")):

@@ -90,9 +90,9 @@ class T5Embedder(nn.Module):
 class SD3TextEncoders(nn.Module):
     """``clip_l``, ``clip_g`` (configs of ``CLIPWithProjection``) and ``t5xxl`` (of
     ``T5Embedder``; None: a model without T5). ``t5_zeros``: the tokens of the zeros that
-    stand for T5 when it is left out (77, diffusers')."""
+    stand for T5 when it is left out (None: T5's length, else 256; diffusers')."""
 
-    def __init__(self, clip_l, clip_g, t5xxl=None, t5_zeros=77, context_dim=4096):
+    def __init__(self, clip_l, clip_g, t5xxl=None, t5_zeros=None, context_dim=4096):
         super().__init__()
         self.clip_l = CLIPWithProjection(**clip_l)
         self.clip_g = CLIPWithProjection(**clip_g)
@@ -102,6 +102,18 @@ class SD3TextEncoders(nn.Module):
         self.t5_zeros, self.context_dim = t5_zeros, context_dim
         self.use_t5 = self.t5xxl is not None
         self.max_length = 77
+
+    @property
+    def t5_length(self):
+        """The tokens T5 reads (its zeros' count when it is left out): 256 by default,
+        diffusers' ``max_sequence_length``; Stability's reference takes 77."""
+        return self.t5_zeros
+
+    @t5_length.setter
+    def t5_length(self, n):
+        self.t5_zeros = int(n)
+        if self.t5xxl is not None:
+            self.t5xxl.max_length = int(n)
 
     def drop_t5(self):
         """Run without T5 (no weights or no tokenizer): its part of the states is zeros."""
