@@ -119,13 +119,20 @@ def to_diffusers_xl(model, config, share_unet=False):
                 # the highest token id's position (OpenCLIP's argmax, as ours)
                 eos_token_id=2, attn_implementation="eager"))
             converted = su.convert_open_clip_checkpoint(clip, sd, prefix + "model.")
-        if not any(k.startswith("text_model.") for k in clip.state_dict()):   # transformers 5
-            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-        missing, unexpected = clip.load_state_dict(converted, strict=False)
-        if unexpected or any("position_ids" not in k for k in missing):
-            raise RuntimeError(f"{name} conversion: missing {missing}, unexpected {unexpected}")
-        out[name] = clip.eval()
+        out[name] = _load_clip(clip, converted, name)
     return out
+
+
+def _load_clip(clip, converted, name):
+    """``clip`` (a transformers CLIP text model) with diffusers' ``converted`` weights, in
+    eval mode; transformers 5 has no ``text_model.`` level; only position ids may be
+    missing."""
+    if not any(k.startswith("text_model.") for k in clip.state_dict()):   # transformers 5
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    missing, unexpected = clip.load_state_dict(converted, strict=False)
+    if unexpected or any("position_ids" not in k for k in missing):
+        raise RuntimeError(f"{name} conversion: missing {missing}, unexpected {unexpected}")
+    return clip.eval()
 
 
 def _text_encoder(encoder, sd, transformers, su):
@@ -382,12 +389,7 @@ def to_diffusers_sd3(model, share=False):
         prefix = f"text_encoders.{'clip_l' if name == 'text_encoder' else 'clip_g'}.transformer."
         converted = su.convert_ldm_clip_checkpoint(
             {k: v for k, v in sd.items() if k.startswith(prefix)}, prefix)
-        if not any(k.startswith("text_model.") for k in clip.state_dict()):   # transformers 5
-            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-        missing, unexpected = clip.load_state_dict(converted, strict=False)
-        if unexpected or any("position_ids" not in k for k in missing):
-            raise RuntimeError(f"{name} conversion: missing {missing}, unexpected {unexpected}")
-        out[name] = clip.eval()
+        out[name] = _load_clip(clip, converted, name)
     t5 = model.text_encoders.t5xxl
     out["text_encoder_3"] = None
     if t5 is not None:

@@ -23,13 +23,19 @@ def match(shapes):
     patch, pos = shapes.get(PATCH), shapes.get(POS)
     if patch is None or pos is None or len(patch) != 4 or tuple(patch[1:]) != (16, 2, 2):
         return None
-    depth, positions = patch[0] // 64, pos[1]
-    norm, attn2 = QK_NORM in shapes, ATTN2 in shapes
-    if depth == 24 and positions == 192 ** 2 and not norm and not attn2:
+    side = round(pos[1] ** 0.5)
+    return variant(patch[0] // 64, side if side * side == pos[1] else None,
+                   QK_NORM in shapes, ATTN2 in shapes)
+
+
+def variant(depth, side, norm, attn2):
+    """The variant of an MMDiT of ``depth`` blocks, a ``side`` x ``side`` position table,
+    with or without qk norm and MMDiT-X's second attention; None for another."""
+    if depth == 24 and side == 192 and not norm and not attn2:
         return "sd3-medium"
-    if depth == 24 and positions == 384 ** 2 and norm and attn2:
+    if depth == 24 and side == 384 and norm and attn2:
         return "sd3.5-medium"
-    if depth == 38 and positions == 192 ** 2 and norm and not attn2:
+    if depth == 38 and side == 192 and norm and not attn2:
         return "sd3.5-large"
     return None
 
@@ -39,15 +45,9 @@ def match_folder(index, transformer, scheduler):
     (``source.folder_configs`` gives it in the UNet's place)."""
     if "transformer" not in index or transformer.get("in_channels", 16) != 16:
         return None
-    depth, side = transformer.get("num_layers"), transformer.get("pos_embed_max_size")
-    norm, attn2 = bool(transformer.get("qk_norm")), bool(transformer.get("dual_attention_layers"))
-    if depth == 24 and side == 192 and not norm and not attn2:
-        return "sd3-medium"
-    if depth == 24 and side == 384 and norm and attn2:
-        return "sd3.5-medium"
-    if depth == 38 and side == 192 and norm and not attn2:
-        return "sd3.5-large"
-    return None
+    return variant(transformer.get("num_layers"), transformer.get("pos_embed_max_size"),
+                   bool(transformer.get("qk_norm")),
+                   bool(transformer.get("dual_attention_layers")))
 
 
 FAMILY = Family(
