@@ -100,7 +100,7 @@ OTHERS = [
      "an SD x4 upscaler checkpoint"),
     ("sd3", {U + "joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536),
              "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (768,)},
-     "a Stable Diffusion 3 / 3.5 checkpoint (MMDiT)"),
+     "an MMDiT checkpoint in SD 3's layout (1 joint block) but not SD 3 Medium"),
     ("flux", {"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "a FLUX checkpoint"),
     ("pix2pix", {CONV_IN: (320, 8, 3, 3), CROSS: (320, 768)},
      "an instruct-pix2pix checkpoint (8-channel UNet input)"),

@@ -30,7 +30,12 @@ def describe(shapes):
 def generation(shapes):
     """The model generation a checkpoint this project does not run belongs to, or None."""
     if _any(shapes, UNET + "joint_blocks."):
-        return "a Stable Diffusion 3 / 3.5 checkpoint (MMDiT)"
+        # SD 3 Medium, 3.5 Medium and 3.5 Large are a family (sd3.py): this is another
+        # MMDiT of that layout, or one with parts missing
+        blocks = {k.split(".")[3] for k in shapes if k.startswith(UNET + "joint_blocks.")}
+        n = len(blocks)
+        return (f"an MMDiT checkpoint in SD 3's layout ({n} joint block{'s' * (n != 1)}) but "
+                "not SD 3 Medium, 3.5 Medium or 3.5 Large; a partial or other-sized one")
     if _any(shapes, "double_blocks.", UNET + "double_blocks."):
         return "a FLUX checkpoint"
     conv_in = _shape(shapes, UNET + "input_blocks.0.0.weight")
