@@ -1028,7 +1028,7 @@ def check_sampling(args, choice, task="txt2img"):
             if getattr(args, flag, None):
                 raise UsageError(f"--{flag} is for SD 3 models; {choice.ckpt} is not one: "
                                  "drop it")
-    if g.flow:   # what SD 3 does not take, said before the load
+    else:   # what SD 3 does not take, said before the load
         for flag, given in (("--prompt-syntax a1111", args.prompt_syntax == "a1111"),
                             ("--embedding", args.embedding),
                             ("--deepcache", (args.deepcache or 1) > 1),

@@ -331,6 +331,30 @@ def to_diffusers_controlnet(net, config):
     return theirs.eval(), cfg, converted
 
 
+def sd3_transformer(net, share=False):
+    """diffusers' SD3Transformer2DModel holding an ``MMDiT``'s weights, converted by
+    diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``; ``share``: built on
+    ``meta`` and loaded with ``assign`` (our tensors where the converter keeps them)."""
+    import diffusers
+    from diffusers.loaders import single_file_utils as su
+    dim = net.x_embedder.proj.out_channels
+    blocks = net.joint_blocks
+    first = blocks[0].x_block.attn
+    with torch.device("meta") if share else nullcontext():
+        transformer = diffusers.SD3Transformer2DModel(
+            patch_size=net.patch_size, in_channels=net.in_channels,
+            num_layers=len(blocks), attention_head_dim=dim // first.heads,
+            num_attention_heads=first.heads, joint_attention_dim=net.context_embedder.in_features,
+            caption_projection_dim=dim, pooled_projection_dim=net.y_embedder.mlp[0].in_features,
+            out_channels=net.out_channels, pos_embed_max_size=net.pos_embed_max_size,
+            dual_attention_layers=tuple(i for i, b in enumerate(blocks) if b.x_block.self_attn2),
+            qk_norm=None if isinstance(first.ln_q, torch.nn.Identity) else "rms_norm")
+    converted = su.convert_sd3_transformer_checkpoint_to_diffusers(
+        {"model.diffusion_model." + k: v for k, v in net.state_dict().items()})
+    transformer.load_state_dict(converted, strict=True, assign=share)
+    return transformer.eval()
+
+
 def to_diffusers_sd3(model, share=False):
     """{"transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}: an SD 3
     ``RectifiedFlow``'s weights in diffusers' SD3Transformer2DModel and AutoencoderKL and
@@ -345,24 +369,8 @@ def to_diffusers_sd3(model, share=False):
     import transformers
     from diffusers.loaders import single_file_utils as su
     sd = model.state_dict()
-    net = model.model.diffusion_model
-    dim = net.x_embedder.proj.out_channels
-    blocks = net.joint_blocks
-    first = blocks[0].x_block.attn
+    transformer = sd3_transformer(model.model.diffusion_model, share)
     maker = torch.device("meta") if share else nullcontext()
-    with maker:
-        transformer = diffusers.SD3Transformer2DModel(
-            sample_size=model.image_size, patch_size=net.patch_size, in_channels=net.in_channels,
-            num_layers=len(blocks), attention_head_dim=dim // first.heads,
-            num_attention_heads=first.heads, joint_attention_dim=net.context_embedder.in_features,
-            caption_projection_dim=dim, pooled_projection_dim=net.y_embedder.mlp[0].in_features,
-            out_channels=net.out_channels, pos_embed_max_size=net.pos_embed_max_size,
-            dual_attention_layers=tuple(i for i, b in enumerate(blocks) if b.x_block.self_attn2),
-            qk_norm="rms_norm" if isinstance(first.ln_q, torch.nn.Module)
-            and not isinstance(first.ln_q, torch.nn.Identity) else None)
-    converted = su.convert_sd3_transformer_checkpoint_to_diffusers(
-        {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")})
-    transformer.load_state_dict(converted, strict=True, assign=share)
     ae = model.first_stage_model
     ch = ae.encoder.conv_in.out_channels
     dd = dict(ch=ch, ch_mult=[d.block[0].conv2.out_channels // ch for d in ae.encoder.down],

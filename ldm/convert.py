@@ -254,10 +254,9 @@ def qkv_slices(model):
         width = net.x_embedder.proj.out_channels
         for i, block in enumerate(net.joint_blocks):
             ours = f"{UNET}joint_blocks.{i}."
-            streams = [("x_block.attn", "attn.to_{}"), ("context_block.attn", "attn.add_{}_proj")]
-            if block.x_block.self_attn2:
-                streams.append(("x_block.attn2", "attn2.to_{}"))
-            for module, theirs in streams:
+            for module, theirs in MMDIT_QKV.items():
+                if module == "x_block.attn2" and not block.x_block.self_attn2:
+                    continue
                 for n, part in enumerate("qkv"):
                     out[f"transformer.transformer_blocks.{i}.{theirs.format(part)}"] = (
                         ours + module + ".qkv", "weight", n * width, (n + 1) * width)
@@ -469,66 +468,21 @@ def _swap_halves(w):
     return torch.cat([b, a], dim=0)
 
 
-def mmdit_from_diffusers(sd):
-    """A diffusers SD3Transformer2DModel state dict in Stability's MMDiT names (the inverse
-    of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``: q, k and v stacked
-    into ``qkv``, the final layer's and the last text block's modulation halves swapped)."""
-    out = {"pos_embed": sd["pos_embed.pos_embed"],
-           "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-           "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-           "context_embedder.weight": sd["context_embedder.weight"],
-           "context_embedder.bias": sd["context_embedder.bias"],
-           "final_layer.linear.weight": sd["proj_out.weight"],
-           "final_layer.linear.bias": sd["proj_out.bias"],
-           "final_layer.adaLN_modulation.1.weight": _swap_halves(sd["norm_out.linear.weight"]),
-           "final_layer.adaLN_modulation.1.bias": _swap_halves(sd["norm_out.linear.bias"])}
-    for ours, theirs in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
-        for i, n in ((0, 1), (2, 2)):
-            for p in ("weight", "bias"):
-                out[f"{ours}.mlp.{i}.{p}"] = sd[f"time_text_embed.{theirs}.linear_{n}.{p}"]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-    for i in range(depth):
-        b, j = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
-        last = i == depth - 1
-
-        def put(ours, theirs, swap=False):
-            for p in ("weight", "bias"):
-                if b + f"{theirs}.{p}" in sd:
-                    value = sd[b + f"{theirs}.{p}"]
-                    out[j + f"{ours}.{p}"] = _swap_halves(value) if swap else value
-
-        for p in ("weight", "bias"):
-            out[j + f"x_block.attn.qkv.{p}"] = torch.cat(
-                [sd[b + f"attn.to_{n}.{p}"] for n in "qkv"])
-            out[j + f"context_block.attn.qkv.{p}"] = torch.cat(
-                [sd[b + f"attn.add_{n}_proj.{p}"] for n in "qkv"])
-            if b + f"attn2.to_q.{p}" in sd:
-                out[j + f"x_block.attn2.qkv.{p}"] = torch.cat(
-                    [sd[b + f"attn2.to_{n}.{p}"] for n in "qkv"])
-        for ours, theirs in (("x_block.attn.ln_q", "attn.norm_q"), ("x_block.attn.ln_k", "attn.norm_k"),
-                             ("context_block.attn.ln_q", "attn.norm_added_q"),
-                             ("context_block.attn.ln_k", "attn.norm_added_k"),
-                             ("x_block.attn2.ln_q", "attn2.norm_q"), ("x_block.attn2.ln_k", "attn2.norm_k"),
-                             ("x_block.attn.proj", "attn.to_out.0"),
-                             ("x_block.attn2.proj", "attn2.to_out.0"),
-                             ("context_block.attn.proj", "attn.to_add_out"),
-                             ("x_block.adaLN_modulation.1", "norm1.linear"),
-                             ("x_block.mlp.fc1", "ff.net.0.proj"), ("x_block.mlp.fc2", "ff.net.2"),
-                             ("context_block.mlp.fc1", "ff_context.net.0.proj"),
-                             ("context_block.mlp.fc2", "ff_context.net.2")):
-            put(ours, theirs)
-        put("context_block.adaLN_modulation.1", "norm1_context.linear", swap=last)
-    return {"model.diffusion_model." + k: v for k, v in out.items()}
-
-
 # our MMDiT module -> diffusers' SD3Transformer2DModel module, per joint block (the
-# stacked q/k/v and the modulations whose halves diffusers swaps are left out)
+# stacked q/k/v: ``MMDIT_QKV``; the text block's modulation: ``mmdit_names``)
 MMDIT_BLOCK = {"x_block.attn.proj": "attn.to_out.0", "x_block.attn2.proj": "attn2.to_out.0",
                "context_block.attn.proj": "attn.to_add_out",
+               "x_block.attn.ln_q": "attn.norm_q", "x_block.attn.ln_k": "attn.norm_k",
+               "context_block.attn.ln_q": "attn.norm_added_q",
+               "context_block.attn.ln_k": "attn.norm_added_k",
+               "x_block.attn2.ln_q": "attn2.norm_q", "x_block.attn2.ln_k": "attn2.norm_k",
                "x_block.adaLN_modulation.1": "norm1.linear",
                "x_block.mlp.fc1": "ff.net.0.proj", "x_block.mlp.fc2": "ff.net.2",
                "context_block.mlp.fc1": "ff_context.net.0.proj",
                "context_block.mlp.fc2": "ff_context.net.2"}
+# our stacked ``qkv`` -> diffusers' three projections ({} for q, k, v)
+MMDIT_QKV = {"x_block.attn": "attn.to_{}", "context_block.attn": "attn.add_{}_proj",
+             "x_block.attn2": "attn2.to_{}"}
 MMDIT_TOP = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_embedder",
              "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
              "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
@@ -537,15 +491,47 @@ MMDIT_TOP = {"x_embedder.proj": "pos_embed.proj", "context_embedder": "context_e
              "final_layer.linear": "proj_out"}
 
 
+def mmdit_from_diffusers(sd):
+    """A diffusers SD3Transformer2DModel state dict in Stability's MMDiT names (the inverse
+    of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``: q, k and v stacked
+    into ``qkv``, the final layer's and the last text block's modulation halves swapped)."""
+    out = {"pos_embed": sd["pos_embed.pos_embed"]}
+
+    def take(ours, theirs, swap=False):
+        for p in ("weight", "bias"):
+            if f"{theirs}.{p}" in sd:
+                value = sd[f"{theirs}.{p}"]
+                out[f"{ours}.{p}"] = _swap_halves(value) if swap else value
+
+    for ours, theirs in MMDIT_TOP.items():
+        take(ours, theirs)
+    take("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    for i in range(depth):
+        b, j = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        for ours, theirs in MMDIT_QKV.items():
+            for p in ("weight", "bias"):
+                if b + f"{theirs.format('q')}.{p}" in sd:
+                    out[j + f"{ours}.qkv.{p}"] = torch.cat(
+                        [sd[b + f"{theirs.format(n)}.{p}"] for n in "qkv"])
+        for ours, theirs in MMDIT_BLOCK.items():
+            take(j + ours, b + theirs)
+        take(j + "context_block.adaLN_modulation.1", b + "norm1_context.linear",
+             swap=i == depth - 1)
+    return {UNET + k: v for k, v in out.items()}
+
+
 def mmdit_names(net):
     """{our module path: "transformer." + diffusers' module path} for an MMDiT's layers
     that both hold whole (what LoRA files name)."""
-    own = dict(net.named_modules())
+    weighted = {name for name, m in net.named_modules()
+                if any(True for _ in m.parameters(recurse=False))}
     out = {UNET + ours: "transformer." + theirs for ours, theirs in MMDIT_TOP.items()}
     for i, block in enumerate(net.joint_blocks):
         for ours, theirs in MMDIT_BLOCK.items():
-            if f"joint_blocks.{i}.{ours}" in own:
-                out[f"{UNET}joint_blocks.{i}.{ours}"] = f"transformer.transformer_blocks.{i}.{theirs}"
+            if f"joint_blocks.{i}.{ours}" in weighted:
+                out[f"{UNET}joint_blocks.{i}.{ours}"] = (
+                    f"transformer.transformer_blocks.{i}.{theirs}")
         if not block.context_block.pre_only:
             out[f"{UNET}joint_blocks.{i}.context_block.adaLN_modulation.1"] = (
                 f"transformer.transformer_blocks.{i}.norm1_context.linear")

@@ -35,8 +35,7 @@ from ldm.image_io import (blend_tiles, fill_masked, fit_image, fit_mask, image_s
                           outpaint_canvas, paste_back, pil_to_tensor, tensor_to_pil,
                           tile_boxes)
 from ldm.models.diffusion.sampling import (SAMPLERS, sample, sampler_label,  # noqa: F401
-                                           sampler_spacing,
-                                           sampling_timesteps, strength_steps)
+                                           sampler_spacing, strength_steps)
 from ldm.request import (SIZE_CONDITIONING, ModelInfo, Request, as_image, available_memory,
                          check_field, check_memory, check_size, check_work, working_size)
 from ldm import devices
@@ -456,7 +455,7 @@ class Pipeline:
         if prompt_syntax not in PROMPT_SYNTAXES:
             raise UsageError(f"--prompt-syntax must be one of {PROMPT_SYNTAXES}")
         if t5_length is not None:
-            if self.model.parameterization != "flow":
+            if not self.is_flow:
                 raise UsageError("--t5_length is for SD 3's T5 encoder: drop it")
             if not 1 <= int(t5_length) <= 512:
                 raise UsageError(f"--t5_length must be in [1, 512], got {t5_length}")
@@ -473,7 +472,7 @@ class Pipeline:
         name unless given) stands for its vectors in prompts and negative prompts. A file
         that cannot be added raises EmbeddingError and nothing is added."""
         from ldm.embeddings import check_embedding, read_embedding
-        if self.model.parameterization == "flow":
+        if self.is_flow:
             raise UsageError("textual-inversion embeddings are not read for SD 3 here "
                              "(--embedding): drop it")
         embedding = read_embedding(path, token)
@@ -580,10 +579,10 @@ class Pipeline:
                                             ("--offload", self.offload),
                                             # the OpenVINO export is the UNet's
                                             ("SD 3's MMDiT",
-                                             self.model.parameterization == "flow")) if on]
+                                             self.is_flow)) if on]
         self._set_backend(self.backend if backend is None else backend, torch_only)
         check_deepcache_controls(deepcache, self.model.model.controls)
-        if deepcache and deepcache > 1 and self.model.parameterization == "flow":
+        if deepcache and deepcache > 1 and self.is_flow:
             raise UsageError("--deepcache caches a UNet's skip branches; SD 3's MMDiT has "
                              "none: drop it")
         self.deepcache = deepcache if deepcache and deepcache > 1 else None
@@ -713,7 +712,12 @@ class Pipeline:
         the factor, native size, timesteps and the config's sampling defaults."""
         return ModelInfo(self.factor, self.native_size, self.model.num_timesteps,
                          self.defaults, self.is_inpainting_model, self.model.guidance_embedded,
-                         self.is_upscaler, self.model.parameterization == "flow")
+                         self.is_upscaler, self.is_flow)
+
+    @property
+    def is_flow(self):
+        """A rectified-flow model (SD 3's ``RectifiedFlow``)."""
+        return self.model.parameterization == "flow"
 
     @property
     def is_upscaler(self):
@@ -1071,7 +1075,7 @@ class Pipeline:
                 params["output_size"] = f"{r.image.width}x{r.image.height}"
         if self.family is not None:
             params["family"] = self.family.name
-        if self.model.parameterization == "flow":   # SD 3: what T5 read, or that it did not
+        if self.is_flow:   # SD 3: what T5 read, or that it did not
             encoders = self.model.cond_stage_model
             params.update(t5="used" if encoders.use_t5 else "left out (zeros)",
                           t5_tokens=encoders.t5_length)

@@ -58,10 +58,8 @@ def main(argv=None):
 def step(args):
     """One MMDiT step, ours against diffusers', per dtype."""
     import torch
-    import diffusers
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     from omegaconf import OmegaConf
-    from ldm.compare import time_alternating
+    from ldm.compare import sd3_transformer, time_alternating
     from ldm.util import instantiate_from_config
 
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
@@ -82,23 +80,8 @@ def step(args):
                 sd[k] = (torch.randn(v.shape, generator=g) * (0.02 if v.dim() > 1 else 0.01)).to(dtype)
         ours.load_state_dict(sd, assign=True, strict=True)
         ours.eval().requires_grad_(False)
-        blocks = ours.joint_blocks
-        first = blocks[0].x_block.attn
-        dim = ours.x_embedder.proj.out_channels
-        with torch.device("meta"):
-            theirs = diffusers.SD3Transformer2DModel(
-                sample_size=128, patch_size=2, in_channels=16, num_layers=len(blocks),
-                attention_head_dim=dim // first.heads, num_attention_heads=first.heads,
-                joint_attention_dim=ours.context_embedder.in_features, caption_projection_dim=dim,
-                pooled_projection_dim=ours.y_embedder.mlp[0].in_features, out_channels=16,
-                pos_embed_max_size=ours.pos_embed_max_size,
-                dual_attention_layers=tuple(i for i, b in enumerate(blocks) if b.x_block.self_attn2),
-                qk_norm=None if isinstance(first.ln_q, torch.nn.Identity) else "rms_norm")
-        converted = convert_sd3_transformer_checkpoint_to_diffusers(
-            {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()})
-        theirs.load_state_dict(converted, strict=True, assign=True)
-        theirs.eval().requires_grad_(False)
-        del converted, sd
+        theirs = sd3_transformer(ours, share=True)
+        del sd
         side = args.size // 8
         g = torch.Generator().manual_seed(1)
         x = torch.randn(2, 16, side, side, generator=g).to(dtype)

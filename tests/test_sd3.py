@@ -308,6 +308,9 @@ def test_the_scripts_run_an_sd3_file_with_its_encoders_apart(tmp_path, t5_tokeni
                         "tokens, its weights 320"),
                        ([str(ckpt), "--plms"], "PLMS runs on a DDPM model's timesteps"),
                        (["builtin", "--clip_l", str(t5_file)], "--clip_l is for SD 3 models"),
+                       ([str(ckpt), "--t5xxl", str(t5_file), "--t5_tokenizer",
+                         str(tmp_path / "none.json")], "T5 tokenizer not found"),
+                       ([str(ckpt), "--clip_g", str(t5_file)], "does not hold a CLIP text"),
                        ([str(ckpt), "--prompt-syntax", "a1111"], "--prompt-syntax a1111 is not"),
                        ([str(ckpt), "--deepcache", "2"], "--deepcache is not supported"),
                        ([str(ckpt), "--embedding", str(t5_file)], "--embedding is not")):

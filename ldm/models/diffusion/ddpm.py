@@ -10,9 +10,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ldm.errors import CheckpointError
 from ldm.models.diffusion.noise_model import PREDICTIONS, DiscreteSchedule
 from ldm.modules.diffusionmodules.util import make_beta_schedule, rescale_zero_terminal_snr
-from ldm.errors import CheckpointError
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,13 @@ EXTRA = ("t5xxl.transformer.encoder.embed_tokens.weight",
          "clip_l.logit_scale", "clip_g.logit_scale")
 
 
+# a key each separate text encoder file has (transformers' names), and what it is
+SIGNATURE = {"clip_l": "text_model.final_layer_norm.weight",
+             "clip_g": "text_model.final_layer_norm.weight", "t5xxl": "shared.weight"}
+WHAT = {"clip_l": "a CLIP text encoder", "clip_g": "a CLIP text encoder",
+        "t5xxl": "a T5 encoder"}
+
+
 class RectifiedFlow(LatentDiffusion):
     """``network_config`` (the MMDiT), ``first_stage_config`` (the autoencoder),
     ``text_encoders_config`` (``ldm.modules.encoders.sd3.SD3TextEncoders``); ``shift``:
@@ -119,12 +126,17 @@ class RectifiedFlow(LatentDiffusion):
         for name, path in files.items():
             prefix = f"{TEXT}{name}.transformer."
             sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+            given = {}
             for k, v in load_state_dict_file(path).items():
                 for known in (prefix, f"{name}.transformer.", "transformer."):
                     if k.startswith(known):
                         k = k[len(known):]
                         break
-                sd[prefix + k] = v
+                given[prefix + k] = v
+            if prefix + SIGNATURE[name] not in given:
+                raise CheckpointError(f"--{name} {path} does not hold {WHAT[name]} (no "
+                                      f"{SIGNATURE[name]}): give the file of that encoder")
+            sd.update(given)
         sd = {k: v for k, v in sd.items() if not (k.startswith(TEXT) and k[len(TEXT):] in EXTRA)}
         for name, file in (("clip_l", "clip_l.safetensors"), ("clip_g", "clip_g.safetensors")):
             if not any(k.startswith(f"{TEXT}{name}.") for k in sd):
@@ -135,26 +147,24 @@ class RectifiedFlow(LatentDiffusion):
         clip_l = f"{TEXT}clip_l.transformer.text_model.final_layer_norm.weight"
         if clip_l in sd and projection not in sd:
             sd[projection] = torch.eye(sd[clip_l].shape[0], dtype=sd[clip_l].dtype)
-        encoders = self.text_encoders
-        if encoders.t5xxl is None:
-            sd = {k: v for k, v in sd.items() if not k.startswith(f"{TEXT}t5xxl.")}
-        elif not any(k.startswith(f"{TEXT}t5xxl.") for k in sd):
-            log.warning("no T5-XXL weights (none in the checkpoint, no --t5xxl): SD 3 runs on "
-                        "its two CLIP encoders, T5's part zeros")
-            encoders.drop_t5()
-        else:
-            tokenizer = find_tokenizer(tokenizer_path)
-            if tokenizer is None:
+        encoders, t5 = self.text_encoders, f"{TEXT}t5xxl."
+        if encoders.t5xxl is not None:
+            if not any(k.startswith(t5) for k in sd):
+                log.warning("no T5-XXL weights (none in the checkpoint, no --t5xxl): SD 3 "
+                            "runs on its two CLIP encoders, T5's part zeros")
+                encoders.drop_t5()
+            elif (tokenizer := find_tokenizer(tokenizer_path)) is None:
                 log.warning("T5-XXL's tokenizer is not here: SD 3 runs without T5 (give "
                             "--t5_tokenizer, a diffusers folder's tokenizer_3/, or put "
                             "spiece.model in models/t5/)")
                 encoders.drop_t5()
-                sd = {k: v for k, v in sd.items() if not k.startswith(f"{TEXT}t5xxl.")}
             else:
-                rows = sd[f"{TEXT}t5xxl.transformer.shared.weight"].shape[0]
+                rows = sd[f"{t5}transformer.shared.weight"].shape[0]
                 if tokenizer.size > rows:
-                    raise CheckpointError(f"T5's tokenizer {tokenizer.path} has {tokenizer.size:,} "
-                                          f"tokens, its weights {rows:,}: give the tokenizer of "
-                                          "these weights (--t5_tokenizer)")
+                    raise CheckpointError(f"T5's tokenizer {tokenizer.path} has "
+                                          f"{tokenizer.size:,} tokens, its weights {rows:,}: "
+                                          "give the tokenizer of these weights (--t5_tokenizer)")
                 encoders.t5xxl.tokenizer = tokenizer
+        if encoders.t5xxl is None:   # its weights, if any, are not loaded
+            sd = {k: v for k, v in sd.items() if not k.startswith(t5)}
         return sd

@@ -199,7 +199,18 @@ def find_tokenizer(given=None):
     holds none), else ``models/t5/``, else the copy an installed package ships (checked
     against the published file's SHA-256), else None."""
     if given is not None:
-        return T5Tokenizer(given)
+        from ldm.errors import CheckpointError
+        if not Path(given).exists():
+            raise CheckpointError(f"T5 tokenizer not found: {given} (give spiece.model, "
+                                  "tokenizer.json, or a folder with either)")
+        try:
+            return T5Tokenizer(given)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{e}: give T5's spiece.model or tokenizer.json") from None
+        except Exception as e:   # the tokenizers' and sentencepiece's own parse errors
+            raise CheckpointError(f"cannot read {given} as T5's tokenizer "
+                                  f"({str(e).splitlines()[0] or type(e).__name__}): give "
+                                  "spiece.model or tokenizer.json") from None
     if MODELS_DIR.is_dir() and any((MODELS_DIR / n).is_file()
                                    for n in ("tokenizer.json", "spiece.model")):
         return T5Tokenizer(MODELS_DIR)
